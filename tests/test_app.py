@@ -1,0 +1,97 @@
+"""The UI module's own pieces, without a server: command line, validation, Schedules tab."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import app
+from custom_schedulers.schedules import named_schedules
+
+SAMPLERS = ["ddim", "euler"]
+
+
+def valid_request(**changes) -> dict:
+    request = dict(prompt="a red circle", sampler="ddim", samplers=SAMPLERS, steps=4, width=32, height=32,
+                   batch_size=1, batch_count=1, seed=-1)
+    request.update(changes)
+    return request
+
+
+def test_cli_binds_localhost_by_default_and_share_is_opt_in():
+    args = app.parse_args([])
+    assert args.host == "127.0.0.1"
+    assert args.share is False
+    assert args.model is None
+    args = app.parse_args(["--model", "/m", "--host", "0.0.0.0", "--port", "9000", "--share"])
+    assert (args.model, args.host, args.port, args.share) == ("/m", "0.0.0.0", 9000, True)
+
+
+def test_cli_rejects_zero_concurrency(capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--concurrency", "0"])
+    assert "--concurrency must be at least 1" in capsys.readouterr().err
+
+
+def test_valid_request_passes():
+    app.validate_request(**valid_request())
+    app.validate_request(**valid_request(seed=0, width=64, height=2048, batch_size=app.MAX_BATCH_SIZE))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"width": 30}, "Width must be a multiple of 8"),
+        ({"height": app.MAX_SIDE + 8}, "Height must be a multiple of 8"),
+        ({"steps": 0}, "Steps must be a whole number from 1"),
+        ({"steps": 2.5}, "Steps must be a whole number from 1"),
+        ({"batch_size": app.MAX_BATCH_SIZE + 1}, "Batch size must be from 1"),
+        ({"batch_count": 0}, "Batch count must be from 1"),
+        ({"sampler": "nope"}, "Unknown sampler 'nope': choose one of ddim, euler"),
+        ({"prompt": "   "}, "The prompt is empty"),
+        ({"seed": -2}, "Seed must be -1 (random)"),
+    ],
+)
+def test_invalid_request_names_the_problem(changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        app.validate_request(**valid_request(**changes))
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ValueError) as error:
+        app.validate_request(**valid_request(width=31, steps=0))
+    assert "Width" in str(error.value) and "Steps" in str(error.value)
+
+
+def test_schedule_figures_plot_every_named_schedule():
+    figures = app.schedule_figures(num_train_timesteps=200)
+    assert set(figures) == {"log-SNR(t)", "alpha-bar(t)", "beta(t)"}
+    schedules = named_schedules(200)
+    for title, figure in figures.items():
+        lines = figure.axes[0].get_lines()
+        assert [line.get_label() for line in lines] == list(schedules), title
+    # The plotted log-SNR of the SD schedule is the schedule's own, point for point.
+    sd_line = figures["log-SNR(t)"].axes[0].get_lines()[1]
+    np.testing.assert_allclose(sd_line.get_ydata(), schedules["scaled_linear (SD)"].log_snr.numpy())
+
+
+def test_vp_equivalent_alpha_bar_is_alpha_squared_for_vp_and_matches_snr_for_flow():
+    schedules = named_schedules(100)
+    sd, flow = schedules["scaled_linear (SD)"], schedules["rectified flow"]
+    np.testing.assert_allclose(app.vp_equivalent_alpha_bar(sd).numpy(), sd.alphas_cumprod.numpy(), rtol=1e-12)
+    abar = app.vp_equivalent_alpha_bar(flow)
+    # A VP schedule with this alpha-bar has the flow schedule's SNR: abar / (1 - abar) = ((1-s)/s)^2.
+    s = flow.sigma
+    mid = slice(1, -1)
+    np.testing.assert_allclose((abar / (1 - abar))[mid].numpy(), (((1 - s) / s) ** 2)[mid].numpy(), rtol=1e-9)
+    assert math.isclose(float(abar[-1]), 0.0, abs_tol=1e-12)
+
+
+def test_accuracy_table_shown_when_present_and_explained_when_missing(tmp_path):
+    table = tmp_path / "sampler_accuracy.md"
+    table.write_text("| sampler | error |\n|---|---|\n| ddim | 0.1 |\n")
+    assert app.accuracy_table_markdown(table) == table.read_text()
+    note = app.accuracy_table_markdown(app.REPO_DIR / "docs" / "no_such_table.md")
+    assert "missing" in note and "benchmarks/sampler_accuracy.py" in note
