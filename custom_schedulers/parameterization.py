@@ -31,6 +31,17 @@ def check_prediction_type(prediction_type: str) -> str:
     return prediction_type
 
 
+def check_x0_recoverable(prediction_type: str, alpha) -> None:
+    """Refuse epsilon prediction where alpha = 0: x_0 = (x_t - sigma*eps)/alpha is 0/0 there."""
+    if prediction_type == "epsilon" and bool(torch.any(torch.as_tensor(alpha) == 0)):
+        raise ValueError(
+            "epsilon prediction cannot recover x_0 where alpha = 0 (zero terminal SNR): the model output "
+            "carries no information about the image there. Use a v_prediction (or flow / sample) model with "
+            "zero terminal SNR (Lin et al. 2023 pair it with 'trailing' spacing), or with this epsilon model "
+            "use 'leading' spacing or custom timesteps/sigmas that start below the terminal timestep."
+        )
+
+
 def _as_coefficient(value, like: torch.Tensor) -> torch.Tensor:
     """A scalar or per-sample coefficient broadcastable against `like` (batch first)."""
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
@@ -44,13 +55,7 @@ def to_x0_eps(
     check_prediction_type(prediction_type)
     a, s = _as_coefficient(alpha, x_t), _as_coefficient(sigma, x_t)
     if prediction_type == "epsilon":
-        if torch.any(a == 0):
-            raise ValueError(
-                "epsilon prediction cannot recover x_0 where alpha = 0 (zero terminal SNR): the "
-                "model output carries no information about the image there. Use a v_prediction "
-                "(or flow) model with zero-terminal-SNR, or 'trailing'/'leading' spacing that "
-                "does not start at the terminal timestep."
-            )
+        check_x0_recoverable(prediction_type, a)
         eps = model_output
         x0 = (x_t - s * eps) / a
     elif prediction_type == "sample":

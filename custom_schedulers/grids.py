@@ -1,0 +1,232 @@
+"""Sampling grids: which noise levels a sampler visits, and which timestep the model sees there.
+
+A grid has ``N`` model-evaluation nodes, from noisiest to cleanest, plus a final node
+at ``sigma = 0`` (the last step returns the x_0 estimate: "a better final step"
+than stopping at the last training timestep).
+
+Noise levels are written in the schedule's *native level*: the VE noise level
+``sigma/alpha`` for VP schedules (what diffusers' Euler/DPM-Solver and k-diffusion
+call ``sigmas``), and the flow time ``s = sigma`` for rectified flow (diffusers'
+FlowMatch ``sigmas``). The model timestep is the (possibly fractional) training
+timestep for VP schedules and ``s * T`` for flow (diffusers' FlowMatch convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from .schedules import NoiseSchedule, timestep_from_log_snr
+
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SigmaSchedule = Literal["default", "karras", "exponential", "linear"]
+SIGMA_SCHEDULES = ("default", "karras", "exponential", "linear")
+
+
+@dataclass(frozen=True)
+class SamplingGrid:
+    """Model timesteps at the N evaluation nodes; (alpha, sigma) at those nodes and the final sigma = 0 node."""
+
+    timesteps: torch.Tensor  # (N,) float64
+    alpha: torch.Tensor  # (N + 1,) float64, alpha[-1] = 1
+    sigma: torch.Tensor  # (N + 1,) float64, sigma[-1] = 0
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    @property
+    def lambdas(self) -> torch.Tensor:
+        """lambda = log(alpha / sigma): -inf at zero terminal SNR, +inf at the final node."""
+        return torch.log(self.alpha) - torch.log(self.sigma)
+
+
+# ---------------------------------------------------------------- timestep spacings (diffusers' names)
+
+
+def spaced_timesteps(spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int = 0) -> torch.Tensor:
+    """Training timesteps, high to low, as diffusers' DDIMScheduler spaces them (Lin et al. 2023, Table 2)."""
+    T, N = num_train_timesteps, num_steps
+    if spacing == "leading":
+        t = (np.arange(0, N) * (T // N)).round()[::-1] + steps_offset
+    elif spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / N)) - 1
+    elif spacing == "linspace":
+        t = np.linspace(0, T - 1, N).round()[::-1]
+    else:
+        raise ValueError(f"Unknown timestep_spacing {spacing!r}; valid values: {', '.join(TIMESTEP_SPACINGS)}.")
+    return torch.from_numpy(t.astype(np.float64).copy())
+
+
+# ---------------------------------------------------------------- noise-level schedules
+
+
+def karras_levels(level_min: float, level_max: float, num_steps: int, rho: float = 7.0) -> torch.Tensor:
+    """sigma_i = (max^(1/rho) + i/(N-1) (min^(1/rho) - max^(1/rho)))^rho (Karras et al. 2022, eq. 5)."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    min_inv, max_inv = level_min ** (1 / rho), level_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def exponential_levels(level_min: float, level_max: float, num_steps: int) -> torch.Tensor:
+    """Uniform in log sigma, i.e. uniform in log-SNR (Lu et al. 2022a, DPM-Solver, Sec. 3.3 'logSNR' steps)."""
+    return torch.linspace(np.log(level_max), np.log(level_min), num_steps, dtype=torch.float64).exp()
+
+
+def linear_levels(level_min: float, level_max: float, num_steps: int) -> torch.Tensor:
+    """Uniform in the native level (flow matching's uniform time grid; Lipman et al. 2023)."""
+    return torch.linspace(level_max, level_min, num_steps, dtype=torch.float64)
+
+
+LEVEL_SCHEDULES = {"karras": karras_levels, "exponential": exponential_levels, "linear": linear_levels}
+
+
+# ---------------------------------------------------------------- native level <-> (alpha, sigma)
+
+
+def native_levels(schedule: NoiseSchedule) -> torch.Tensor:
+    """The native level on the training grid: sigma/alpha (VP; inf at zero terminal SNR) or s (flow)."""
+    if schedule.kind == "flow":
+        return schedule.sigma.clone()
+    return schedule.sigma / schedule.alpha
+
+
+def level_to_alpha_sigma(level: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) of native levels; VP: alpha = 1/sqrt(1 + l^2), sigma = l alpha (l = inf -> (0, 1))."""
+    level = torch.as_tensor(level, dtype=torch.float64)
+    if kind == "flow":
+        return 1.0 - level, level.clone()
+    alpha = 1.0 / torch.sqrt(1.0 + level**2)
+    sigma = torch.where(torch.isinf(level), torch.ones_like(level), level * alpha)
+    return alpha, sigma
+
+
+def level_at_timestep(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
+    """Native level at fractional training timesteps, linear in t (as diffusers' Euler interpolates sigmas)."""
+    levels = native_levels(schedule)
+    t = torch.as_tensor(timesteps, dtype=torch.float64)
+    low = t.floor().long().clamp(0, schedule.num_train_timesteps - 1)
+    high = (low + 1).clamp(max=schedule.num_train_timesteps - 1)
+    w = t - low
+    # Exact on integer timesteps, also where the next level is infinite (zero terminal SNR).
+    return torch.where(w == 0, levels[low], levels[low] + w * (levels[high] - levels[low]))
+
+
+def alpha_sigma_at_timestep(schedule: NoiseSchedule, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) at model timesteps: training timesteps for VP, s*T for flow."""
+    t = torch.as_tensor(timesteps, dtype=torch.float64)
+    if schedule.kind == "flow":
+        return level_to_alpha_sigma(t / schedule.num_train_timesteps, "flow")
+    return level_to_alpha_sigma(level_at_timestep(schedule, t), "vp")
+
+
+def model_timesteps(schedule: NoiseSchedule, levels: torch.Tensor) -> torch.Tensor:
+    """The timestep the model sees at native levels: s*T (flow) or the training timestep of that log-SNR (VP)."""
+    if schedule.kind == "flow":
+        return levels * schedule.num_train_timesteps
+    return timestep_from_log_snr(schedule, -2.0 * torch.log(levels))
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def _check_descending(values: torch.Tensor, what: str) -> None:
+    if values.ndim != 1 or values.numel() == 0:
+        raise ValueError(f"custom {what} must be a non-empty 1-D sequence, got shape {tuple(values.shape)}.")
+    if torch.any(values[1:] >= values[:-1]):
+        raise ValueError(f"custom {what} must be strictly decreasing (noisiest first), got {values.tolist()}.")
+
+
+def _levels_from_sigmas(sigmas: Sequence[float], schedule: NoiseSchedule) -> torch.Tensor:
+    levels = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if levels.numel() > 1 and levels[-1] == 0:
+        levels = levels[:-1]  # the final sigma = 0 node is always added
+    _check_descending(levels, "sigmas")
+    upper = 1.0 if schedule.kind == "flow" else float("inf")
+    if levels[-1] <= 0 or levels[0] > upper:
+        raise ValueError(f"custom sigmas must lie in (0, {upper}] for a {schedule.kind} schedule, got {levels.tolist()}.")
+    return levels
+
+
+def _timesteps_in_range(t: torch.Tensor, schedule: NoiseSchedule, what: str) -> torch.Tensor:
+    _check_descending(t, what)
+    T = schedule.num_train_timesteps
+    # Flow timesteps are s*T with s in (0, 1]; VP timesteps are training timesteps in [0, T-1].
+    flow = schedule.kind == "flow"
+    high = float(T) if flow else T - 1.0
+    if (t[-1] <= 0 if flow else t[-1] < 0) or t[0] > high:
+        interval = f"(0, {T}]" if flow else f"[0, {T - 1}]"
+        raise ValueError(
+            f"{what} must lie in {interval} (num_train_timesteps = {T}), got {t[-1].item():g}..{t[0].item():g}."
+        )
+    return t
+
+
+def _grid_from_levels(levels: torch.Tensor, timesteps: torch.Tensor, kind: str) -> SamplingGrid:
+    alpha, sigma = level_to_alpha_sigma(levels, kind)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    return SamplingGrid(timesteps=timesteps, alpha=torch.cat([alpha, one]), sigma=torch.cat([sigma, zero]))
+
+
+def level_range(schedule: NoiseSchedule) -> tuple[float, float]:
+    """(min, max) native level of the training grid; the max is the largest finite one."""
+    levels = native_levels(schedule)
+    return float(levels[0]), float(levels[torch.isfinite(levels)][-1])
+
+
+def build_grid(
+    schedule: NoiseSchedule, num_steps: int | None, spacing: str = "trailing", steps_offset: int = 0,
+    sigma_schedule: str = "default", timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
+) -> SamplingGrid:
+    """The sampling grid from a step count and spacing, a noise-level schedule, or custom timesteps / sigmas."""
+    T, kind = schedule.num_train_timesteps, schedule.kind
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("Pass either custom `timesteps` or custom `sigmas`, not both.")
+    if sigmas is not None:
+        levels = _levels_from_sigmas(sigmas, schedule)
+        return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
+    if timesteps is not None:
+        t = _timesteps_in_range(torch.as_tensor(timesteps, dtype=torch.float64).flatten(), schedule, "custom timesteps")
+        return SamplingGrid(t, *_append_final(*alpha_sigma_at_timestep(schedule, t)))
+    _check_num_steps(num_steps, T)
+    if sigma_schedule != "default":
+        return _grid_from_sigma_schedule(schedule, num_steps, sigma_schedule)
+    t = _timesteps_in_range(spaced_timesteps(spacing, num_steps, T, steps_offset), schedule, f"{spacing!r} timesteps")
+    levels = native_levels(schedule)[t.long()]
+    model_t = levels * T if kind == "flow" else t
+    return _grid_from_levels(levels, model_t, kind)
+
+
+def _append_final(alpha: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    return torch.cat([alpha, one]), torch.cat([sigma, zero])
+
+
+def _check_num_steps(num_steps, num_train_timesteps: int) -> None:
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_steps!r}.")
+    if num_steps > num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps ({num_steps}) cannot exceed num_train_timesteps ({num_train_timesteps}): "
+            "there are not that many distinct training timesteps. Use fewer steps or custom `sigmas`."
+        )
+
+
+def _grid_from_sigma_schedule(schedule: NoiseSchedule, num_steps: int, sigma_schedule: str) -> SamplingGrid:
+    """Karras / exponential / linear levels between the training range; a zero-terminal-SNR
+    schedule starts at its terminal (alpha = 0) node and spaces the other N-1 nodes."""
+    if sigma_schedule not in LEVEL_SCHEDULES:
+        raise ValueError(f"Unknown sigma_schedule {sigma_schedule!r}; valid values: {', '.join(SIGMA_SCHEDULES)}.")
+    level_min, level_max = level_range(schedule)
+    terminal = native_levels(schedule)[-1]
+    if torch.isinf(terminal) and num_steps > 1:
+        rest = LEVEL_SCHEDULES[sigma_schedule](level_min, level_max, num_steps - 1)
+        levels = torch.cat([terminal.reshape(1), rest])
+    else:
+        levels = LEVEL_SCHEDULES[sigma_schedule](level_min, level_max, num_steps)
+    timesteps = model_timesteps(schedule, levels)
+    return _grid_from_levels(levels, timesteps, schedule.kind)

@@ -1,0 +1,87 @@
+"""Scheduler names -> a scheduler built from an existing diffusers scheduler config.
+
+    from custom_schedulers import registry
+    pipe.scheduler = registry.build("dpmpp-2m", pipe.scheduler.config, sigma_schedule="karras")
+
+Our short names ("ddim", "dpmpp-2m", ...) and our class names build our samplers; diffusers'
+stock scheduler class names ("DPMSolverMultistepScheduler", ...) build the stock scheduler.
+Overrides are config fields of the built class, e.g. `timestep_spacing`, `eta`, `solver_order`,
+`sigma_schedule` (ours) or `use_karras_sigmas` (stock and ours).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import diffusers
+from diffusers import SchedulerMixin
+
+from .base import DiffusionSampler
+from .scheduling_ddim import DDIMSampler
+from .scheduling_ddpm import DDPMSampler
+from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
+from .scheduling_euler import EulerSampler
+from .scheduling_heun import HeunSampler
+from .scheduling_lcm import LCMSampler
+from .scheduling_named import CosineScheduler, ZeroTerminalSNRScheduler
+from .scheduling_rectified_flow import RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, RectifiedFlowScheduler
+
+# short name -> (our class, the options that name implies)
+OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
+    "ddpm": (DDPMSampler, {}),
+    "ddim": (DDIMSampler, {}),
+    "dpmpp-2m": (DPMSolverPlusPlusSampler, {"solver_order": 2}),
+    "dpmpp-3m": (DPMSolverPlusPlusSampler, {"solver_order": 3}),
+    "dpmpp-2m-sde": (DPMSolverPlusPlusSDESampler, {"solver_order": 2}),
+    "euler": (EulerSampler, {}),
+    "heun": (HeunSampler, {}),
+    "rf-euler": (RectifiedFlowEulerSampler, {}),
+    "rf-heun": (RectifiedFlowHeunSampler, {}),
+    "lcm": (LCMSampler, {}),
+}
+
+# Our classes by class name (the named composites are built by class name only: they override the
+# model's schedule, so they are not offered as samplers for an arbitrary model).
+OUR_CLASSES: dict[str, type[DiffusionSampler]] = {
+    cls.__name__: cls
+    for cls in (
+        DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
+        RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler,
+        CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
+    )
+}
+
+STOCK = (
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "LCMScheduler",
+    "TCDScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+)
+
+
+def available() -> list[str]:
+    """Every name `build` offers: our short names first, then diffusers' stock scheduler class names."""
+    return list(OURS) + [name for name in STOCK if hasattr(diffusers, name)]
+
+
+def is_ours(name: str) -> bool:
+    """True for our short names and class names, False for diffusers' stock schedulers."""
+    return name in OURS or name in OUR_CLASSES
+
+
+def build(name: str, config: Mapping[str, Any], **overrides) -> SchedulerMixin:
+    """Scheduler `name` built from an existing scheduler config (e.g. `pipe.scheduler.config`).
+
+    The config carries the model's noise schedule and prediction type; `overrides` set sampler
+    options (they win over both the config and the options a short name implies).
+    """
+    config = dict(config)
+    if name in OURS:
+        cls, implied = OURS[name]
+        return cls.from_config(config, **{**implied, **overrides})
+    if name in OUR_CLASSES:
+        return OUR_CLASSES[name].from_config(config, **overrides)
+    if name in STOCK and hasattr(diffusers, name):
+        return getattr(diffusers, name).from_config(config, **overrides)
+    raise ValueError(f"Unknown scheduler {name!r}; available: {', '.join(available())}.")

@@ -1,0 +1,175 @@
+"""Update rules of the samplers, as pure functions (no ``self``, no config).
+
+Notation (see `schedules`): the sample is kept in the model's own coordinates,
+``x = alpha * x_0 + sigma * eps``. A step goes from the grid node ``(alpha, sigma)``
+to the next, less noisy node ``(alpha_next, sigma_next)``; ``denoised`` is the
+model's x_0 estimate at the current node and ``eps`` its noise estimate
+(both from `parameterization.to_x0_eps`). Multistep rules also take the older
+x_0 estimates in ``history`` (newest first) and the log-SNR steps ``h``.
+
+The first-order rules coincide: DDIM with eta = 0 (Song et al. 2021), Euler on
+the probability-flow ODE in (x/alpha, sigma/alpha) (Karras et al. 2022),
+rectified-flow Euler in (x/(alpha+sigma), sigma/(alpha+sigma)) (Liu et al. 2022)
+and first-order DPM-Solver++ all give ``alpha_next * x_0 + sigma_next * eps``
+when x_0 and eps are held fixed over the step. The higher-order rules differ
+in the variable they integrate in: ``lambda = log(alpha/sigma)`` for
+DPM-Solver++, the VE noise level ``sigma/alpha`` for Heun, the flow time
+``sigma/(alpha+sigma)`` for rectified-flow Heun.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# ---------------------------------------------------------------- DDPM / DDIM
+
+
+def ddim_noise_std(alpha: float, sigma: float, alpha_next: float, sigma_next: float, eta: float) -> float:
+    """eta * std of q(x_next | x, x_0) (Song et al. 2021, DDIM, eq. 16, written for any (alpha, sigma)).
+
+    With alpha_{t|s} = alpha/alpha_next the DDPM posterior variance is
+    sigma_next^2 * (1 - (alpha * sigma_next)^2 / (alpha_next * sigma)^2); eta = 1 is DDPM, eta = 0 is DDIM.
+    """
+    if sigma_next == 0.0:
+        return 0.0
+    ratio = (alpha * sigma_next) ** 2 / (alpha_next * sigma) ** 2
+    return eta * sigma_next * math.sqrt(max(1.0 - ratio, 0.0))
+
+
+def ddim_step(
+    denoised: torch.Tensor, eps: torch.Tensor, alpha_next: float, sigma_next: float,
+    c_noise: float = 0.0, noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x_next = alpha_next x_0 + sqrt(sigma_next^2 - c^2) eps + c z (Song et al. 2021, eq. 12)."""
+    x_next = alpha_next * denoised + math.sqrt(max(sigma_next**2 - c_noise**2, 0.0)) * eps
+    if c_noise > 0.0:
+        x_next = x_next + c_noise * noise
+    return x_next
+
+
+def ddpm_step(
+    x: torch.Tensor, denoised: torch.Tensor, alpha: float, sigma: float, alpha_next: float, sigma_next: float,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """Ancestral step: sample q(x_next | x, x_0), the posterior of the forward process (Ho et al. 2020, eqs. 6-7).
+
+    alpha_ts = alpha/alpha_next and sigma_ts^2 = sigma^2 - alpha_ts^2 sigma_next^2 describe x given x_next;
+    the posterior mean is (alpha_ts sigma_next^2 x + alpha_next sigma_ts^2 x_0) / sigma^2.
+    """
+    alpha_ts = alpha / alpha_next
+    sigma_ts2 = max(sigma**2 - alpha_ts**2 * sigma_next**2, 0.0)
+    mean = (alpha_ts * sigma_next**2 / sigma**2) * x + (alpha_next * sigma_ts2 / sigma**2) * denoised
+    std = math.sqrt(sigma_ts2) * sigma_next / sigma
+    return mean + std * noise if std > 0.0 else mean
+
+
+# ---------------------------------------------------------------- ODE steps in a chosen time variable
+
+
+def euler_step(x: torch.Tensor, d: torch.Tensor, dt: float) -> torch.Tensor:
+    """x + d dt: one Euler step of dx/dt = d (k-diffusion `sample_euler`; Karras et al. 2022, Alg. 1 with no churn)."""
+    return x + d * dt
+
+
+def heun_step(x: torch.Tensor, d: torch.Tensor, d_2: torch.Tensor, dt: float) -> torch.Tensor:
+    """x + (d + d_2)/2 dt: the trapezoidal corrector (Karras et al. 2022, Algorithm 1, lines 7-8)."""
+    d_prime = (d + d_2) / 2
+    return x + d_prime * dt
+
+
+# ---------------------------------------------------------------- DPM-Solver++ (Lu et al. 2022b)
+
+
+def dpmpp_1_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, alpha_next: float, sigma_next: float,
+                 h: float) -> torch.Tensor:
+    """First-order DPM-Solver++ = DDIM (Lu et al. 2022b, eq. 9 with k = 1)."""
+    return (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * denoised
+
+
+def dpmpp_2m_step(
+    x: torch.Tensor, denoised: torch.Tensor, old_denoised: torch.Tensor, sigma: float, alpha_next: float,
+    sigma_next: float, h: float, h_last: float,
+) -> torch.Tensor:
+    """Multistep second-order DPM-Solver++ (Lu et al. 2022b, Algorithm 2), r = h_last / h."""
+    r = h_last / h
+    D = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+    return (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * D
+
+
+def dpmpp_3m_step(
+    x: torch.Tensor, history: list[torch.Tensor], sigma: float, alpha_next: float, sigma_next: float,
+    h: float, h_last: float, h_last2: float,
+) -> torch.Tensor:
+    """Multistep third-order DPM-Solver++ (Lu et al. 2022b, App. B; diffusers' third-order update).
+
+    history = [x_0 now, x_0 one node back, x_0 two nodes back]; r0 = h_last/h, r1 = h_last2/h.
+    """
+    m0, m1, m2 = history
+    r0, r1 = h_last / h, h_last2 / h
+    D1_0, D1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+    D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+    D2 = (D1_0 - D1_1) / (r0 + r1)
+    phi_1 = math.expm1(-h)  # e^{-h} - 1
+    return (
+        (sigma_next / sigma) * x
+        - alpha_next * phi_1 * m0
+        + alpha_next * (phi_1 / h + 1) * D1
+        - alpha_next * ((phi_1 + h) / h**2 - 0.5) * D2
+    )
+
+
+def dpmpp_sde_step(
+    x: torch.Tensor, history: list[torch.Tensor], sigma: float, alpha_next: float, sigma_next: float,
+    h: float, h_last: float | None, noise: torch.Tensor,
+) -> torch.Tensor:
+    """SDE-DPM-Solver++ 1 or 2M, midpoint form (Lu et al. 2022b, App. D; diffusers' 'sde-dpmsolver++').
+
+    Uses the second-order correction when an older x_0 (history[1]) and h_last are given.
+    """
+    D = history[0]
+    if h_last is not None and len(history) > 1:
+        D = D + 0.5 * (history[0] - history[1]) * (h / h_last)
+    decay = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+    return (sigma_next / sigma) * math.exp(-h) * x + alpha_next * decay * D + sigma_next * math.sqrt(decay) * noise
+
+
+# ---------------------------------------------------------------- consistency models
+
+
+def consistency_boundary(timestep: float, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[float, float]:
+    """(c_skip, c_out) of the consistency parameterisation (Song et al. 2023, eq. 7; LCM, Luo et al. 2023, eq. 9)."""
+    t = timestep * timestep_scaling
+    c_skip = sigma_data**2 / (t**2 + sigma_data**2)
+    c_out = t / math.sqrt(t**2 + sigma_data**2)
+    return c_skip, c_out
+
+
+def consistency_step(denoised: torch.Tensor, alpha_next: float, sigma_next: float,
+                     noise: torch.Tensor | None) -> torch.Tensor:
+    """Multistep consistency sampling: re-noise the x_0 estimate to the next level (Song et al. 2023, Alg. 1)."""
+    if sigma_next == 0.0:
+        return alpha_next * denoised
+    return alpha_next * denoised + sigma_next * noise
+
+
+# ---------------------------------------------------------------- ODE coordinates
+
+
+def to_ode_coordinates(x: torch.Tensor, alpha: float, sigma: float, variable: str) -> tuple[torch.Tensor, float]:
+    """(y, tau) in which the probability-flow ODE is dy/dtau = d:
+    "ve": y = x/alpha, tau = sigma/alpha, d = eps (Karras et al. 2022, eq. 4 with s = 1; Song et al. 2021, DDIM eq. 14);
+    "flow": y = x/(alpha+sigma), tau = sigma/(alpha+sigma), d = eps - x_0 (Liu et al. 2022, rectified flow)."""
+    scale = alpha if variable == "ve" else alpha + sigma
+    return x / scale, sigma / scale
+
+
+def from_ode_coordinates(y: torch.Tensor, alpha: float, sigma: float, variable: str) -> torch.Tensor:
+    """Inverse of `to_ode_coordinates` at (alpha, sigma)."""
+    return y * (alpha if variable == "ve" else alpha + sigma)
+
+
+def ode_derivative(denoised: torch.Tensor, eps: torch.Tensor, variable: str) -> torch.Tensor:
+    """dy/dtau in the chosen coordinates: eps ("ve", k-diffusion's `to_d`) or u = eps - x_0 ("flow")."""
+    return eps if variable == "ve" else eps - denoised
