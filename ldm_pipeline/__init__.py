@@ -1,0 +1,29 @@
+"""ldm_pipeline: latent text-to-image generation on top of diffusers.
+
+Public entry points (stable names):
+
+* `load_pipeline(model=None, *, device=None, dtype=None, allow_pickle=False, **kw)`
+  -> `LatentTextToImagePipeline` (no model: the embedded default model); see `loading`.
+* `swap_scheduler(pipe, name, **overrides)` -> `SwapReport`; see `scheduler_swap`.
+* `LatentTextToImagePipeline.__call__(prompt, **options)` -> `LatentPipelineOutput`
+  (images, seeds, unet_evaluations, recipes); options are `GenerationOptions`.
+* `metadata.write_png / read_png / parse_parameters / format_parameters`: PNG metadata.
+* `ldm-generate` / `python -m ldm_pipeline`: batch generation; see `generate`.
+"""
+
+from ldm_pipeline.guidance import Guidance, GuidanceInterval
+from ldm_pipeline.loading import ModelLoadError, load_pipeline
+from ldm_pipeline.pipeline import (
+    GenerationCancelled,
+    GenerationOptions,
+    LatentPipelineOutput,
+    LatentTextToImagePipeline,
+    StepInfo,
+)
+from ldm_pipeline.scheduler_swap import SchedulerSwapError, SwapReport, available_schedulers, swap_scheduler
+
+__all__ = [
+    "GenerationCancelled", "GenerationOptions", "Guidance", "GuidanceInterval", "LatentPipelineOutput",
+    "LatentTextToImagePipeline", "ModelLoadError", "SchedulerSwapError", "StepInfo", "SwapReport",
+    "available_schedulers", "load_pipeline", "swap_scheduler",
+]

@@ -1,0 +1,227 @@
+"""Classifier-free guidance: the scale w(t), the guidance interval and guidance rescale.
+
+Notation (one convention for the whole module):
+
+* ``pred_cond``, ``pred_uncond``: the model's prediction (eps, v, x_0 or u) with the
+  prompt and with the negative/empty prompt; guidance is linear, so it works on any
+  prediction type.
+* ``tau = t / T`` in [0, 1]: the training timestep as a fraction, 1 = pure noise.
+* ``sigma = sigma_t / alpha_t``: the noise level in the variance-exploding (EDM /
+  k-diffusion) sense, the one Stable Diffusion users see (about 14.6 at t = 999 for
+  SD 1.5); ``log_snr = -2 log(sigma)``.
+
+A guidance *schedule* gives w as a function of tau (constant, linear ramps, cosine,
+the seed's ``w * (0.5 + 0.5 * t/T)``, or any callable). A guidance *interval* limits
+guidance to noise levels ``sigma_lo < sigma <= sigma_hi`` (Kynkaenniemi et al. 2024,
+"Applying Guidance in a Limited Interval Improves Sample and Distribution Quality");
+outside it the unconditional pass is skipped entirely. Being given in noise level,
+the interval means the same at any step count and for any sampler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Union
+
+import torch
+
+from custom_schedulers.schedules import make_schedule
+
+ScheduleName = Literal["constant", "linear_up", "linear_down", "cosine", "seed"]
+SCHEDULE_NAMES = ("constant", "linear_up", "linear_down", "cosine", "seed")
+ScaleFunction = Callable[[float], float]
+
+
+# ---------------------------------------------------------------- the two formulas
+
+
+def cfg(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): uncond + w * (cond - uncond)."""
+    return pred_uncond + scale * (pred_cond - pred_uncond)
+
+
+def rescale_guidance(guided: torch.Tensor, pred_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, eqs. 15-16): match the per-sample std of the guided
+    prediction to the conditional one, then mix the two by phi."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (pred_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+# ---------------------------------------------------------------- w(t)
+
+
+def schedule_multiplier(name: str, tau: float) -> float:
+    """The ramp r(tau) in [0, 1] of a named schedule; w(tau) = w_min + (w - w_min) * r(tau).
+
+    linear_up / cosine increase towards the clean end, as Wang et al. 2024 ("Analysis of
+    Classifier-Free Guidance Weight Schedulers") recommend; linear_down decreases.
+    """
+    if name == "constant":
+        return 1.0
+    if name == "linear_up":
+        return 1.0 - tau
+    if name == "linear_down":
+        return tau
+    if name == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * (1.0 - tau)))
+    raise ValueError(f"Unknown guidance schedule {name!r}; valid: {', '.join(SCHEDULE_NAMES)} or a callable.")
+
+
+def guidance_scale_at(scale: float, schedule: Union[str, ScaleFunction], tau: float, min_scale: float) -> float:
+    """w at tau = t/T for a named schedule or a callable tau -> w."""
+    if callable(schedule):
+        return float(schedule(tau))
+    if schedule == "seed":
+        return scale * (0.5 + 0.5 * tau)  # the seed's dynamic_cfg: w * (0.5 + 0.5 * t/T)
+    return min_scale + (scale - min_scale) * schedule_multiplier(schedule, tau)
+
+
+# ---------------------------------------------------------------- interval
+
+
+@dataclass(frozen=True)
+class GuidanceInterval:
+    """Guidance is applied where sigma_lo < sigma <= sigma_hi (sigma = sigma_t / alpha_t).
+
+    Kynkaenniemi et al. 2024 use (0.28, 5.42] for SD-XL; `from_log_snr` takes the same
+    interval as log-SNR bounds.
+    """
+
+    sigma_lo: float = 0.0
+    sigma_hi: float = math.inf
+
+    def __post_init__(self):
+        if not (0.0 <= self.sigma_lo < self.sigma_hi):
+            raise ValueError(
+                f"Guidance interval needs 0 <= sigma_lo < sigma_hi, got ({self.sigma_lo}, {self.sigma_hi})."
+            )
+
+    @classmethod
+    def from_log_snr(cls, log_snr_lo: float, log_snr_hi: float) -> "GuidanceInterval":
+        """The interval log_snr_lo <= log_snr < log_snr_hi (log_snr = -2 log sigma)."""
+        return cls(sigma_lo=math.exp(-0.5 * log_snr_hi), sigma_hi=math.exp(-0.5 * log_snr_lo))
+
+    def contains(self, sigma: float) -> bool:
+        return self.sigma_lo < sigma <= self.sigma_hi
+
+    def as_dict(self) -> dict:
+        return {"sigma_lo": self.sigma_lo, "sigma_hi": self.sigma_hi}
+
+
+def as_interval(value) -> GuidanceInterval | None:
+    """None, a GuidanceInterval, a (sigma_lo, sigma_hi) pair or {"sigma_lo":..,"sigma_hi":..} /
+    {"log_snr_lo":..,"log_snr_hi":..}."""
+    if value is None or isinstance(value, GuidanceInterval):
+        return value
+    if isinstance(value, dict):
+        if set(value) == {"log_snr_lo", "log_snr_hi"}:
+            return GuidanceInterval.from_log_snr(float(value["log_snr_lo"]), float(value["log_snr_hi"]))
+        if set(value) <= {"sigma_lo", "sigma_hi"}:
+            return GuidanceInterval(**{k: float(v) for k, v in value.items()})
+    elif len(value) == 2:
+        return GuidanceInterval(float(value[0]), float(value[1]))
+    raise ValueError(
+        f"Cannot read guidance interval {value!r}: give (sigma_lo, sigma_hi), "
+        "{'sigma_lo': .., 'sigma_hi': ..} or {'log_snr_lo': .., 'log_snr_hi': ..}."
+    )
+
+
+class NoiseLevels:
+    """sigma = sigma_t / alpha_t at any (fractional) timestep of a scheduler's training schedule."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "NoiseLevels":
+        config = scheduler.config
+        if "beta_schedule" not in config:
+            raise ValueError(
+                f"{type(scheduler).__name__} has no `beta_schedule` in its config, so the noise level of its "
+                "timesteps is unknown; a guidance interval needs a scheduler built on a training noise schedule."
+            )
+        keys = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "trained_betas",
+                "rescale_betas_zero_snr", "shift")
+        schedule = make_schedule(**{k: config[k] for k in keys if k in config})
+        return cls(schedule.alphas_cumprod)
+
+    def sigma(self, timestep) -> float:
+        """sigma at a training timestep; alpha-bar is interpolated linearly for fractional ones."""
+        t = float(timestep)
+        T = self.alphas_cumprod.shape[0]
+        t = min(max(t, 0.0), T - 1.0)
+        lo = int(math.floor(t))
+        hi = min(lo + 1, T - 1)
+        abar = float(self.alphas_cumprod[lo] + (t - lo) * (self.alphas_cumprod[hi] - self.alphas_cumprod[lo]))
+        return math.inf if abar <= 0.0 else math.sqrt((1.0 - abar) / abar)
+
+
+# ---------------------------------------------------------------- everything together
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How the conditional and unconditional predictions are combined at each step.
+
+    scale       w of classifier-free guidance (1 = conditional only, no unconditional pass)
+    schedule    "constant" | "linear_up" | "linear_down" | "cosine" | "seed" | callable(tau) -> w
+    min_scale   w at the far end of the ramps (linear_up, linear_down, cosine); unused otherwise
+    interval    GuidanceInterval in noise level, or None for every step
+    rescale     phi of guidance rescale (0 = off; 0.7 for zero-terminal-SNR models)
+    """
+
+    scale: float = 7.5
+    schedule: Union[str, ScaleFunction] = "constant"
+    min_scale: float = 1.0
+    interval: GuidanceInterval | None = None
+    rescale: float = 0.0
+    num_train_timesteps: int = field(default=1000, compare=False)
+
+    def __post_init__(self):
+        if not callable(self.schedule) and self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(
+                f"Unknown guidance schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)} or a callable."
+            )
+        if not 0.0 <= self.rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.rescale}.")
+
+    def scale_at(self, timestep) -> float:
+        tau = min(max(float(timestep) / self.num_train_timesteps, 0.0), 1.0)
+        return guidance_scale_at(self.scale, self.schedule, tau, self.min_scale)
+
+    def combine(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        guided = cfg(pred_uncond, pred_cond, scale)
+        return rescale_guidance(guided, pred_cond, self.rescale) if self.rescale > 0 else guided
+
+    def describe(self) -> dict:
+        """A JSON-friendly description (a callable schedule is recorded by name only)."""
+        schedule = self.schedule if isinstance(self.schedule, str) else f"callable:{getattr(self.schedule, '__name__', '?')}"
+        return {
+            "scale": self.scale, "schedule": schedule, "min_scale": self.min_scale,
+            "interval": self.interval.as_dict() if self.interval else None, "rescale": self.rescale,
+        }
+
+
+class GuidancePlan:
+    """Per-step decisions for one sampling run: the scale and whether the unconditional pass runs."""
+
+    def __init__(self, guidance: Guidance, scheduler):
+        self.guidance = guidance
+        self.levels = NoiseLevels.from_scheduler(scheduler) if guidance.interval is not None else None
+
+    def scale_at(self, timestep) -> float:
+        """w at this step, or 1.0 where the interval switches guidance off."""
+        if self.levels is not None and not self.guidance.interval.contains(self.levels.sigma(timestep)):
+            return 1.0
+        return self.guidance.scale_at(timestep)
+
+    @staticmethod
+    def needs_uncond(scale: float) -> bool:
+        return scale != 1.0
+
+
+def recommended_guidance_rescale(scheduler_config) -> float:
+    """0.7 for a zero-terminal-SNR schedule (Lin et al. 2023, Sec. 3.4), else 0 (off)."""
+    return 0.7 if scheduler_config.get("rescale_betas_zero_snr", False) else 0.0

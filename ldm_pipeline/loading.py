@@ -1,0 +1,229 @@
+"""Loading a model into `LatentTextToImagePipeline`.
+
+    load_pipeline(model=None, *, device=None, dtype=None, allow_pickle=False, **kw)
+
+`model` is one of
+
+* None: the embedded default model in `ldm_pipeline/default_model/`;
+* a diffusers folder (model_index.json + vae/, text_encoder/, tokenizer/, unet/,
+  scheduler/), e.g. any Stable Diffusion 1.x/2.x folder or one written by `training/`;
+* a single `.safetensors` checkpoint in the original LDM layout, loaded with diffusers'
+  `from_single_file` fully offline; such a file carries no configs and no tokenizer,
+  so `config=` must name a diffusers folder of the same architecture (its weights are
+  not needed, only its config files and tokenizer).
+
+Pickle formats (.ckpt, .bin, .pt, .pth) can run code when loaded: they are refused
+unless `allow_pickle=True`.
+
+Keyword options (`kw`): `config` (see above), `scheduler` (a name for `swap_scheduler`)
+and the switches of `acceleration.Accelerations` (xformers, attention_slicing,
+vae_slicing, vae_tiling, cpu_offload, compile).
+
+Every failure raises `ModelLoadError` naming the path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ldm_pipeline.acceleration import Accelerations, apply_accelerations, resolve_dtype, select_device
+from ldm_pipeline.pipeline import LatentTextToImagePipeline
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+WEIGHT_COMPONENTS = ("vae", "text_encoder", "unet")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the path and the problem."""
+
+
+def load_pipeline(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+    **kw,
+) -> LatentTextToImagePipeline:
+    """Load a pipeline from a folder, a single file or the embedded default (see module docstring)."""
+    unknown = sorted(set(kw) - set(Accelerations.names()) - {"config", "scheduler"})
+    if unknown:
+        raise TypeError(f"Unknown load option(s) {', '.join(unknown)}; valid: config, scheduler, "
+                        f"{', '.join(Accelerations.names())}.")
+    accelerations = Accelerations(**{k: kw[k] for k in Accelerations.names() if k in kw})
+    path = resolve_model_path(model)
+    torch_dtype = resolve_dtype(dtype)
+    device = select_device(device)
+    if path.is_dir():
+        pipe = load_folder(path, torch_dtype, allow_pickle)
+    else:
+        pipe = load_single_file(path, torch_dtype, allow_pickle, kw.get("config"))
+    check_components_fit(pipe, path)
+    pipe.model_id, pipe.model_hash = str(path), model_hash(path)
+    if not accelerations.cpu_offload or device.type != "cuda":
+        pipe.to(device)
+    apply_accelerations(pipe, accelerations, device)
+    if kw.get("scheduler"):
+        from ldm_pipeline.scheduler_swap import swap_scheduler
+
+        swap_scheduler(pipe, kw["scheduler"])
+    return pipe
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    if model is None:
+        if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"No model given and the embedded default model is missing: {DEFAULT_MODEL_DIR} has no "
+                "model_index.json. Pass a model folder or .safetensors file, or install a build that ships the "
+                "default model."
+            )
+        return DEFAULT_MODEL_DIR
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"{path}: no such file or folder. Pass a diffusers model folder (with model_index.json) or a "
+            ".safetensors checkpoint; models are never downloaded."
+        )
+    return path
+
+
+# ---------------------------------------------------------------- folders
+
+
+def check_folder(path: Path, allow_pickle: bool) -> None:
+    """Fail early, naming the file, for the usual ways a folder is broken."""
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{path}: not a diffusers model folder (model_index.json is missing).")
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{path}: missing component folder(s) {', '.join(missing)}/.")
+    for component in WEIGHT_COMPONENTS:
+        folder = path / component
+        safetensors = sorted(folder.glob("*.safetensors"))
+        pickles = [f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
+        if not safetensors and not pickles:
+            raise ModelLoadError(f"{folder}: no weights (.safetensors) found.")
+        if not safetensors and not allow_pickle:
+            raise ModelLoadError(
+                f"{folder}: only pickle weights ({pickles[0].name}), which can run code when loaded. Convert them "
+                "to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust the source."
+            )
+        for file in safetensors:
+            check_safetensors(file)
+
+
+def check_safetensors(file: Path) -> None:
+    """Read the header and check the data length: a truncated or corrupt file fails here."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as error:
+        raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({error}).") from error
+
+
+def load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> LatentTextToImagePipeline:
+    check_folder(path, allow_pickle)
+    try:
+        return LatentTextToImagePipeline.from_pretrained(
+            str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=None if allow_pickle else True
+        )
+    except Exception as error:
+        raise ModelLoadError(f"{path}: could not load the model: {type(error).__name__}: {error}") from error
+
+
+# ---------------------------------------------------------------- single files
+
+
+def load_single_file(
+    path: Path, dtype: torch.dtype, allow_pickle: bool, config: str | os.PathLike | None
+) -> LatentTextToImagePipeline:
+    """An LDM-layout checkpoint through diffusers' `from_single_file`, offline, with a local config folder."""
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: {path.suffix} is a pickle format, which can run code when loaded. Use a .safetensors file, or "
+            "pass allow_pickle=True (--allow-pickle) if you trust the source."
+        )
+    if path.suffix not in PICKLE_SUFFIXES + (".safetensors",):
+        raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected .safetensors or a folder.")
+    if path.suffix == ".safetensors":
+        check_safetensors(path)
+    if config is None:
+        raise ModelLoadError(
+            f"{path}: a single-file checkpoint has no configs or tokenizer and nothing is downloaded; pass "
+            "config=<diffusers folder of the same architecture> (--config), e.g. a local Stable Diffusion 1.5 "
+            "folder (its config files and tokenizer are enough)."
+        )
+    check_config_folder(Path(config))
+    try:
+        return LatentTextToImagePipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, torch_dtype=dtype
+        )
+    except Exception as error:
+        raise ModelLoadError(f"{path}: could not load the checkpoint: {type(error).__name__}: {error}") from error
+
+
+def check_config_folder(config: Path) -> None:
+    if not (config / "model_index.json").is_file():
+        raise ModelLoadError(f"{config}: config= must be a diffusers folder with model_index.json.")
+    missing = [c for c in COMPONENTS if not (config / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{config}: config folder lacks {', '.join(missing)}/.")
+
+
+# ---------------------------------------------------------------- checks and hashes
+
+
+def check_components_fit(pipe: LatentTextToImagePipeline, path: Path) -> None:
+    """Components that load one by one but cannot work together."""
+    unet, vae, text_encoder = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+    if unet.cross_attention_dim != text_encoder.hidden_size:
+        raise ModelLoadError(
+            f"{path}: the UNet attends to {unet.cross_attention_dim}-dim text features but the text encoder "
+            f"gives {text_encoder.hidden_size}-dim ones; unet/ and text_encoder/ come from different models."
+        )
+    if unet.in_channels != vae.latent_channels:
+        raise ModelLoadError(
+            f"{path}: the UNet takes {unet.in_channels} input channels but the VAE makes {vae.latent_channels}-channel "
+            "latents (a 9-channel inpainting UNet is not supported; use a regular model with mask_image)."
+        )
+
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(file: Path) -> str:
+    key = (str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns)
+    if key not in _HASH_CACHE:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _HASH_CACHE[key] = digest.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def model_hash(path: Path) -> str:
+    """sha256 of a single file (its first 10 hex digits are A1111's "Model hash"), or, for a
+    folder, sha256 over its weight and config files' relative paths and sha256s."""
+    if path.is_file():
+        return file_sha256(path)
+    files = sorted(
+        f for f in path.rglob("*")
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".txt") + PICKLE_SUFFIXES and not f.name.startswith(".")
+    )
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(json.dumps([str(f.relative_to(path)), file_sha256(f)]).encode())
+    return digest.hexdigest()

@@ -1,0 +1,219 @@
+"""Image metadata: the AUTOMATIC1111 `parameters` text chunk and our full JSON recipe.
+
+A PNG written by `write_png` carries two text chunks:
+
+* ``parameters``: the text AUTOMATIC1111's web UI writes, so existing PNG-info readers
+  show it::
+
+      a red circle
+      Negative prompt: blurry
+      Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 1a2b3c4d5e, ...
+
+* ``ldm_recipe``: the full recipe as JSON (prompt, seed, steps, size, guidance settings,
+  scheduler class and config, model id and hash, library versions), enough to
+  regenerate the image exactly.
+
+`read_png(path)` returns both, parsed; `parse_parameters(text)` parses any A1111
+parameters text (including ones A1111 wrote); `recipe_to_options(recipe)` turns a
+recipe back into pipeline keyword arguments. Writes are atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+RECIPE_KEY = "ldm_recipe"
+PARAMETERS_KEY = "parameters"
+
+# diffusers scheduler class -> the sampler name AUTOMATIC1111 shows
+A1111_SAMPLERS = {
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "UniPCMultistepScheduler": "UniPC",
+    "DDPMScheduler": "DDPM",
+    "LCMScheduler": "LCM",
+}
+
+# A1111's parameter regex: `key: value` or `key: "json string"`, comma separated
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("ldm-toolkit", "diffusers", "torch", "transformers"):
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def make_recipe(pipe, generation: dict) -> dict:
+    """The full recipe of one image: generation settings + scheduler + model + versions."""
+    config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    return _json_safe({
+        **generation,
+        "scheduler": {"class": type(pipe.scheduler).__name__, "config": config},
+        "model": {"id": getattr(pipe, "model_id", None), "hash": getattr(pipe, "model_hash", None)},
+        "versions": library_versions(),
+    })
+
+
+# ---------------------------------------------------------------- A1111 text
+
+
+def _quote(text: str) -> str:
+    """A1111's `quote`: JSON-quote a value that contains a comma, colon or newline."""
+    text = str(text)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def sampler_name(scheduler_class: str, config: dict) -> str:
+    name = A1111_SAMPLERS.get(scheduler_class, scheduler_class)
+    return name + " Karras" if config.get("use_karras_sigmas") else name
+
+
+def format_parameters(recipe: dict) -> str:
+    """The A1111 `parameters` text for a recipe."""
+    guidance = recipe.get("guidance") or {}
+    scheduler = recipe.get("scheduler") or {}
+    model = recipe.get("model") or {}
+    fields = {
+        "Steps": recipe.get("steps"),
+        "Sampler": sampler_name(scheduler.get("class", "?"), scheduler.get("config") or {}),
+        "CFG scale": guidance.get("scale"),
+        "Seed": recipe.get("seed"),
+        "Size": f"{recipe.get('width')}x{recipe.get('height')}",
+        "Model hash": (model.get("hash") or "")[:10] or None,
+        "Model": Path(model["id"]).name if model.get("id") else None,
+        "Denoising strength": recipe.get("strength"),
+        "Clip skip": recipe["clip_skip"] + 1 if recipe.get("clip_skip") else None,  # A1111 counts from 1
+        "CFG Rescale phi": guidance.get("rescale") or None,
+        "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
+        "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
+        "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
+    }
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
+    text = recipe.get("prompt", "")
+    if recipe.get("negative_prompt"):
+        text += f"\nNegative prompt: {recipe['negative_prompt']}"
+    return f"{text}\n{line}"
+
+
+def parse_parameters(text: str) -> dict:
+    """Parse A1111 `parameters` text into {"Prompt", "Negative prompt", "Steps", ...} (values as text)."""
+    *lines, last = text.strip().split("\n")
+    if len(RE_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip()}
+    for key, value in RE_PARAM.findall(last):
+        value = value.strip()
+        if len(value) > 1 and value[0] == '"' and value[-1] == '"':
+            value = json.loads(value)
+        result[key.strip()] = value
+    if "Size" in result and "x" in result["Size"]:
+        result["Size-1"], result["Size-2"] = result["Size"].split("x", 1)
+    return result
+
+
+def parameters_to_options(params: dict) -> dict:
+    """Pipeline keyword arguments from parsed A1111 parameters (the keys both know)."""
+    options = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt") or None}
+    conversions = {"Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float),
+                   "Seed": ("seed", int), "Size-1": ("width", int), "Size-2": ("height", int),
+                   "Denoising strength": ("strength", float), "CFG Rescale phi": ("guidance_rescale", float)}
+    for key, (name, kind) in conversions.items():
+        if key in params:
+            options[name] = kind(params[key])
+    if "Clip skip" in params:
+        options["clip_skip"] = int(params["Clip skip"]) - 1
+    return options
+
+
+def recipe_to_options(recipe: dict) -> dict:
+    """Pipeline keyword arguments that regenerate a recipe's image (scheduler: swap separately)."""
+    guidance = recipe.get("guidance") or {}
+    options = {
+        "prompt": recipe["prompt"], "negative_prompt": recipe.get("negative_prompt") or None,
+        "num_inference_steps": recipe["steps"], "seed": recipe["seed"],
+        "width": recipe["width"], "height": recipe["height"], "clip_skip": recipe.get("clip_skip"),
+        "guidance_scale": guidance.get("scale", 7.5), "guidance_rescale": guidance.get("rescale", 0.0),
+        "guidance_min_scale": guidance.get("min_scale", 1.0), "guidance_interval": guidance.get("interval"),
+    }
+    schedule = guidance.get("schedule", "constant")
+    if schedule.startswith("callable:"):
+        raise ValueError(f"The recipe used a custom guidance function ({schedule}); it cannot be restored from JSON.")
+    options["guidance_schedule"] = schedule
+    return options
+
+
+# ---------------------------------------------------------------- PNG files
+
+
+def write_png(path: str | os.PathLike, image: Image.Image, recipe: dict) -> Path:
+    """Write `image` with the parameters and recipe chunks, atomically (temp file + rename)."""
+    path = Path(path)
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, format_parameters(recipe))
+    info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class PngMetadata:
+    parameters_text: str | None
+    parameters: dict | None  # parsed A1111 fields
+    recipe: dict | None  # our JSON recipe, if the image came from this toolkit
+
+
+def read_png(path: str | os.PathLike) -> PngMetadata:
+    """The parameters (ours or A1111's) and recipe stored in a PNG."""
+    with Image.open(path) as image:
+        text = dict(getattr(image, "text", {}) or image.info)
+    raw = text.get(PARAMETERS_KEY)
+    recipe = json.loads(text[RECIPE_KEY]) if RECIPE_KEY in text else None
+    return PngMetadata(raw, parse_parameters(raw) if raw else None, recipe)

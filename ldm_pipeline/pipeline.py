@@ -1,0 +1,379 @@
+"""The latent text-to-image pipeline: prompt -> embeddings -> denoising loop -> VAE decode.
+
+`LatentTextToImagePipeline` is a `diffusers.DiffusionPipeline` with the Stable Diffusion
+1.x/2.x components (`vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler`), so any SD
+folder loads into it with `from_pretrained`. Public call::
+
+    out = pipe("a red circle", negative_prompt="blurry", num_inference_steps=30,
+               guidance_scale=7.5, guidance_schedule="constant", guidance_interval=(0.28, 5.42),
+               guidance_rescale=0.0, width=512, height=512, seed=42, num_images_per_prompt=4,
+               image=None, strength=None, mask_image=None, callback=None, progress_bar=True)
+    out.images, out.seeds, out.unet_evaluations, out.recipes
+
+Every keyword is a field of `GenerationOptions` (documented there). Seeds: image j of
+the call uses seed `seed + j` (or `seed[j]` for a list), drawn from its own generator,
+so an image depends only on its seed, never on the batch it was made in.
+
+Cancelling: `callback(info: StepInfo)` is called after every step; return True (or
+raise) to stop. A True return raises `GenerationCancelled`.
+
+Scheduler contract: `set_timesteps(n, device=)`, `timesteps`, `order`, `init_noise_sigma`,
+`scale_model_input(x, t)`, `step(pred, t, x, return_dict=False)`, and `add_noise`
+for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import FromSingleFileMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm_pipeline import metadata
+from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
+from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised when the step callback asks to stop."""
+
+
+@dataclass
+class StepInfo:
+    """What the per-step callback receives."""
+
+    step: int  # 1-based index of the step just finished
+    num_steps: int
+    timestep: float
+    latents: torch.Tensor
+    guidance_scale: float  # w used at this step (1.0 = unconditional pass skipped)
+
+
+@dataclass
+class LatentPipelineOutput(BaseOutput):
+    images: Any  # list of PIL images, np.ndarray [N, H, W, 3] in [0, 1], or latents
+    seeds: list[int]
+    unet_evaluations: int  # per image: 2 for a guided step, 1 for an unguided one
+    recipes: list[dict]  # one JSON-ready recipe per image (see `metadata`)
+
+
+@dataclass
+class GenerationOptions:
+    """Everything one pipeline call takes.
+
+    prompt / negative_prompt   str or list (one negative, or one per prompt; None = "")
+    prompt_embeds / negative_prompt_embeds   precomputed [B, 77*k, dim] instead of text
+    num_inference_steps        sampler steps (img2img runs strength * steps of them)
+    guidance_scale             CFG w (1 = conditional only)
+    guidance_schedule          "constant" | "linear_up" | "linear_down" | "cosine" | "seed" | callable(t/T) -> w
+    guidance_min_scale         w at the far end of the ramps
+    guidance_interval          (sigma_lo, sigma_hi), GuidanceInterval or dict; None = every step
+    guidance_rescale           phi (Lin et al. 2023); None = 0.7 for zero-terminal-SNR schedulers, else 0
+    width / height             pixels, multiples of the VAE factor (8 for SD); default unet size
+    seed                       int (image j gets seed + j), list of ints, or None (random)
+    num_images_per_prompt      images for each prompt
+    image / strength           img2img: init image (PIL, tensor in [-1, 1] or list) and strength in (0, 1]
+    mask_image                 inpainting: white = repaint, black = keep (strength defaults to 1)
+    clip_skip                  diffusers convention: 1 = penultimate CLIP layer
+    output_type                "pil" | "np" | "pt" | "latent"
+    callback                   callable(StepInfo) -> bool | None; True cancels
+    progress_bar               show a tqdm bar
+    """
+
+    prompt: Union[str, list[str], None] = None
+    negative_prompt: Union[str, list[str], None] = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    guidance_schedule: Union[str, Callable[[float], float]] = "constant"
+    guidance_min_scale: float = 1.0
+    guidance_interval: Any = None
+    guidance_rescale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: Union[int, list[int], None] = None
+    num_images_per_prompt: int = 1
+    image: Any = None
+    strength: float | None = None
+    mask_image: Any = None
+    clip_skip: int | None = None
+    output_type: str = "pil"
+    callback: Callable[[StepInfo], Any] | None = None
+    progress_bar: bool = True
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(
+                f"Unknown pipeline option(s) {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(cls))}."
+            )
+        return cls(**kwargs)
+
+
+def image_seeds(seed: int | list[int] | None, count: int) -> list[int]:
+    """One seed per image: seed + j, the given list, or random ones."""
+    if seed is None:
+        seed = random.randrange(2**31)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise ValueError(f"Got {len(seed)} seeds for {count} images; give one seed or one per image.")
+        return [int(s) for s in seed]
+    return [int(seed) + j for j in range(count)]
+
+
+@dataclass
+class InpaintBlend:
+    """Keeps the unmasked region: after each step it is replaced by the known latents re-noised
+    to the new level (the seed's inpainting loop; diffusers' 4-channel inpainting does the same)."""
+
+    known: torch.Tensor  # clean latents of the init image
+    mask: torch.Tensor  # [B, 1, h, w], 1 = repaint
+    noise: torch.Tensor
+
+    def __call__(self, scheduler, latents: torch.Tensor, next_timestep) -> torch.Tensor:
+        known = self.known
+        if next_timestep is not None:
+            t = next_timestep.reshape(1).expand(latents.shape[0])
+            known = scheduler.add_noise(self.known, self.noise, t)
+        return self.mask * latents + (1 - self.mask) * known
+
+
+def _step_takes_generator(scheduler) -> bool:
+    # Stock diffusers schedulers differ here (DDIM/Euler take one, PNDM/LMS do not);
+    # passing the per-image generators keeps stochastic samplers reproducible per seed.
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
+    """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+        self.model_id: str | None = None  # set by `load_pipeline`; recorded in recipes
+        self.model_hash: str | None = None
+
+    # ------------------------------------------------------------ the call
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, **options) -> LatentPipelineOutput:
+        opts = GenerationOptions.from_kwargs(prompt=prompt, **options)
+        # 1. Check inputs
+        prompts = self._check_inputs(opts)
+        width, height = self._size(opts)
+        count = len(prompts) * opts.num_images_per_prompt
+        # 2. Seeds, guidance, timesteps
+        seeds = image_seeds(opts.seed, count)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        guidance = self._guidance(opts)
+        plan = GuidancePlan(guidance, self.scheduler)
+        timesteps = self._timesteps(opts)
+        # 3. Encode prompts (the unconditional ones only if some step is guided)
+        with_uncond = any(plan.needs_uncond(plan.scale_at(t)) for t in timesteps)
+        embeds = self._embeddings(opts, prompts, with_uncond).repeat_each(opts.num_images_per_prompt)
+        # 4. Initial latents: noise, or the init image noised to the first timestep
+        latents, blend = self._initial_latents(opts, (count, width, height), timesteps, generators, embeds.cond.dtype)
+        # 5. Denoising loop
+        latents, evaluations = self._denoise(latents, timesteps, embeds, plan, blend, generators, opts)
+        # 6. Decode
+        images = self._decode(latents, opts.output_type)
+        recipes = self._recipes(opts, guidance, prompts, seeds, (width, height))
+        return LatentPipelineOutput(images=images, seeds=seeds, unet_evaluations=evaluations, recipes=recipes)
+
+    def _denoise(self, latents, timesteps, embeds: PromptEmbeddings, plan: GuidancePlan, blend, generators, opts):
+        """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
+        step_kwargs = {"generator": generators} if _step_takes_generator(self.scheduler) else {}
+        evaluations = 0
+        for i, t in enumerate(tqdm(timesteps, disable=not opts.progress_bar, desc="denoising")):
+            x_in = self.scheduler.scale_model_input(latents, t)
+            w = plan.scale_at(t)
+            if plan.needs_uncond(w):
+                pred_uncond, pred_cond = self._predict(torch.cat([x_in, x_in]), t, embeds.pair()).chunk(2)
+                pred = plan.guidance.combine(pred_uncond, pred_cond, w)
+            else:
+                pred = self._predict(x_in, t, embeds.cond)
+            evaluations += 2 if plan.needs_uncond(w) else 1
+            latents = self.scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
+            if blend is not None:
+                latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+            self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
+        return latents, evaluations
+
+    def _predict(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    @staticmethod
+    def _report_step(callback, info: StepInfo) -> None:
+        if callback is not None and callback(info) is True:
+            raise GenerationCancelled(f"Generation cancelled after step {info.step} of {info.num_steps}.")
+
+    def _recipes(self, opts, guidance: Guidance, prompts: list[str], seeds: list[int], size) -> list[dict]:
+        negatives = as_prompt_list(opts.negative_prompt, "negative_prompt") or [""]
+        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+        n = opts.num_images_per_prompt
+        settings = {
+            "steps": opts.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": opts.clip_skip,
+            "strength": self._strength(opts) if opts.image is not None else None,
+            "inpainting": opts.mask_image is not None, "guidance": guidance.describe(),
+        }
+        return [
+            metadata.make_recipe(self, {"prompt": prompts[j // n], "negative_prompt": negatives[j // n],
+                                        "seed": seed, **settings})
+            for j, seed in enumerate(seeds)
+        ]
+
+    # ------------------------------------------------------------ stages
+
+    def _check_inputs(self, opts: GenerationOptions) -> list[str]:
+        """The prompt list (placeholders when embeddings are given); errors name the bad option."""
+        prompts = as_prompt_list(opts.prompt)
+        if opts.prompt_embeds is not None:
+            if prompts:
+                raise ValueError("Give either `prompt` or `prompt_embeds`, not both.")
+            prompts = ["<prompt_embeds>"] * opts.prompt_embeds.shape[0]
+        if not prompts:
+            raise ValueError("No prompt: pass `prompt` (a string or list) or `prompt_embeds`.")
+        if opts.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {opts.num_inference_steps}.")
+        if opts.num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {opts.num_images_per_prompt}.")
+        if opts.output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {opts.output_type!r}.")
+        if opts.mask_image is not None and opts.image is None:
+            raise ValueError("Inpainting needs `image` as well as `mask_image`.")
+        if opts.strength is not None and not 0.0 < opts.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {opts.strength}.")
+        return prompts
+
+    def _size(self, opts: GenerationOptions) -> tuple[int, int]:
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        width, height = opts.width, opts.height
+        if opts.image is not None and (width is None or height is None):
+            w0, h0 = self.image_processor.get_default_height_width(opts.image)[::-1]
+            width, height = width or w0, height or h0
+        width, height = width or default, height or default
+        f = self.vae_scale_factor
+        if width % f or height % f or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of {f}, got {width}x{height}.")
+        return width, height
+
+    def _guidance(self, opts: GenerationOptions) -> Guidance:
+        rescale = opts.guidance_rescale
+        if rescale is None:
+            rescale = recommended_guidance_rescale(self.scheduler.config)
+        return Guidance(
+            scale=float(opts.guidance_scale), schedule=opts.guidance_schedule, min_scale=float(opts.guidance_min_scale),
+            interval=as_interval(opts.guidance_interval), rescale=float(rescale),
+            num_train_timesteps=self.scheduler.config.num_train_timesteps,
+        )
+
+    def _timesteps(self, opts: GenerationOptions) -> torch.Tensor:
+        """The sampler's timesteps; img2img/inpainting starts `strength` of the way from the clean end."""
+        steps = opts.num_inference_steps
+        self.scheduler.set_timesteps(steps, device=self._execution_device)
+        strength = self._strength(opts)
+        if strength >= 1.0:
+            return self.scheduler.timesteps
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either.")
+        start = (steps - run) * self.scheduler.order
+        # diffusers schedulers that index their sigmas need to know where sampling starts
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return self.scheduler.timesteps[start:]
+
+    @staticmethod
+    def _strength(opts: GenerationOptions) -> float:
+        if opts.image is None:
+            return 1.0
+        if opts.strength is not None:
+            return opts.strength
+        return 1.0 if opts.mask_image is not None else 0.8
+
+    def _embeddings(self, opts: GenerationOptions, prompts: list[str], with_uncond: bool) -> PromptEmbeddings:
+        if opts.prompt_embeds is None:
+            negative = as_prompt_list(opts.negative_prompt, "negative_prompt")
+            return encode_pair(self.text_encoder, self.tokenizer, prompts, negative, with_uncond=with_uncond,
+                               clip_skip=opts.clip_skip)
+        cond = opts.prompt_embeds.to(self._execution_device, self.text_encoder.dtype)
+        uncond = opts.negative_prompt_embeds
+        if uncond is None and with_uncond:
+            empty = encode_pair(self.text_encoder, self.tokenizer, [""], None, with_uncond=False,
+                                clip_skip=opts.clip_skip).cond
+            uncond = pad_to_windows(empty.expand(cond.shape[0], -1, -1), empty, cond.shape[1])
+        if uncond is not None and uncond.shape != cond.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(uncond.shape)} must match prompt_embeds {tuple(cond.shape)}.")
+        return PromptEmbeddings(cond, None if uncond is None else uncond.to(cond))
+
+    def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generators, dtype):
+        count, width, height = batch
+        f = self.vae_scale_factor
+        shape = (count, self.unet.config.in_channels, height // f, width // f)
+        noise = randn_tensor(shape, generator=generators, device=self._execution_device, dtype=dtype)
+        if opts.image is None:
+            return noise * self.scheduler.init_noise_sigma, None
+        known = self._encode_image(opts.image, count, width, height).to(dtype)
+        if self._strength(opts) >= 1.0:
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            latents = self.scheduler.add_noise(known, noise, timesteps[:1].repeat(count))
+        if opts.mask_image is None:
+            return latents, None
+        return latents, InpaintBlend(known, self._latent_mask(opts.mask_image, count, width, height).to(dtype), noise)
+
+    def _encode_image(self, image, count: int, width: int, height: int) -> torch.Tensor:
+        """Init image(s) -> scaled latents, one per output image (the posterior mean: deterministic)."""
+        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        pixels = _broadcast(pixels, count, "image").to(self._execution_device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        shift = self.vae.config.shift_factor or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def _latent_mask(self, mask_image, count: int, width: int, height: int) -> torch.Tensor:
+        mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
+        mask = F.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor))
+        return _broadcast(mask, count, "mask_image").to(self._execution_device)
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        shift = self.vae.config.shift_factor or 0.0
+        image = self.vae.decode(latents / self.vae.config.scaling_factor + shift, return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
+
+
+def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:
+    """One item for every output image: 1 -> count, or count // n each when n divides count."""
+    n = batch.shape[0]
+    if count % n:
+        raise ValueError(f"Got {n} {name}s for {count} images; give one, or one per prompt.")
+    return batch.repeat_interleave(count // n, dim=0)
