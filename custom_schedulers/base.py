@@ -172,6 +172,13 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {timestep} is not on this scheduler's grid {self.timesteps.tolist()}.")
         return int(matches[1 if len(matches) > 1 else 0])
 
+    def noise_level_at(self, index: int) -> tuple[float, float]:
+        """(alpha, sigma) at which the model is evaluated for `timesteps[index]`."""
+        if self.grid is None:
+            raise ValueError("Call `set_timesteps` first.")
+        node = self._plan[index][0]
+        return float(self.grid.alpha[node]), float(self.grid.sigma[node])
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """Identity: the sample is already in the model's coordinates."""
         return sample
@@ -221,8 +228,9 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         if self._step_index >= len(self._plan):
             raise ValueError(f"All {len(self._plan)} steps are done; call `set_timesteps` again to restart.")
         node, stage = self._plan[self._step_index]
-        x = sample.float()
-        denoised, eps = self.denoise(model_output.float(), x, node)
+        compute_dtype = torch.promote_types(sample.dtype, torch.float32)  # fp16/bf16 -> float32; float64 stays
+        x = sample.to(compute_dtype)
+        denoised, eps = self.denoise(model_output.to(compute_dtype), x, node)
         prev = self._update(stage, node, x, denoised, eps, generator)
         self._step_index += 1
         prev, denoised = prev.to(sample.dtype), denoised.to(sample.dtype)
