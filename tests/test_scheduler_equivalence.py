@@ -1,0 +1,134 @@
+"""Our samplers against diffusers' own schedulers and k-diffusion's sampling functions.
+
+Identical model (a deterministic toy function of the model input and timestep), identical
+start and identical noise (same generator): the model inputs at every step and the final
+sample must agree to 1e-5. Both sides keep the sample in the model's coordinates at the
+model input (diffusers' Euler keeps x/alpha internally, but `scale_model_input` maps it back).
+"""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+from scheduler_helpers import BASE_CONFIG, load_k_diffusion_sampling, sample_loop, seeded
+
+from custom_schedulers import (
+    DDIMSampler, DDPMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
+    LCMSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler,
+)
+
+# (ours, our options, diffusers class, its options, its step() kwargs, spacings where diffusers spaces as we do)
+PAIRS = {
+    "DDPM": (DDPMSampler, {}, diffusers.DDPMScheduler, {"variance_type": "fixed_small"}, {}, ("trailing", "leading")),
+    "DDIM eta=0": (DDIMSampler, {"eta": 0.0}, diffusers.DDIMScheduler, {"set_alpha_to_one": True}, {"eta": 0.0},
+                   ("trailing", "leading")),
+    "DDIM eta=1": (DDIMSampler, {"eta": 1.0}, diffusers.DDIMScheduler, {"set_alpha_to_one": True}, {"eta": 1.0},
+                   ("trailing", "leading")),
+    "DPM-Solver++ 2M": (DPMSolverPlusPlusSampler, {"solver_order": 2}, diffusers.DPMSolverMultistepScheduler,
+                        {"solver_order": 2}, {}, ("trailing",)),
+    "SDE-DPM-Solver++ 2M": (DPMSolverPlusPlusSDESampler, {}, diffusers.DPMSolverMultistepScheduler,
+                            {"algorithm_type": "sde-dpmsolver++"}, {}, ("trailing",)),
+    "Euler": (EulerSampler, {}, diffusers.EulerDiscreteScheduler, {}, {}, ("trailing", "leading")),
+    "LCM": (LCMSampler, {}, diffusers.LCMScheduler, {}, {}, ("trailing",)),
+}
+CASES = [
+    pytest.param(name, spacing, prediction_type, id=f"{name}-{spacing}-{prediction_type}")
+    for name, pair in PAIRS.items()
+    for spacing in pair[-1]
+    for prediction_type in ("epsilon", "v_prediction")
+]
+
+
+def _x_T(shape=(2, 4, 8, 8), seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _compare_with_diffusers(ours, theirs, num_steps, step_kwargs, **set_timesteps_kwargs):
+    theirs.set_timesteps(num_steps, **set_timesteps_kwargs)
+    their_inputs, their_final = sample_loop(theirs, _x_T() * theirs.init_noise_sigma, step_kwargs=seeded(**step_kwargs))
+    ours.set_timesteps(num_steps, **set_timesteps_kwargs)
+    # Start from the same model input (diffusers' Euler scales its start by sigma_max, not 1/alpha).
+    our_inputs, our_final = sample_loop(ours, their_inputs[0])
+    torch.testing.assert_close(ours.timesteps.double(), theirs.timesteps.double().to(ours.timesteps.device))
+    torch.testing.assert_close(our_inputs, their_inputs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, spacing, prediction_type", CASES)
+def test_matches_diffusers(name, spacing, prediction_type):
+    ours_cls, our_options, theirs_cls, their_options, step_kwargs, _ = PAIRS[name]
+    config = dict(BASE_CONFIG, timestep_spacing=spacing, steps_offset=int(spacing == "leading"),
+                  prediction_type=prediction_type)
+    ours = ours_cls.from_config(config, **our_options)
+    theirs = theirs_cls.from_config(config, **their_options)
+    _compare_with_diffusers(ours, theirs, 10, step_kwargs)
+
+
+def test_dpmpp_3m_matches_diffusers_from_15_steps():
+    # Below 15 steps diffusers drops to second order at the second-to-last step; from 15 on it does not.
+    config = dict(BASE_CONFIG, timestep_spacing="trailing", prediction_type="v_prediction")
+    ours = DPMSolverPlusPlusSampler.from_config(config, solver_order=3)
+    theirs = diffusers.DPMSolverMultistepScheduler.from_config(config, solver_order=3)
+    _compare_with_diffusers(ours, theirs, 20, {})
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_rectified_flow_euler_matches_flow_match_euler(shift):
+    flow_config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow_config)
+    ours = RectifiedFlowEulerSampler.from_config(flow_config)  # -> beta_schedule "flow", prediction_type "flow"
+    s = torch.linspace(1.0, 0.05, 8, dtype=torch.float64)
+    theirs.set_timesteps(sigmas=s.tolist())  # diffusers shifts custom sigmas; ours takes them literally
+    their_inputs, their_final = sample_loop(theirs, _x_T(), scales_input=False)
+    ours.set_timesteps(sigmas=(shift * s / (1 + (shift - 1) * s)).tolist())
+    our_inputs, our_final = sample_loop(ours, _x_T())
+    torch.testing.assert_close(ours.timesteps.double(), theirs.timesteps.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(our_inputs, their_inputs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
+
+
+def test_rectified_flow_heun_matches_flow_match_heun():
+    flow_config = {"_class_name": "FlowMatchHeunDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+    theirs = diffusers.FlowMatchHeunDiscreteScheduler.from_config(flow_config)
+    ours = RectifiedFlowHeunSampler.from_config(flow_config)
+    theirs.set_timesteps(6)
+    s = theirs.sigmas[::2].double()  # Heun repeats each inner sigma
+    their_inputs, their_final = sample_loop(theirs, _x_T(), step_kwargs={}, scales_input=False)  # no generator
+    ours.set_timesteps(sigmas=s.tolist())
+    our_inputs, our_final = sample_loop(ours, _x_T())
+    torch.testing.assert_close(our_inputs, their_inputs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- k-diffusion on the same sigma grid
+
+
+K_SAMPLERS = {"Euler": ("sample_euler", EulerSampler), "Heun": ("sample_heun", HeunSampler),
+              "DPM++ 2M": ("sample_dpmpp_2m", DPMSolverPlusPlusSampler)}
+
+
+def _denoiser(x_ve: torch.Tensor, sigma_ve) -> torch.Tensor:
+    """A nonlinear denoiser D(x, sigma) in k-diffusion's (VE) coordinates."""
+    sigma_ve = torch.as_tensor(sigma_ve, dtype=x_ve.dtype).reshape(-1, *([1] * (x_ve.ndim - 1)))
+    c = 1 / (1 + sigma_ve**2)
+    return torch.tanh(x_ve * c.sqrt()) * 0.8 + 0.1 * x_ve * c
+
+
+@pytest.mark.parametrize("name", list(K_SAMPLERS))
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+def test_matches_k_diffusion(name, sigma_schedule):
+    k_sampling = load_k_diffusion_sampling()
+    k_function, ours_cls = K_SAMPLERS[name]
+    ours = ours_cls.from_config(dict(BASE_CONFIG, prediction_type="sample", sigma_schedule=sigma_schedule))
+    ours.set_timesteps(12)
+    sigmas_ve = (ours.grid.sigma / ours.grid.alpha).float()  # the same grid, ending in 0
+    x_T = _x_T(seed=3)
+    k_final = getattr(k_sampling, k_function)(
+        lambda x, sigma: _denoiser(x, sigma), x_T * sigmas_ve[0], sigmas_ve, disable=True
+    )
+    x = x_T * sigmas_ve[0] / (1 + sigmas_ve[0] ** 2).sqrt()  # the same start: k-diffusion's x times alpha
+    for i, t in enumerate(ours.timesteps):
+        alpha, sigma = ours.noise_level_at(i)
+        x = ours.step(_denoiser(x / alpha, sigma / alpha), t, x).prev_sample
+    torch.testing.assert_close(x, k_final, rtol=1e-5, atol=1e-5)
