@@ -55,6 +55,11 @@ class ProbabilityFlowODESampler(DiffusionSampler):
 
     def _correct(self, node, x_2, denoised_2, eps_2):
         """Heun's second evaluation at x_2 on node `node` (the step's end)."""
+        if not self.history:
+            raise ValueError(
+                "Heun's corrector evaluation came without its predictor: start at an index of `timesteps` that "
+                "begins a step (a multiple of `order`, as diffusers' img2img pipelines do)."
+            )
         (y, d, dt), = self.history
         alpha_next, sigma_next = float(self.grid.alpha[node]), float(self.grid.sigma[node])
         d_2 = solvers.ode_derivative(denoised_2, eps_2, self.variable)
