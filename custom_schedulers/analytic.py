@@ -62,8 +62,12 @@ class GaussianMixture:
         x0, eps = self.posterior_means(x_t, alpha, sigma)
         return parameterization.target(prediction_type, x0, eps, alpha, sigma)
 
-    def ode_solution(self, x_start: torch.Tensor, alpha: float, sigma: float, rtol: float = 1e-11) -> torch.Tensor:
-        """x_0 reached by the probability-flow ODE from x_start at (alpha, sigma), integrated in flow
+    def ode_solution(
+        self, x_start: torch.Tensor, alpha: float, sigma: float, to: tuple[float, float] = (1.0, 0.0),
+        rtol: float = 1e-11,
+    ) -> torch.Tensor:
+        """The sample at noise level `to` = (alpha_end, sigma_end) (default: x_0 at sigma = 0) reached by
+        the probability-flow ODE from x_start at (alpha, sigma), integrated in flow
         coordinates y = x/(alpha+sigma), s = sigma/(alpha+sigma), dy/ds = E[eps - x_0 | y]
         (finite also at alpha = 0), with an adaptive 8th-order Runge-Kutta (scipy DOP853)."""
         from scipy.integrate import solve_ivp
@@ -75,8 +79,9 @@ class GaussianMixture:
             x0, eps = self.posterior_means(torch.from_numpy(y).reshape(shape), 1.0 - s, s)
             return (eps - x0).reshape(-1).numpy()  # u = E[eps - x_0 | y]
 
-        s0 = sigma / (alpha + sigma)
-        sol = solve_ivp(velocity, (s0, 0.0), y0, method="DOP853", rtol=rtol, atol=rtol)
+        alpha_end, sigma_end = to
+        s0, s_end = sigma / (alpha + sigma), sigma_end / (alpha_end + sigma_end)
+        sol = solve_ivp(velocity, (s0, s_end), y0, method="DOP853", rtol=rtol, atol=rtol)
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
-        return torch.from_numpy(sol.y[:, -1]).reshape(shape)
+        return torch.from_numpy(sol.y[:, -1]).reshape(shape) * (alpha_end + sigma_end)
