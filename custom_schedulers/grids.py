@@ -231,15 +231,23 @@ def _check_num_steps(num_steps, num_train_timesteps: int) -> None:
         )
 
 
+KARRAS_SIGMA_MAX = 80.0  # Karras et al. 2022, Sec. 5: sigma_max = 80 (VE level) suffices for images
+
+
 def _grid_from_sigma_schedule(schedule: NoiseSchedule, num_steps: int, sigma_schedule: str) -> SamplingGrid:
-    """Karras / exponential / linear levels between the training range; a zero-terminal-SNR
-    schedule starts at its terminal (alpha = 0) node and spaces the other N-1 nodes."""
+    """Karras / exponential / linear levels over the training range.
+
+    The first node is always the schedule's terminal level (where a pipeline's pure noise lives). When
+    that level is beyond `KARRAS_SIGMA_MAX` (cosine: ~2e4; zero terminal SNR: inf), spacing the nodes
+    from it would spend most steps where nothing changes, so the other N-1 nodes are spaced from
+    KARRAS_SIGMA_MAX down instead (diffusers' Karras sigmas fail on the cosine schedule this way).
+    """
     if sigma_schedule not in LEVEL_SCHEDULES:
         raise ValueError(f"Unknown sigma_schedule {sigma_schedule!r}; valid values: {', '.join(SIGMA_SCHEDULES)}.")
     level_min, level_max = level_range(schedule)
     terminal = native_levels(schedule)[-1]
-    if torch.isinf(terminal) and num_steps > 1:
-        rest = LEVEL_SCHEDULES[sigma_schedule](level_min, level_max, num_steps - 1)
+    if schedule.kind == "vp" and terminal > KARRAS_SIGMA_MAX and num_steps > 1:
+        rest = LEVEL_SCHEDULES[sigma_schedule](level_min, min(level_max, KARRAS_SIGMA_MAX), num_steps - 1)
         levels = torch.cat([terminal.reshape(1), rest])
     else:
         levels = LEVEL_SCHEDULES[sigma_schedule](level_min, level_max, num_steps)

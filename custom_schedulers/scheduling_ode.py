@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
-from . import solvers
+from . import grids, solvers
 from .base import DiffusionSampler
 from .grids import SamplingGrid
 
@@ -16,14 +16,18 @@ class ProbabilityFlowODESampler(DiffusionSampler):
 
     Heun evaluates the model twice per step (Karras et al. 2022, Algorithm 1): `timesteps` interleaves
     each step's start and end, like diffusers' Heun schedulers. The step into sigma = 0 is a plain Euler
-    step (it returns the x_0 estimate), and so is a "ve" step from alpha = 0, where tau is infinite.
+    step (it returns the x_0 estimate), and so is a "ve" step from above `max_corrected_tau`: from
+    tau = sigma/alpha of thousands (cosine's terminal ~2e4) or infinity (zero terminal SNR), the
+    trapezoid multiplies the change of eps across the step by |dt|/2 and diverges (as diffusers'
+    Heun does on the cosine schedule), while the Euler step is exact there up to O(1/tau).
     """
 
     variable: ClassVar[Literal["ve", "flow"]] = "ve"
     heun: ClassVar[bool] = False
+    max_corrected_tau: ClassVar[float] = grids.KARRAS_SIGMA_MAX
 
     def _has_corrector(self, grid: SamplingGrid, node: int) -> bool:
-        return self.heun and float(grid.sigma[node + 1]) > 0 and math.isfinite(self._tau(grid, node))
+        return self.heun and float(grid.sigma[node + 1]) > 0 and self._tau(grid, node) <= self.max_corrected_tau
 
     def _tau(self, grid: SamplingGrid, node: int) -> float:
         alpha, sigma = float(grid.alpha[node]), float(grid.sigma[node])
@@ -44,7 +48,7 @@ class ProbabilityFlowODESampler(DiffusionSampler):
             return self._correct(node, x, denoised, eps)
         alpha, sigma, alpha_next, sigma_next = self._node(node)
         if not math.isfinite(self._tau(self.grid, node)):
-            return solvers.ddim_step(denoised, eps, alpha_next, sigma_next)  # Euler's limit as alpha -> 0
+            return solvers.ddim_step(denoised, eps, alpha_next, sigma_next)  # Euler's limit as alpha -> 0 (tau = inf)
         y, tau = solvers.to_ode_coordinates(x, alpha, sigma, self.variable)
         _, tau_next = solvers.to_ode_coordinates(x, alpha_next, sigma_next, self.variable)
         d = solvers.ode_derivative(denoised, eps, self.variable)
