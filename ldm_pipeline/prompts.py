@@ -79,7 +79,9 @@ def _encode_ids(text_encoder, ids: torch.Tensor, lengths: list[int], clip_skip: 
     hidden = text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
     if clip_skip >= len(hidden):
         raise ValueError(f"clip_skip={clip_skip} but the text encoder has only {len(hidden) - 1} layers.")
-    return text_encoder.text_model.final_layer_norm(hidden[-(clip_skip + 1)])
+    # transformers 5 flattened CLIPTextModel (no `.text_model`); 4.x nests it
+    final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_layer_norm(hidden[-(clip_skip + 1)])
 
 
 def encode_prompts(
