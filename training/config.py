@@ -1,0 +1,250 @@
+"""Typed training options, the command line built from them, and config files.
+
+One source of truth: the dataclasses below. Each field becomes a `--flag` of the
+same name (diffusers' `train_text_to_image.py` names where the concept exists),
+its type gives the parser type, its `help` metadata the `--help` text. A YAML or
+JSON `--config` file holds the same flat keys; flags given on the command line
+override the file, the file overrides the defaults. The merged result is one
+`TrainConfig`, saved as `config.json` in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+def option(default: Any, help: str, *aliases: str) -> Any:
+    """A dataclass field with command-line help (and optional extra flag names)."""
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**factory, metadata={"help": help, "aliases": aliases})
+
+
+# ---------------------------------------------------------------- what is trained: data
+
+
+@dataclass
+class DataOptions:
+    dataset: Literal["shapes", "folder"] = option(
+        "shapes", "'shapes' (built-in generator) or 'folder' (an image folder; implied by --train_data_dir)."
+    )
+    train_data_dir: str | None = option(
+        None, "Image folder with captions: metadata.jsonl ({'file_name', 'text'}) or a .txt beside each image."
+    )
+    image_column: str = option("file_name", "metadata.jsonl key holding the image file name.")
+    caption_column: str = option("text", "metadata.jsonl key holding the caption.")
+    num_train_samples: int = option(20000, "shapes: size of the seeded training pool (train split, paraphrased).")
+    num_validation_samples: int = option(64, "Held-out samples for the deterministic validation loss.")
+    resolution: int = option(64, "Training resolution (square); must be divisible by the VAE's downsampling factor.")
+    center_crop: bool = option(False, "Center crop after resizing (default: random crop).")
+    random_flip: bool = option(False, "Random horizontal flips (off by default: left/right are attributes).")
+    proportion_empty_prompts: float = option(
+        0.1, "Caption dropout: probability of training on the empty caption (for classifier-free guidance).",
+        "--caption_dropout",
+    )
+    cache_latents: bool = option(False, "Encode the data once with the frozen VAE and train on cached latents.")
+    dataloader_num_workers: int = option(0, "DataLoader worker processes (0: load in the main process).")
+
+
+# ---------------------------------------------------------------- what is trained: model
+
+
+@dataclass
+class ModelOptions:
+    pretrained_model_name_or_path: str | None = option(
+        None, "A diffusers Stable Diffusion folder or a single .safetensors checkpoint to start from."
+    )
+    from_scratch: str | None = option(
+        None, "Folder of small configs to build new models: unet.json, vae.json, text_encoder.json "
+        "(vocab_size and token ids are filled in from a tokenizer built from the dataset's words).",
+    )
+    pretrained_vae: str | None = option(None, "A trained AutoencoderKL folder (or a folder with vae/) to use frozen.")
+    train_vae: bool = option(False, "Train the AutoencoderKL (reconstruction + KL) instead of the diffusion model.")
+    vae_kl_weight: float = option(1e-6, "--train_vae: weight of the KL term (LDM's autoencoder uses 1e-6).")
+    train_text_encoder: bool = option(False, "Train the text encoder jointly with the UNet.")
+    lora_rank: int | None = option(None, "Train LoRA adapters of this rank (peft) instead of the full UNet.")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: equal to the rank).")
+    allow_pickle: bool = option(False, "Allow loading .ckpt/.bin pickle checkpoints (unsafe; off by default).")
+
+
+# ---------------------------------------------------------------- what is trained: objective
+
+
+@dataclass
+class ObjectiveOptions:
+    prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] | None = option(
+        None, "What the UNet predicts (default: the model's scheduler config, or v_prediction from scratch)."
+    )
+    noise_schedule: Literal["scaled_linear", "linear", "cosine", "sigmoid"] | None = option(
+        None, "VP noise schedule (default: the model's scheduler config, or scaled_linear)."
+    )
+    zero_terminal_snr: bool = option(
+        False, "Rescale the schedule to zero terminal SNR (Lin et al. 2023); needs v_prediction/sample/flow."
+    )
+    num_train_timesteps: int = option(1000, "Training timesteps (from scratch; otherwise from the scheduler config).")
+    snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is recommended.")
+    noise_offset: float = option(0.0, "Noise offset: add this times per-channel N(0,1) to the noise.")
+    input_perturbation: float = option(0.0, "Input perturbation (Ning et al. 2023): noise the input with eps + g*xi.")
+    timestep_sampling: Literal["uniform", "logit_normal"] = option(
+        "uniform", "flow: how noise levels are drawn (logit_normal: Esser et al. 2024, SD3)."
+    )
+    logit_mean: float = option(0.0, "logit_normal: mean of the normal before the sigmoid.")
+    logit_std: float = option(1.0, "logit_normal: standard deviation of the normal before the sigmoid.")
+    flow_shift: float = option(1.0, "flow: resolution shift of the noise levels (SD3 Sec. 5.3.2).")
+
+
+# ---------------------------------------------------------------- how this run executes
+
+
+@dataclass
+class OptimizationOptions:
+    train_batch_size: int = option(16, "Batch size per process.")
+    max_train_steps: int = option(1000, "Optimizer steps to train for.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
+    learning_rate: float = option(1e-4, "Peak learning rate.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = option("constant_with_warmup", "Learning-rate schedule (diffusers.optimization).")
+    lr_warmup_steps: int = option(0, "Linear warm-up steps.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    use_ema: bool = option(False, "Keep an exponential moving average of the trained weights (saved as output).")
+    ema_decay: float = option(0.9999, "EMA maximum decay.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "Mixed precision (accelerate).")
+    seed: int = option(0, "Seed for models, data order, noise and timesteps.")
+
+
+@dataclass
+class RunOptions:
+    output_dir: str = option("runs/train", "Run directory: config.json, checkpoints/, logs/ and the final model.")
+    checkpointing_steps: int = option(500, "Save an accelerate checkpoint every N steps.")
+    checkpoints_total_limit: int | None = option(3, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = option(None, "A checkpoint folder, or 'latest' in output_dir.")
+    validation_steps: int = option(200, "Validation loss (and images, with prompts) every N steps.")
+    validation_prompts: list[str] = option([], "Prompts for validation image grids.")
+    validation_inference_steps: int = option(20, "Sampler steps for validation images.")
+    validation_guidance_scale: float = option(3.0, "Guidance scale for validation images.")
+    logging_steps: int = option(10, "Log loss, lr and grad norm every N steps.")
+    report_to: Literal["tensorboard", "none"] = option("tensorboard", "Where metrics go.")
+    dry_run: bool = option(False, "Print the resolved config and exit without training.")
+    test_run: bool = option(False, "Build everything, run one step, save the output, exit.")
+
+
+GROUPS = {
+    "data": DataOptions,
+    "model": ModelOptions,
+    "objective": ObjectiveOptions,
+    "optimization": OptimizationOptions,
+    "run": RunOptions,
+}
+
+
+@dataclass
+class TrainConfig:
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
+    optimization: OptimizationOptions = field(default_factory=OptimizationOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        return {k: v for group in self.to_dict().values() for k, v in group.items()}
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _add_argument(group: argparse._ArgumentGroup, f: dataclasses.Field, hints: dict) -> None:
+    annotation = _unwrap_optional(hints[f.name])
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    names = [f"--{f.name}", *f.metadata.get("aliases", ())]
+    kwargs: dict[str, Any] = {"dest": f.name, "help": f"{f.metadata['help']} (default: {default!r})"}
+    if annotation is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(annotation) is Literal:
+        kwargs["choices"] = typing.get_args(annotation)
+    elif typing.get_origin(annotation) is list:
+        kwargs.update(nargs="*", type=typing.get_args(annotation)[0])
+    else:
+        kwargs["type"] = annotation
+    group.add_argument(*names, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Train a latent text-to-image diffusion model (or its VAE) with accelerate.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML or JSON file with the same keys as the flags (flags override it).")
+    for name, cls in GROUPS.items():
+        group = parser.add_argument_group(name)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            _add_argument(group, f, hints)
+    return parser
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Flat keys from a YAML or JSON file (grouped files, as saved in config.json, are flattened)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of option names to values.")
+    flat = {}
+    for key, value in values.items():
+        if key in GROUPS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_from_flat(values: dict) -> TrainConfig:
+    """A TrainConfig from flat option names; unknown names are an error that lists the valid ones."""
+    known = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown}; run `python -m training.train --help` for the valid ones.")
+    grouped: dict[str, dict] = {group: {} for group in GROUPS}
+    for key, value in values.items():
+        grouped[known[key]][key] = value
+    return TrainConfig(**{group: GROUPS[group](**kw) for group, kw in grouped.items()})
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """defaults < --config file < command-line flags."""
+    args = vars(build_parser().parse_args(argv))
+    file_values = load_config_file(args.pop("config")) if "config" in args else {}
+    config = config_from_flat({**file_values, **args})
+    if config.data.train_data_dir is not None and "dataset" not in {**file_values, **args}:
+        config.data.dataset = "folder"
+    return config

@@ -1,0 +1,284 @@
+"""Training data: the built-in shapes pool and image folders, a step-indexed batch order, latents.
+
+Every random choice is a pure function of (seed, position in the sample stream), so
+the batch a process sees at optimizer step k is the same whether the run was
+interrupted or not (resume = uninterrupted), and processes of a distributed run
+read disjoint slices of each global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training import shapes
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SHAPES_VALIDATION_SEED_OFFSET = 7_919  # validation samples come from a different stream than training
+
+
+# ---------------------------------------------------------------- sources
+
+
+@dataclass
+class ImageSource:
+    """Where a sample's image comes from: a file path or an in-memory image."""
+
+    caption: str
+    path: Path | None = None
+    image: Image.Image | None = None
+
+    def load(self) -> Image.Image:
+        return self.image if self.image is not None else Image.open(self.path).convert("RGB")
+
+
+def shapes_sources(seed: int, count: int, validation: bool = False) -> list[ImageSource]:
+    """`count` shapes samples of the train split (paraphrased captions for training, canonical for validation)."""
+    stream_seed = seed + SHAPES_VALIDATION_SEED_OFFSET if validation else seed
+    samples = shapes.generate(stream_seed, count, split="train", paraphrases=not validation)
+    return [ImageSource(caption=s.caption, image=s.image) for s in samples]
+
+
+def shapes_vocabulary() -> list[str]:
+    """Every word a shapes caption (canonical or paraphrased) can contain."""
+    words = "a on at in the background".split()
+    for names in (shapes.SHAPES, shapes.COLORS, shapes.SIZES, shapes.POSITIONS):
+        words += [w for name in names for w in name.split()]
+    return list(dict.fromkeys(words))
+
+
+def caption_vocabulary(captions: Sequence[str]) -> list[str]:
+    """The distinct lower-case words of some captions (for a from-scratch tokenizer)."""
+    import re
+
+    return list(dict.fromkeys(w for c in captions for w in re.findall(r"[a-z0-9]+", c.lower())))
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception as error:  # PIL raises many types for a bad file
+        logger.warning("Skipping unreadable image %s: %s", path, error)
+        return False
+
+
+def _folder_captions(root: Path, image_column: str, caption_column: str) -> dict[Path, str]:
+    metadata = root / "metadata.jsonl"
+    if metadata.is_file():
+        captions = {}
+        for number, line in enumerate(metadata.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if image_column not in record or caption_column not in record:
+                raise ValueError(
+                    f"{metadata}:{number} lacks '{image_column}' or '{caption_column}'; set "
+                    "--image_column/--caption_column to the keys your file uses."
+                )
+            captions[root / record[image_column]] = str(record[caption_column])
+        return captions
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return {p: p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "" for p in images}
+
+
+def folder_sources(train_data_dir: str, image_column: str = "file_name", caption_column: str = "text"):
+    """(sources, skipped): every readable image of an ImageFolder-style directory with its caption."""
+    root = Path(train_data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"--train_data_dir {root} does not exist or is not a folder. Point it at a folder of images "
+            "with a metadata.jsonl or .txt captions, or use --dataset shapes."
+        )
+    captions = _folder_captions(root, image_column, caption_column)
+    sources = [ImageSource(caption=c, path=p) for p, c in sorted(captions.items()) if _readable(p)]
+    skipped = len(captions) - len(sources)
+    if not sources:
+        raise ValueError(f"No readable images in {root} ({skipped} skipped); supported: {sorted(IMAGE_EXTENSIONS)}.")
+    if skipped:
+        logger.warning("%d of %d images in %s could not be opened and were skipped.", skipped, len(captions), root)
+    return sources, skipped
+
+
+# ---------------------------------------------------------------- images -> tensors
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize the short side, crop to a square, optionally flip; to a CHW float tensor in [-1, 1]."""
+
+    resolution: int
+    center_crop: bool = False
+    random_flip: bool = False
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        width, height = image.size
+        scale = self.resolution / min(width, height)
+        if scale != 1:
+            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        width, height = image.size
+        if self.center_crop:
+            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
+        else:
+            left, top = int(rng.integers(width - self.resolution + 1)), int(rng.integers(height - self.resolution + 1))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        array = np.asarray(image, dtype=np.float32)
+        if self.random_flip and rng.random() < 0.5:
+            array = array[:, ::-1]
+        return torch.from_numpy(array.transpose(2, 0, 1).copy()) / 127.5 - 1.0
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset of (pixel tensor, index); item (index, position) uses an rng seeded by both."""
+
+    def __init__(self, sources: Sequence[ImageSource], transform: ImageTransform, seed: int):
+        self.sources, self.transform, self.seed = list(sources), transform, seed
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, position = key
+        rng = np.random.default_rng((self.seed, position))
+        return self.transform(self.sources[index].load(), rng), index
+
+
+# ---------------------------------------------------------------- batch order
+
+
+@dataclass(frozen=True)
+class BatchOrder:
+    """Sample positions -> dataset indices: a fresh seeded permutation every epoch.
+
+    Global micro-batch m holds stream positions [m*B*W, (m+1)*B*W); process r takes
+    the r-th slice of B (B = per-process batch, W = processes).
+    """
+
+    num_samples: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def positions(self, micro_step: int) -> range:
+        start = (micro_step * self.world_size + self.rank) * self.batch_size
+        return range(start, start + self.batch_size)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def keys(self, micro_step: int) -> list[tuple[int, int]]:
+        """(dataset index, stream position) pairs for one micro-batch of this process."""
+        keys, cached_epoch, perm = [], None, None
+        for position in self.positions(micro_step):
+            epoch = position // self.num_samples
+            if epoch != cached_epoch:
+                cached_epoch, perm = epoch, self.permutation(epoch)
+            keys.append((int(perm[position % self.num_samples]), position))
+        return keys
+
+
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """Yields the keys of micro-batches start, start+1, ... (endless) for a DataLoader."""
+
+    def __init__(self, order: BatchOrder, start_micro_step: int):
+        self.order, self.start = order, start_micro_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while True:
+            yield self.order.keys(step)
+            step += 1
+
+
+def collate(items: list[tuple[torch.Tensor, int]]) -> dict:
+    return {"pixel_values": torch.stack([p for p, _ in items]), "index": torch.tensor([i for _, i in items])}
+
+
+def image_batches(dataset: ImageDataset, order: BatchOrder, start_micro_step: int, num_workers: int) -> Iterator[dict]:
+    """Endless micro-batches of pixels starting at `start_micro_step`."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=MicroBatchSampler(order, start_micro_step), collate_fn=collate,
+        num_workers=num_workers, persistent_workers=num_workers > 0,
+    )
+    return iter(loader)
+
+
+def tensor_batches(tensors: dict[str, torch.Tensor], order: BatchOrder, start_micro_step: int) -> Iterator[dict]:
+    """Endless micro-batches gathered from in-memory tensors (cached latents)."""
+    step = start_micro_step
+    while True:
+        index = torch.tensor([i for i, _ in order.keys(step)])
+        yield {**{k: v[index] for k, v in tensors.items()}, "index": index}
+        step += 1
+
+
+# ---------------------------------------------------------------- captions and latents
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's max length (as the SD pipeline encodes prompts)."""
+    return tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def drop_captions(input_ids: torch.Tensor, empty_ids: torch.Tensor, probability: float, generator) -> torch.Tensor:
+    """Replace each caption by the empty caption with `probability` (CFG training, Ho & Salimans 2022)."""
+    if probability <= 0:
+        return input_ids
+    drop = torch.rand(input_ids.shape[0], generator=generator) < probability
+    return torch.where(drop[:, None], empty_ids.to(input_ids)[None], input_ids)
+
+
+@torch.no_grad()
+def encode_latent_moments(vae, pixels: Iterator[torch.Tensor], device, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """{'latent_mean', 'latent_std'} of the VAE posterior for every batch (unscaled)."""
+    means, stds = [], []
+    for batch in pixels:
+        dist = vae.encode(batch.to(device, dtype)).latent_dist
+        means.append(dist.mean.float().cpu().contiguous())
+        stds.append(dist.std.float().cpu().contiguous())
+    return {"latent_mean": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous()}
+
+
+def all_pixels(dataset: ImageDataset, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """Every item of the dataset once, in order, deterministic (position = index)."""
+    keys = [(i, i) for i in range(len(dataset))]
+    batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
+    return (batch["pixel_values"] for batch in loader)
+
+
+def latent_sample(batch: dict, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """x_0 = scaling_factor * (mean + std * N(0, I)) from cached posterior moments."""
+    mean, std = batch["latent_mean"], batch["latent_std"]
+    return scaling_factor * (mean + std * torch.randn(mean.shape, generator=generator))
+
+
+def check_resolution(resolution: int, vae_factor: int) -> None:
+    if resolution % vae_factor:
+        raise ValueError(
+            f"--resolution {resolution} is not divisible by the VAE's downsampling factor {vae_factor}; "
+            f"use a multiple of {vae_factor} (e.g. {vae_factor * max(1, round(resolution / vae_factor))})."
+        )
+
+
+def cache_key(parts: dict) -> str:
+    """A short stable hash of what determines a latent cache."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+

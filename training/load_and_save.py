@@ -1,0 +1,234 @@
+"""Model loading (SD folder, single file, from-scratch configs, a trained VAE) and saving.
+
+What is written is always safetensors, atomically (a temporary folder renamed into
+place), and the saved scheduler config describes the objective actually trained:
+prediction type, noise schedule, zero-terminal-SNR rescale and trailing spacing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from training.config import ModelOptions, ObjectiveOptions
+from training.objectives import BETA_SCHEDULE_NAMES
+from training.tokenizer import build_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SCRATCH_FILES = ("unet.json", "vae.json", "text_encoder.json")
+DEFAULT_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+}
+
+
+@dataclass
+class Components:
+    """The parts of a Stable-Diffusion-layout model, plus the scheduler config it came with."""
+
+    unet: UNet2DConditionModel | None
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel | None
+    tokenizer: CLIPTokenizer | None
+    scheduler_config: dict
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; --from_scratch needs {', '.join(SCRATCH_FILES)} in that folder.")
+    return json.loads(path.read_text())
+
+
+def vae_path(path: str | Path) -> Path:
+    """A VAE folder: the folder itself if it holds an AutoencoderKL config, else its vae/ subfolder."""
+    path = Path(path)
+    for candidate in (path, path / "vae"):
+        config = candidate / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+            return candidate
+    raise FileNotFoundError(f"No AutoencoderKL at {path} (looked for config.json there and in vae/).")
+
+
+def load_vae(path: str | Path, allow_pickle: bool = False) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(vae_path(path), use_safetensors=not allow_pickle)
+
+
+def scratch_tokenizer(words: list[str], directory: Path, max_length: int) -> CLIPTokenizer:
+    """A word-level CLIP tokenizer over `words` (every word one token)."""
+    return build_clip_tokenizer(sorted(words), directory, model_max_length=max_length)
+
+
+def scratch_text_encoder(config: dict, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A CLIPTextModel whose vocabulary and special tokens match the tokenizer."""
+    config = {
+        **config,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_position_embeddings": tokenizer.model_max_length,
+    }
+    return CLIPTextModel(CLIPTextConfig(**config))
+
+
+def scratch_unet(config: dict, text_hidden_size: int, latent_size: int, latent_channels: int) -> UNet2DConditionModel:
+    cross = config.get("cross_attention_dim", text_hidden_size)
+    if cross != text_hidden_size:
+        raise ValueError(
+            f"unet.json cross_attention_dim={cross} but the text encoder's hidden_size is {text_hidden_size}; "
+            "make them equal (or leave cross_attention_dim out to use the text encoder's)."
+        )
+    config = {
+        **config, "cross_attention_dim": text_hidden_size, "sample_size": latent_size,
+        "in_channels": latent_channels, "out_channels": latent_channels,
+    }
+    return UNet2DConditionModel(**config)
+
+
+def load_from_scratch(opts: ModelOptions, words: list[str], resolution: int, work_dir: Path, seed: int) -> Components:
+    """New models from small configs in `opts.from_scratch` (seeded initialisation)."""
+    folder = Path(opts.from_scratch)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--from_scratch {folder} is not a folder holding {', '.join(SCRATCH_FILES)}.")
+    torch.manual_seed(seed)
+    if opts.pretrained_vae:
+        vae = load_vae(opts.pretrained_vae, opts.allow_pickle)
+    else:
+        vae = AutoencoderKL(**{**_read_json(folder / "vae.json"), "sample_size": resolution})
+    if opts.train_vae:
+        return Components(None, vae, None, None, {})
+    te_config = _read_json(folder / "text_encoder.json")
+    tokenizer = scratch_tokenizer(words, work_dir / "tokenizer", te_config.get("max_position_embeddings", 77))
+    text_encoder = scratch_text_encoder(te_config, tokenizer)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = scratch_unet(
+        _read_json(folder / "unet.json"), text_encoder.config.hidden_size, resolution // factor,
+        vae.config.latent_channels,
+    )
+    scheduler_file = folder / "scheduler.json"
+    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    return Components(unet, vae, text_encoder, tokenizer, {**DEFAULT_SCHEDULER_CONFIG, **scheduler_config})
+
+
+def load_pretrained(opts: ModelOptions) -> Components:
+    """Components of a diffusers SD folder or a single .safetensors checkpoint."""
+    path = Path(opts.pretrained_model_name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--pretrained_model_name_or_path {path} does not exist (no hub downloads here: give a local "
+            "diffusers folder or .safetensors file, or use --from_scratch)."
+        )
+    if path.is_file():
+        if path.suffix != ".safetensors" and not opts.allow_pickle:
+            raise ValueError(f"{path} is not .safetensors; pickle checkpoints need --allow_pickle (unsafe).")
+        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, safety_checker=None, use_safetensors=not opts.allow_pickle, local_files_only=True
+        )
+    vae = load_vae(opts.pretrained_vae, opts.allow_pickle) if opts.pretrained_vae else pipe.vae
+    return Components(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
+
+
+# ---------------------------------------------------------------- the trained objective as a scheduler config
+
+
+def resolve_objective(opts: ObjectiveOptions, base: dict) -> dict:
+    """Scheduler-config keys of what will be trained: CLI overrides, else the model's config."""
+    prediction_type = opts.prediction_type or base.get("prediction_type", "epsilon")
+    beta_schedule = opts.noise_schedule or base.get("beta_schedule", "scaled_linear")
+    zero_snr = opts.zero_terminal_snr or bool(base.get("rescale_betas_zero_snr", False))
+    return {
+        "prediction_type": prediction_type,
+        "beta_schedule": BETA_SCHEDULE_NAMES.get(beta_schedule, beta_schedule),
+        "beta_start": base.get("beta_start", 0.00085),
+        "beta_end": base.get("beta_end", 0.012),
+        "num_train_timesteps": base.get("num_train_timesteps", opts.num_train_timesteps),
+        "rescale_betas_zero_snr": zero_snr and prediction_type != "flow",
+        "shift": opts.flow_shift,
+    }
+
+
+def output_scheduler(objective: dict):
+    """A sampler whose config matches the trained objective (and loads in stock diffusers)."""
+    if objective["prediction_type"] == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=objective["num_train_timesteps"], shift=objective["shift"])
+    zero_snr = objective["rescale_betas_zero_snr"]
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=objective["num_train_timesteps"],
+        beta_start=objective["beta_start"],
+        beta_end=objective["beta_end"],
+        beta_schedule=objective["beta_schedule"],
+        prediction_type=objective["prediction_type"],
+        rescale_betas_zero_snr=zero_snr,
+        # Lin et al. 2023, Sec. 3.3: sample from the last (pure-noise) timestep.
+        timestep_spacing="trailing" if zero_snr else "leading",
+        steps_offset=1,  # used by "leading" only; 1 as in SD configs (diffusers warns otherwise)
+        final_sigmas_type="zero" if zero_snr else "sigma_min",
+    )
+
+
+# ---------------------------------------------------------------- saving
+
+
+def atomic_directory(final: Path):
+    """A context manager: write into a temporary sibling folder, then rename it over `final`."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def manager():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            yield tmp
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return manager()
+
+
+def save_pipeline(directory: Path, components: Components, scheduler) -> Path:
+    """A StableDiffusionPipeline folder (safetensors, no safety checker), written atomically."""
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_directory(directory) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return directory
+
+
+def save_vae(directory: Path, vae: AutoencoderKL) -> Path:
+    with atomic_directory(directory) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+    return directory

@@ -1,0 +1,106 @@
+"""Loss of one micro-batch: the latent-diffusion loss and the VAE (reconstruction + KL) loss.
+
+Each is a callable `(batch, generator) -> (loss, logs)`; all randomness (caption
+dropout, noise levels, noise, posterior samples) comes from `generator`, which the
+loop seeds from (seed, step, rank), so a resumed run draws exactly what an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from training.data import drop_captions, latent_sample
+from training.objectives import Objective
+
+
+@dataclass
+class DiffusionLoss:
+    """VAE encode (or cached latents) -> scale -> noise -> target by prediction type -> (Min-SNR) MSE."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module | None  # None when latents are cached
+    objective: Objective
+    input_ids: torch.Tensor  # token ids of every training caption, by dataset index
+    empty_ids: torch.Tensor  # token ids of the empty caption
+    caption_dropout: float
+    scaling_factor: float
+
+    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        if "latent_mean" in batch:
+            return latent_sample(batch, self.scaling_factor, generator)
+        with torch.no_grad():
+            dist = self.vae.encode(batch["pixel_values"].to(self.vae.device, self.vae.dtype)).latent_dist
+            return self.scaling_factor * (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean))
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        device = next(self.unet.parameters()).device
+        x0 = self.latents(batch, generator).to(device, torch.float32)
+        ids = drop_captions(self.input_ids[batch["index"]], self.empty_ids, self.caption_dropout, generator)
+        timesteps, alpha, sigma = self.objective.sample_levels(x0.shape[0], generator)
+        noise = self.objective.sample_noise(x0, generator)
+        x_t = self.objective.noisy_input(x0, noise, alpha, sigma, generator)
+        target = self.objective.target(x0, noise, alpha, sigma)
+        weights = self.objective.loss_weights(alpha, sigma)
+        return self.loss(x_t, timesteps, ids.to(device), target, weights), {}
+
+    def loss(self, x_t, timesteps, ids, target, weights) -> torch.Tensor:
+        encoder_hidden_states = self.text_encoder(ids, return_dict=False)[0]
+        timesteps = timesteps.to(x_t.device, torch.float32 if self.objective.is_flow else torch.long)
+        prediction = self.unet(x_t, timesteps, encoder_hidden_states, return_dict=False)[0]
+        return self.objective.loss(prediction, target, weights)
+
+    @torch.no_grad()
+    def fixed_loss(self, batch: dict, seed: int) -> float:
+        """The validation loss: fixed noise levels (evenly spread), fixed noise, full captions."""
+        generator = torch.Generator().manual_seed(seed)
+        device = next(self.unet.parameters()).device
+        x0 = self.latents(batch, generator).to(device, torch.float32)
+        timesteps, alpha, sigma = self.objective.fixed_levels(x0.shape[0])
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        x_t = alpha.to(x0).view(-1, 1, 1, 1) * x0 + sigma.to(x0).view(-1, 1, 1, 1) * noise
+        target = self.objective.target(x0, noise, alpha, sigma)
+        ids = self.input_ids[batch["index"]].to(device)
+        return float(self.loss(x_t, timesteps, ids, target, self.objective.loss_weights(alpha, sigma)))
+
+
+class VaeReconstruction(torch.nn.Module):
+    """AutoencoderKL encode -> sample -> decode as one forward, so DDP synchronises its gradients."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(pixels).latent_dist
+        reconstruction = self.vae.decode(posterior.mean + posterior.std * noise).sample
+        rec = F.mse_loss(reconstruction.float(), pixels.float())
+        kl = posterior.kl().mean() / pixels[0].numel()
+        return rec, kl
+
+
+@dataclass
+class VaeLoss:
+    """AutoencoderKL loss: pixel MSE + kl_weight * KL per pixel (Kingma & Welling 2014; LDM's KL-reg autoencoder)."""
+
+    model: torch.nn.Module  # a (possibly DDP-wrapped) VaeReconstruction
+    kl_weight: float
+    latent_shape: tuple[int, int, int]  # (channels, height, width) of one latent
+
+    def terms(self, pixels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn((pixels.shape[0], *self.latent_shape), generator=generator)
+        device = next(self.model.parameters()).device
+        return self.model(pixels.to(device), noise.to(device))
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        rec, kl = self.terms(batch["pixel_values"], generator)
+        return rec + self.kl_weight * kl, {"reconstruction": rec.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def fixed_loss(self, batch: dict, seed: int) -> float:
+        rec, kl = self.terms(batch["pixel_values"], torch.Generator().manual_seed(seed))
+        return float(rec + self.kl_weight * kl)

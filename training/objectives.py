@@ -1,0 +1,194 @@
+"""The diffusion training objective: noise levels, noisy inputs, targets and Min-SNR weights.
+
+Conventions are those of `custom_schedulers.schedules` (x_t = alpha*x_0 + sigma*eps,
+t = 0 cleanest) and `custom_schedulers.parameterization` (targets for epsilon,
+v_prediction, sample and flow); nothing is re-derived here.
+
+Min-SNR-gamma (Hang et al. 2023) caps the per-timestep weight of the *x_0 error*
+at gamma: w_x0 = min(SNR, gamma). A network predicting y has
+|x_0 error|^2 = c_y * |y error|^2 with c_y = (d x_0 / d y)^2, so the loss on y is
+weighted by min(SNR, gamma) * c_y:
+
+    epsilon       c = 1/SNR           w = min(SNR, g) / SNR      (1 for SNR <= g, g/SNR above)
+    v_prediction  c = 1/(SNR+1) (VP)  w = min(SNR, g) / (SNR+1)
+    sample        c = 1               w = min(SNR, g)
+    flow          c = sigma^2         w = min(SNR, g) * sigma^2  =  min(SNR, g) / (1 + sqrt(SNR))^2
+                  (x_0 = x_t - sigma*u for alpha + sigma = 1, so d x_0 / d u = -sigma)
+
+All four are written so that SNR = 0 and SNR = inf give finite limits (epsilon: 1
+and 0; v: 0 and 0; sample: 0 and g; flow: 0 and 0). The SNR is the one of the
+schedule actually trained, i.e. after any zero-terminal-SNR rescale (kohya's
+sd-scripts uses the SNR before it, issue #1263). With zero terminal SNR the
+terminal step's weight is exactly 0 for v/sample/flow (diffusers #9451: the "v
+weights collapse"), so that step would never be trained; we evaluate the weight of
+an SNR = 0 step at the smallest positive SNR of the training grid instead (the
+terminal step gets its neighbour's weight). Epsilon with zero terminal SNR is
+refused before training (`check_objective`), since x_0 is not recoverable there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from custom_schedulers import parameterization
+from custom_schedulers.schedules import NoiseSchedule, flow_schedule, make_schedule, shift_sigmas
+
+BETA_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}  # our name -> diffusers' config name
+
+
+def check_objective(prediction_type: str, zero_terminal_snr: bool) -> None:
+    """Refuse mathematically singular combinations before any work is done."""
+    parameterization.check_prediction_type(prediction_type)
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError(
+            "--zero_terminal_snr with --prediction_type epsilon is singular: at SNR = 0 the noise is "
+            "the input itself, so an epsilon model learns nothing about the image there and sampling "
+            "from the terminal step divides by alpha = 0 (Lin et al. 2023, Sec. 3.2). Use "
+            "--prediction_type v_prediction (recommended with trailing timestep spacing)."
+        )
+    if zero_terminal_snr and prediction_type == "flow":
+        raise ValueError(
+            "--zero_terminal_snr applies to VP schedules; rectified flow already reaches pure noise "
+            "at sigma = 1. Drop --zero_terminal_snr for --prediction_type flow."
+        )
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 8 and App. A) for a prediction type.
+
+    Finite for SNR in [0, inf]; see the module docstring for each formula.
+    """
+    parameterization.check_prediction_type(prediction_type)
+    snr = snr.to(torch.float64)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return torch.where(snr <= gamma, torch.ones_like(snr), gamma / snr)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
+    # flow: sigma^2 = 1 / (1 + sqrt(SNR))^2 since sqrt(SNR) = (1 - sigma) / sigma.
+    return torch.where(torch.isinf(snr), torch.zeros_like(snr), clipped / (1 + snr.sqrt()) ** 2)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What is trained: a noise schedule, a prediction type and how noise levels are drawn."""
+
+    schedule: NoiseSchedule
+    prediction_type: str
+    snr_gamma: float | None = None
+    timestep_sampling: str = "uniform"  # flow: "uniform" | "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float = 1.0
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+
+    @property
+    def is_flow(self) -> bool:
+        return self.schedule.kind == "flow"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+    # -------------------------------------------------------- noise levels
+
+    def sample_levels(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timestep for the UNet, alpha, sigma) for a batch: integer t for VP, s*T for flow."""
+        if self.is_flow:
+            if self.timestep_sampling == "logit_normal":
+                # Logit-normal noise levels (Esser et al. 2024, SD3, eq. 19).
+                u = torch.randn(batch, generator=generator, dtype=torch.float64)
+                s = torch.sigmoid(self.logit_mean + self.logit_std * u)
+            else:
+                s = torch.rand(batch, generator=generator, dtype=torch.float64)
+            return self.flow_levels(s)
+        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
+        return self.vp_levels(t)
+
+    def flow_levels(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flow noise levels s in [0, 1] -> shifted sigma, fed to the UNet as sigma*T (diffusers' FlowMatch)."""
+        sigma = shift_sigmas(s.to(torch.float64), self.flow_shift)
+        return sigma * self.num_train_timesteps, 1.0 - sigma, sigma
+
+    def vp_levels(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return t, self.schedule.alpha[t], self.schedule.sigma[t]
+
+    def fixed_levels(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Evenly spread noise levels, the same every call (for the validation loss)."""
+        if self.is_flow:
+            return self.flow_levels((torch.arange(batch, dtype=torch.float64) + 0.5) / batch)
+        t = torch.linspace(0, self.num_train_timesteps - 1, batch).round().long()
+        return self.vp_levels(t)
+
+    # -------------------------------------------------------- noisy input, target, weights
+
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        if self.noise_offset:
+            # Offset noise (Guttenberg 2023, "Diffusion with offset noise"): a per-channel constant shift.
+            noise = noise + self.noise_offset * torch.randn(x0.shape[:2] + (1, 1), generator=generator, dtype=x0.dtype)
+        return noise.to(x0.device)
+
+    def noisy_input(self, x0: torch.Tensor, noise: torch.Tensor, alpha, sigma, generator: torch.Generator):
+        """x_t = alpha*x0 + sigma*(noise + g*xi); the target keeps `noise` (Ning et al. 2023, eq. 4)."""
+        model_noise = noise
+        if self.input_perturbation:
+            xi = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+            model_noise = noise + self.input_perturbation * xi
+        a, s = _per_sample(alpha, x0), _per_sample(sigma, x0)
+        return a * x0 + s * model_noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        return parameterization.target(self.prediction_type, x0, noise, alpha.to(x0), sigma.to(x0))
+
+    def loss_weights(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR weights per sample, or None for the plain MSE."""
+        if self.snr_gamma is None:
+            return None
+        snr = (alpha.to(torch.float64) / sigma.to(torch.float64)) ** 2
+        positive = self.schedule.snr[self.schedule.snr > 0]
+        snr = torch.where(snr == 0, positive.min(), snr)  # zero terminal SNR: the neighbour's weight
+        return min_snr_weights(snr, self.snr_gamma, self.prediction_type)
+
+    def loss(self, model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Mean squared error, per-sample weighted by Min-SNR (diffusers' train_text_to_image loss)."""
+        per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if weights is not None:
+            per_sample = per_sample * weights.to(per_sample)
+        return per_sample.mean()
+
+
+def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    value = torch.as_tensor(value).to(device=like.device, dtype=like.dtype)
+    return value.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def build_schedule(
+    prediction_type: str,
+    beta_schedule: str,
+    num_train_timesteps: int,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    zero_terminal_snr: bool = False,
+    flow_shift: float = 1.0,
+) -> NoiseSchedule:
+    """The training schedule: rectified flow for `flow`, otherwise the (rescaled) VP schedule."""
+    if prediction_type == "flow":
+        return flow_schedule(num_train_timesteps, flow_shift)
+    return make_schedule(
+        BETA_SCHEDULE_NAMES.get(beta_schedule, beta_schedule), num_train_timesteps, beta_start, beta_end,
+        rescale_betas_zero_snr=zero_terminal_snr,
+    )
+
+
+def logit_normal_density(s: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Density of sigmoid(N(mean, std^2)) at s (SD3 eq. 19), for tests and plots."""
+    logit = torch.log(s / (1 - s))
+    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (std * math.sqrt(2 * math.pi) * s * (1 - s))

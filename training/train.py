@@ -1,0 +1,320 @@
+"""Train a latent text-to-image model (or its VAE): `accelerate launch -m training.train --help`.
+
+Flow (as in NVlabs/edm's train.py): typed options -> one config -> printed and saved
+as config.json in the run directory -> data, models, optimizer -> `train_loop` ->
+a diffusers pipeline folder (or, with --train_vae, a VAE folder) in output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+
+from training import checkpointing, data
+from training.config import TrainConfig, parse_config
+from training.load_and_save import (
+    Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
+)
+from training.losses import DiffusionLoss, VaeLoss, VaeReconstruction
+from training.objectives import Objective, build_schedule, check_objective
+from training.train_loop import LoopParts, LoopSchedule, train_loop
+from training.validation import Validator, latent_cache, scaling_factor_of
+
+logger = logging.getLogger("training")
+
+
+@dataclass
+class Dataset:
+    train: list[data.ImageSource]
+    validation: list[data.ImageSource]
+    words: list[str]
+    skipped: int = 0
+
+
+# ---------------------------------------------------------------- setup
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse contradictory options before anything is built."""
+    m, o = config.model, config.objective
+    if bool(m.pretrained_model_name_or_path) == bool(m.from_scratch) and not (m.train_vae and m.pretrained_vae):
+        raise ValueError("Give exactly one of --pretrained_model_name_or_path (a local SD folder or file) "
+                         "and --from_scratch (a folder of small configs).")
+    if m.train_vae and (m.train_text_encoder or m.lora_rank):
+        raise ValueError("--train_vae trains only the AutoencoderKL; drop --train_text_encoder/--lora_rank.")
+    if o.prediction_type:
+        check_objective(o.prediction_type, o.zero_terminal_snr)
+    if o.timestep_sampling == "logit_normal" and o.prediction_type not in (None, "flow"):
+        raise ValueError("--timestep_sampling logit_normal applies to --prediction_type flow only.")
+    if not 0 <= config.data.proportion_empty_prompts < 1:
+        raise ValueError("--proportion_empty_prompts must be in [0, 1).")
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    run = config.run
+    project = ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs"))
+    accelerator = Accelerator(
+        mixed_precision=config.optimization.mixed_precision,
+        log_with=None if run.report_to == "none" else run.report_to, project_config=project,
+    )
+    if run.report_to != "none":
+        scalars = {k: v for k, v in config.flat().items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("train", config=scalars)
+    return accelerator
+
+
+def load_dataset(config: TrainConfig) -> Dataset:
+    d, seed = config.data, config.optimization.seed
+    if d.dataset == "shapes":
+        return Dataset(
+            data.shapes_sources(seed, d.num_train_samples),
+            data.shapes_sources(seed, d.num_validation_samples, validation=True),
+            data.shapes_vocabulary(),
+        )
+    if d.train_data_dir is None:
+        raise ValueError("--dataset folder needs --train_data_dir.")
+    sources, skipped = data.folder_sources(d.train_data_dir, d.image_column, d.caption_column)
+    held = d.num_validation_samples if len(sources) >= 2 * d.num_validation_samples else 0
+    if not held:
+        logger.warning("Only %d images: the validation loss uses training images.", len(sources))
+    train, validation = (sources[:-held], sources[-held:]) if held else (sources, sources[: d.num_validation_samples])
+    return Dataset(train, validation, data.caption_vocabulary([s.caption for s in sources]), skipped)
+
+
+def load_components(config: TrainConfig, words: list[str]) -> Components:
+    m = config.model
+    if m.from_scratch:
+        return load_from_scratch(m, words, config.data.resolution, Path(config.run.output_dir), config.optimization.seed)
+    if m.train_vae and not m.pretrained_model_name_or_path:
+        from training.load_and_save import load_vae
+
+        return Components(None, load_vae(m.pretrained_vae, m.allow_pickle), None, None, {})
+    return load_pretrained(m)
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
+    o = config.optimization
+    optimizer = torch.optim.AdamW(
+        params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay,
+        eps=o.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=o.max_train_steps
+    )
+    return optimizer, lr_scheduler
+
+
+def make_ema(config: TrainConfig, params: list[torch.nn.Parameter]):
+    if not config.optimization.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=config.optimization.ema_decay)
+
+
+def trainable_parameters(models: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for model in models for p in model.parameters() if p.requires_grad]
+
+
+def resume(accelerator: Accelerator, config: TrainConfig) -> int:
+    """Load the checkpoint to resume from (if any) and return its step."""
+    found = checkpointing.resolve_checkpoint(config.run.output_dir, config.run.resume_from_checkpoint)
+    if found is None:
+        if config.run.resume_from_checkpoint:
+            logger.info("No checkpoint in %s yet: starting from step 0.", config.run.output_dir)
+        return 0
+    accelerator.load_state(str(found))
+    step = checkpointing.read_state(found)["step"]
+    logger.info("Resumed from %s (step %d).", found, step)
+    return step
+
+
+def loop_schedule(config: TrainConfig, start_step: int) -> LoopSchedule:
+    o, r = config.optimization, config.run
+    return LoopSchedule(
+        start_step=start_step, max_train_steps=1 if r.test_run else o.max_train_steps,
+        gradient_accumulation_steps=o.gradient_accumulation_steps, max_grad_norm=o.max_grad_norm, seed=o.seed,
+        logging_steps=r.logging_steps, checkpointing_steps=r.checkpointing_steps, validation_steps=r.validation_steps,
+    )
+
+
+def batch_order(config: TrainConfig, accelerator: Accelerator, num_samples: int) -> data.BatchOrder:
+    return data.BatchOrder(
+        num_samples, config.optimization.train_batch_size, config.optimization.seed,
+        accelerator.process_index, accelerator.num_processes,
+    )
+
+
+def image_dataset(config: TrainConfig, sources: list[data.ImageSource]) -> data.ImageDataset:
+    d = config.data
+    transform = data.ImageTransform(d.resolution, d.center_crop, d.random_flip)
+    return data.ImageDataset(sources, transform, config.optimization.seed)
+
+
+def checkpoint_fn(accelerator: Accelerator, config: TrainConfig):
+    return lambda step: checkpointing.save_checkpoint(
+        accelerator, config.run.output_dir, step, config.run.checkpoints_total_limit, {}
+    )
+
+
+# ---------------------------------------------------------------- the two kinds of run
+
+
+def build_objective(config: TrainConfig, components: Components) -> tuple[Objective, dict]:
+    scheduler_keys = resolve_objective(config.objective, components.scheduler_config)
+    check_objective(scheduler_keys["prediction_type"], scheduler_keys["rescale_betas_zero_snr"])
+    o = config.objective
+    schedule = build_schedule(
+        scheduler_keys["prediction_type"], scheduler_keys["beta_schedule"], scheduler_keys["num_train_timesteps"],
+        scheduler_keys["beta_start"], scheduler_keys["beta_end"], scheduler_keys["rescale_betas_zero_snr"], o.flow_shift,
+    )
+    objective = Objective(
+        schedule, scheduler_keys["prediction_type"], o.snr_gamma, o.timestep_sampling, o.logit_mean, o.logit_std,
+        o.flow_shift, o.noise_offset, o.input_perturbation,
+    )
+    return objective, scheduler_keys
+
+
+def prepare_diffusion_models(config: TrainConfig, components: Components) -> list[torch.nn.Module]:
+    """Freeze what is not trained; returns the modules with trainable parameters."""
+    components.vae.requires_grad_(False).eval()
+    components.text_encoder.requires_grad_(config.model.train_text_encoder)
+    if config.model.lora_rank:
+        from training.lora import add_unet_lora
+
+        add_unet_lora(components.unet, config.model.lora_rank, config.model.lora_alpha)
+    if config.optimization.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if config.model.train_text_encoder:
+            components.text_encoder.gradient_checkpointing_enable()
+    return [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
+
+
+def diffusion_batches(config, accelerator, components, dataset, start_micro):
+    """Micro-batches of cached latents or of pixels, from `start_micro` on."""
+    order = batch_order(config, accelerator, len(dataset.train))
+    if config.data.cache_latents:
+        cached = latent_cache(accelerator, components.vae, image_dataset(config, dataset.train), config, "train")
+        return data.tensor_batches(cached, order, start_micro)
+    return data.image_batches(image_dataset(config, dataset.train), order, start_micro, config.data.dataloader_num_workers)
+
+
+def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: Components, dataset: Dataset) -> Path:
+    objective, scheduler_keys = build_objective(config, components)
+    data.check_resolution(config.data.resolution, components.vae_factor)
+    trained = prepare_diffusion_models(config, components)
+    params = trainable_parameters(trained)
+    optimizer, lr_scheduler = make_optimizer(config, params)
+    ema = make_ema(config, params)
+    *prepared, optimizer = accelerator.prepare(*trained, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
+    start = resume(accelerator, config)
+    tokenize = lambda sources: data.tokenize(components.tokenizer, [s.caption for s in sources])
+    shared = dict(vae=components.vae, objective=objective, empty_ids=data.tokenize(components.tokenizer, [""])[0],
+                  caption_dropout=config.data.proportion_empty_prompts, scaling_factor=components.vae.config.scaling_factor)
+    text_encoder = prepared[1] if config.model.train_text_encoder else components.text_encoder
+    loss_fn = DiffusionLoss(prepared[0], text_encoder, input_ids=tokenize(dataset.train), **shared)
+    validator = Validator(accelerator, config, components, scheduler_keys, ema, params,
+                          DiffusionLoss(components.unet, components.text_encoder, input_ids=tokenize(dataset.validation), **shared),
+                          dataset.validation)
+    parts = LoopParts(
+        accelerator, loss_fn, prepared, params, optimizer, lr_scheduler,
+        diffusion_batches(config, accelerator, components, dataset, start * config.optimization.gradient_accumulation_steps),
+        ema, validator.validate, checkpoint_fn(accelerator, config), accelerator.log,
+    )
+    history = train_loop(parts, loop_schedule(config, start))
+    return finish_diffusion(config, accelerator, components, ema, params, scheduler_keys, history)
+
+
+def finish_diffusion(config, accelerator, components, ema, params, scheduler_keys, history) -> Path:
+    accelerator.wait_for_everyone()
+    out = Path(config.run.output_dir)
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(params)
+        if config.model.lora_rank:
+            from training.lora import save_lora
+
+            save_lora(out / "lora", components.unet)
+        else:
+            save_pipeline(out / "model", components, output_scheduler(scheduler_keys))
+        write_summary(out, history)
+    accelerator.wait_for_everyone()
+    return out / ("lora" if config.model.lora_rank else "model")
+
+
+def train_vae(config: TrainConfig, accelerator: Accelerator, components: Components, dataset: Dataset) -> Path:
+    vae = components.vae
+    data.check_resolution(config.data.resolution, components.vae_factor)
+    wrapper = VaeReconstruction(vae.train())
+    params = trainable_parameters([wrapper])
+    optimizer, lr_scheduler = make_optimizer(config, params)
+    ema = make_ema(config, params)
+    prepared, optimizer = accelerator.prepare(wrapper, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
+    start = resume(accelerator, config)
+    latent = config.data.resolution // components.vae_factor
+    latent_shape = (vae.config.latent_channels, latent, latent)
+    validator = Validator(accelerator, config, components, {}, ema, params, VaeLoss(wrapper, config.model.vae_kl_weight, latent_shape),
+                          dataset.validation)
+    order = batch_order(config, accelerator, len(dataset.train))
+    batches = data.image_batches(image_dataset(config, dataset.train), order,
+                                 start * config.optimization.gradient_accumulation_steps, config.data.dataloader_num_workers)
+    parts = LoopParts(accelerator, VaeLoss(prepared, config.model.vae_kl_weight, latent_shape), [prepared], params,
+                      optimizer, lr_scheduler, batches, ema, validator.validate, checkpoint_fn(accelerator, config), accelerator.log)
+    history = train_loop(parts, loop_schedule(config, start))
+    accelerator.wait_for_everyone()
+    out = Path(config.run.output_dir)
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(params)
+        vae.eval().register_to_config(scaling_factor=scaling_factor_of(vae, image_dataset(config, dataset.train)))
+        save_vae(out / "vae", vae)
+        write_summary(out, history)
+    accelerator.wait_for_everyone()
+    return out / "vae"
+
+
+def write_summary(out: Path, history: list[tuple[int, float]]) -> None:
+    losses = [loss for _, loss in history]
+    summary = {"steps": history[-1][0] if history else None, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "loss_history": history}
+    (out / "train_summary.json").write_text(json.dumps(summary))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_config(argv)
+    check_config(config)
+    print(json.dumps(config.to_dict(), indent=2))
+    if config.run.dry_run:
+        return None
+    accelerator = make_accelerator(config)
+    out = Path(config.run.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    set_seed(config.optimization.seed)
+    dataset = load_dataset(config)
+    components = load_components(config, dataset.words)
+    run = train_vae if config.model.train_vae else train_diffusion
+    result = run(config, accelerator, components, dataset)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        logger.info("Wrote %s", result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None or "--dry_run" in sys.argv else 1)
