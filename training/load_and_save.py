@@ -172,9 +172,12 @@ def resolve_objective(opts: ObjectiveOptions, base: dict) -> dict:
 def output_scheduler(objective: dict):
     """A sampler whose config matches the trained objective (and loads in stock diffusers)."""
     if objective["prediction_type"] == "flow":
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        # Stock diffusers has no flow scheduler that runs in StableDiffusionPipeline (FlowMatchEuler lacks
+        # init_noise_sigma/scale_model_input); ours does, and model_index.json names its module, so stock
+        # `from_pretrained` loads it wherever this package is installed.
+        from custom_schedulers import RectifiedFlowScheduler
 
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=objective["num_train_timesteps"], shift=objective["shift"])
+        return RectifiedFlowScheduler(num_train_timesteps=objective["num_train_timesteps"], shift=objective["shift"])
     zero_snr = objective["rescale_betas_zero_snr"]
     return DPMSolverMultistepScheduler(
         num_train_timesteps=objective["num_train_timesteps"],

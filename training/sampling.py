@@ -1,17 +1,23 @@
-"""The pipeline used for validation images: the model being trained with the scheduler it will ship with."""
+"""Validation images: the model being trained, in the project's pipeline, with the scheduler it will ship with."""
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionPipeline
+from PIL import Image
 
+from ldm_pipeline.pipeline import LatentTextToImagePipeline
 from training.load_and_save import Components, output_scheduler
 
 
-def validation_pipeline(components: Components, scheduler_keys: dict) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
+def validation_pipeline(components: Components, scheduler_keys: dict) -> LatentTextToImagePipeline:
+    return LatentTextToImagePipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=output_scheduler(scheduler_keys), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        unet=components.unet, scheduler=output_scheduler(scheduler_keys),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+
+def validation_images(pipe, prompts: list[str], steps: int, guidance_scale: float, size: int, seed: int) -> list[Image.Image]:
+    """One image per prompt; prompt i uses seed + i, so grids are comparable across steps and runs."""
+    return pipe(
+        list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, width=size, height=size,
+        seed=seed, progress_bar=False,
+    ).images

@@ -147,14 +147,10 @@ class Validator:
 
     @torch.no_grad()
     def samples(self) -> Image.Image:
-        from training.sampling import validation_pipeline
+        from training.sampling import validation_images, validation_pipeline
 
-        pipe = validation_pipeline(self.components, self.scheduler_keys)
         run = self.config.run
-        images = []
-        for i, prompt in enumerate(run.validation_prompts):
-            generator = torch.Generator().manual_seed(VALIDATION_SEED + i)
-            images += pipe(prompt, num_inference_steps=run.validation_inference_steps,
-                           guidance_scale=run.validation_guidance_scale, generator=generator,
-                           height=self.config.data.resolution, width=self.config.data.resolution).images
+        pipe = validation_pipeline(self.components, self.scheduler_keys)
+        images = validation_images(pipe, run.validation_prompts, run.validation_inference_steps,
+                                   run.validation_guidance_scale, self.config.data.resolution, VALIDATION_SEED)
         return image_grid(images, columns=min(len(images), 8))
