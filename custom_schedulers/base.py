@@ -33,7 +33,8 @@ def translate_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     * ``use_karras_sigmas`` / ``use_exponential_sigmas`` -> ``sigma_schedule``;
       ``use_beta_sigmas`` has no counterpart and is refused.
-    * A FlowMatch config (no betas, no prediction type) -> ``beta_schedule="flow"``, ``prediction_type="flow"``.
+    * A FlowMatch config (``_class_name`` FlowMatch*, or a ``shift`` and no betas; it names no
+      prediction type) -> ``beta_schedule="flow"``, ``prediction_type="flow"``.
     """
     config = dict(config)
     for flag, name in _DIFFUSERS_SIGMA_FLAGS.items():
@@ -43,7 +44,8 @@ def translate_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"use_beta_sigmas is not supported; valid sigma_schedule values: {', '.join(SIGMA_SCHEDULES)}."
         )
-    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+    no_betas = "beta_schedule" not in config and config.get("trained_betas") is None
+    if str(config.get("_class_name", "")).startswith("FlowMatch") or (no_betas and "shift" in config):
         config.setdefault("beta_schedule", "flow")
         config.setdefault("prediction_type", "flow")
     return config
