@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,9 +137,11 @@ def check_safetensors(file: Path) -> None:
 def load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> LatentTextToImagePipeline:
     check_folder(path, allow_pickle)
     try:
-        return LatentTextToImagePipeline.from_pretrained(
-            str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=None if allow_pickle else True
-        )
+        with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; the old name works in both
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return LatentTextToImagePipeline.from_pretrained(
+                str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=None if allow_pickle else True
+            )
     except Exception as error:
         raise ModelLoadError(f"{path}: could not load the model: {type(error).__name__}: {error}") from error
 

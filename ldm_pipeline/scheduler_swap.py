@@ -10,7 +10,8 @@ config in two:
   override that would change it is refused;
 * what belongs to the **sampler** comes from the user's overrides, else the new class'
   defaults; the spacing convention of the model's config (`timestep_spacing`,
-  `steps_offset`, `set_alpha_to_one`) is carried over unless overridden. A
+  `steps_offset`, `set_alpha_to_one`) is carried over unless overridden, when it was
+  set in the config rather than filled in by the old class' defaults. A
   zero-terminal-SNR model gets trailing spacing by default (Lin et al. 2023, Sec. 3.3),
   and guidance rescale 0.7 is recommended for it (the pipeline applies it by default).
 
@@ -134,7 +135,9 @@ def new_config(old: dict, overrides: dict) -> tuple[dict, list[str]]:
             f"{detail}: these belong to the model (how it was trained), not to the sampler, and a swap cannot "
             "change them. If the model's scheduler config is wrong, fix scheduler/scheduler_config.json."
         )
-    config = {k: old[k] for k in MODEL_KEYS + CARRIED_KEYS if k in old}
+    defaulted = set(old.get("_use_default_values", ()))  # keys the old class filled in itself
+    config = {k: old[k] for k in MODEL_KEYS if k in old}
+    config.update({k: old[k] for k in CARRIED_KEYS if k in old and k not in defaulted})
     notes = []
     if is_zero_terminal_snr(old) and "timestep_spacing" not in overrides:
         config["timestep_spacing"] = "trailing"
@@ -179,7 +182,7 @@ def probe_step(scheduler: SchedulerMixin, name: str) -> None:
     """Run two steps on a fresh copy; a sampler that cannot handle the model fails here, not mid-generation."""
     probe = type(scheduler).from_config(scheduler.config)
     try:
-        probe.set_timesteps(2)
+        probe.set_timesteps(10)
         x = torch.zeros(1, 4, 4, 4)
         for t in probe.timesteps[:2]:
             x = probe.step(probe.scale_model_input(x, t) * 0, t, x, return_dict=False)[0]
