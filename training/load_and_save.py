@@ -74,7 +74,14 @@ def load_vae(path: str | Path, allow_pickle: bool = False) -> AutoencoderKL:
 
 
 def scratch_tokenizer(words: list[str], directory: Path, max_length: int) -> CLIPTokenizer:
-    """A word-level CLIP tokenizer over `words` (every word one token)."""
+    """A word-level CLIP tokenizer over `words` (every word one token), saved in the run directory.
+
+    A run directory that already holds one (a resumed run) keeps it, so the token ids a
+    checkpoint was trained with never change under it.
+    """
+    if (directory / "tokenizer_config.json").is_file():
+        logger.info("Using the run's existing tokenizer in %s.", directory)
+        return CLIPTokenizer.from_pretrained(directory)
     return build_clip_tokenizer(sorted(words), directory, model_max_length=max_length)
 
 

@@ -1,7 +1,8 @@
 """A small word-level CLIP tokenizer built locally (no hub download).
 
 CLIP's tokenizer is byte-pair encoding over characters. We write a vocabulary of
-single characters plus one merge chain per known word, so every known word is a
+single characters plus one merge chain per known word (built from the end of the
+word, so chains of different words never interfere), so every known word is a
 single token and any other text still tokenizes (character by character).
 """
 
@@ -18,12 +19,17 @@ CHARACTERS = sorted(set(string.ascii_lowercase + string.digits + ".,;:!?'\"-()/&
 
 
 def _merge_chain(word: str) -> list[tuple[str, str]]:
-    """The merges that join a word's characters left to right into one token ending in </w>."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    """The merges that join a word's characters right to left into one token ending in </w>.
+
+    Every merge is (single character, suffix ending in </w>), so inside any word only its last
+    two tokens can ever merge, and what they make is always a suffix of that word: merges of
+    different words cannot interfere (a left-to-right chain breaks "green" once "re" is a merge).
+    """
     merges = []
-    while len(pieces) > 1:
-        merges.append((pieces[0], pieces[1]))
-        pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    suffix = word[-1] + "</w>"
+    for char in reversed(word[:-1]):
+        merges.append((char, suffix))
+        suffix = char + suffix
     return merges
 
 

@@ -26,7 +26,7 @@ from training.load_and_save import (
 from training.losses import DiffusionLoss, VaeLoss, VaeReconstruction
 from training.objectives import Objective, build_schedule, check_objective
 from training.train_loop import LoopParts, LoopSchedule, train_loop
-from training.validation import Validator, latent_cache, scaling_factor_of
+from training.validation import VALIDATION_SEED, Validator, latent_cache, scaling_factor_of
 
 logger = logging.getLogger("training")
 
@@ -231,24 +231,29 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
         ema, validator.validate, checkpoint_fn(accelerator, config), accelerator.log,
     )
     history = train_loop(parts, loop_schedule(config, start))
-    return finish_diffusion(config, accelerator, components, ema, params, scheduler_keys, history)
+    finish(config, accelerator, validator, ema, params, lambda: save_diffusion_output(config, components, scheduler_keys), history)
+    return Path(config.run.output_dir) / ("lora" if config.model.lora_rank else "model")
 
 
-def finish_diffusion(config, accelerator, components, ema, params, scheduler_keys, history) -> Path:
+def finish(config: TrainConfig, accelerator: Accelerator, validator: Validator, ema, params, save, history) -> None:
+    """On the main process: EMA weights in, save the output, write train_summary.json (all ranks wait)."""
     accelerator.wait_for_everyone()
-    out = Path(config.run.output_dir)
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(params)
-        if config.model.lora_rank:
-            from training.lora import save_lora
-
-            save_lora(out / "lora", components.unet)
-        else:
-            save_pipeline(out / "model", components, output_scheduler(scheduler_keys))
-        write_summary(out, history)
+        save()
+        final_loss = validator.eval_loss.fixed_loss(validator.batch(), VALIDATION_SEED)
+        write_summary(Path(config.run.output_dir), history, final_loss)
     accelerator.wait_for_everyone()
-    return out / ("lora" if config.model.lora_rank else "model")
+
+
+def save_diffusion_output(config: TrainConfig, components: Components, scheduler_keys: dict) -> Path:
+    out = Path(config.run.output_dir)
+    if config.model.lora_rank:
+        from training.lora import save_lora
+
+        return save_lora(out / "lora", components.unet)
+    return save_pipeline(out / "model", components, output_scheduler(scheduler_keys))
 
 
 def train_vae(config: TrainConfig, accelerator: Accelerator, components: Components, dataset: Dataset) -> Path:
@@ -271,22 +276,21 @@ def train_vae(config: TrainConfig, accelerator: Accelerator, components: Compone
     parts = LoopParts(accelerator, VaeLoss(prepared, config.model.vae_kl_weight, latent_shape), [prepared], params,
                       optimizer, lr_scheduler, batches, ema, validator.validate, checkpoint_fn(accelerator, config), accelerator.log)
     history = train_loop(parts, loop_schedule(config, start))
-    accelerator.wait_for_everyone()
-    out = Path(config.run.output_dir)
-    if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(params)
+
+    def save():
         vae.eval().register_to_config(scaling_factor=scaling_factor_of(vae, image_dataset(config, dataset.train)))
-        save_vae(out / "vae", vae)
-        write_summary(out, history)
-    accelerator.wait_for_everyone()
-    return out / "vae"
+        save_vae(Path(config.run.output_dir) / "vae", vae)
+
+    finish(config, accelerator, validator, ema, params, save, history)
+    return Path(config.run.output_dir) / "vae"
 
 
-def write_summary(out: Path, history: list[tuple[int, float]]) -> None:
+def write_summary(out: Path, history: list[tuple[int, float]], final_validation_loss: float) -> None:
+    """Losses of this run (this process's segment when resumed) and the validation loss of the saved weights."""
     losses = [loss for _, loss in history]
     summary = {"steps": history[-1][0] if history else None, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "loss_history": history}
+               "last_loss": losses[-1] if losses else None, "final_validation_loss": final_validation_loss,
+               "loss_history": history}
     (out / "train_summary.json").write_text(json.dumps(summary))
 
 
