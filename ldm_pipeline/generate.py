@@ -23,7 +23,11 @@ reported with their line number and skipped; a failing image does not stop the o
 Exit code: 0 if everything was made, 1 if any line or image failed, 2 for bad arguments.
 
 Multi-process (`accelerate launch`): the full list of images is split between processes
-with `PartialState.split_between_processes`; each process makes its share.
+with `PartialState.split_between_processes`; each process makes its share. On a machine
+without CUDA, `accelerate launch --multi_gpu --num_processes 2 -m ldm_pipeline ...` (or
+`torchrun --nproc_per_node 2 -m ldm_pipeline ...`) starts two CPU processes joined by
+gloo; `accelerate launch --num_processes 2 --cpu` starts several processes only through
+MPI (`mpirun` installed), and otherwise runs one process that makes every image.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from accelerate import PartialState
 
 from ldm_pipeline import metadata
@@ -246,10 +252,11 @@ def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, clip_sk
         metadata.write_png(out / unit.filename, image, recipe)
 
 
-def run_share(pipe, schedulers, units: list[Unit], out: Path, args) -> int:
+def run_share(pipe, schedulers, units: list[Unit], out: Path, args, process: str) -> int:
     """Make the images of this process' share; returns the number of failed images."""
     todo = [u for u in units if not is_done(out / u.filename, u)]
-    logger.info("%d of %d images in this share already done", len(units) - len(todo), len(units))
+    print(f"process {process}: {len(units)} images in its share, {len(units) - len(todo)} already done",
+          file=sys.stderr)
     failed = 0
     for batch in batches(todo, args.batch_size):
         try:
@@ -345,6 +352,14 @@ def checked_jobs(jobs: list[Job], pipe, schedulers: dict) -> tuple[list[Job], li
     return good, errors
 
 
+def use_cpu_processes() -> bool:
+    """CPU processes: `accelerate launch --cpu`, or several processes on a machine without CUDA
+    (PartialState only joins CPU processes into a gloo group when told so)."""
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))))
+    return forced or (world > 1 and not torch.cuda.is_available())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -353,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    state = PartialState()
+    state = PartialState(cpu=use_cpu_processes())
     try:
         pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
@@ -374,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()
     units = units_for(jobs, args.seed)
     with state.split_between_processes(units) as share:
-        failed = run_share(pipe, schedulers, share, out, args)
+        failed = run_share(pipe, schedulers, share, out, args, f"{state.process_index}/{state.num_processes}")
     state.wait_for_everyone()
     if state.is_main_process:
         made = write_manifest(out, units)
