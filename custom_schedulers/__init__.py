@@ -5,6 +5,8 @@ levels a sampler visits), `solvers` (update rules), `base` (the shared Scheduler
 `scheduling_*` (one thin class per algorithm) and `registry` (names -> schedulers).
 """
 
+from diffusers import SchedulerMixin  # lets stock `from_pretrained` resolve ["custom_schedulers", "<Class>"] components
+
 from .base import DiffusionSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler

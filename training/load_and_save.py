@@ -235,7 +235,18 @@ def save_pipeline(directory: Path, components: Components, scheduler) -> Path:
     )
     with atomic_directory(directory) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        name_package_of_our_scheduler(tmp / "model_index.json")
     return directory
+
+
+def name_package_of_our_scheduler(model_index: Path) -> None:
+    """["custom_schedulers.scheduling_x", "X"] -> ["custom_schedulers", "X"]: diffusers resolves a component
+    by `getattr(library, "SchedulerMixin")`, which the package exports and the submodule does not."""
+    index = json.loads(model_index.read_text())
+    library, class_name = index["scheduler"]
+    if library.startswith("custom_schedulers."):
+        index["scheduler"] = ["custom_schedulers", class_name]
+        model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def save_vae(directory: Path, vae: AutoencoderKL) -> Path:

@@ -1,0 +1,303 @@
+"""The training script end to end on tiny from-scratch models (real files, real accelerate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+from training import checkpointing, data
+from training.config import parse_config
+from training.load_and_save import Components
+from training.losses import DiffusionLoss
+from training.train import build_objective, main
+from training.validation import VALIDATION_SEED
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "training" / "configs" / "tiny"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def args(out: Path, *extra: str, steps: int = 2) -> list[str]:
+    """A tiny from-scratch run: 32x32 shapes, batch 4, no TensorBoard."""
+    return [
+        "--from_scratch", str(TINY), "--output_dir", str(out), "--resolution", "32", "--num_train_samples", "16",
+        "--num_validation_samples", "4", "--train_batch_size", "4", "--max_train_steps", str(steps),
+        "--checkpointing_steps", "1000", "--validation_steps", "1000", "--report_to", "none", "--seed", "3", *extra,
+    ]
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "train_summary.json").read_text())
+
+
+def recomputed_validation_loss(model_dir: Path, run_dir: Path) -> float:
+    """The validation loss of a saved pipeline folder, computed from the files alone."""
+    config = parse_config(["--config", str(run_dir / "config.json")])
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    components = Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
+    objective, _ = build_objective(config, components)
+    sources = data.shapes_sources(config.optimization.seed, config.data.num_validation_samples, validation=True)
+    dataset = data.ImageDataset(sources, data.ImageTransform(config.data.resolution, center_crop=True), 0)
+    batch = {"pixel_values": torch.stack([dataset[(i, i)][0] for i in range(len(dataset))]),
+             "index": torch.arange(len(dataset))}
+    loss = DiffusionLoss(
+        pipe.unet, pipe.text_encoder, pipe.vae, objective, data.tokenize(pipe.tokenizer, [s.caption for s in sources]),
+        data.tokenize(pipe.tokenizer, [""])[0], 0.0, pipe.vae.config.scaling_factor,
+    )
+    return loss.fixed_loss(batch, VALIDATION_SEED)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_config_file_flags_and_precedence(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning_rate: 0.003\nsnr_gamma: 5\nvalidation_prompts: [a red circle]\n")
+    config = parse_config(["--config", str(tmp_path / "c.yaml"), "--learning_rate", "0.01", "--caption_dropout", "0.2",
+                           "--no-center_crop", "--train_text_encoder"])
+    assert config.optimization.learning_rate == 0.01  # the flag wins over the file
+    assert config.objective.snr_gamma == 5 and config.run.validation_prompts == ["a red circle"]
+    assert config.data.proportion_empty_prompts == 0.2 and config.model.train_text_encoder
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rat": 1}))
+    with pytest.raises(ValueError, match="Unknown option.*learning_rat"):
+        parse_config(["--config", str(tmp_path / "bad.json")])
+    assert parse_config(["--train_data_dir", "x"]).data.dataset == "folder"
+
+
+def test_dry_run_prints_config_and_trains_nothing(tmp_path, capsys):
+    assert main(args(tmp_path / "run", "--dry_run")) is None
+    assert '"learning_rate"' in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, error, message",
+    [
+        (["--prediction_type", "epsilon", "--zero_terminal_snr"], ValueError, "v_prediction"),
+        (["--resolution", "33"], ValueError, "not divisible by the VAE's downsampling factor 2"),
+        (["--dataset", "folder", "--train_data_dir", "/nonexistent/images"], FileNotFoundError, "does not exist"),
+        (["--lora_rank", "2", "--train_vae"], ValueError, "--train_vae trains only"),
+        (["--timestep_sampling", "logit_normal", "--prediction_type", "epsilon"], ValueError, "flow only"),
+    ],
+)
+def test_bad_options_fail_with_a_clear_error(tmp_path, extra, error, message):
+    with pytest.raises(error, match=message):
+        main(args(tmp_path / "run", *extra))
+
+
+# ---------------------------------------------------------------- objectives learn
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow"])
+def test_each_objective_overfits_a_fixed_batch(prediction_type):
+    """Same latents, captions, noise levels and noise every step: the loss must fall by a large factor."""
+    from training.load_and_save import scratch_text_encoder, scratch_tokenizer, scratch_unet
+    from training.objectives import Objective, build_schedule
+
+    torch.manual_seed(0)
+    tokenizer = scratch_tokenizer(data.shapes_vocabulary(), Path(tempfile.mkdtemp()), 16)
+    text_encoder = scratch_text_encoder(json.loads((TINY / "text_encoder.json").read_text()), tokenizer)
+    unet = scratch_unet(json.loads((TINY / "unet.json").read_text()), 32, 8, 4)
+    schedule = build_schedule(prediction_type, "scaled_linear", 1000)
+    objective = Objective(schedule, prediction_type, snr_gamma=5.0)
+    captions = [s.caption for s in data.shapes_sources(0, 4, validation=True)]
+    loss_fn = DiffusionLoss(unet, text_encoder, None, objective, data.tokenize(tokenizer, captions),
+                            data.tokenize(tokenizer, [""])[0], 0.0, 1.0)
+    batch = {"latent_mean": torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+             "latent_std": torch.zeros(4, 4, 8, 8), "index": torch.arange(4)}
+    optimizer = torch.optim.Adam(list(unet.parameters()) + list(text_encoder.parameters()), lr=2e-3)
+    losses = []
+    for _ in range(60):
+        loss, _ = loss_fn(batch, torch.Generator().manual_seed(7))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < losses[0] / 10, losses[::10]
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize(
+    "objective, expected",
+    [
+        (["--prediction_type", "v_prediction", "--zero_terminal_snr", "--snr_gamma", "5"],
+         {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),
+        (["--prediction_type", "epsilon", "--noise_schedule", "cosine", "--noise_offset", "0.05"],
+         {"prediction_type": "epsilon", "beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": False}),
+        (["--prediction_type", "flow", "--timestep_sampling", "logit_normal", "--flow_shift", "2.0"],
+         {"prediction_type": "flow", "shift": 2.0, "beta_schedule": "flow"}),
+    ],
+    ids=["v-ztsnr", "eps-cosine", "flow"],
+)
+def test_output_folder_loads_in_stock_diffusers_and_ours_with_the_trained_objective(tmp_path, objective, expected):
+    import custom_schedulers  # noqa: F401  (a flow model's scheduler class lives here; stock diffusers needs it imported)
+    from ldm_pipeline.loading import load_pipeline
+
+    out = tmp_path / "run"
+    model = main(args(out, "--train_text_encoder", "--use_ema", *objective))
+    assert model == out / "model" and not list(model.rglob("*.bin")) and not list(model.rglob("*.pkl"))
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None]
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    assert {k: pipe.scheduler.config[k] for k in expected} == expected
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and (image >= 0).all()
+    ours = load_pipeline(model, device="cpu")
+    assert ours("a red circle", num_inference_steps=2, seed=0, progress_bar=False).images[0].size == (32, 32)
+    # The files hold exactly the weights training ended with (EMA copied in).
+    assert recomputed_validation_loss(model, out) == pytest.approx(summary(out)["final_validation_loss"], rel=1e-5)
+
+
+def test_fine_tune_can_change_prediction_type_and_ships_the_new_config(tmp_path):
+    base = main(args(tmp_path / "base", "--prediction_type", "epsilon"))
+    out = tmp_path / "tuned"
+    tuned = main([a for a in args(out, "--prediction_type", "v_prediction", "--zero_terminal_snr") if a != "--from_scratch" and a != str(TINY)]
+                 + ["--pretrained_model_name_or_path", str(base)])
+    config = json.loads((tuned / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
+    assert json.loads((base / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+
+
+def test_vae_mode_saves_vae_with_unit_variance_scaling_factor(tmp_path):
+    out = tmp_path / "vae-run"
+    vae_dir = main(args(out, "--train_vae", "--learning_rate", "1e-3", steps=3))
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    sources = data.shapes_sources(3, 16)
+    dataset = data.ImageDataset(sources, data.ImageTransform(32), 3)
+    pixels = torch.stack([dataset[(i, i)][0] for i in range(16)])
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+    samples = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(0))
+    scaled_std = (samples * vae.config.scaling_factor).std().item()
+    assert 0.9 < scaled_std < 1.1  # unit variance of the latents diffusion trains on (posterior samples)
+    # A diffusion run can use it frozen, with cached latents.
+    model = main(args(tmp_path / "diff", "--pretrained_vae", str(out), "--cache_latents"))
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    assert pipe.vae.config.scaling_factor == vae.config.scaling_factor
+    assert list((tmp_path / "diff" / "cache").glob("latents-train-*.safetensors"))
+
+
+def test_image_folder_run_with_tensorboard_and_validation_images(tmp_path):
+    from test_data import write_folder
+
+    folder = tmp_path / "images"
+    write_folder(folder, {f"{i}.png": f"a red circle number {i}" for i in range(6)}, metadata=True)
+    (folder / "bad.png").write_bytes(b"broken")
+    out = tmp_path / "run"
+    extra = ["--dataset", "folder", "--train_data_dir", str(folder), "--report_to", "tensorboard",
+             "--validation_steps", "2", "--validation_prompts", "a red circle", "--validation_inference_steps", "2",
+             "--logging_steps", "1"]
+    main(args(out, *extra))
+    assert (out / "validation" / "step-0000002.png").is_file()
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"]) | set(accumulator.Tags()["images"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "validation/loss", "validation"} <= tags
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_weights_load_with_load_lora_weights(tmp_path):
+    base = main(args(tmp_path / "base", "--prediction_type", "v_prediction"))
+    out = tmp_path / "lora-run"
+    lora = main([a for a in args(out, "--lora_rank", "4", "--learning_rate", "1e-2") if a not in ("--from_scratch", str(TINY))]
+                + ["--pretrained_model_name_or_path", str(base)])
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    before = recomputed_validation_loss(base, out)
+    pipe.load_lora_weights(lora)
+    tuned_dir = tmp_path / "merged"
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tuned_dir)
+    after = recomputed_validation_loss(tuned_dir, out)
+    assert after == pytest.approx(summary(out)["final_validation_loss"], rel=1e-4)
+    assert after != pytest.approx(before, rel=1e-4)
+
+
+# ---------------------------------------------------------------- resume and checkpoints
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    extra = ["--train_text_encoder", "--use_ema", "--gradient_accumulation_steps", "2", "--snr_gamma", "5",
+             "--checkpointing_steps", "3", "--lr_scheduler", "constant", "--learning_rate", "1e-3",
+             "--prediction_type", "v_prediction", "--random_flip", "--noise_offset", "0.1"]
+    full = tmp_path / "full"
+    main(args(full, *extra, steps=6))
+    parted = tmp_path / "parted"
+    main(args(parted, *extra, steps=3))
+    assert [p.name for p in checkpointing.list_checkpoints(parted)] == ["checkpoint-3"]
+    main(args(parted, *extra, "--resume_from_checkpoint", "latest", steps=6))
+    expected = summary(full)["loss_history"][3:]
+    assert summary(parted)["loss_history"] == expected  # steps 4..6, bit for bit
+    assert summary(parted)["final_validation_loss"] == summary(full)["final_validation_loss"]
+
+
+def test_checkpoints_keep_the_last_k(tmp_path):
+    out = tmp_path / "run"
+    main(args(out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", steps=4))
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_write_leaves_a_loadable_latest_checkpoint(tmp_path):
+    """SIGKILL the moment a checkpoint's temporary folder appears; every published checkpoint stays complete."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "training.train", *args(out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "100", steps=400)]
+    interrupted = False
+    for _ in range(3):
+        process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            tmp = list((out / "checkpoints").glob(".tmp-checkpoint-*")) if (out / "checkpoints").is_dir() else []
+            if tmp and checkpointing.list_checkpoints(out):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        process.wait()
+        interrupted = list((out / "checkpoints").glob(".tmp-checkpoint-*")) != []
+        if interrupted:
+            break
+    assert interrupted, "the kill never landed during a checkpoint write"
+    found = checkpointing.list_checkpoints(out)
+    assert found
+    for checkpoint in found:  # every published checkpoint is complete
+        assert {"model.safetensors", "optimizer.bin", checkpointing.STATE_FILE} <= {p.name for p in checkpoint.iterdir()}
+    latest = checkpointing.read_state(found[-1])["step"]
+    resumed = main(args(out, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "1", steps=latest + 1))
+    assert summary(out)["loss_history"][0][0] == latest + 1 and resumed.is_dir()
+    assert not list((out / "checkpoints").glob(".tmp-checkpoint-*"))  # the stale temporary folder is cleaned up
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_ddp(tmp_path):
+    out = tmp_path / "ddp"
+    command = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "training.train", *args(out, "--checkpointing_steps", "2", "--train_text_encoder")]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2"]
+    StableDiffusionPipeline.from_pretrained(out / "model")
+    # Both ranks agree: the logged loss is the mean over ranks, identical in each process's view.
+    assert summary(out)["steps"] == 2
