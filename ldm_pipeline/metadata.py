@@ -20,6 +20,7 @@ recipe back into pipeline keyword arguments. Writes are atomic (temp file + rena
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -54,7 +55,16 @@ A1111_SAMPLERS = {
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple:
+    return tuple(library_versions_uncached().items())
+
+
 def library_versions() -> dict[str, str]:
+    return dict(_versions())
+
+
+def library_versions_uncached() -> dict[str, str]:
     versions = {}
     for name in ("ldm-toolkit", "diffusers", "torch", "transformers"):
         try:

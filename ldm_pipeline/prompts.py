@@ -17,7 +17,7 @@ through the final layer norm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +28,13 @@ class PromptEmbeddings:
 
     cond: torch.Tensor
     uncond: torch.Tensor | None
+    _pair: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def pair(self) -> torch.Tensor:
-        """[uncond; cond] for one batched UNet call (the order stock diffusers uses)."""
-        return torch.cat([self.uncond, self.cond])
+        """[uncond; cond] for one batched UNet call (the order stock diffusers uses); built once."""
+        if self._pair is None:
+            self._pair = torch.cat([self.uncond, self.cond])
+        return self._pair
 
     def repeat_each(self, n: int) -> "PromptEmbeddings":
         """Each prompt's embedding n times in a row (prompt-major image order)."""
