@@ -66,6 +66,8 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         sigma_schedule (`"default" | "karras" | "exponential" | "linear"`, "default"): "default" places nodes
             by `timestep_spacing`; the others space noise levels ([Karras et al. 2022](https://arxiv.org/abs/2206.00364) eq. 5,
             uniform log-SNR, uniform level). diffusers' `use_karras_sigmas=True` maps to "karras".
+        sigma_min (`float | None`, None): the smallest nonzero level of those noise-level schedules (sigma/alpha
+            for VP, s for flow); None is the training grid's smallest (diffusers' choice).
         clip_sample (`bool`, False), clip_sample_range (`float`, 1.0): clamp the x_0 estimate.
     """
 
@@ -89,12 +91,15 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing",
         steps_offset: int = 0,
         sigma_schedule: Literal["default", "karras", "exponential", "linear"] = "default",
+        sigma_min: float | None = None,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
     ):
         parameterization.check_prediction_type(prediction_type)
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         _check_choice("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES)
+        if sigma_min is not None and not sigma_min > 0:
+            raise ValueError(f"sigma_min must be a positive noise level or None, got {sigma_min!r}.")
         self.schedule = make_schedule(
             beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas, rescale_betas_zero_snr, shift
         )
@@ -138,7 +143,7 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         grid = grids.build_grid(
             self.schedule, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset, cfg.sigma_schedule,
-            timesteps=timesteps, sigmas=sigmas,
+            timesteps=timesteps, sigmas=sigmas, sigma_min=cfg.sigma_min,
         )
         parameterization.check_x0_recoverable(cfg.prediction_type, grid.alpha[0])
         self.grid = grid

@@ -196,6 +196,7 @@ def level_range(schedule: NoiseSchedule) -> tuple[float, float]:
 def build_grid(
     schedule: NoiseSchedule, num_steps: int | None, spacing: str = "trailing", steps_offset: int = 0,
     sigma_schedule: str = "default", timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
+    sigma_min: float | None = None,
 ) -> SamplingGrid:
     """The sampling grid from a step count and spacing, a noise-level schedule, or custom timesteps / sigmas."""
     T, kind = schedule.num_train_timesteps, schedule.kind
@@ -209,7 +210,7 @@ def build_grid(
         return SamplingGrid(t, *_append_final(*alpha_sigma_at_timestep(schedule, t)))
     _check_num_steps(num_steps, T)
     if sigma_schedule != "default":
-        return _grid_from_sigma_schedule(schedule, num_steps, sigma_schedule)
+        return _grid_from_sigma_schedule(schedule, num_steps, sigma_schedule, sigma_min)
     t = _timesteps_in_range(spaced_timesteps(spacing, num_steps, T, steps_offset), schedule, f"{spacing!r} timesteps")
     levels = native_levels(schedule)[t.long()]
     model_t = levels * T if kind == "flow" else t
@@ -234,8 +235,10 @@ def _check_num_steps(num_steps, num_train_timesteps: int) -> None:
 KARRAS_SIGMA_MAX = 80.0  # Karras et al. 2022, Sec. 5: sigma_max = 80 (VE level) suffices for images
 
 
-def _grid_from_sigma_schedule(schedule: NoiseSchedule, num_steps: int, sigma_schedule: str) -> SamplingGrid:
-    """Karras / exponential / linear levels over the training range.
+def _grid_from_sigma_schedule(
+    schedule: NoiseSchedule, num_steps: int, sigma_schedule: str, sigma_min: float | None = None
+) -> SamplingGrid:
+    """Karras / exponential / linear levels from the training range's top to its bottom (or `sigma_min`).
 
     The first node is always the schedule's terminal level (where a pipeline's pure noise lives). When
     that level is beyond `KARRAS_SIGMA_MAX` (cosine: ~2e4; zero terminal SNR: inf), spacing the nodes
@@ -245,6 +248,10 @@ def _grid_from_sigma_schedule(schedule: NoiseSchedule, num_steps: int, sigma_sch
     if sigma_schedule not in LEVEL_SCHEDULES:
         raise ValueError(f"Unknown sigma_schedule {sigma_schedule!r}; valid values: {', '.join(SIGMA_SCHEDULES)}.")
     level_min, level_max = level_range(schedule)
+    if sigma_min is not None:
+        if not 0 < sigma_min < level_max:
+            raise ValueError(f"sigma_min must lie in (0, {level_max:g}) for this schedule, got {sigma_min}.")
+        level_min = sigma_min
     terminal = native_levels(schedule)[-1]
     if schedule.kind == "vp" and terminal > KARRAS_SIGMA_MAX and num_steps > 1:
         rest = LEVEL_SCHEDULES[sigma_schedule](level_min, min(level_max, KARRAS_SIGMA_MAX), num_steps - 1)

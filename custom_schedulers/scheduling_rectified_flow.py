@@ -32,6 +32,7 @@ class RectifiedFlowHeunSampler(ProbabilityFlowODESampler):
     order = 2
     variable = "flow"
     heun = True
+    min_corrected_ratio = 0.0  # s is bounded by 1: the trapezoid in s stays stable for any step
 
     @register_to_config
     def __init__(self, **options):
