@@ -129,13 +129,19 @@ def as_interval(value) -> GuidanceInterval | None:
 
 
 class NoiseLevels:
-    """sigma = sigma_t / alpha_t at any (fractional) timestep of a scheduler's training schedule."""
+    """sigma = sigma_t / alpha_t at any (fractional) timestep of a scheduler's training schedule.
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+    Between grid points sigma is interpolated linearly in t, as diffusers' Euler scheduler
+    does for fractional timesteps; it is +inf where alpha_t = 0 (zero terminal SNR).
+    """
+
+    def __init__(self, alpha: torch.Tensor, sigma: torch.Tensor):
+        alpha, sigma = alpha.to(torch.float64), sigma.to(torch.float64)
+        self.ratio = torch.where(alpha > 0, sigma / alpha.clamp_min(1e-300), torch.full_like(alpha, math.inf))
 
     @classmethod
     def from_scheduler(cls, scheduler) -> "NoiseLevels":
+        """From the config keys (VP or rectified flow), as `custom_schedulers.schedules.make_schedule` reads them."""
         config = scheduler.config
         if "beta_schedule" not in config:
             raise ValueError(
@@ -145,17 +151,15 @@ class NoiseLevels:
         keys = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "trained_betas",
                 "rescale_betas_zero_snr", "shift")
         schedule = make_schedule(**{k: config[k] for k in keys if k in config})
-        return cls(schedule.alphas_cumprod)
+        return cls(schedule.alpha, schedule.sigma)
 
     def sigma(self, timestep) -> float:
-        """sigma at a training timestep; alpha-bar is interpolated linearly for fractional ones."""
-        t = float(timestep)
-        T = self.alphas_cumprod.shape[0]
-        t = min(max(t, 0.0), T - 1.0)
+        t = min(max(float(timestep), 0.0), self.ratio.shape[0] - 1.0)
         lo = int(math.floor(t))
-        hi = min(lo + 1, T - 1)
-        abar = float(self.alphas_cumprod[lo] + (t - lo) * (self.alphas_cumprod[hi] - self.alphas_cumprod[lo]))
-        return math.inf if abar <= 0.0 else math.sqrt((1.0 - abar) / abar)
+        w = t - lo
+        if w == 0.0:
+            return float(self.ratio[lo])
+        return float(self.ratio[lo] + w * (self.ratio[lo + 1] - self.ratio[lo]))
 
 
 # ---------------------------------------------------------------- everything together

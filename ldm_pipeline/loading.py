@@ -75,10 +75,12 @@ def load_pipeline(
     if not accelerations.cpu_offload or device.type != "cuda":
         pipe.to(device)
     apply_accelerations(pipe, accelerations, device)
-    if kw.get("scheduler"):
-        from ldm_pipeline.scheduler_swap import swap_scheduler
+    from ldm_pipeline.scheduler_swap import swap_scheduler, use_trailing_spacing_if_zero_terminal_snr
 
+    if kw.get("scheduler"):
         swap_scheduler(pipe, kw["scheduler"])
+    else:
+        use_trailing_spacing_if_zero_terminal_snr(pipe)
     return pipe
 
 

@@ -217,3 +217,12 @@ def swap_scheduler(pipe, name: str, **overrides) -> SwapReport:
     pipe.scheduler = scheduler
     logger.info("%s", report)
     return report
+
+
+def use_trailing_spacing_if_zero_terminal_snr(pipe) -> SwapReport | None:
+    """A zero-terminal-SNR model whose config samples with other spacing gets trailing spacing,
+    so the first step starts at pure noise (Lin et al. 2023, Sec. 3.3); reported in the log."""
+    config = pipe.scheduler.config
+    if not is_zero_terminal_snr(config) or config.get("timestep_spacing") == "trailing":
+        return None
+    return swap_scheduler(pipe, type(pipe.scheduler).__name__, timestep_spacing="trailing")

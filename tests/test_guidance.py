@@ -87,9 +87,32 @@ def test_noise_levels_match_scheduler_sigmas():
     abar = scheduler.alphas_cumprod.double()
     for t in (0, 1, 500, 999):
         assert levels.sigma(t) == pytest.approx(math.sqrt((1 - abar[t]) / abar[t]), rel=1e-4)  # diffusers: float32
-    mid = (1 - (abar[10] + abar[11]) / 2) / ((abar[10] + abar[11]) / 2)
-    assert levels.sigma(10.5) == pytest.approx(math.sqrt(mid), rel=1e-4)
+    # fractional timesteps: linear in t between grid sigmas, as diffusers' Euler interpolates
+    s10, s11 = (math.sqrt((1 - abar[t]) / abar[t]) for t in (10, 11))
+    assert levels.sigma(10.25) == pytest.approx(0.75 * s10 + 0.25 * s11, rel=1e-4)
     assert levels.sigma(999) == pytest.approx(14.6146, rel=1e-4)  # SD 1.5's sigma_max
+
+
+def test_fractional_timesteps_match_euler_sigmas():
+    scheduler = EulerDiscreteScheduler.from_config({**SD15_SCHEDULER_CONFIG, "timestep_spacing": "linspace"})
+    scheduler.set_timesteps(7)
+    levels = NoiseLevels.from_scheduler(scheduler)
+    assert any(float(t) % 1 for t in scheduler.timesteps)  # linspace gives fractional timesteps
+    for t, sigma in zip(scheduler.timesteps, scheduler.sigmas):
+        assert levels.sigma(t) == pytest.approx(float(sigma), rel=1e-4)
+
+
+def test_rectified_flow_noise_level_is_s_over_one_minus_s():
+    from custom_schedulers.schedules import flow_sigmas
+
+    class Flow:
+        config = {"beta_schedule": "flow", "num_train_timesteps": 1000, "shift": 3.0}
+
+    levels = NoiseLevels.from_scheduler(Flow())
+    s = flow_sigmas(1000, 3.0)
+    for t in (0, 400, 998):
+        assert levels.sigma(t) == pytest.approx(float(s[t] / (1 - s[t])), rel=1e-9)
+    assert levels.sigma(999) == math.inf
 
 
 def test_zero_terminal_snr_has_infinite_sigma_at_the_end():

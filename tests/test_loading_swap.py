@@ -90,3 +90,16 @@ def test_every_offered_vp_scheduler_swaps_in_and_generates(name):
     assert report.kept["prediction_type"] == "epsilon"
     out = pipe("a circle", **{**SMALL, "num_inference_steps": 4})
     assert out.images.shape == (1, 32, 32, 3) and abs(out.images).sum() > 0
+
+
+def test_loading_a_zero_terminal_snr_model_switches_to_trailing_spacing(tmp_path):
+    c = tiny_sd_components(scheduler=DDIMScheduler.from_config(ZTSNR_V))
+    StableDiffusionPipeline(**c, requires_safety_checker=False).save_pretrained(str(tmp_path))
+    from ldm_pipeline import load_pipeline
+
+    pipe = load_pipeline(tmp_path, device="cpu")
+    config = pipe.scheduler.config
+    assert isinstance(pipe.scheduler, DDIMScheduler) and config.timestep_spacing == "trailing"
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr is True
+    pipe.scheduler.set_timesteps(4)
+    assert int(pipe.scheduler.timesteps[0]) == 999
