@@ -291,10 +291,13 @@ def test_kill_9_during_checkpoint_write_leaves_a_loadable_latest_checkpoint(tmp_
 @pytest.mark.slow
 def test_accelerate_launch_two_processes_ddp(tmp_path):
     out = tmp_path / "ddp"
-    command = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+    # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (multi-CPU needs mpirun,
+    # huggingface/accelerate#2741); on a machine without GPUs `--multi_gpu` starts torchrun with 2 gloo processes.
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "-m", "training.train", *args(out, "--checkpointing_steps", "2", "--train_text_encoder")]
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "Training distributed (gloo) over 2 processes" in result.stderr
     checkpoint = out / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +62,21 @@ def check_config(config: TrainConfig) -> None:
 def make_accelerator(config: TrainConfig) -> Accelerator:
     run = config.run
     project = ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs"))
+    # Launched as several processes on a machine without CUDA: DDP over gloo on the CPU (accelerate
+    # otherwise treats each process as a separate single-process run).
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision=config.optimization.mixed_precision,
+        mixed_precision=config.optimization.mixed_precision, cpu=cpu_ddp,
         log_with=None if run.report_to == "none" else run.report_to, project_config=project,
     )
     if run.report_to != "none":
         scalars = {k: v for k, v in config.flat().items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("train", config=scalars)
+    if accelerator.num_processes > 1:
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+        if accelerator.is_main_process:
+            logger.info("Training distributed (%s) over %d processes on %s.", backend, accelerator.num_processes,
+                        accelerator.device)
     return accelerator
 
 
