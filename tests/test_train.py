@@ -212,6 +212,31 @@ def test_image_folder_run_with_tensorboard_and_validation_images(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "validation/loss", "validation"} <= tags
 
 
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    main(args(plain, "--train_text_encoder", steps=3))
+    main(args(checkpointed, "--train_text_encoder", "--gradient_checkpointing", steps=3))
+    ours = [loss for _, loss in summary(checkpointed)["loss_history"]]
+    assert ours == pytest.approx([loss for _, loss in summary(plain)["loss_history"]], rel=1e-5)
+
+
+def test_test_run_stops_after_one_step_and_saves(tmp_path):
+    model = main(args(tmp_path / "run", "--test_run", steps=50))
+    assert summary(tmp_path / "run")["steps"] == 1 and (model / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains(tmp_path):
+    """In a subprocess: accelerate's mixed-precision state is per process."""
+    out = tmp_path / "bf16"
+    command = [sys.executable, "-m", "training.train", *args(out, "--mixed_precision", "bf16", "--train_text_encoder", steps=3)]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [loss for _, loss in summary(out)["loss_history"]]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+    assert StableDiffusionPipeline.from_pretrained(out / "model").unet.dtype == torch.float32  # weights stay fp32
+
+
 # ---------------------------------------------------------------- LoRA
 
 

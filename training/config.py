@@ -64,6 +64,9 @@ class ModelOptions:
         None, "Folder of small configs to build new models: unet.json, vae.json, text_encoder.json "
         "(vocab_size and token ids are filled in from a tokenizer built from the dataset's words).",
     )
+    single_file_config: str | None = option(
+        None, "For a single-file checkpoint: a local diffusers folder of the same architecture (configs, tokenizer)."
+    )
     pretrained_vae: str | None = option(None, "A trained AutoencoderKL folder (or a folder with vae/) to use frozen.")
     train_vae: bool = option(False, "Train the AutoencoderKL (reconstruction + KL) instead of the diffusion model.")
     vae_kl_weight: float = option(1e-6, "--train_vae: weight of the KL term (LDM's autoencoder uses 1e-6).")

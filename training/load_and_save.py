@@ -138,21 +138,18 @@ def load_from_scratch(opts: ModelOptions, words: list[str], resolution: int, wor
 
 
 def load_pretrained(opts: ModelOptions) -> Components:
-    """Components of a diffusers SD folder or a single .safetensors checkpoint."""
+    """Components of a local diffusers SD folder or a single checkpoint file (ldm_pipeline's loader:
+    safetensors only unless --allow_pickle; a single file needs --single_file_config, nothing is downloaded)."""
+    from ldm_pipeline.loading import load_pipeline
+
     path = Path(opts.pretrained_model_name_or_path)
     if not path.exists():
         raise FileNotFoundError(
             f"--pretrained_model_name_or_path {path} does not exist (no hub downloads here: give a local "
             "diffusers folder or .safetensors file, or use --from_scratch)."
         )
-    if path.is_file():
-        if path.suffix != ".safetensors" and not opts.allow_pickle:
-            raise ValueError(f"{path} is not .safetensors; pickle checkpoints need --allow_pickle (unsafe).")
-        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, local_files_only=True)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, safety_checker=None, use_safetensors=not opts.allow_pickle, local_files_only=True
-        )
+    config = {"config": opts.single_file_config} if path.is_file() and opts.single_file_config else {}
+    pipe = load_pipeline(path, device="cpu", dtype=torch.float32, allow_pickle=opts.allow_pickle, **config)
     vae = load_vae(opts.pretrained_vae, opts.allow_pickle) if opts.pretrained_vae else pipe.vae
     return Components(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
 
