@@ -329,5 +329,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     return result
 
 
+def cli() -> None:
+    """Console entry point (`ldm-train`)."""
+    main()
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None or "--dry_run" in sys.argv else 1)
+    cli()
