@@ -100,6 +100,8 @@ def load_dataset(config: TrainConfig) -> Dataset:
 
 def load_components(config: TrainConfig, words: list[str]) -> Components:
     m = config.model
+    if m.from_scratch and not m.train_vae and not m.train_text_encoder:
+        logger.warning("--from_scratch without --train_text_encoder: the text encoder stays at its random init.")
     if m.from_scratch:
         return load_from_scratch(m, words, config.data.resolution, Path(config.run.output_dir), config.optimization.seed)
     if m.train_vae and not m.pretrained_model_name_or_path:
