@@ -150,9 +150,13 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = grid.num_steps
         self._plan = self._make_plan(grid)
         self.timesteps = _as_timestep_tensor(torch.stack([grid.timesteps[node] for node, _ in self._plan]), device)
-        self.history = []
+        self._reset_history()
         self._step_index = None
         self._begin_index = None
+
+    def _reset_history(self) -> None:
+        """Forget multistep / second-order state (a new sampling run starts)."""
+        self.history = []
 
     def _make_plan(self, grid: SamplingGrid) -> list[tuple[int, str]]:
         """(grid node where the model is evaluated, stage) for every model evaluation; one per node by default."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
+
 from diffusers.configuration_utils import register_to_config
 
 from . import solvers
@@ -50,21 +52,54 @@ class DPMSolverPlusPlusSampler(_DPMSolverPlusPlusBase):
     """Multistep DPM-Solver++ in lambda = log(alpha/sigma), [Lu et al. 2022b](https://arxiv.org/abs/2211.01095).
 
     Works for VP and rectified-flow schedules alike (only alpha and sigma enter).
+    (`history` keeps up to 4 x_0 estimates: the corrector of a 3M step uses four.)
     Config (besides the `DiffusionSampler` fields):
         solver_order (`1 | 2 | 3`, 2): 2 is "DPM++ 2M", 3 is "DPM++ 3M".
         final_step (`"denoise" | "extrapolate"`, "denoise"): the step into sigma = 0 returns the last x_0
             estimate ("denoise", as diffusers and k-diffusion), or the last two extrapolated to sigma = 0
             ("extrapolate", see `_denoised_at_zero`; exact up to O(rho^4) instead of O(rho^2)).
+        corrector (`"none" | "adams-moulton"`, "none"): after each model evaluation, redo the step that led
+            there with the new x_0 estimate included in the polynomial (an exponential Adams-Moulton corrector,
+            the idea of UniC, [Zhao et al. 2023](https://arxiv.org/abs/2302.04867)): one order higher, no extra
+            model evaluation (the model output at the uncorrected sample is reused, as UniPC does).
     """
 
+    max_order = 4
+
     @register_to_config
-    def __init__(self, solver_order: Literal[1, 2, 3] = 2, final_step: Literal["denoise", "extrapolate"] = "denoise",
-                 **options):
+    def __init__(
+        self,
+        solver_order: Literal[1, 2, 3] = 2,
+        final_step: Literal["denoise", "extrapolate"] = "denoise",
+        corrector: Literal["none", "adams-moulton"] = "none",
+        **options,
+    ):
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}.")
         if final_step not in ("denoise", "extrapolate"):
             raise ValueError(f"Unknown final_step {final_step!r}; valid values: denoise, extrapolate.")
+        if corrector not in ("none", "adams-moulton"):
+            raise ValueError(f"Unknown corrector {corrector!r}; valid values: none, adams-moulton.")
         super().__init__(**options)
+
+    def _reset_history(self) -> None:
+        super()._reset_history()
+        self.step_start: torch.Tensor | None = None  # x at the previous node, for the corrector
+
+    def _corrected(self, node: int, x: torch.Tensor) -> torch.Tensor:
+        """x at `node` recomputed from the previous node with the polynomial through the x_0 estimates at
+        `node` and up to `solver_order` nodes before it (finite log-SNR only)."""
+        lambdas = self.grid.lambdas
+        start = node - 1
+        if self.step_start is None or not math.isfinite(float(lambdas[start])):
+            return x
+        points = [k for k in range(min(self.config.solver_order + 1, len(self.history)))
+                  if math.isfinite(float(lambdas[node - k]))]
+        offsets = [float(lambdas[node - k] - lambdas[start]) for k in points]
+        derivatives = solvers.taylor_derivatives(offsets, [self.history[k] for k in points])
+        _, sigma, alpha_next, sigma_next = self._node(start)
+        return solvers.exponential_taylor_step(self.step_start, derivatives, sigma, alpha_next, sigma_next,
+                                               offsets[0])
 
     def _update(self, stage, node, x, denoised, eps, generator):
         # | variable | paper (Lu et al. 2022b, Alg. 2) |
@@ -72,6 +107,9 @@ class DPMSolverPlusPlusSampler(_DPMSolverPlusPlusBase):
         # | history | x_theta(x_{t_{i-1}}), x_theta(x_{t_{i-2}}), ... |
         _, sigma, alpha_next, sigma_next = self._node(node)
         self._remember(denoised)
+        if self.config.corrector == "adams-moulton":
+            x = self._corrected(node, x)
+            self.step_start = x
         if sigma_next == 0.0 and self.config.final_step == "extrapolate" and len(self.history) > 1:
             return alpha_next * self._denoised_at_zero(node)
         hs = self._step_sizes(node)
@@ -80,7 +118,7 @@ class DPMSolverPlusPlusSampler(_DPMSolverPlusPlusBase):
             return solvers.dpmpp_1_step(x, denoised, sigma, alpha_next, sigma_next, hs[0])
         if order == 2:
             return solvers.dpmpp_2m_step(x, denoised, self.history[1], sigma, alpha_next, sigma_next, hs[0], hs[1])
-        return solvers.dpmpp_3m_step(x, self.history, sigma, alpha_next, sigma_next, hs[0], hs[1], hs[2])
+        return solvers.dpmpp_3m_step(x, self.history[:3], sigma, alpha_next, sigma_next, hs[0], hs[1], hs[2])
 
 
 class DPMSolverPlusPlusSDESampler(_DPMSolverPlusPlusBase):

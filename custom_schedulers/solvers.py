@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # ---------------------------------------------------------------- DDPM / DDIM
@@ -120,6 +121,28 @@ def dpmpp_3m_step(
     phi_2 = phi_1 / h + 1
     phi_3 = phi_2 / h - 0.5
     return (sigma_next / sigma) * x - alpha_next * phi_1 * m0 + alpha_next * phi_2 * D1 - alpha_next * phi_3 * D2
+
+
+def taylor_derivatives(offsets: list[float], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Derivatives p^(k)(0), k = 0..n-1, of the polynomial through (offsets[j], values[j]) (n points)."""
+    n = len(offsets)
+    vandermonde = np.array([[u**k / math.factorial(k) for k in range(n)] for u in offsets], dtype=np.float64)
+    weights = np.linalg.inv(vandermonde)  # p^(k)(0) = sum_j weights[k, j] * values[j]
+    return [sum(float(weights[k, j]) * values[j] for j in range(n)) for k in range(n)]
+
+
+def exponential_taylor_step(
+    x: torch.Tensor, derivatives: list[torch.Tensor], sigma: float, alpha_next: float, sigma_next: float, h: float
+) -> torch.Tensor:
+    """The data-prediction exponential integrator with x_0(lambda) replaced by its Taylor polynomial at the step's
+    start: x' = (sigma'/sigma) x + alpha' sum_k x_0^(k) psi_k(h) (Lu et al. 2022b, eq. 8-9), where
+    psi_k(h) = int_0^h e^{-v} (h - v)^k / k! dv, i.e. psi_0 = 1 - e^{-h} and psi_k = h^k/k! - psi_{k-1}."""
+    psi = -math.expm1(-h)
+    x_next = (sigma_next / sigma) * x + alpha_next * psi * derivatives[0]
+    for k in range(1, len(derivatives)):
+        psi = h**k / math.factorial(k) - psi
+        x_next = x_next + alpha_next * psi * derivatives[k]
+    return x_next
 
 
 def dpmpp_sde_step(
