@@ -48,6 +48,13 @@ CARRIED_KEYS = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sa
 TRIVIAL_VALUES = (None, False)  # a model key with such a value may be absent from the new class
 
 
+def is_trivial(key: str, model: dict) -> bool:
+    """A model key whose value changes nothing, so a class without that option can still keep the model."""
+    if key == "shift":  # the resolution shift only acts on rectified-flow schedules
+        return model.get("beta_schedule") != "flow" or model[key] == 1.0
+    return model[key] in TRIVIAL_VALUES
+
+
 class SchedulerSwapError(ValueError):
     """The requested scheduler cannot sample this model; the message says why."""
 
@@ -150,7 +157,7 @@ def new_config(old: dict, overrides: dict) -> tuple[dict, list[str]]:
 def check_model_keys_accepted(model: dict, accepted: set[str], name: str) -> None:
     """A model key the class does not take is only acceptable with a trivial value (None/False)."""
     for key in MODEL_KEYS:
-        if key in model and key not in accepted and model[key] not in TRIVIAL_VALUES:
+        if key in model and key not in accepted and not is_trivial(key, model):
             raise SchedulerSwapError(
                 f"{name} has no `{key}` option, so it cannot keep this model's {key}={model[key]!r}; choose a "
                 "scheduler that supports it."

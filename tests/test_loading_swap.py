@@ -103,3 +103,11 @@ def test_loading_a_zero_terminal_snr_model_switches_to_trailing_spacing(tmp_path
     assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr is True
     pipe.scheduler.set_timesteps(4)
     assert int(pipe.scheduler.timesteps[0]) == 999
+
+
+def test_swaps_chain_between_ours_and_stock():
+    pipe = ours()
+    for name in ("euler", "EulerDiscreteScheduler", "dpmpp-2m", "DDIMScheduler"):
+        swap_scheduler(pipe, name)  # our samplers record shift=1.0, which a stock VP class may lack
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.prediction_type == "epsilon"
