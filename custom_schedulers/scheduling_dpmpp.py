@@ -6,7 +6,6 @@ import math
 from typing import Literal
 
 import torch
-
 from diffusers.configuration_utils import register_to_config
 
 from . import solvers
@@ -20,16 +19,6 @@ class _DPMSolverPlusPlusBase(DiffusionSampler):
 
     def _remember(self, denoised) -> None:
         self.history = [denoised] + self.history[: self.max_order - 1]
-
-    def _denoised_at_zero(self, node: int):
-        """The final step into sigma = 0: the x_0 estimates extrapolated linearly in rho^2 = (sigma/alpha)^2 to
-        rho = 0, since along the ODE x_0(rho) = x(0) + O(rho^2) (Tweedie: D(x; rho) = x + rho^2 grad log p)."""
-        g = self.grid
-        rho, rho_last = float(g.sigma[node] / g.alpha[node]), float(g.sigma[node - 1] / g.alpha[node - 1])
-        if not math.isfinite(rho_last):
-            return self.history[0]
-        w = rho**2 / (rho_last**2 - rho**2)
-        return self.history[0] + w * (self.history[0] - self.history[1])
 
     def _step_sizes(self, node: int) -> list[float]:
         """[h, h_last, h_last2, ...]: log-SNR steps ending at node + 1, newest first."""
@@ -81,6 +70,16 @@ class DPMSolverPlusPlusSampler(_DPMSolverPlusPlusBase):
         if corrector not in ("none", "adams-moulton"):
             raise ValueError(f"Unknown corrector {corrector!r}; valid values: none, adams-moulton.")
         super().__init__(**options)
+
+    def _denoised_at_zero(self, node: int):
+        """The final step into sigma = 0: the x_0 estimates extrapolated linearly in rho^2 = (sigma/alpha)^2 to
+        rho = 0, since along the ODE x_0(rho) = x(0) + O(rho^2) (Tweedie: D(x; rho) = x + rho^2 grad log p)."""
+        g = self.grid
+        rho, rho_last = float(g.sigma[node] / g.alpha[node]), float(g.sigma[node - 1] / g.alpha[node - 1])
+        if not math.isfinite(rho_last):
+            return self.history[0]
+        w = rho**2 / (rho_last**2 - rho**2)
+        return self.history[0] + w * (self.history[0] - self.history[1])
 
     def _reset_history(self) -> None:
         super()._reset_history()
