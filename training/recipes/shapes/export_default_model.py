@@ -1,0 +1,101 @@
+"""Export a trained shapes model folder as the embedded default model (`ldm_pipeline/default_model/`).
+
+    python training/recipes/shapes/export_default_model.py RUN_DIR/output [--dest ldm_pipeline/default_model]
+        [--sampler DPMSolverMultistepScheduler] [--steps 20] [--guidance 3.0] [--fp16]
+
+Copies the StableDiffusionPipeline folder the training script wrote (safetensors), sets the
+default sampler (the trained noise schedule and prediction type are kept), optionally stores the
+weights in fp16, and writes `record.json` (parameter counts, stored dtypes, scheduler, the
+recommended steps and guidance) that `tests/test_default_model.py` checks. Written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from ldm_pipeline.loading import DEFAULT_MODEL_DIR  # noqa: E402
+
+# What the model was trained with; a sampler swap must never change these.
+MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+              "prediction_type", "rescale_betas_zero_snr")
+
+
+def default_scheduler(trained_config: dict, sampler: str):
+    """`sampler` (a diffusers class name) with the trained schedule; trailing spacing from the last step."""
+    import diffusers
+
+    cls = getattr(diffusers, sampler)
+    model = {k: trained_config[k] for k in MODEL_KEYS if k in trained_config}
+    # Zero terminal SNR: start sampling at the pure-noise step (Lin et al. 2023, Sec. 3.3).
+    extra = {"timestep_spacing": "trailing"}
+    if sampler == "DPMSolverMultistepScheduler":
+        extra["final_sigmas_type"] = "zero"
+    return cls.from_config({**model, **extra})
+
+
+def record(pipe: StableDiffusionPipeline, steps: int, guidance: float, stored_dtype: str) -> dict:
+    def params(module):
+        return sum(p.numel() for p in module.parameters())
+
+    return {
+        **{name: {"parameters": params(getattr(pipe, name)), "stored_dtype": stored_dtype}
+           for name in ("unet", "vae", "text_encoder")},
+        "scheduler": {k: pipe.scheduler.config[k] for k in ("prediction_type", "timestep_spacing", "beta_schedule",
+                                                             "rescale_betas_zero_snr")}
+        | {"class": type(pipe.scheduler).__name__},
+        "defaults": {"num_inference_steps": steps, "guidance_scale": guidance},
+    }
+
+
+def export(source: Path, dest: Path, sampler: str, steps: int, guidance: float, fp16: bool) -> dict:
+    pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, safety_checker=None)
+    pipe.scheduler = default_scheduler(dict(pipe.scheduler.config), sampler)
+    if fp16:
+        pipe.to(torch.float16)
+    info = record(pipe, steps, guidance, "F16" if fp16 else "F32")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "record.json").write_text(json.dumps(info, indent=2) + "\n")
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="The training run's pipeline folder (model_index.json inside).")
+    parser.add_argument("--dest", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--sampler", default="DPMSolverMultistepScheduler", help="A diffusers scheduler class name.")
+    parser.add_argument("--steps", type=int, default=20, help="Recommended sampler steps (recorded).")
+    parser.add_argument("--guidance", type=float, default=3.0, help="Recommended guidance scale (recorded).")
+    parser.add_argument("--fp16", action="store_true", help="Store weights in fp16 (they load as fp32).")
+    args = parser.parse_args(argv)
+    if not (args.source / "model_index.json").is_file():
+        parser.error(f"{args.source} has no model_index.json: pass the folder the training run wrote.")
+    info = export(args.source, args.dest, args.sampler, args.steps, args.guidance, args.fp16)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
