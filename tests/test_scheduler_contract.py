@@ -203,3 +203,18 @@ def test_ddim_previous_timestep_comes_from_the_grid():
         x_next = scheduler.step(torch.zeros_like(x), t[i], x).prev_sample
         torch.testing.assert_close(x_next, x * float(sigma[t[i + 1]] / sigma[t[i]]))
         x = x_next
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("dpmpp-2m", {"final_step": "last"}, "Unknown final_step 'last'; valid values: denoise, extrapolate"),
+        ("dpmpp-2m", {"corrector": "unipc"}, "Unknown corrector 'unipc'; valid values: none, adams-moulton"),
+        ("dpmpp-3m", {"solver_order": 4}, "solver_order must be 1, 2 or 3"),
+        ("ddim", {"eta": 1.5}, r"eta must be in \[0, 1\]"),
+        ("dpmpp-2m", {"sigma_schedule": "karras", "sigma_min": -1.0}, "sigma_min must be a positive"),
+    ],
+)
+def test_bad_sampler_options(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        registry.build(name, SD15, **options)
