@@ -129,7 +129,7 @@ def test_rerun_skips_finished_images_and_redoes_changed_ones(model, prompts, tmp
 def test_killed_run_resumes_to_the_same_complete_set(model, tmp_path):
     file = tmp_path / "many.txt"
     file.write_text("a red circle\na blue square\n")
-    args = ["--prompts", str(file), "--model", str(model), "--steps", "25", "--n", "5", "--batch-size", "1", *SIZE]
+    args = ["--prompts", str(file), "--model", str(model), "--steps", "15", "--n", "4", "--batch-size", "1", *SIZE]
     assert main([*args, "--out", str(tmp_path / "reference")]) == 0
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "ldm_pipeline", *args, "--out", str(out)], cwd=REPO,
@@ -140,16 +140,16 @@ def test_killed_run_resumes_to_the_same_complete_set(model, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished = list(out.glob("*.png"))
-    assert 0 < len(finished) < 10, "the run was not interrupted midway"
+    assert 0 < len(finished) < 8, "the run was not interrupted midway"
     for png in finished:  # every file present is complete
         assert metadata.read_png(png).recipe is not None
     assert main([*args, "--out", str(out)]) == 0
     resumed, reference = pngs(out), pngs(tmp_path / "reference")
-    assert resumed.keys() == reference.keys() and len(reference) == 10
+    assert resumed.keys() == reference.keys() and len(reference) == 8
     for name in reference:
         np.testing.assert_array_equal(resumed[name], reference[name])
     assert not list(out.glob(".*.tmp"))
-    assert len((out / "manifest.jsonl").read_text().splitlines()) == 10
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 8
 
 
 def launch(launcher_args: list[str], prompts: Path, model: Path, out: Path) -> subprocess.CompletedProcess:
