@@ -231,28 +231,38 @@ def best(rows: list[dict], prefix: str, nfe: int, key: str = "error") -> tuple[s
     return min(finite, key=lambda item: item[1])
 
 
+PLOTTED = (  # a readable subset of the rows (prefix match); the tables have all of them
+    RECOMMENDED, "ours DPM++ 3M (exponential, σmin", "ours DPM++ 3M (exponential, s_min", "ours DPM++ 2M (karras)",
+    "ours DDIM (trailing)", "ours Heun (trailing)", "ours RF-Euler (trailing)", "diffusers DDIM (default)",
+    "diffusers DPM++ 2M (default)", "diffusers DPM++ 2M (karras)", "diffusers UniPC (default)",
+    "diffusers UniPC (karras)", "diffusers Heun (default)", "diffusers FlowMatchEuler", "diffusers FlowMatchHeun",
+)
+
+
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 5), squeeze=False)
-    for ax, (name, rows) in zip(axes[0], results.items()):
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    for ax, (name, rows) in zip(axes.flat, results.items()):
         for row in rows:
-            if row["stochastic"]:
+            if row["stochastic"] or not row["label"].startswith(PLOTTED):
                 continue
-            points = [(c["nfe"], c["error"]) for c in row["cells"].values()
-                      if math.isfinite(c["error"]) and c["error"] < 1e3]
-            style = "-" if row["label"].startswith("ours") else "--"
-            ax.loglog(*zip(*points), style, marker="o", ms=3, label=row["label"]) if points else None
-        ax.set(title=name, xlabel="NFE (model evaluations)", ylabel="RMS error to the exact ODE solution")
+            points = [(c["nfe"], c["error"]) for c in row["cells"].values() if math.isfinite(c["error"])]
+            if points:
+                style = "-" if row["label"].startswith("ours") else "--"
+                ax.loglog(*zip(*points), style, marker="o", ms=3, label=row["label"])
+        ax.set(title=name, xlabel="NFE (model evaluations)", ylabel="RMS error to the exact ODE solution",
+               ylim=(1e-4, 2.0))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=80)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)  # atomic
 
 
@@ -260,6 +270,7 @@ def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".md", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
