@@ -28,22 +28,28 @@ from .schedules import make_schedule
 _DIFFUSERS_SIGMA_FLAGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential"}
 
 
-def translate_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A diffusers scheduler config re-expressed with our keys (the rest passes through unchanged).
-
-    * ``use_karras_sigmas`` / ``use_exponential_sigmas`` -> ``sigma_schedule``;
-      ``use_beta_sigmas`` has no counterpart and is refused.
-    * A FlowMatch config (``_class_name`` FlowMatch*, or a ``shift`` and no betas; it names no
-      prediction type) -> ``beta_schedule="flow"``, ``prediction_type="flow"``.
-    """
-    config = dict(config)
+def translate_sigma_flags(options: Mapping[str, Any]) -> dict[str, Any]:
+    """diffusers' `use_karras_sigmas` / `use_exponential_sigmas` -> our `sigma_schedule`; `use_beta_sigmas`
+    has no counterpart and is refused."""
+    options = dict(options)
     for flag, name in _DIFFUSERS_SIGMA_FLAGS.items():
-        if config.pop(flag, False):
-            config["sigma_schedule"] = name
-    if config.pop("use_beta_sigmas", False):
+        if options.pop(flag, False):
+            options["sigma_schedule"] = name
+    if options.pop("use_beta_sigmas", False):
         raise ValueError(
             f"use_beta_sigmas is not supported; valid sigma_schedule values: {', '.join(SIGMA_SCHEDULES)}."
         )
+    return options
+
+
+def translate_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers scheduler config re-expressed with our keys (the rest passes through unchanged).
+
+    * the sigma flags, see `translate_sigma_flags`;
+    * A FlowMatch config (``_class_name`` FlowMatch*, or a ``shift`` and no betas; it names no
+      prediction type) -> ``beta_schedule="flow"``, ``prediction_type="flow"``.
+    """
+    config = translate_sigma_flags(config)
     no_betas = "beta_schedule" not in config and config.get("trained_betas") is None
     if str(config.get("_class_name", "")).startswith("FlowMatch") or (no_betas and "shift" in config):
         config.setdefault("beta_schedule", "flow")
@@ -107,7 +113,7 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
         self.num_inference_steps: int | None = None
         self.grid: SamplingGrid | None = None
-        self.history: list = []
+        self._reset_history()
         self._plan: list[tuple[int, str]] = []
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -117,8 +123,8 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Build from any diffusers scheduler config (ours or stock); keyword arguments override it."""
-        merged = translate_diffusers_config({**dict(config or {}), **kwargs})
-        return super().from_config(merged, return_unused_kwargs=return_unused_kwargs)
+        config, overrides = translate_diffusers_config(config or {}), translate_sigma_flags(kwargs)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **overrides)
 
     @staticmethod
     def _get_init_keys(input_class):

@@ -71,3 +71,13 @@ def test_flow_match_config_builds_a_flow_sampler():
     scheduler = registry.build("dpmpp-2m", flow_config)
     assert scheduler.config.beta_schedule == "flow" and scheduler.config.prediction_type == "flow"
     assert scheduler.config.shift == 3.0
+
+
+def test_overrides_survive_keys_the_source_config_defaulted():
+    """A config saved by a scheduler lists the keys it defaulted (`_use_default_values`); diffusers drops those
+    from the config when loading, and an override of such a key must still win."""
+    ours = registry.build("ddim", SD15_SCHEDULER_CONFIG)  # timestep_spacing defaulted
+    assert "timestep_spacing" in ours.config["_use_default_values"]
+    rebuilt = registry.build("dpmpp-2m", ours.config, timestep_spacing="leading", use_karras_sigmas=True)
+    assert rebuilt.config.timestep_spacing == "leading" and rebuilt.config.sigma_schedule == "karras"
+    assert registry.build("rf-euler", SD15_SCHEDULER_CONFIG, shift=2.0).config.beta_schedule == "scaled_linear"
