@@ -103,7 +103,7 @@ def test_resumed_batches_equal_uninterrupted_batches():
 
 def test_shapes_pool_is_train_split_with_paraphrases_and_validation_is_separate():
     train = data.shapes_sources(0, 200)
-    validation = data.shapes_sources(0, 20, validation=True)
+    validation = data.shapes_validation_sources(20)
     canonical = {a.caption() for a in shapes.combinations("train")}
     assert any(s.caption not in canonical for s in train)  # paraphrased
     assert all(s.caption in canonical for s in validation)

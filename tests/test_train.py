@@ -46,7 +46,7 @@ def recomputed_validation_loss(model_dir: Path, run_dir: Path) -> float:
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     components = Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
     objective, _ = build_objective(config, components)
-    sources = data.shapes_sources(config.optimization.seed, config.data.num_validation_samples, validation=True)
+    sources = data.shapes_validation_sources(config.data.num_validation_samples)
     dataset = data.ImageDataset(sources, data.ImageTransform(config.data.resolution, center_crop=True), 0)
     batch = {"pixel_values": torch.stack([dataset[(i, i)][0] for i in range(len(dataset))]),
              "index": torch.arange(len(dataset))}
@@ -109,7 +109,7 @@ def test_each_objective_overfits_a_fixed_batch(prediction_type):
     unet = scratch_unet(json.loads((TINY / "unet.json").read_text()), 32, 8, 4)
     schedule = build_schedule(prediction_type, "scaled_linear", 1000)
     objective = Objective(schedule, prediction_type, snr_gamma=5.0)
-    captions = [s.caption for s in data.shapes_sources(0, 4, validation=True)]
+    captions = [s.caption for s in data.shapes_validation_sources(4)]
     loss_fn = DiffusionLoss(unet, text_encoder, None, objective, data.tokenize(tokenizer, captions),
                             data.tokenize(tokenizer, [""])[0], 0.0, 1.0)
     batch = {"latent_mean": torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
@@ -329,3 +329,24 @@ def test_accelerate_launch_two_processes_ddp(tmp_path):
     StableDiffusionPipeline.from_pretrained(out / "model")
     # Both ranks agree: the logged loss is the mean over ranks, identical in each process's view.
     assert summary(out)["steps"] == 2
+
+
+def test_fine_tune_from_a_single_safetensors_file(tmp_path):
+    from diffusers import StableDiffusionPipeline as Stock
+    from safetensors.torch import save_file
+
+    from tests.test_loading_single_file import to_ldm_checkpoint
+    from tests.tiny_models import tiny_sd_components
+
+    components = tiny_sd_components()
+    file = tmp_path / "tiny-ldm.safetensors"
+    save_file(to_ldm_checkpoint(components), str(file))
+    config_dir = tmp_path / "config"
+    Stock(**components, requires_safety_checker=False).save_pretrained(str(config_dir))
+    for weights in config_dir.rglob("*.safetensors"):
+        weights.unlink()  # configs and tokenizer only
+    run = [a for a in args(tmp_path / "run", "--prediction_type", "v_prediction") if a not in ("--from_scratch", str(TINY))]
+    model = main(run + ["--pretrained_model_name_or_path", str(file), "--single_file_config", str(config_dir)])
+    tuned = Stock.from_pretrained(model)
+    assert tuned.scheduler.config.prediction_type == "v_prediction"
+    assert list(tuned.unet.config.block_out_channels) == list(components["unet"].config.block_out_channels)

@@ -8,8 +8,10 @@ read disjoint slices of each global batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,7 +25,7 @@ from training import shapes
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-SHAPES_VALIDATION_SEED_OFFSET = 7_919  # validation samples come from a different stream than training
+SHAPES_VALIDATION_SEED = 987_654_321  # one fixed validation stream: validation losses compare across runs and seeds
 
 
 # ---------------------------------------------------------------- sources
@@ -41,11 +43,15 @@ class ImageSource:
         return self.image if self.image is not None else Image.open(self.path).convert("RGB")
 
 
-def shapes_sources(seed: int, count: int, validation: bool = False) -> list[ImageSource]:
-    """`count` shapes samples of the train split (paraphrased captions for training, canonical for validation)."""
-    stream_seed = seed + SHAPES_VALIDATION_SEED_OFFSET if validation else seed
-    samples = shapes.generate(stream_seed, count, split="train", paraphrases=not validation)
-    return [ImageSource(caption=s.caption, image=s.image) for s in samples]
+def shapes_sources(seed: int, count: int) -> list[ImageSource]:
+    """`count` training samples: the train split with paraphrased captions."""
+    return [ImageSource(s.caption, image=s.image) for s in shapes.generate(seed, count, "train", paraphrases=True)]
+
+
+def shapes_validation_sources(count: int) -> list[ImageSource]:
+    """The held-out validation batch: a fixed stream of the train split with canonical captions (same for every run)."""
+    samples = shapes.generate(SHAPES_VALIDATION_SEED, count, "train", paraphrases=False)
+    return [ImageSource(s.caption, image=s.image) for s in samples]
 
 
 def shapes_vocabulary() -> list[str]:
@@ -58,8 +64,6 @@ def shapes_vocabulary() -> list[str]:
 
 def caption_vocabulary(captions: Sequence[str]) -> list[str]:
     """The distinct lower-case words of some captions (for a from-scratch tokenizer)."""
-    import re
-
     return list(dict.fromkeys(w for c in captions for w in re.findall(r"[a-z0-9]+", c.lower())))
 
 
@@ -278,7 +282,5 @@ def check_resolution(resolution: int, vae_factor: int) -> None:
 
 def cache_key(parts: dict) -> str:
     """A short stable hash of what determines a latent cache."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -85,7 +85,7 @@ def load_dataset(config: TrainConfig) -> Dataset:
     if d.dataset == "shapes":
         return Dataset(
             data.shapes_sources(seed, d.num_train_samples),
-            data.shapes_sources(seed, d.num_validation_samples, validation=True),
+            data.shapes_validation_sources(d.num_validation_samples),
             data.shapes_vocabulary(),
         )
     if d.train_data_dir is None:
