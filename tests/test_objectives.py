@@ -63,15 +63,29 @@ def test_flow_weight_equals_x0_space_weight():
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample", "flow"])
-def test_zero_terminal_snr_weights_are_finite_and_nonzero(prediction_type):
+def test_zero_terminal_snr_weights_are_finite_and_the_floor_trains_the_pure_noise_step(prediction_type):
     zero_snr = prediction_type != "flow"
     schedule = build_schedule(prediction_type, "scaled_linear", 1000, zero_terminal_snr=zero_snr)
-    objective = Objective(schedule, prediction_type, snr_gamma=GAMMA)
-    _, alpha, sigma = objective.fixed_levels(50) if prediction_type == "flow" else objective.vp_levels(torch.arange(1000))
-    if prediction_type != "flow":
-        assert schedule.snr[-1] == 0  # the rescale reached zero terminal SNR
-    weights = objective.loss_weights(alpha, sigma)
-    assert torch.isfinite(weights).all() and (weights > 0).all()
+    if prediction_type == "flow":
+        levels = Objective(schedule, "flow").flow_levels(torch.linspace(0.01, 1.0, 100, dtype=torch.float64))
+    else:
+        levels = Objective(schedule, prediction_type).vp_levels(torch.arange(1000))
+    _, alpha, sigma = levels
+    snr = (alpha / sigma) ** 2
+    assert snr[-1] == 0  # the schedule reaches pure noise
+    plain = Objective(schedule, prediction_type, snr_gamma=GAMMA).loss_weights(alpha, sigma)
+    floored = Objective(schedule, prediction_type, snr_gamma=GAMMA, snr_floor=1.0).loss_weights(alpha, sigma)
+    assert torch.isfinite(plain).all() and torch.isfinite(floored).all()
+    assert plain[-1] == 0  # the paper's weight: the pure-noise step is never trained
+    assert floored[-1] == pytest.approx(1.0)  # truncated SNR: x0-space weight max(SNR, 1) -> 1 at SNR = 0
+    high = snr >= 1
+    torch.testing.assert_close(floored[high], plain[high])  # unchanged where SNR >= 1
+    assert (floored >= plain).all()
+
+
+def test_epsilon_weights_ignore_the_floor():
+    snr = torch.tensor([0.0, 0.5, 10.0], dtype=torch.float64)
+    torch.testing.assert_close(min_snr_weights(snr, GAMMA, "epsilon", snr_floor=1.0), min_snr_weights(snr, GAMMA, "epsilon"))
 
 
 def test_weights_use_snr_after_zero_terminal_rescale():

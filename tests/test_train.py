@@ -131,7 +131,7 @@ def test_each_objective_overfits_a_fixed_batch(prediction_type):
 @pytest.mark.parametrize(
     "objective, expected",
     [
-        (["--prediction_type", "v_prediction", "--zero_terminal_snr", "--snr_gamma", "5"],
+        (["--prediction_type", "v_prediction", "--zero_terminal_snr", "--snr_gamma", "5", "--snr_floor", "1"],
          {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),
         (["--prediction_type", "epsilon", "--noise_schedule", "cosine", "--noise_offset", "0.05"],
          {"prediction_type": "epsilon", "beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": False}),

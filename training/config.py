@@ -92,6 +92,10 @@ class ObjectiveOptions:
     )
     num_train_timesteps: int = option(1000, "Training timesteps (from scratch; otherwise from the scheduler config).")
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is recommended.")
+    snr_floor: float | None = option(
+        None, "Min-SNR: lower bound of the x0-space weight for v/sample/flow (1.0 = truncated SNR, Salimans & Ho "
+        "2022); recommended with --zero_terminal_snr, whose pure-noise step otherwise gets weight 0.",
+    )
     noise_offset: float = option(0.0, "Noise offset: add this times per-channel N(0,1) to the noise.")
     input_perturbation: float = option(0.0, "Input perturbation (Ning et al. 2023): noise the input with eps + g*xi.")
     timestep_sampling: Literal["uniform", "logit_normal"] = option(

@@ -18,12 +18,21 @@ weighted by min(SNR, gamma) * c_y:
 All four are written so that SNR = 0 and SNR = inf give finite limits (epsilon: 1
 and 0; v: 0 and 0; sample: 0 and g; flow: 0 and 0). The SNR is the one of the
 schedule actually trained, i.e. after any zero-terminal-SNR rescale (kohya's
-sd-scripts uses the SNR before it, issue #1263). With zero terminal SNR the
-terminal step's weight is exactly 0 for v/sample/flow (diffusers #9451: the "v
-weights collapse"), so that step would never be trained; we evaluate the weight of
-an SNR = 0 step at the smallest positive SNR of the training grid instead (the
-terminal step gets its neighbour's weight). Epsilon with zero terminal SNR is
-refused before training (`check_objective`), since x_0 is not recoverable there.
+sd-scripts uses the SNR before it, issue #1263).
+
+Zero terminal SNR, our choices (diffusers #9451):
+* epsilon: min(SNR, g)/SNR is 0/0 at SNR = 0; we use its limit, 1 (no division).
+  Epsilon with zero terminal SNR is refused anyway (`check_objective`): x_0 is not
+  recoverable there.
+* v / sample / flow: the paper's weights are exactly 0 at SNR = 0 (the x_0-space
+  weight min(SNR, g) vanishes), so the pure-noise step, the first step of every
+  trailing-spacing sampler, would never be trained. `snr_floor` bounds the x_0-space
+  weight from below: w_x0 = max(min(SNR, g), floor). floor = 1 is Salimans & Ho's
+  "truncated SNR" weight max(SNR, 1) (2022, Sec. 4) capped at g; it gives the
+  terminal step weight 1 (v, sample) and leaves every step with SNR >= 1 as in the
+  paper. It is off unless asked for (`--snr_floor 1`), and the training script warns
+  when zero terminal SNR is combined with Min-SNR without it. It does not apply to
+  epsilon, whose weight at low SNR is already 1.
 """
 
 from __future__ import annotations
@@ -57,22 +66,25 @@ def check_objective(prediction_type: str, zero_terminal_snr: bool) -> None:
         )
 
 
-def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str, snr_floor: float | None = None) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 8 and App. A) for a prediction type.
 
-    Finite for SNR in [0, inf]; see the module docstring for each formula.
+    Finite for SNR in [0, inf]; `snr_floor` bounds the x_0-space weight from below (v/sample/flow),
+    see the module docstring.
     """
     parameterization.check_prediction_type(prediction_type)
     snr = snr.to(torch.float64)
-    clipped = snr.clamp(max=gamma)
     if prediction_type == "epsilon":
         return torch.where(snr <= gamma, torch.ones_like(snr), gamma / snr)
+    x0_weight = snr.clamp(max=gamma)
+    if snr_floor is not None:
+        x0_weight = x0_weight.clamp(min=min(snr_floor, gamma))
     if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
+        return x0_weight / (snr + 1)
     if prediction_type == "sample":
-        return clipped
+        return x0_weight
     # flow: sigma^2 = 1 / (1 + sqrt(SNR))^2 since sqrt(SNR) = (1 - sigma) / sigma.
-    return torch.where(torch.isinf(snr), torch.zeros_like(snr), clipped / (1 + snr.sqrt()) ** 2)
+    return torch.where(torch.isinf(snr), torch.zeros_like(snr), x0_weight / (1 + snr.sqrt()) ** 2)
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class Objective:
     schedule: NoiseSchedule
     prediction_type: str
     snr_gamma: float | None = None
+    snr_floor: float | None = None
     timestep_sampling: str = "uniform"  # flow: "uniform" | "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -153,9 +166,7 @@ class Objective:
         if self.snr_gamma is None:
             return None
         snr = (alpha.to(torch.float64) / sigma.to(torch.float64)) ** 2
-        positive = self.schedule.snr[self.schedule.snr > 0]
-        snr = torch.where(snr == 0, positive.min(), snr)  # zero terminal SNR: the neighbour's weight
-        return min_snr_weights(snr, self.snr_gamma, self.prediction_type)
+        return min_snr_weights(snr, self.snr_gamma, self.prediction_type, self.snr_floor)
 
     def loss(self, model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Mean squared error, per-sample weighted by Min-SNR (diffusers' train_text_to_image loss)."""

@@ -188,9 +188,12 @@ def build_objective(config: TrainConfig, components: Components) -> tuple[Object
         scheduler_keys["beta_start"], scheduler_keys["beta_end"], scheduler_keys["rescale_betas_zero_snr"], o.flow_shift,
     )
     objective = Objective(
-        schedule, scheduler_keys["prediction_type"], o.snr_gamma, o.timestep_sampling, o.logit_mean, o.logit_std,
-        o.flow_shift, o.noise_offset, o.input_perturbation,
+        schedule, scheduler_keys["prediction_type"], o.snr_gamma, o.snr_floor, o.timestep_sampling, o.logit_mean,
+        o.logit_std, o.flow_shift, o.noise_offset, o.input_perturbation,
     )
+    if o.snr_gamma is not None and o.snr_floor is None and bool(schedule.snr.min() == 0):
+        logger.warning("Min-SNR weights are 0 at the zero-SNR step, which then is never trained; consider "
+                       "--snr_floor 1 (see training/objectives.py).")
     return objective, scheduler_keys
 
 
