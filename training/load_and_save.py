@@ -28,8 +28,7 @@ from training.tokenizer import build_clip_tokenizer
 logger = logging.getLogger(__name__)
 
 SCRATCH_FILES = ("unet.json", "vae.json", "text_encoder.json")
-DEFAULT_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
+DEFAULT_SCHEDULER_CONFIG = {  # from scratch, unless scheduler.json or flags say otherwise
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
