@@ -261,10 +261,11 @@ def test_lora_weights_load_with_load_lora_weights(tmp_path):
 # ---------------------------------------------------------------- resume and checkpoints
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("data_path", [["--random_flip"], ["--cache_latents"]], ids=["pixels-flip", "cached-latents"])
+def test_resume_equals_uninterrupted(tmp_path, data_path):
     extra = ["--train_text_encoder", "--use_ema", "--gradient_accumulation_steps", "2", "--snr_gamma", "5",
              "--checkpointing_steps", "3", "--lr_scheduler", "constant", "--learning_rate", "1e-3",
-             "--prediction_type", "v_prediction", "--random_flip", "--noise_offset", "0.1"]
+             "--prediction_type", "v_prediction", "--noise_offset", "0.1", *data_path]
     full = tmp_path / "full"
     main(args(full, *extra, steps=6))
     parted = tmp_path / "parted"
