@@ -324,6 +324,7 @@ def test_accelerate_launch_two_processes_ddp(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Training distributed (gloo) over 2 processes" in result.stderr
+    assert "All 2 processes hold identical weights" in result.stderr  # gradients were all-reduced
     checkpoint = out / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2"]

@@ -249,8 +249,21 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     return Path(config.run.output_dir) / ("lora" if config.model.lora_rank else "model")
 
 
+def check_replicas_agree(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """DDP keeps every process's weights identical; refuse to save if they drifted apart."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([sum(p.detach().double().sum() for p in params), sum(p.detach().double().abs().sum() for p in params)])
+    sums = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
+    if not torch.allclose(sums, sums[:1].expand_as(sums), rtol=1e-9, atol=0):
+        raise RuntimeError(f"Processes hold different weights after training (checksums {sums.tolist()}); "
+                           "gradients were not synchronised.")
+    logger.info("All %d processes hold identical weights.", accelerator.num_processes)
+
+
 def finish(config: TrainConfig, accelerator: Accelerator, validator: Validator, ema, params, save, history) -> None:
     """On the main process: EMA weights in, save the output, write train_summary.json (all ranks wait)."""
+    check_replicas_agree(accelerator, params)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
