@@ -200,7 +200,7 @@ def build_objective(config: TrainConfig, components: Components) -> tuple[Object
 def prepare_diffusion_models(config: TrainConfig, components: Components) -> list[torch.nn.Module]:
     """Freeze what is not trained; returns the modules with trainable parameters."""
     components.vae.requires_grad_(False).eval()
-    components.text_encoder.requires_grad_(config.model.train_text_encoder)
+    components.text_encoder.requires_grad_(config.model.train_text_encoder).train(config.model.train_text_encoder)
     if config.model.lora_rank:
         from training.lora import add_unet_lora
 
@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     set_seed(config.optimization.seed)
     dataset = load_dataset(config)
+    accelerator.log({"data/train_samples": len(dataset.train), "data/skipped_images": dataset.skipped}, step=0)
     components = load_components(config, dataset.words)
     run = train_vae if config.model.train_vae else train_diffusion
     result = run(config, accelerator, components, dataset)

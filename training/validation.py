@@ -110,6 +110,9 @@ class Validator:
         batch = self.batch() if self.config.data.cache_latents else None  # all ranks join the cache build
         metrics = {}
         if self.accelerator.is_main_process:
+            for module in (self.components.unet, self.components.text_encoder, self.components.vae):
+                if module is not None:
+                    module.eval()  # the loop puts the trained modules back in train mode
             batch = batch or self.batch()
             metrics["validation/loss"] = self.eval_loss.fixed_loss(batch, VALIDATION_SEED)
             if self.ema is not None:
