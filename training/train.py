@@ -208,7 +208,8 @@ def prepare_diffusion_models(config: TrainConfig, components: Components) -> lis
     if config.optimization.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if config.model.train_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable()
+            te = components.text_encoder  # transformers 5 renamed gradient_checkpointing_enable
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
     return [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
 
 
