@@ -178,6 +178,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
+        self._call_device: torch.device | None = None
         self.model_id: str | None = None  # set by `load_pipeline`; recorded in recipes
         self.model_hash: str | None = None
 
@@ -186,6 +187,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
     @torch.no_grad()
     def __call__(self, prompt=None, **options) -> LatentPipelineOutput:
         opts = GenerationOptions.from_kwargs(prompt=prompt, **options)
+        self._call_device = self._execution_device  # walks every module (~10 ms): once per call
         # 1. Check inputs
         prompts = self._check_inputs(opts)
         width, height = self._size(opts)
@@ -252,6 +254,10 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
 
     # ------------------------------------------------------------ stages
 
+    @property
+    def _device(self) -> torch.device:
+        return self._call_device or self._execution_device
+
     def _check_inputs(self, opts: GenerationOptions) -> list[str]:
         """The prompt list (placeholders when embeddings are given); errors name the bad option."""
         prompts = as_prompt_list(opts.prompt)
@@ -298,7 +304,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
     def _timesteps(self, opts: GenerationOptions) -> torch.Tensor:
         """The sampler's timesteps; img2img/inpainting starts `strength` of the way from the clean end."""
         steps = opts.num_inference_steps
-        self.scheduler.set_timesteps(steps, device=self._execution_device)
+        self.scheduler.set_timesteps(steps, device=self._device)
         strength = self._strength(opts)
         if strength >= 1.0:
             return self.scheduler.timesteps
@@ -324,7 +330,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
             negative = as_prompt_list(opts.negative_prompt, "negative_prompt")
             return encode_pair(self.text_encoder, self.tokenizer, prompts, negative, with_uncond=with_uncond,
                                clip_skip=opts.clip_skip)
-        cond = opts.prompt_embeds.to(self._execution_device, self.text_encoder.dtype)
+        cond = opts.prompt_embeds.to(self._device, self.text_encoder.dtype)
         uncond = opts.negative_prompt_embeds
         if uncond is None and with_uncond:
             empty = encode_pair(self.text_encoder, self.tokenizer, [""], None, with_uncond=False,
@@ -338,7 +344,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         count, width, height = batch
         f = self.vae_scale_factor
         shape = (count, self.unet.config.in_channels, height // f, width // f)
-        noise = randn_tensor(shape, generator=generators, device=self._execution_device, dtype=dtype)
+        noise = randn_tensor(shape, generator=generators, device=self._device, dtype=dtype)
         if opts.image is None:
             return noise * self.scheduler.init_noise_sigma, None
         known = self._encode_image(opts.image, count, width, height).to(dtype)
@@ -353,7 +359,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
     def _encode_image(self, image, count: int, width: int, height: int) -> torch.Tensor:
         """Init image(s) -> scaled latents, one per output image (the posterior mean: deterministic)."""
         pixels = self.image_processor.preprocess(image, height=height, width=width)
-        pixels = _broadcast(pixels, count, "image").to(self._execution_device, self.vae.dtype)
+        pixels = _broadcast(pixels, count, "image").to(self._device, self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
         shift = self.vae.config.shift_factor or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
@@ -361,7 +367,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
     def _latent_mask(self, mask_image, count: int, width: int, height: int) -> torch.Tensor:
         mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
         mask = F.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor))
-        return _broadcast(mask, count, "mask_image").to(self._execution_device)
+        return _broadcast(mask, count, "mask_image").to(self._device)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
