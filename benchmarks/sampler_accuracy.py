@@ -247,6 +247,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 10))
     for ax, (name, rows) in zip(axes.flat, results.items()):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for row in rows:
             if row["stochastic"] or not row["label"].startswith(PLOTTED):
                 continue
