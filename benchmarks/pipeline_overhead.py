@@ -9,7 +9,7 @@ Two model shapes, random weights, same scheduler (DDIM, SD 1.5 betas), same seed
 Rows: stock, ours at equal work (ratio target <= 1.0), ours with guidance intervals in the
 range Kynkaenniemi et al. 2024 use ((0.28, 5.42] for SD-XL, and a narrower one) (ratio
 target < 0.85), with the mean absolute pixel difference (images in [0, 1]) to our fully
-guided image. Warm-up first, then the variants interleaved, repeated. Times are the
+guided image. Warm-up first, then the variants interleaved (rotating order), repeated. Times are the
 process' CPU time with one torch thread (the work done; wall time on a machine shared with
 other jobs is shown too but is noisy); "ratio" is the median over repeats of (variant /
 stock in the same repeat). Prints a Markdown table.
@@ -103,9 +103,10 @@ def measure(name: str, components: dict, size: int, steps: int, repeats: int) ->
     outputs = {k: timed(fn)[2] for k, fn in runs.items()}  # warm-up
     times = {k: [] for k in runs}
     walls = {k: [] for k in runs}
-    for _ in range(repeats):
-        for key, fn in runs.items():  # interleaved
-            cpu, wall, _ = timed(fn)
+    order = list(runs)
+    for r in range(repeats):
+        for key in order[r % len(order):] + order[: r % len(order)]:  # interleaved, rotating who goes first
+            cpu, wall, _ = timed(runs[key])
             times[key].append(cpu)
             walls[key].append(wall)
     evaluations = {"stock": 2 * steps, "ours": 2 * steps}

@@ -221,6 +221,10 @@ class GuidancePlan:
             return 1.0
         return self.guidance.scale_at(timestep)
 
+    def scales(self, timesteps) -> list[float]:
+        """w for every step of a run."""
+        return [self.scale_at(t) for t in torch.as_tensor(timesteps).tolist()]
+
     @staticmethod
     def needs_uncond(scale: float) -> bool:
         return scale != 1.0

@@ -196,33 +196,34 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         seeds = image_seeds(opts.seed, count)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         guidance = self._guidance(opts)
-        plan = GuidancePlan(guidance, self.scheduler)
         timesteps = self._timesteps(opts)
+        scales = GuidancePlan(guidance, self.scheduler).scales(timesteps)  # w per step, 1.0 = no uncond pass
         # 3. Encode prompts (the unconditional ones only if some step is guided)
-        with_uncond = any(plan.needs_uncond(plan.scale_at(t)) for t in timesteps)
+        with_uncond = any(GuidancePlan.needs_uncond(w) for w in scales)
         embeds = self._embeddings(opts, prompts, with_uncond).repeat_each(opts.num_images_per_prompt)
         # 4. Initial latents: noise, or the init image noised to the first timestep
         latents, blend = self._initial_latents(opts, (count, width, height), timesteps, generators, embeds.cond.dtype)
         # 5. Denoising loop
-        latents, evaluations = self._denoise(latents, timesteps, embeds, plan, blend, generators, opts)
+        latents, evaluations = self._denoise(latents, timesteps, scales, embeds, guidance, blend, generators, opts)
         # 6. Decode
         images = self._decode(latents, opts.output_type)
         recipes = self._recipes(opts, guidance, prompts, seeds, (width, height))
         return LatentPipelineOutput(images=images, seeds=seeds, unet_evaluations=evaluations, recipes=recipes)
 
-    def _denoise(self, latents, timesteps, embeds: PromptEmbeddings, plan: GuidancePlan, blend, generators, opts):
+    def _denoise(self, latents, timesteps, scales, embeds: PromptEmbeddings, guidance: Guidance, blend, generators,
+                 opts):
         """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
         step_kwargs = {"generator": generators} if _step_takes_generator(self.scheduler) else {}
         evaluations = 0
-        for i, t in enumerate(tqdm(timesteps, disable=not opts.progress_bar, desc="denoising")):
+        for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), disable=not opts.progress_bar, desc="denoising")):
             x_in = self.scheduler.scale_model_input(latents, t)
-            w = plan.scale_at(t)
-            if plan.needs_uncond(w):
+            guided = GuidancePlan.needs_uncond(w)
+            if guided:
                 pred_uncond, pred_cond = self._predict(torch.cat([x_in, x_in]), t, embeds.pair()).chunk(2)
-                pred = plan.guidance.combine(pred_uncond, pred_cond, w)
+                pred = guidance.combine(pred_uncond, pred_cond, w)
             else:
                 pred = self._predict(x_in, t, embeds.cond)
-            evaluations += 2 if plan.needs_uncond(w) else 1
+            evaluations += 2 if guided else 1
             latents = self.scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
             if blend is not None:
                 latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
