@@ -73,8 +73,9 @@ def pipelines(components: dict):
     return stock, ours
 
 
-def runners(stock, ours, size: int, steps: int) -> dict:
-    common = {"num_inference_steps": steps, "guidance_scale": 7.5, "width": size, "height": size, "output_type": "np"}
+def runners(stock, ours, size: int, steps: int, output_type: str = "np") -> dict:
+    common = {"num_inference_steps": steps, "guidance_scale": 7.5, "width": size, "height": size,
+              "output_type": output_type}
 
     def run_stock():
         return stock(PROMPT, generator=[torch.Generator().manual_seed(0)], **common).images
@@ -124,6 +125,21 @@ def measure(name: str, components: dict, size: int, steps: int, repeats: int) ->
     return rows
 
 
+def overhead_only(repeats: int, steps: int) -> str:
+    """Everything but the networks: the tiny UNet's forward replaced by a constant-time stand-in,
+    latents returned (no VAE decode). What remains is each pipeline's own per-call and per-step cost."""
+    components = tiny_sd_components()
+    stock, ours = pipelines(components)
+    components["unet"].forward = lambda sample, t, encoder_hidden_states=None, return_dict=True, **kw: (0.1 * sample,)
+    runs = runners(stock, ours, 32, steps, output_type="latent")
+    times = {"stock": [], "ours": []}
+    for r in range(repeats):
+        for key in ("stock", "ours") if r % 2 else ("ours", "stock"):
+            times[key].append(timed(runs[key])[0])
+    stock_ms, ours_ms = (1000 * statistics.median(times[k]) for k in ("stock", "ours"))
+    return f"Pipeline overhead without UNet and VAE ({steps} steps, CFG): stock {stock_ms:.1f} ms, ours {ours_ms:.1f} ms"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -143,12 +159,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for row in measure("tiny", tiny_sd_components(), 32, args.steps, args.repeats):
         print(row, flush=True)
+    overhead = overhead_only(2 * args.repeats, args.steps)
     if not args.skip_sd15:
         for row in measure("SD-1.5-shaped", sd15_components(), args.sd15_size, args.steps, args.sd15_repeats):
             print(row, flush=True)
     if args.model:
         for row in measure(*trained_model(args.model), args.steps, args.repeats):
             print(row, flush=True)
+    print(f"\n{overhead}")
 
 
 def trained_model(model: str) -> tuple[str, dict, int]:
