@@ -295,24 +295,24 @@ def remove_stale_temporaries(out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ldm-generate", description="Generate images from prompts (see `python -m pydoc ldm_pipeline.generate`).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Run under `accelerate launch ... -m ldm_pipeline` to split the images between processes.",
     )
     p.add_argument("prompt", nargs="?", help="one prompt (or use --prompts)")
     p.add_argument("--prompts", metavar="FILE", help=".txt (one prompt per line) or .jsonl (per-line overrides: "
                    + ", ".join(LINE_KEYS) + ")")
     # what to generate
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=30, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w")
-    p.add_argument("--guidance-schedule", default="constant", choices=SCHEDULE_NAMES, help="w as a function of t")
-    p.add_argument("--guidance-min-scale", type=float, default=1.0, help="w at the far end of the ramps")
+    p.add_argument("--n", type=int, default=1, help="images per prompt (default %(default)s)")
+    p.add_argument("--steps", type=int, default=30, help="sampler steps (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w (default %(default)s)")
+    p.add_argument("--guidance-schedule", default="constant", choices=SCHEDULE_NAMES, help="w as a function of t (default %(default)s)")
+    p.add_argument("--guidance-min-scale", type=float, default=1.0, help="w at the far end of the ramps (default %(default)s)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
                    help="guide only where SIGMA_LO < sigma <= SIGMA_HI (sigma = sigma_t/alpha_t)")
     p.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale phi (default: 0.7 for zero-terminal-SNR models, else 0)")
     p.add_argument("--scheduler", default=None, metavar="NAME", help="sampler name (default: the model's own)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i gets seed + 10000*i + k")
+    p.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i gets seed + 10000*i + k (default %(default)s)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--clip-skip", type=int, default=None, help="1 = penultimate CLIP layer (diffusers convention)")
@@ -320,10 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="PATH", help="diffusers folder or .safetensors (default: embedded)")
     p.add_argument("--config", default=None, metavar="DIR", help="config folder for a single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt weights (can run code)")
-    p.add_argument("--out", default="outputs", metavar="DIR", help="output folder")
-    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default %(default)s)")
     p.add_argument("--device", default=None, help="default: the accelerate process' device")
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default fp32")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="weights dtype (default fp32)")
     p.add_argument("--xformers", action="store_true", help="xformers attention if installed and on CUDA")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     p.add_argument("--verbose", action="store_true", help="log progress")
