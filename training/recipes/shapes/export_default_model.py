@@ -1,7 +1,7 @@
 """Export a trained shapes model folder as the embedded default model (`ldm_pipeline/default_model/`).
 
     python training/recipes/shapes/export_default_model.py RUN_DIR/output [--dest ldm_pipeline/default_model]
-        [--sampler DPMSolverMultistepScheduler] [--steps 20] [--guidance 3.0] [--fp16]
+        [--vae FINETUNED_VAE] [--sampler DPMSolverMultistepScheduler] [--steps 20] [--guidance 3.0] [--fp16]
 
 Copies the StableDiffusionPipeline folder the training script wrote (safetensors), sets the
 default sampler (the trained noise schedule and prediction type are kept), optionally stores the
@@ -58,8 +58,16 @@ def record(pipe: StableDiffusionPipeline, steps: int, guidance: float, stored_dt
     }
 
 
-def export(source: Path, dest: Path, sampler: str, steps: int, guidance: float, fp16: bool) -> dict:
+def export(source: Path, dest: Path, sampler: str, steps: int, guidance: float, fp16: bool, vae: Path | None) -> dict:
     pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, safety_checker=None)
+    if vae is not None:  # the fine-tuned decoder (same encoder, same latent space and scaling factor)
+        from diffusers import AutoencoderKL
+
+        replacement = AutoencoderKL.from_pretrained(vae)
+        if replacement.config.scaling_factor != pipe.vae.config.scaling_factor:
+            raise ValueError(f"{vae} has scaling_factor {replacement.config.scaling_factor}, the model was trained "
+                             f"with {pipe.vae.config.scaling_factor}: not the same latent space.")
+        pipe.vae = replacement
     pipe.scheduler = default_scheduler(dict(pipe.scheduler.config), sampler)
     if fp16:
         pipe.to(torch.float16)
@@ -88,11 +96,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sampler", default="DPMSolverMultistepScheduler", help="A diffusers scheduler class name.")
     parser.add_argument("--steps", type=int, default=20, help="Recommended sampler steps (recorded).")
     parser.add_argument("--guidance", type=float, default=3.0, help="Recommended guidance scale (recorded).")
+    parser.add_argument("--vae", type=Path, default=None, help="A fine-tuned VAE folder (same encoder) to ship.")
     parser.add_argument("--fp16", action="store_true", help="Store weights in fp16 (they load as fp32).")
     args = parser.parse_args(argv)
     if not (args.source / "model_index.json").is_file():
         parser.error(f"{args.source} has no model_index.json: pass the folder the training run wrote.")
-    info = export(args.source, args.dest, args.sampler, args.steps, args.guidance, args.fp16)
+    info = export(args.source, args.dest, args.sampler, args.steps, args.guidance, args.fp16, args.vae)
     print(json.dumps(info, indent=2))
     return 0
 
