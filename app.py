@@ -12,9 +12,16 @@ into gallery entries.
 from __future__ import annotations
 
 import argparse
+import copy
+import random
 import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import gradio as gr
 import matplotlib
 
 matplotlib.use("Agg")  # the server has no display; figures are rendered to images
@@ -58,6 +65,141 @@ def validate_request(
         problems.append(f"Seed must be -1 (random) or from 0 to {MAX_SEED}, got {seed}.")
     if problems:
         raise ValueError(" ".join(problems))
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class GenerationRequest:
+    """One Generate click, every field already a Python value (see `request_from_form`)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    sampler: str = ""
+    steps: int = 20
+    guidance_scale: float = 7.5
+    guidance_schedule: str = "constant"
+    guidance_min_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
+    guidance_rescale: float | None = None  # None = the pipeline's automatic choice
+    width: int = 512
+    height: int = 512
+    seed: int = -1
+    batch_count: int = 1
+    batch_size: int = 1
+    image: object = None  # img2img / inpainting init image (PIL)
+    mask_image: object = None  # inpainting mask (PIL, white = repaint)
+    strength: float | None = None
+
+    def seeds(self) -> list[list[int]]:
+        """Seeds per batch: consecutive from the request's seed (a random one for -1)."""
+        first = random.randrange(2**31) if self.seed == -1 else self.seed
+        n = self.batch_size
+        return [[first + b * n + j for j in range(n)] for b in range(self.batch_count)]
+
+    def pipeline_options(self) -> dict:
+        return dict(
+            negative_prompt=self.negative_prompt or None, num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale, guidance_schedule=self.guidance_schedule,
+            guidance_min_scale=self.guidance_min_scale, guidance_interval=self.guidance_interval,
+            guidance_rescale=self.guidance_rescale, width=self.width, height=self.height,
+            num_images_per_prompt=self.batch_size, image=self.image, mask_image=self.mask_image,
+            strength=self.strength, progress_bar=False,
+        )
+
+
+def check_guidance(request: GenerationRequest) -> None:
+    """The guidance fields the pipeline would reject, checked before the model runs."""
+    from ldm_pipeline.guidance import SCHEDULE_NAMES, as_interval
+
+    if request.guidance_schedule not in SCHEDULE_NAMES:
+        raise ValueError(f"Unknown guidance schedule {request.guidance_schedule!r}: choose one of "
+                         f"{', '.join(SCHEDULE_NAMES)}.")
+    as_interval(request.guidance_interval)  # raises ValueError naming the bounds
+    if request.guidance_rescale is not None and not 0.0 <= request.guidance_rescale <= 1.0:
+        raise ValueError(f"Guidance rescale must be from 0 to 1 (or -1 for automatic), got {request.guidance_rescale}.")
+    if request.strength is not None and not 0.0 < request.strength <= 1.0:
+        raise ValueError(f"Strength must be above 0 and at most 1, got {request.strength}.")
+
+
+@dataclass
+class Generator:
+    """The model loaded once at start-up, shared by every request.
+
+    Each request runs on its own shallow copy of the pipeline (same weights, its own
+    scheduler instance and tokenizer), so concurrent requests never share sampler state.
+    """
+
+    pipe: object
+    outputs: Path
+    schedulers: dict = field(default_factory=dict)  # name -> prepared scheduler, or the error for this model
+    stops: dict = field(default_factory=dict)  # session -> threading.Event set by Cancel
+
+    @classmethod
+    def load(cls, model, outputs: Path, **load_options) -> "Generator":
+        from ldm_pipeline import available_schedulers, load_pipeline
+        from ldm_pipeline.generate import prepare_schedulers
+
+        pipe = load_pipeline(model, **load_options)
+        return cls(pipe, outputs, prepare_schedulers(pipe, set(available_schedulers())))
+
+    @property
+    def sampler_names(self) -> list[str]:
+        return sorted(name for name, s in self.schedulers.items() if name and not isinstance(s, Exception))
+
+    def request_pipe(self, sampler: str):
+        """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
+        prepared = self.schedulers[sampler]
+        base = self.pipe
+        pipe = type(base)(vae=base.vae, text_encoder=base.text_encoder, unet=base.unet,
+                          tokenizer=copy.deepcopy(base.tokenizer),  # fast tokenizers are not thread-safe
+                          scheduler=type(prepared).from_config(prepared.config))
+        pipe.model_id, pipe.model_hash = base.model_id, base.model_hash
+        return pipe
+
+    def validate(self, request: GenerationRequest) -> None:
+        validate_request(request.prompt, request.sampler, self.sampler_names, request.steps, request.width,
+                         request.height, request.batch_size, request.batch_count, request.seed)
+        check_guidance(request)
+
+    def generate(self, request: GenerationRequest, on_step=None, stop: threading.Event | None = None) -> list[tuple[Path, dict]]:
+        """Make every image of a request; returns (written PNG, recipe) pairs.
+
+        `on_step(done, total)` reports progress; setting `stop` ends the run after the current step.
+        """
+        self.validate(request)
+        pipe = self.request_pipe(request.sampler)
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        batches = request.seeds()
+        results, done = [], 0
+
+        def callback(info) -> bool:
+            nonlocal done
+            done += 1
+            if on_step is not None:
+                on_step(done, info.num_steps * len(batches))
+            return stop is not None and stop.is_set()
+
+        for seeds in batches:
+            out = pipe(request.prompt, seed=seeds, callback=callback, **request.pipeline_options())
+            for image, recipe in zip(out.images, out.recipes):
+                results.append((self.write(image, recipe), recipe))
+        return results
+
+    def write(self, image, recipe: dict) -> Path:
+        """The PNG with the same embedded parameters as `ldm-generate` writes (atomic)."""
+        from ldm_pipeline import metadata
+
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}-seed{recipe['seed']}.png"
+        return metadata.write_png(self.outputs / name, image, recipe)
+
+
+def caption(recipe: dict) -> str:
+    """The gallery caption: the A1111 parameters line the PNG carries."""
+    from ldm_pipeline import metadata
+
+    return metadata.format_parameters(recipe)
 
 
 # ---------------------------------------------------------------- schedules tab
@@ -120,6 +262,270 @@ def accuracy_table_markdown(path: Path = ACCURACY_TABLE) -> str:
     )
 
 
+# ---------------------------------------------------------------- layout and callbacks
+
+SETTING_NAMES = (  # the generation settings every tab shares, in the order the callbacks receive them
+    "prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_min_scale",
+    "use_interval", "sigma_lo", "sigma_hi", "guidance_rescale", "width", "height", "seed", "batch_count", "batch_size",
+)
+
+
+def request_from_form(values: dict) -> GenerationRequest:
+    """A GenerationRequest from the shared settings (Gradio numbers arrive as floats; -1 means automatic/random)."""
+    v = dict(values)
+    bounds = (float(v.pop("sigma_lo")), float(v.pop("sigma_hi")))
+    interval = bounds if v.pop("use_interval") else None
+    rescale = float(v.pop("guidance_rescale"))
+    ints = {k: _whole(k, v.pop(k)) for k in ("steps", "width", "height", "seed", "batch_count", "batch_size")}
+    return GenerationRequest(**v, **ints, guidance_interval=interval, guidance_rescale=None if rescale < 0 else rescale)
+
+
+def _whole(name: str, value) -> int | float:
+    """An int if the number is whole; left fractional so validation names the field."""
+    if value is None:
+        raise ValueError(f"{name.replace('_', ' ').capitalize()} is empty: type a number.")
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def settings_controls(samplers: list[str], native: int) -> dict:
+    """The shared settings widgets (prompt, sampler, guidance, size, seed, batch)."""
+    from ldm_pipeline.guidance import SCHEDULE_NAMES
+
+    c = {}
+    c["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
+    c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1)
+    with gr.Row():
+        c["sampler"] = gr.Dropdown(samplers, value=_default_sampler(samplers), label="Sampler")
+        c["steps"] = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+    with gr.Row():
+        c["width"] = gr.Slider(8, MAX_SIDE, value=native, step=8, label="Width")
+        c["height"] = gr.Slider(8, MAX_SIDE, value=native, step=8, label="Height")
+    with gr.Row():
+        c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+        c["batch_count"] = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count")
+        c["batch_size"] = gr.Slider(1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size")
+    with gr.Accordion("Guidance", open=False):
+        with gr.Row():
+            c["guidance_scale"] = gr.Slider(1.0, 30.0, value=7.5, step=0.5, label="Guidance scale (CFG)")
+            c["guidance_rescale"] = gr.Number(value=-1, label="Guidance rescale phi (-1 = automatic)")
+        with gr.Row():
+            c["guidance_schedule"] = gr.Dropdown(list(SCHEDULE_NAMES), value="constant", label="Dynamic guidance")
+            c["guidance_min_scale"] = gr.Number(value=1.0, label="Minimum scale of the ramps")
+        with gr.Row():
+            c["use_interval"] = gr.Checkbox(value=False, label="Guide only inside a noise-level interval")
+            c["sigma_lo"] = gr.Number(value=0.28, label="sigma low (sigma_t / alpha_t)")
+            c["sigma_hi"] = gr.Number(value=5.42, label="sigma high")
+    return c
+
+
+def _default_sampler(samplers: list[str]) -> str | None:
+    for name in ("dpmpp-2m", "euler", "ddim"):
+        if name in samplers:
+            return name
+    return samplers[0] if samplers else None
+
+
+def output_controls(prefix: str) -> dict:
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
+        cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
+    gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id=f"{prefix}-gallery")
+    info = gr.Markdown(elem_id=f"{prefix}-info")
+    files = gr.File(label="Download PNGs (parameters embedded)", file_count="multiple")
+    with gr.Row():
+        reuse = gr.Button("Reuse seed of the selected image")
+    return dict(generate=generate, cancel=cancel, gallery=gallery, info=info, files=files, reuse=reuse,
+                seeds=gr.State([]), selected=gr.State(0))
+
+
+def run_request(generator: Generator, request: GenerationRequest, session: str, progress) -> tuple:
+    """Gallery entries, a Markdown summary, the file paths and the seeds; any failure -> gr.Error."""
+    from ldm_pipeline import GenerationCancelled
+
+    stop = generator.stops[session] = threading.Event()
+    try:
+        generator.validate(request)
+    except ValueError as error:
+        raise gr.Error(str(error), title="Invalid request") from None
+    results = []
+    try:
+        results = generator.generate(request, on_step=lambda d, t: progress((d, t), unit="steps"), stop=stop)
+    except GenerationCancelled:
+        gr.Warning("Generation cancelled.")
+    except Exception as error:  # shown to this user only; the server and other requests carry on
+        raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", title="Generation failed") from None
+    finally:
+        generator.stops.pop(session, None)
+    seeds = [recipe["seed"] for _, recipe in results]
+    gallery = [(str(path), caption(recipe)) for path, recipe in results]
+    summary = "\n".join(f"- `{path.name}`: seed **{recipe['seed']}**" for path, recipe in results)
+    return gallery, summary, [str(p) for p, _ in results], seeds
+
+
+def stop_session(generator: Generator, session: str) -> None:
+    event = generator.stops.get(session)
+    if event is not None:
+        event.set()
+
+
+def wire_outputs(generator: Generator, settings: dict, outputs: dict, extra_inputs: list, build, api_name: str):
+    """Generate / Cancel / gallery selection / reuse seed for one tab.
+
+    `build(values: dict, *extra) -> GenerationRequest` turns the form into a request.
+    """
+    names = list(SETTING_NAMES)
+    inputs = [settings[n] for n in names] + extra_inputs
+
+    # Gradio injects gr.Request and gr.Progress only into leading positional parameters.
+    def on_generate(request: gr.Request, progress=gr.Progress(), *values):
+        try:
+            req = build(dict(zip(names, values[: len(names)])), *values[len(names):])
+        except ValueError as error:
+            raise gr.Error(str(error), title="Invalid request") from None
+        return run_request(generator, req, request.session_hash, progress)
+
+    event = outputs["generate"].click(
+        on_generate, inputs=inputs,
+        outputs=[outputs["gallery"], outputs["info"], outputs["files"], outputs["seeds"]], api_name=api_name,
+    )
+    def on_cancel(request: gr.Request):
+        stop_session(generator, request.session_hash)  # the pipeline stops after its current step
+
+    def on_select(evt: gr.SelectData):
+        return evt.index
+
+    def on_reuse(seeds, index, current):
+        return seeds[index] if seeds and index < len(seeds) else current
+
+    outputs["cancel"].click(on_cancel, inputs=None, outputs=None, cancels=[event], api_name=f"{api_name}_cancel")
+    outputs["gallery"].select(on_select, inputs=None, outputs=outputs["selected"], api_name=False)
+    outputs["reuse"].click(on_reuse, inputs=[outputs["seeds"], outputs["selected"], settings["seed"]],
+                           outputs=settings["seed"], api_name=False)
+
+
+def txt2img_request(values: dict) -> GenerationRequest:
+    return request_from_form(values)
+
+
+def img2img_request(values: dict, image, strength) -> GenerationRequest:
+    if image is None:
+        raise ValueError("No init image: upload the image to start from.")
+    return replace_image(request_from_form(values), image.convert("RGB"), None, strength)
+
+
+def inpaint_request(values: dict, editor, strength) -> GenerationRequest:
+    """Init image = the editor's background; mask = everything painted on its layers (white = repaint)."""
+    if not editor or editor.get("background") is None:
+        raise ValueError("No image to inpaint: upload one, then paint over the part to repaint.")
+    mask = painted_mask(editor)
+    if mask.getbbox() is None:
+        raise ValueError("The mask is empty: paint over the part of the image to repaint.")
+    return replace_image(request_from_form(values), editor["background"].convert("RGB"), mask, strength)
+
+
+def painted_mask(editor: dict):
+    """A white-on-black L mask of every brush stroke in the editor's layers."""
+    from PIL import Image, ImageChops
+
+    mask = Image.new("L", editor["background"].size, 0)
+    for layer in editor.get("layers") or []:
+        alpha = layer.convert("RGBA").getchannel("A").point(lambda a: 255 if a > 0 else 0)
+        mask = ImageChops.lighter(mask, alpha.resize(mask.size))
+    return mask
+
+
+def replace_image(request: GenerationRequest, image, mask, strength) -> GenerationRequest:
+    from dataclasses import replace
+
+    return replace(request, image=image, mask_image=mask, strength=float(strength))
+
+
+def png_info(file) -> tuple[str, dict]:
+    """The parameters text of an uploaded PNG and the txt2img fields they fill."""
+    from ldm_pipeline import metadata
+
+    if file is None:
+        return "", {}
+    try:
+        found = metadata.read_png(file)
+    except Exception as error:
+        return f"Cannot read this file as a PNG: {type(error).__name__}: {error}", {}
+    if not found.parameters_text:
+        return "This PNG carries no generation parameters.", {}
+    fields = metadata.parameters_to_options(found.parameters)
+    if found.recipe:
+        fields.update({k: v for k, v in metadata.recipe_to_options(found.recipe).items() if v is not None})
+    return found.parameters_text, fields
+
+
+PNG_FIELDS = {  # pipeline option -> shared setting it fills
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps",
+    "guidance_scale": "guidance_scale", "seed": "seed", "width": "width", "height": "height",
+    "guidance_schedule": "guidance_schedule", "guidance_min_scale": "guidance_min_scale",
+    "guidance_rescale": "guidance_rescale",
+}
+
+
+def fields_to_settings(fields: dict, settings: dict) -> list:
+    """Updates for the txt2img settings (unchanged where the PNG says nothing), interval included."""
+    values = {PNG_FIELDS[k]: v for k, v in fields.items() if k in PNG_FIELDS and v is not None}
+    interval = fields.get("guidance_interval")
+    if interval:
+        values.update(use_interval=True, sigma_lo=interval.get("sigma_lo", 0.0), sigma_hi=interval.get("sigma_hi"))
+    return [gr.update(value=values[n]) if n in values else gr.update() for n in SETTING_NAMES]
+
+
+def build_ui(generator: Generator):
+    samplers = generator.sampler_names
+    native = generator.pipe.unet.config.sample_size * generator.pipe.vae_scale_factor
+    with gr.Blocks(title="ldm toolkit") as demo:
+        gr.Markdown(f"## Latent diffusion\nModel: `{generator.pipe.model_id}`")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to image", id="txt2img"):
+                txt = settings_controls(samplers, native)
+                txt_out = output_controls("txt2img")
+                wire_outputs(generator, txt, txt_out, [], txt2img_request, "txt2img")
+            with gr.Tab("Image to image", id="img2img"):
+                init = gr.Image(type="pil", label="Init image", image_mode="RGB")
+                strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the image)")
+                img = settings_controls(samplers, native)
+                img_out = output_controls("img2img")
+                wire_outputs(generator, img, img_out, [init, strength], img2img_request, "img2img")
+            with gr.Tab("Inpainting", id="inpaint"):
+                editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
+                                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                inpaint_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
+                inp = settings_controls(samplers, native)
+                inp_out = output_controls("inpaint")
+                wire_outputs(generator, inp, inp_out, [editor, inpaint_strength], inpaint_request, "inpaint")
+            with gr.Tab("PNG info", id="pnginfo"):
+                png_tab(txt, tabs)
+            with gr.Tab("Schedules", id="schedules"):
+                schedules_tab()
+    return demo
+
+
+def png_tab(txt_settings: dict, tabs) -> None:
+    upload = gr.File(label="PNG written by this toolkit or by AUTOMATIC1111", file_types=[".png"])
+    text = gr.Textbox(label="Parameters", lines=6, interactive=False)
+    fields = gr.State({})
+    send = gr.Button("Send to text to image")
+    upload.change(png_info, inputs=upload, outputs=[text, fields], api_name="png_info")
+
+    def on_send(found: dict):
+        return [*fields_to_settings(found, txt_settings), gr.Tabs(selected="txt2img")]
+
+    send.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in SETTING_NAMES] + [tabs], api_name=False)
+
+
+def schedules_tab() -> None:
+    gr.Markdown("Noise schedules on a common axis (rectified flow via the VP schedule with the same SNR).")
+    with gr.Row():
+        for title, figure in schedule_figures().items():
+            gr.Plot(figure, label=title)
+    gr.Markdown(accuracy_table_markdown())
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -147,6 +553,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
     return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from ldm_pipeline import ModelLoadError
+
+    try:
+        generator = Generator.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
+                                   allow_pickle=args.allow_pickle)
+    except ModelLoadError as error:
+        raise SystemExit(f"error: {error}") from None
+    demo = build_ui(generator)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
 
 if __name__ == "__main__":
