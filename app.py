@@ -146,7 +146,9 @@ class Generator:
 
     @property
     def sampler_names(self) -> list[str]:
-        return sorted(name for name, s in self.schedulers.items() if name and not isinstance(s, Exception))
+        """Usable samplers: the registry's short names first, then diffusers' stock classes."""
+        usable = [name for name, s in self.schedulers.items() if name and not isinstance(s, Exception)]
+        return sorted(usable, key=lambda name: (name[:1].isupper(), name))
 
     def request_pipe(self, sampler: str):
         """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
@@ -288,22 +290,27 @@ def _whole(name: str, value) -> int | float:
 
 
 def settings_controls(samplers: list[str], native: int) -> dict:
-    """The shared settings widgets (prompt, sampler, guidance, size, seed, batch)."""
+    """The shared settings widgets (prompt, sampler, guidance, size, seed, batch).
+
+    Counts and sizes are plain numbers, not sliders: out-of-range values then reach
+    `validate_request`, whose message names the field and the fix.
+    """
     from ldm_pipeline.guidance import SCHEDULE_NAMES
 
     c = {}
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
     c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1)
     with gr.Row():
-        c["sampler"] = gr.Dropdown(samplers, value=_default_sampler(samplers), label="Sampler")
-        c["steps"] = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+        c["sampler"] = gr.Dropdown(samplers, value=_default_sampler(samplers), label="Sampler",
+                                   allow_custom_value=True)  # so an unknown name gets our message
+        c["steps"] = gr.Number(value=20, precision=0, label=f"Steps (1-{MAX_STEPS})")
     with gr.Row():
-        c["width"] = gr.Slider(8, MAX_SIDE, value=native, step=8, label="Width")
-        c["height"] = gr.Slider(8, MAX_SIDE, value=native, step=8, label="Height")
+        c["width"] = gr.Number(value=native, precision=0, label="Width (multiple of 8)")
+        c["height"] = gr.Number(value=native, precision=0, label="Height (multiple of 8)")
     with gr.Row():
         c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-        c["batch_count"] = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count")
-        c["batch_size"] = gr.Slider(1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size")
+        c["batch_count"] = gr.Number(value=1, precision=0, label="Batch count (batches one after another)")
+        c["batch_size"] = gr.Number(value=1, precision=0, label=f"Batch size (images per batch, max {MAX_BATCH_SIZE})")
     with gr.Accordion("Guidance", open=False):
         with gr.Row():
             c["guidance_scale"] = gr.Slider(1.0, 30.0, value=7.5, step=0.5, label="Guidance scale (CFG)")
