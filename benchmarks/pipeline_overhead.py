@@ -34,6 +34,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from ldm_pipeline import LatentTextToImagePipeline  # noqa: E402
+from ldm_pipeline.guidance import recommended_guidance_rescale  # noqa: E402
 from tests.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components, tiny_tokenizer  # noqa: E402
 
 INTERVALS = {"ours + interval (0.28, 5.42]": (0.28, 5.42), "ours + interval (0.28, 2.9]": (0.28, 2.9)}
@@ -74,8 +75,9 @@ def pipelines(components: dict):
 
 
 def runners(stock, ours, size: int, steps: int, output_type: str = "np") -> dict:
-    common = {"num_inference_steps": steps, "guidance_scale": 7.5, "width": size, "height": size,
-              "output_type": output_type}
+    rescale = recommended_guidance_rescale(ours.scheduler.config)  # 0.7 for zero-terminal-SNR models, both sides
+    common = {"num_inference_steps": steps, "guidance_scale": 7.5, "guidance_rescale": rescale, "width": size,
+              "height": size, "output_type": output_type}
 
     def run_stock():
         return stock(PROMPT, generator=[torch.Generator().manual_seed(0)], **common).images
