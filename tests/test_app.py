@@ -95,3 +95,45 @@ def test_accuracy_table_shown_when_present_and_explained_when_missing(tmp_path):
     assert app.accuracy_table_markdown(table) == table.read_text()
     note = app.accuracy_table_markdown(app.REPO_DIR / "docs" / "no_such_table.md")
     assert "missing" in note and "benchmarks/sampler_accuracy.py" in note
+
+
+def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    # a PNG as AUTOMATIC1111 writes it (parameters text only, no recipe)
+    info = PngInfo()
+    info.add_text("parameters", "a cat, best quality\nNegative prompt: blurry\n"
+                                "Steps: 25, Sampler: Euler a, CFG scale: 6.5, Seed: 99, Size: 512x768, Model: sd15")
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    text, fields = app.png_info(str(path))
+    assert text.startswith("a cat, best quality")
+    updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields, {})))
+    values = {name: u.get("value") for name, u in updates.items() if "value" in u}
+    assert values == {"prompt": "a cat, best quality", "negative_prompt": "blurry", "steps": 25,
+                      "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768}
+
+
+def test_png_info_explains_a_png_without_parameters(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    assert app.png_info(str(path)) == ("This PNG carries no generation parameters.", {})
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert app.png_info(str(tmp_path / "broken.png"))[0].startswith("Cannot read this file as a PNG")
+
+
+def test_form_values_become_a_request():
+    form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
+                                        32.0, 48.0, -1.0, 2.0, 3.0]))
+    request = app.request_from_form(form)
+    assert (request.steps, request.width, request.height, request.batch_count, request.batch_size) == (3, 32, 48, 2, 3)
+    assert request.guidance_interval == (0.5, 9.0) and request.guidance_rescale is None
+    seeds = request.seeds()
+    assert len(seeds) == 2 and seeds[1] == [seeds[0][0] + 3 + j for j in range(3)]
+    form.update(use_interval=False, guidance_rescale=0.7, seed=5.0)
+    request = app.request_from_form(form)
+    assert request.guidance_interval is None and request.guidance_rescale == 0.7
+    assert request.seeds() == [[5, 6, 7], [8, 9, 10]]

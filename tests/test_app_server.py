@@ -136,3 +136,51 @@ def test_cancel_stops_the_pipeline(app_server):
     assert set(app_server.outputs.glob("*.png")) - before == made, "the pipeline kept running after Cancel"
     assert 1 <= len(made) < 64
     assert len(gallery_paths(client.predict(*txt2img_args(seed=9), api_name="/txt2img"))) == 1
+
+
+@pytest.fixture(scope="module")
+def init_png(tmp_path_factory):
+    """A 32x32 picture: left half red, right half blue."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16, 0] = 220
+    image[:, 16:, 2] = 220
+    path = tmp_path_factory.mktemp("init") / "init.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+def test_img2img_uses_the_uploaded_image_and_strength(client, init_png):
+    from gradio_client import handle_file
+
+    result = client.predict(*txt2img_args(seed=11, steps=4), handle_file(str(init_png)), 0.5, api_name="/img2img")
+    recipe = metadata.read_png(gallery_paths(result)[0]).recipe
+    assert (recipe["strength"], recipe["inpainting"], recipe["seed"]) == (0.5, False, 11)
+    assert "Denoising strength: 0.5" in result[0][0]["caption"]
+
+
+def test_inpainting_takes_the_painted_mask(client, init_png, tmp_path):
+    from gradio_client import handle_file
+
+    stroke = np.zeros((32, 32, 4), np.uint8)
+    stroke[8:24, 8:24] = 255  # a white square painted on the layer
+    layer = tmp_path / "layer.png"
+    Image.fromarray(stroke, "RGBA").save(layer)
+    editor = {"background": handle_file(str(init_png)), "layers": [handle_file(str(layer))], "composite": None}
+    result = client.predict(*txt2img_args(seed=12), editor, 1.0, api_name="/inpaint")
+    recipe = metadata.read_png(gallery_paths(result)[0]).recipe
+    assert (recipe["inpainting"], recipe["strength"], recipe["seed"]) == (True, 1.0, 12)
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8), "RGBA").save(empty)
+    editor["layers"] = [handle_file(str(empty))]
+    with pytest.raises(AppError, match="The mask is empty: paint over the part"):
+        client.predict(*txt2img_args(seed=12), editor, 1.0, api_name="/inpaint")
+
+
+def test_png_info_reads_our_parameters_back(client):
+    from gradio_client import handle_file
+
+    made = client.predict(*txt2img_args(prompt="a green star", seed=77), api_name="/txt2img")
+    path = gallery_paths(made)[0]
+    text = client.predict(handle_file(path), api_name="/png_info")  # the State output stays on the server
+    assert text == metadata.read_png(path).parameters_text
+    assert text.startswith("a green star\n") and "Seed: 77" in text
