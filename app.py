@@ -473,7 +473,7 @@ PNG_FIELDS = {  # pipeline option -> shared setting it fills
 }
 
 
-def fields_to_settings(fields: dict, settings: dict) -> list:
+def fields_to_settings(fields: dict) -> list:
     """Updates for the txt2img settings (unchanged where the PNG says nothing), interval included."""
     values = {PNG_FIELDS[k]: v for k, v in fields.items() if k in PNG_FIELDS and v is not None}
     interval = fields.get("guidance_interval")
@@ -520,7 +520,7 @@ def png_tab(txt_settings: dict, tabs) -> None:
     upload.change(png_info, inputs=upload, outputs=[text, fields], api_name="png_info")
 
     def on_send(found: dict):
-        return [*fields_to_settings(found, txt_settings), gr.Tabs(selected="txt2img")]
+        return [*fields_to_settings(found), gr.Tabs(selected="txt2img")]
 
     send.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in SETTING_NAMES] + [tabs], api_name=False)
 

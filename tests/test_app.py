@@ -109,7 +109,7 @@ def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     text, fields = app.png_info(str(path))
     assert text.startswith("a cat, best quality")
-    updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields, {})))
+    updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields)))
     values = {name: u.get("value") for name, u in updates.items() if "value" in u}
     assert values == {"prompt": "a cat, best quality", "negative_prompt": "blurry", "steps": 25,
                       "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768}
