@@ -18,7 +18,7 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
@@ -26,8 +26,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # the server has no display; figures are rendered to images
 import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image, ImageChops  # noqa: E402
 
 from custom_schedulers.schedules import alphas_cumprod_to_betas, named_schedules  # noqa: E402
+from ldm_pipeline import GenerationCancelled, ModelLoadError, available_schedulers, load_pipeline, metadata  # noqa: E402
+from ldm_pipeline.generate import prepare_schedulers  # noqa: E402
+from ldm_pipeline.guidance import SCHEDULE_NAMES, as_interval  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
 ACCURACY_TABLE = REPO_DIR / "docs" / "sampler_accuracy.md"
@@ -111,8 +115,6 @@ class GenerationRequest:
 
 def check_guidance(request: GenerationRequest) -> None:
     """The guidance fields the pipeline would reject, checked before the model runs."""
-    from ldm_pipeline.guidance import SCHEDULE_NAMES, as_interval
-
     if request.guidance_schedule not in SCHEDULE_NAMES:
         raise ValueError(f"Unknown guidance schedule {request.guidance_schedule!r}: choose one of "
                          f"{', '.join(SCHEDULE_NAMES)}.")
@@ -138,9 +140,6 @@ class Generator:
 
     @classmethod
     def load(cls, model, outputs: Path, **load_options) -> "Generator":
-        from ldm_pipeline import available_schedulers, load_pipeline
-        from ldm_pipeline.generate import prepare_schedulers
-
         pipe = load_pipeline(model, **load_options)
         return cls(pipe, outputs, prepare_schedulers(pipe, set(available_schedulers())))
 
@@ -184,23 +183,22 @@ class Generator:
             return stop is not None and stop.is_set()
 
         for seeds in batches:
-            out = pipe(request.prompt, seed=seeds, callback=callback, **request.pipeline_options())
+            try:
+                out = pipe(request.prompt, seed=seeds, callback=callback, **request.pipeline_options())
+            except GenerationCancelled:
+                break  # keep the images of the batches already finished
             for image, recipe in zip(out.images, out.recipes):
                 results.append((self.write(image, recipe), recipe))
         return results
 
     def write(self, image, recipe: dict) -> Path:
         """The PNG with the same embedded parameters as `ldm-generate` writes (atomic)."""
-        from ldm_pipeline import metadata
-
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}-seed{recipe['seed']}.png"
         return metadata.write_png(self.outputs / name, image, recipe)
 
 
 def caption(recipe: dict) -> str:
     """The gallery caption: the A1111 parameters line the PNG carries."""
-    from ldm_pipeline import metadata
-
     return metadata.format_parameters(recipe)
 
 
@@ -295,8 +293,6 @@ def settings_controls(samplers: list[str], native: int) -> dict:
     Counts and sizes are plain numbers, not sliders: out-of-range values then reach
     `validate_request`, whose message names the field and the fix.
     """
-    from ldm_pipeline.guidance import SCHEDULE_NAMES
-
     c = {}
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
     c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1)
@@ -347,22 +343,19 @@ def output_controls(prefix: str) -> dict:
 
 def run_request(generator: Generator, request: GenerationRequest, session: str, progress) -> tuple:
     """Gallery entries, a Markdown summary, the file paths and the seeds; any failure -> gr.Error."""
-    from ldm_pipeline import GenerationCancelled
-
     stop = generator.stops[session] = threading.Event()
     try:
         generator.validate(request)
     except ValueError as error:
         raise gr.Error(str(error), title="Invalid request") from None
-    results = []
     try:
         results = generator.generate(request, on_step=lambda d, t: progress((d, t), unit="steps"), stop=stop)
-    except GenerationCancelled:
-        gr.Warning("Generation cancelled.")
     except Exception as error:  # shown to this user only; the server and other requests carry on
         raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", title="Generation failed") from None
     finally:
         generator.stops.pop(session, None)
+    if stop.is_set():
+        gr.Warning(f"Cancelled: {len(results)} image(s) finished before the stop.")
     seeds = [recipe["seed"] for _, recipe in results]
     gallery = [(str(path), caption(recipe)) for path, recipe in results]
     summary = "\n".join(f"- `{path.name}`: seed **{recipe['seed']}**" for path, recipe in results)
@@ -432,8 +425,6 @@ def inpaint_request(values: dict, editor, strength) -> GenerationRequest:
 
 def painted_mask(editor: dict):
     """A white-on-black L mask of every brush stroke in the editor's layers."""
-    from PIL import Image, ImageChops
-
     mask = Image.new("L", editor["background"].size, 0)
     for layer in editor.get("layers") or []:
         alpha = layer.convert("RGBA").getchannel("A").point(lambda a: 255 if a > 0 else 0)
@@ -442,15 +433,11 @@ def painted_mask(editor: dict):
 
 
 def replace_image(request: GenerationRequest, image, mask, strength) -> GenerationRequest:
-    from dataclasses import replace
-
     return replace(request, image=image, mask_image=mask, strength=float(strength))
 
 
 def png_info(file) -> tuple[str, dict]:
     """The parameters text of an uploaded PNG and the txt2img fields they fill."""
-    from ldm_pipeline import metadata
-
     if file is None:
         return "", {}
     try:
@@ -564,8 +551,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from ldm_pipeline import ModelLoadError
-
     try:
         generator = Generator.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
                                    allow_pickle=args.allow_pickle)
