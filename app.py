@@ -515,8 +515,11 @@ def png_tab(txt_settings: dict, tabs) -> None:
 def schedules_tab() -> None:
     gr.Markdown("Noise schedules on a common axis (rectified flow via the VP schedule with the same SNR).")
     with gr.Row():
-        for title, figure in schedule_figures().items():
-            gr.Plot(figure, label=title)
+        for i, (title, figure) in enumerate(schedule_figures().items()):
+            gr.Plot(figure, label=title, elem_id=f"schedule-plot-{i}")
+    plot = ACCURACY_TABLE.with_suffix(".png")
+    if plot.is_file():
+        gr.Image(str(plot), label="Sampler accuracy", interactive=False, show_label=True)
     gr.Markdown(accuracy_table_markdown())
 
 

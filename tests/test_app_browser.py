@@ -33,3 +33,41 @@ def test_type_prompt_click_generate_and_see_the_image(app_server, chromium_conte
         assert any(p.name.endswith("seed4242.png") for p in app_server.outputs.glob("*.png"))
     finally:
         page.close()
+
+
+def test_png_info_sends_parameters_to_txt2img_and_schedules_tab_shows_plots(
+    app_server, chromium_context, artifacts_dir, tmp_path
+):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a purple triangle\nNegative prompt: noisy\n"
+                                "Steps: 3, Sampler: Euler a, CFG scale: 4.5, Seed: 31337, Size: 48x40")
+    png = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    page = chromium_context.new_page()
+    try:
+        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.get_by_role("tab", name="PNG info").click()
+        page.locator("input[type=file]").first.set_input_files(str(png))
+        page.get_by_label("Parameters").first.wait_for()
+        page.wait_for_function("() => [...document.querySelectorAll('textarea')]"
+                               ".some(t => t.value.startsWith('a purple triangle'))", timeout=30_000)
+        page.get_by_role("button", name="Send to text to image").click()
+        prompt = page.get_by_label("Prompt").first
+        prompt.wait_for(state="visible")
+        page.wait_for_function("() => [...document.querySelectorAll('textarea')]"
+                               ".some(t => t.value === 'a purple triangle')", timeout=30_000)
+        assert page.get_by_label("Seed (-1 = random)").first.input_value() == "31337"
+        assert page.get_by_label("Width (multiple of 8)").first.input_value() == "48"
+        page.screenshot(path=str(artifacts_dir / "png-info-sent.png"), full_page=True)
+        page.get_by_role("tab", name="Schedules").click()
+        page.get_by_text("Sampler accuracy").first.wait_for(timeout=30_000)
+        for i in range(3):  # log-SNR, alpha-bar, beta: matplotlib figures rendered as images
+            plot = page.locator(f"#schedule-plot-{i} img").first
+            plot.wait_for(state="visible", timeout=30_000)
+            assert plot.evaluate("img => img.complete && img.naturalWidth > 300")
+        page.screenshot(path=str(artifacts_dir / "schedules.png"), full_page=True)
+    finally:
+        page.close()
