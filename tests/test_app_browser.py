@@ -31,6 +31,14 @@ def test_type_prompt_click_generate_and_see_the_image(app_server, chromium_conte
         size = image.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
         assert size == [True, 32, 32]
         assert any(p.name.endswith("seed4242.png") for p in app_server.outputs.glob("*.png"))
+        # "Reuse seed": a random-seed run, then the used seed goes back into the form
+        fill_number(page, "Seed", -1)
+        page.locator("#txt2img-generate").click()
+        page.locator("#txt2img-info").get_by_text("4242", exact=True).wait_for(state="detached", timeout=120_000)
+        used = page.locator("#txt2img-info strong").first.inner_text(timeout=60_000)
+        page.get_by_role("button", name="Reuse seed of the selected image").click()
+        page.wait_for_function(f"() => document.querySelector('#txt2img-seed input').value === '{used}'",
+                               timeout=30_000)
     finally:
         page.close()
 
