@@ -136,7 +136,7 @@ class Generator:
     pipe: object
     outputs: Path
     schedulers: dict = field(default_factory=dict)  # name -> prepared scheduler, or the error for this model
-    stops: dict = field(default_factory=dict)  # session -> threading.Event set by Cancel
+    stops: dict = field(default_factory=dict)  # session -> set of threading.Events of its running requests
 
     @classmethod
     def load(cls, model, outputs: Path, **load_options) -> "Generator":
@@ -343,17 +343,18 @@ def output_controls(prefix: str) -> dict:
 
 def run_request(generator: Generator, request: GenerationRequest, session: str, progress) -> tuple:
     """Gallery entries, a Markdown summary, the file paths and the seeds; any failure -> gr.Error."""
-    stop = generator.stops[session] = threading.Event()
     try:
         generator.validate(request)
     except ValueError as error:
         raise gr.Error(str(error), title="Invalid request") from None
+    stop = threading.Event()
+    generator.stops.setdefault(session, set()).add(stop)
     try:
         results = generator.generate(request, on_step=lambda d, t: progress((d, t), unit="steps"), stop=stop)
     except Exception as error:  # shown to this user only; the server and other requests carry on
         raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", title="Generation failed") from None
     finally:
-        generator.stops.pop(session, None)
+        generator.stops.get(session, set()).discard(stop)
     if stop.is_set():
         gr.Warning(f"Cancelled: {len(results)} image(s) finished before the stop.")
     seeds = [recipe["seed"] for _, recipe in results]
@@ -363,8 +364,7 @@ def run_request(generator: Generator, request: GenerationRequest, session: str, 
 
 
 def stop_session(generator: Generator, session: str) -> None:
-    event = generator.stops.get(session)
-    if event is not None:
+    for event in list(generator.stops.get(session, ())):
         event.set()
 
 
