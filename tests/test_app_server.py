@@ -123,8 +123,12 @@ def test_cancel_stops_the_pipeline(app_server):
     before = set(app_server.outputs.glob("*.png"))
     job = client.submit(*txt2img_args(prompt="a long job", steps=50, batch_count=64, seed=5), api_name="/txt2img")
     deadline = time.monotonic() + 120
+    progress = []
     while not (set(app_server.outputs.glob("*.png")) - before) and time.monotonic() < deadline:
-        time.sleep(0.2)  # wait until the run has really started writing
+        progress += job.status().progress_data or []  # gr.Progress, driven by the pipeline's step callback
+        time.sleep(0.1)  # wait until the run has really started writing
+    steps = [p for p in progress if p.unit == "steps"]
+    assert steps and all(p.length == 50 * 64 and 1 <= p.index <= p.length for p in steps), progress
     client.predict(api_name="/txt2img_cancel")
     try:  # the run ends either way: with the images made so far, or cancelled by Gradio's queue
         job.result(timeout=60)
