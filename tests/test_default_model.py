@@ -98,7 +98,7 @@ def _passes(pipe) -> list[bool]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Measured, not hoped: the shipped model (1,500 UNet steps, ~40 min of a shared 2-core CPU) passes "
+    reason="Measured, not hoped: the shipped model (2,300 UNet steps, ~50 min of a shared 2-core CPU) passes "
     "fewer than 7 of 8; position is still at chance (docs/default_model.md). strict: passing turns this red "
     "so the marker is removed when a better model ships.",
 )
