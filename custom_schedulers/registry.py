@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import diffusers
 from diffusers import SchedulerMixin
 
-from .base import DiffusionSampler
+from .base import _DIFFUSERS_SIGMA_FLAGS, DiffusionSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
 from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
@@ -84,9 +84,24 @@ def build(name: str, config: Mapping[str, Any], **overrides) -> SchedulerMixin:
     config = dict(config)
     if name in OURS:
         cls, implied = OURS[name]
+        _check_overrides(name, cls, overrides)
         return cls.from_config(config, **{**implied, **overrides})
     if name in OUR_CLASSES:
+        _check_overrides(name, OUR_CLASSES[name], overrides)
         return OUR_CLASSES[name].from_config(config, **overrides)
     if name in STOCK and hasattr(diffusers, name):
-        return getattr(diffusers, name).from_config(config, **overrides)
+        cls = getattr(diffusers, name)
+        _check_overrides(name, cls, overrides)
+        return cls.from_config(config, **overrides)
     raise ValueError(f"Unknown scheduler {name!r}; available: {', '.join(available())}.")
+
+
+def _check_overrides(name: str, cls: type, overrides: Mapping[str, Any]) -> None:
+    """Refuse an option the scheduler does not have (diffusers' `from_config` would drop it silently)."""
+    accepted = cls._get_init_keys(cls) | set(_DIFFUSERS_SIGMA_FLAGS) | {"use_beta_sigmas"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(
+            f"Scheduler {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(sorted(accepted - {'self', 'kwargs'}))}."
+        )

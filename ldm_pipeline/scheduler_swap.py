@@ -35,6 +35,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from custom_schedulers.base import translate_sigma_flags
 from ldm_pipeline.guidance import recommended_guidance_rescale
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,20 @@ def build_scheduler(name: str, config: dict) -> SchedulerMixin:
     return _registry().build(name, config) if ours else cls.from_config(config)
 
 
+def checked_overrides(name: str, overrides: dict) -> dict:
+    """The user's sampler options in the class's own terms; an option the class lacks is an error, not dropped."""
+    cls, ours = scheduler_class(name)
+    if ours:
+        overrides = translate_sigma_flags(overrides)  # use_karras_sigmas=True -> sigma_schedule="karras"
+    unknown = sorted(set(overrides) - init_keys(cls))
+    if unknown:
+        raise SchedulerSwapError(
+            f"{name} has no option {', '.join(map(repr, unknown))}; its options are: "
+            f"{', '.join(sorted(init_keys(cls) - {'self', 'kwargs'}))}."
+        )
+    return overrides
+
+
 def is_zero_terminal_snr(config) -> bool:
     return bool(config.get("rescale_betas_zero_snr", False))
 
@@ -211,6 +226,7 @@ def check_singular(config: dict) -> None:
 def swap_scheduler(pipe, name: str, **overrides) -> SwapReport:
     """Replace `pipe.scheduler` by `name`, keeping the model's keys; see the module docstring."""
     old = dict(pipe.scheduler.config)
+    overrides = checked_overrides(name, overrides)
     config, notes = new_config(old, overrides)
     check_singular(config)
     scheduler = build_scheduler(name, config)

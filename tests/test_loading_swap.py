@@ -111,3 +111,11 @@ def test_swaps_chain_between_ours_and_stock():
         swap_scheduler(pipe, name)  # our samplers record shift=1.0, which a stock VP class may lack
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_swap_refuses_an_option_the_sampler_lacks_and_translates_karras_flag():
+    pipe = StableDiffusionPipeline(**tiny_sd_components(), requires_safety_checker=False)
+    with pytest.raises(SchedulerSwapError, match="no option 'eta'"):
+        swap_scheduler(pipe, "dpmpp-2m", eta=0.5)
+    swap_scheduler(pipe, "dpmpp-2m", use_karras_sigmas=True)
+    assert pipe.scheduler.config.sigma_schedule == "karras"

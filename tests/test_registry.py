@@ -47,7 +47,7 @@ def test_short_names_imply_their_options(name, cls, options):
 
 def test_overrides_win_over_config_and_name():
     scheduler = registry.build("dpmpp-3m", SD15_SCHEDULER_CONFIG, solver_order=1, timestep_spacing="leading",
-                               use_karras_sigmas=True, eta=0.5)
+                               use_karras_sigmas=True)
     assert scheduler.config.solver_order == 1 and scheduler.config.timestep_spacing == "leading"
     assert scheduler.config.sigma_schedule == "karras"
     ddim = registry.build("ddim", SD15_SCHEDULER_CONFIG, eta=0.5)
@@ -81,3 +81,13 @@ def test_overrides_survive_keys_the_source_config_defaulted():
     rebuilt = registry.build("dpmpp-2m", ours.config, timestep_spacing="leading", use_karras_sigmas=True)
     assert rebuilt.config.timestep_spacing == "leading" and rebuilt.config.sigma_schedule == "karras"
     assert registry.build("rf-euler", SD15_SCHEDULER_CONFIG, shift=2.0).config.beta_schedule == "scaled_linear"
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m", "RectifiedFlowScheduler", "DPMSolverMultistepScheduler"])
+def test_unknown_override_is_refused_not_dropped(name):
+    with pytest.raises(ValueError, match="has no option 'solver_ordr'.*options are:.*"):
+        registry.build(name, SD15_SCHEDULER_CONFIG, solver_ordr=3)
+
+
+def test_diffusers_sigma_flag_is_accepted_by_ours():
+    assert registry.build("dpmpp-2m", SD15_SCHEDULER_CONFIG, use_karras_sigmas=True).config.sigma_schedule == "karras"
