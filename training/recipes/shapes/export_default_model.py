@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ from diffusers import StableDiffusionPipeline
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from ldm_pipeline.loading import DEFAULT_MODEL_DIR  # noqa: E402
+from training.load_and_save import atomic_directory  # noqa: E402
 
 # What the model was trained with; a sampler swap must never change these.
 MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -72,20 +70,9 @@ def export(source: Path, dest: Path, sampler: str, steps: int, guidance: float, 
     if fp16:
         pipe.to(torch.float16)
     info = record(pipe, steps, guidance, "F16" if fp16 else "F32")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "record.json").write_text(json.dumps(info, indent=2) + "\n")
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 

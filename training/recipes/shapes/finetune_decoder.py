@@ -11,10 +11,7 @@ loss is L1 + MSE on pixels (L1 sharpens the flat-colour edges). Each save is ato
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from diffusers import AutoencoderKL
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from training import shapes  # noqa: E402
+from training.load_and_save import atomic_directory  # noqa: E402
 
 
 def batches(seed: int, batch_size: int):
@@ -36,16 +34,8 @@ def batches(seed: int, batch_size: int):
 
 
 def save_atomic(vae: AutoencoderKL, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    vae.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with atomic_directory(out) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
 
 
 def finetune(vae_dir: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int, save_every: int) -> None:
