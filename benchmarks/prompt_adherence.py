@@ -169,6 +169,43 @@ def save_grid(path: Path, images, combos) -> None:
     tmp.replace(path)
 
 
+# ---------------------------------------------------------------- speed
+
+
+def speed(model: str | None, repeats: int, steps: int = 20, guidance: float = 3.0) -> str:
+    """Markdown: warm one-image latency (median of `repeats`) and the cold-start CLI command time."""
+    import statistics
+    import subprocess
+    import tempfile
+
+    pipe = load(model)
+    prompt = "a large red circle on a blue background at the top left"
+    call = lambda seed: pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                             height=64, width=64, progress_bar=False)
+    call(0)  # warm-up
+    warm = []
+    for seed in range(repeats):
+        started = time.perf_counter()
+        call(seed)
+        warm.append(time.perf_counter() - started)
+    cold = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory() as out:
+            command = [sys.executable, "-m", "ldm_pipeline", prompt, "--out", out]
+            if model:
+                command += ["--model", model]
+            started = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            cold.append(time.perf_counter() - started)
+    return "\n".join([
+        "| measurement | median | runs | all (s) |", "|---|---|---|---|",
+        f"| one 64x64 image, {steps} steps, CFG {guidance}, warm | {statistics.median(warm):.3f} s | {len(warm)} | "
+        + " ".join(f"{t:.3f}" for t in warm) + " |",
+        f"| `python -m ldm_pipeline PROMPT --out DIR`, cold process | {statistics.median(cold):.2f} s | {len(cold)} | "
+        + " ".join(f"{t:.2f}" for t in cold) + " |",
+    ])
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -185,8 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 5.0, 7.5])
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--grids", type=Path, default=None, help="Write sample grids (PNG) of the best cells here.")
+    timing = commands.add_parser("speed", help="Warm latency of one image and cold-start CLI time.")
+    timing.add_argument("--model", default=None)
+    timing.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
+    if args.command == "speed":
+        torch.set_grad_enabled(False)
+        print(speed(args.model, args.repeats))
+        return 0
     if args.command == "validate-judge":
         print(validate_judge(args.count))
         return 0
