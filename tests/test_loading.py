@@ -127,8 +127,6 @@ def test_missing_default_model_is_explained(monkeypatch, tmp_path):
         load_pipeline()
 
 
-@pytest.mark.skipif(not (loading.DEFAULT_MODEL_DIR / "model_index.json").is_file(),
-                    reason="the embedded default model is committed by the embedded-model issue")
 def test_default_model_loads_and_generates():
     pipe = load_pipeline()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
