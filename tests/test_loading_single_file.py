@@ -103,16 +103,21 @@ def to_ldm_checkpoint(components: dict) -> dict:
     return {k: v.contiguous() for k, v in state.items()}
 
 
-@pytest.fixture(scope="module")
-def checkpoint_and_config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("single")
-    components = tiny_sd_components()
+def write_single_file_model(root, components):
+    """(LDM-layout .safetensors checkpoint, weightless diffusers config folder) for `components`."""
     file = root / "tiny-ldm.safetensors"
     save_file(to_ldm_checkpoint(components), str(file))
     config = root / "config"
     StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(str(config))
     for weights in config.rglob("*.safetensors"):
         weights.unlink()  # the config folder needs no weights: only configs and the tokenizer
+    return file, config
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_config(tmp_path_factory):
+    components = tiny_sd_components()
+    file, config = write_single_file_model(tmp_path_factory.mktemp("single"), components)
     return file, config, components
 
 

@@ -335,18 +335,12 @@ def test_accelerate_launch_two_processes_ddp(tmp_path):
 
 def test_fine_tune_from_a_single_safetensors_file(tmp_path):
     from diffusers import StableDiffusionPipeline as Stock
-    from safetensors.torch import save_file
 
-    from tests.test_loading_single_file import to_ldm_checkpoint
+    from tests.test_loading_single_file import write_single_file_model
     from tests.tiny_models import tiny_sd_components
 
     components = tiny_sd_components()
-    file = tmp_path / "tiny-ldm.safetensors"
-    save_file(to_ldm_checkpoint(components), str(file))
-    config_dir = tmp_path / "config"
-    Stock(**components, requires_safety_checker=False).save_pretrained(str(config_dir))
-    for weights in config_dir.rglob("*.safetensors"):
-        weights.unlink()  # configs and tokenizer only
+    file, config_dir = write_single_file_model(tmp_path, components)
     run = [a for a in args(tmp_path / "run", "--prediction_type", "v_prediction") if a not in ("--from_scratch", str(TINY))]
     model = main(run + ["--pretrained_model_name_or_path", str(file), "--single_file_config", str(config_dir)])
     tuned = Stock.from_pretrained(model)
