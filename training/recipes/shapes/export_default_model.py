@@ -42,12 +42,20 @@ def default_scheduler(trained_config: dict, sampler: str):
     return cls.from_config({**model, **extra})
 
 
-def record(pipe: StableDiffusionPipeline, steps: int, guidance: float, stored_dtype: str) -> dict:
+# diffusers upcasts fp16-stored UNet/VAE weights to the default fp32; transformers 5 keeps a
+# CLIPTextModel in its stored dtype, so the (small) text encoder always stays fp32.
+FP16_COMPONENTS = ("unet", "vae")
+
+
+def record(pipe: StableDiffusionPipeline, steps: int, guidance: float) -> dict:
     def params(module):
         return sum(p.numel() for p in module.parameters())
 
+    def stored(module):
+        return "F16" if next(module.parameters()).dtype == torch.float16 else "F32"
+
     return {
-        **{name: {"parameters": params(getattr(pipe, name)), "stored_dtype": stored_dtype}
+        **{name: {"parameters": params(getattr(pipe, name)), "stored_dtype": stored(getattr(pipe, name))}
            for name in ("unet", "vae", "text_encoder")},
         "scheduler": {k: pipe.scheduler.config[k] for k in ("prediction_type", "timestep_spacing", "beta_schedule",
                                                              "rescale_betas_zero_snr")}
@@ -68,8 +76,9 @@ def export(source: Path, dest: Path, sampler: str, steps: int, guidance: float, 
         pipe.vae = replacement
     pipe.scheduler = default_scheduler(dict(pipe.scheduler.config), sampler)
     if fp16:
-        pipe.to(torch.float16)
-    info = record(pipe, steps, guidance, "F16" if fp16 else "F32")
+        for name in FP16_COMPONENTS:
+            getattr(pipe, name).to(torch.float16)
+    info = record(pipe, steps, guidance)
     with atomic_directory(dest) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "record.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -84,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="Recommended sampler steps (recorded).")
     parser.add_argument("--guidance", type=float, default=3.0, help="Recommended guidance scale (recorded).")
     parser.add_argument("--vae", type=Path, default=None, help="A fine-tuned VAE folder (same encoder) to ship.")
-    parser.add_argument("--fp16", action="store_true", help="Store weights in fp16 (they load as fp32).")
+    parser.add_argument("--fp16", action="store_true", help="Store UNet and VAE weights in fp16 (they load as fp32).")
     args = parser.parse_args(argv)
     if not (args.source / "model_index.json").is_file():
         parser.error(f"{args.source} has no model_index.json: pass the folder the training run wrote.")
