@@ -139,3 +139,19 @@ def test_bad_arguments_are_clear_errors():
         shapes.generate(0, -1)
     with pytest.raises(ValueError, match="split"):
         shapes.generate(0, 1, split="test")
+
+
+def test_a_restricted_palette_yields_only_those_colours_and_never_a_held_out_combination():
+    bright, dark = ["white", "yellow"], ["black", "blue"]
+    samples = shapes.generate(3, 300, "train", paraphrases=True, colors=bright, backgrounds=dark)
+    assert {s.attributes.color for s in samples} == set(bright)
+    assert {s.attributes.background for s in samples} == set(dark)
+    assert not any(shapes.is_held_out(s.attributes) for s in samples)
+    assert len({s.attributes.position for s in samples}) == 5
+
+
+def test_a_restricted_palette_names_bad_colours():
+    with pytest.raises(ValueError, match="Unknown colors \\['pink'\\]; valid colours: red"):
+        shapes.generate(0, 1, colors=["pink"])
+    with pytest.raises(ValueError, match="No combination"):
+        shapes.generate(0, 1, colors=["white"], backgrounds=["white"])

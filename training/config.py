@@ -40,6 +40,12 @@ class DataOptions:
     image_column: str = option("file_name", "metadata.jsonl key holding the image file name.")
     caption_column: str = option("text", "metadata.jsonl key holding the caption.")
     num_train_samples: int = option(20000, "shapes: size of the seeded training pool (train split, paraphrased).")
+    shapes_colors: list[str] | None = option(
+        None, "shapes: only these shape colours (a curriculum stage; default: all eight)."
+    )
+    shapes_backgrounds: list[str] | None = option(
+        None, "shapes: only these background colours (a curriculum stage; default: all eight)."
+    )
     num_validation_samples: int = option(64, "Held-out samples for the deterministic validation loss.")
     resolution: int = option(64, "Training resolution (square); must be divisible by the VAE's downsampling factor.")
     center_crop: bool = option(False, "Center crop after resizing (default: random crop).")

@@ -43,9 +43,10 @@ class ImageSource:
         return self.image if self.image is not None else Image.open(self.path).convert("RGB")
 
 
-def shapes_sources(seed: int, count: int) -> list[ImageSource]:
-    """`count` training samples: the train split with paraphrased captions."""
-    return [ImageSource(s.caption, image=s.image) for s in shapes.generate(seed, count, "train", paraphrases=True)]
+def shapes_sources(seed: int, count: int, colors=None, backgrounds=None) -> list[ImageSource]:
+    """`count` training samples: the train split with paraphrased captions (colours optionally restricted)."""
+    samples = shapes.generate(seed, count, "train", paraphrases=True, colors=colors, backgrounds=backgrounds)
+    return [ImageSource(s.caption, image=s.image) for s in samples]
 
 
 def shapes_validation_sources(count: int) -> list[ImageSource]:

@@ -16,7 +16,7 @@ import itertools
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -159,9 +159,24 @@ def paraphrase(attributes: Attributes, rng: np.random.Generator) -> str:
     return " ".join([f"a {noun}", *clauses])
 
 
-def iter_samples(seed: int, split: Split = "train", paraphrases: bool = False) -> Iterator[Sample]:
-    """An endless, seeded stream of samples from a split (combinations drawn uniformly)."""
-    pool = combinations(split)
+def restrict(pool: list[Attributes], colors: Sequence[str] | None, backgrounds: Sequence[str] | None) -> list[Attributes]:
+    """The combinations whose shape colour is in `colors` and background in `backgrounds` (None: any)."""
+    for name, values in (("colors", colors), ("backgrounds", backgrounds)):
+        unknown = sorted(set(values or ()) - set(COLORS))
+        if unknown:
+            raise ValueError(f"Unknown {name} {unknown}; valid colours: {', '.join(COLORS)}.")
+    kept = [a for a in pool if (not colors or a.color in colors) and (not backgrounds or a.background in backgrounds)]
+    if not kept:
+        raise ValueError(f"No combination has a shape colour in {colors} and a background in {backgrounds}.")
+    return kept
+
+
+def iter_samples(
+    seed: int, split: Split = "train", paraphrases: bool = False,
+    colors: Sequence[str] | None = None, backgrounds: Sequence[str] | None = None,
+) -> Iterator[Sample]:
+    """An endless, seeded stream of samples from a split (combinations drawn uniformly), optionally restricted."""
+    pool = restrict(combinations(split), colors, backgrounds)
     rng = np.random.default_rng(seed)
     while True:
         attributes = pool[int(rng.integers(len(pool)))]
@@ -170,11 +185,14 @@ def iter_samples(seed: int, split: Split = "train", paraphrases: bool = False) -
         yield Sample(image=image, attributes=attributes, caption=caption, bbox=bbox)
 
 
-def generate(seed: int, count: int, split: Split = "train", paraphrases: bool = False) -> list[Sample]:
-    """`count` samples from a split; identical for identical arguments."""
+def generate(
+    seed: int, count: int, split: Split = "train", paraphrases: bool = False,
+    colors: Sequence[str] | None = None, backgrounds: Sequence[str] | None = None,
+) -> list[Sample]:
+    """`count` samples from a split (see `iter_samples`); identical for identical arguments."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}.")
-    return list(itertools.islice(iter_samples(seed, split, paraphrases), count))
+    return list(itertools.islice(iter_samples(seed, split, paraphrases, colors, backgrounds), count))
 
 
 def render_caption_for(attributes: Attributes, seed: int) -> Sample:

@@ -84,7 +84,7 @@ def load_dataset(config: TrainConfig) -> Dataset:
     d, seed = config.data, config.optimization.seed
     if d.dataset == "shapes":
         return Dataset(
-            data.shapes_sources(seed, d.num_train_samples),
+            data.shapes_sources(seed, d.num_train_samples, d.shapes_colors, d.shapes_backgrounds),
             data.shapes_validation_sources(d.num_validation_samples),
             data.shapes_vocabulary(),
         )

@@ -26,6 +26,7 @@ def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str
     key = data.cache_key({
         "name": name, "n": len(dataset), "dataset": d.dataset, "dir": d.train_data_dir, "res": d.resolution,
         "crop": d.center_crop, "seed": config.optimization.seed, "samples": d.num_train_samples,
+        "colors": d.shapes_colors, "backgrounds": d.shapes_backgrounds,
         "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")},
         "vae_weights": float(sum(p.double().sum() for p in vae.parameters())),
     })
