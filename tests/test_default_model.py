@@ -99,8 +99,8 @@ def _passes(pipe) -> list[bool]:
 @pytest.mark.xfail(
     strict=True,
     reason="Measured, not hoped: the shipped model (9,000 UNet steps, 85 min of the 2-core CPU) gets colour, "
-    "background and size right but places the shape at chance, so it passes fewer than 7 of 8 (docs/default_model.md). strict: passing turns this red "
-    "so the marker is removed when a better model ships.",
+    "background and size right but places the shape at chance, so it passes fewer than 7 of 8 "
+    "(docs/default_model.md). strict: passing turns this red so the marker is removed when a better model ships.",
 )
 def test_default_model_follows_canonical_prompts():
     passes = _passes(load_pipeline())

@@ -43,7 +43,9 @@ class ImageSource:
         return self.image if self.image is not None else Image.open(self.path).convert("RGB")
 
 
-def shapes_sources(seed: int, count: int, colors=None, backgrounds=None) -> list[ImageSource]:
+def shapes_sources(
+    seed: int, count: int, colors: Sequence[str] | None = None, backgrounds: Sequence[str] | None = None
+) -> list[ImageSource]:
     """`count` training samples: the train split with paraphrased captions (colours optionally restricted)."""
     samples = shapes.generate(seed, count, "train", paraphrases=True, colors=colors, backgrounds=backgrounds)
     return [ImageSource(s.caption, image=s.image) for s in samples]

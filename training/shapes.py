@@ -159,7 +159,9 @@ def paraphrase(attributes: Attributes, rng: np.random.Generator) -> str:
     return " ".join([f"a {noun}", *clauses])
 
 
-def restrict(pool: list[Attributes], colors: Sequence[str] | None, backgrounds: Sequence[str] | None) -> list[Attributes]:
+def restrict(
+    pool: list[Attributes], colors: Sequence[str] | None, backgrounds: Sequence[str] | None
+) -> list[Attributes]:
     """The combinations whose shape colour is in `colors` and background in `backgrounds` (None: any)."""
     for name, values in (("colors", colors), ("backgrounds", backgrounds)):
         unknown = sorted(set(values or ()) - set(COLORS))
