@@ -145,6 +145,18 @@ def test_logit_normal_sampling_matches_its_density():
     torch.testing.assert_close(hist.double(), density, atol=0.06, rtol=0.05)
 
 
+def test_logit_normal_vp_timesteps_are_floor_of_s_times_T():
+    """VP with logit-normal levels: integer timesteps whose histogram follows the density of s = t/T."""
+    objective = Objective(make_schedule(), "v_prediction", timestep_sampling="logit_normal", logit_mean=1.5, logit_std=1.0)
+    timesteps, alpha, sigma = objective.sample_levels(200_000, torch.Generator().manual_seed(0))
+    assert timesteps.dtype == torch.int64 and 0 <= timesteps.min() and timesteps.max() <= 999
+    _, alpha_ref, sigma_ref = objective.vp_levels(timesteps)
+    torch.testing.assert_close((alpha, sigma), (alpha_ref, sigma_ref))
+    hist = torch.histc(timesteps.double(), bins=20, min=0, max=1000) / (timesteps.numel() / 20)
+    density = logit_normal_density((torch.arange(20, dtype=torch.float64) + 0.5) / 20, 1.5, 1.0)
+    torch.testing.assert_close(hist, density, atol=0.08, rtol=0.05)
+
+
 def test_noise_offset_adds_per_channel_constant():
     objective = Objective(make_schedule(), "epsilon", noise_offset=0.5)
     plain = Objective(make_schedule(), "epsilon")

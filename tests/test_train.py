@@ -86,7 +86,6 @@ def test_dry_run_prints_config_and_trains_nothing(tmp_path, capsys):
         (["--resolution", "33"], ValueError, "not divisible by the VAE's downsampling factor 2"),
         (["--dataset", "folder", "--train_data_dir", "/nonexistent/images"], FileNotFoundError, "does not exist"),
         (["--lora_rank", "2", "--train_vae"], ValueError, "--train_vae trains only"),
-        (["--timestep_sampling", "logit_normal", "--prediction_type", "epsilon"], ValueError, "flow only"),
     ],
 )
 def test_bad_options_fail_with_a_clear_error(tmp_path, extra, error, message):

@@ -105,7 +105,7 @@ class ObjectiveOptions:
     noise_offset: float = option(0.0, "Noise offset: add this times per-channel N(0,1) to the noise.")
     input_perturbation: float = option(0.0, "Input perturbation (Ning et al. 2023): noise the input with eps + g*xi.")
     timestep_sampling: Literal["uniform", "logit_normal"] = option(
-        "uniform", "flow: how noise levels are drawn (logit_normal: Esser et al. 2024, SD3)."
+        "uniform", "How noise levels are drawn (logit_normal: Esser et al. 2024, SD3; for VP, s*T picks the timestep)."
     )
     logit_mean: float = option(0.0, "logit_normal: mean of the normal before the sigmoid.")
     logit_std: float = option(1.0, "logit_normal: standard deviation of the normal before the sigmoid.")

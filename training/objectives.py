@@ -95,7 +95,7 @@ class Objective:
     prediction_type: str
     snr_gamma: float | None = None
     snr_floor: float | None = None
-    timestep_sampling: str = "uniform"  # flow: "uniform" | "logit_normal"
+    timestep_sampling: str = "uniform"  # "uniform" | "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     flow_shift: float = 1.0
@@ -114,16 +114,18 @@ class Objective:
 
     def sample_levels(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(timestep for the UNet, alpha, sigma) for a batch: integer t for VP, s*T for flow."""
+        if self.timestep_sampling == "logit_normal":
+            # Logit-normal noise levels (Esser et al. 2024, SD3, eq. 19); s near 1 is the noisiest.
+            u = torch.randn(batch, generator=generator, dtype=torch.float64)
+            s = torch.sigmoid(self.logit_mean + self.logit_std * u)
+        elif self.is_flow:
+            s = torch.rand(batch, generator=generator, dtype=torch.float64)
+        else:
+            return self.vp_levels(torch.randint(0, self.num_train_timesteps, (batch,), generator=generator))
         if self.is_flow:
-            if self.timestep_sampling == "logit_normal":
-                # Logit-normal noise levels (Esser et al. 2024, SD3, eq. 19).
-                u = torch.randn(batch, generator=generator, dtype=torch.float64)
-                s = torch.sigmoid(self.logit_mean + self.logit_std * u)
-            else:
-                s = torch.rand(batch, generator=generator, dtype=torch.float64)
             return self.flow_levels(s)
-        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
-        return self.vp_levels(t)
+        # VP with logit-normal levels: s picks the integer timestep floor(s*T).
+        return self.vp_levels((s * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1))
 
     def flow_levels(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flow noise levels s in [0, 1] -> shifted sigma, fed to the UNet as sigma*T (diffusers' FlowMatch)."""

@@ -53,8 +53,6 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("--train_vae trains only the AutoencoderKL; drop --train_text_encoder/--lora_rank.")
     if o.prediction_type:
         check_objective(o.prediction_type, o.zero_terminal_snr)
-    if o.timestep_sampling == "logit_normal" and o.prediction_type not in (None, "flow"):
-        raise ValueError("--timestep_sampling logit_normal applies to --prediction_type flow only.")
     if not 0 <= config.data.proportion_empty_prompts < 1:
         raise ValueError("--proportion_empty_prompts must be in [0, 1).")
 
