@@ -546,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weights dtype (default: fp16 on CUDA, fp32 elsewhere)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickle checkpoints (.ckpt/.bin/.pt): only for files you trust")
+    parser.add_argument("--trace", action="store_true",
+                        help="torch.jit.trace the UNet once per image shape (faster steps on CPU; a few s per new shape)")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
@@ -556,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         generator = Generator.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
-                                   allow_pickle=args.allow_pickle)
+                                   allow_pickle=args.allow_pickle, trace=args.trace)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
     demo = build_ui(generator)

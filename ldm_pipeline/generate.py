@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="weights dtype (default fp32)")
     p.add_argument("--xformers", action="store_true", help="xformers attention if installed and on CUDA")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+    p.add_argument("--trace", action="store_true",
+                   help="torch.jit.trace the UNet once per shape: faster steps for many images, ~2 s to trace")
     p.add_argument("--verbose", action="store_true", help="log progress")
     return p
 
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
-                             vae_tiling=args.vae_tiling)
+                             vae_tiling=args.vae_tiling, trace=args.trace)
         jobs, errors = load_jobs(args, default_job(args, pipe))
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -86,6 +86,12 @@ def test_batch_size_does_not_change_images(model, prompts, reference, tmp_path):
     assert_same_images(pngs(tmp_path), pngs(reference))
 
 
+def test_traced_unet_writes_the_same_images(model, prompts, reference, tmp_path):
+    assert main(["--prompts", str(prompts), "--model", str(model), "--out", str(tmp_path), "--steps", "2",
+                 "--trace", *SIZE]) == 0
+    assert_same_images(pngs(tmp_path), pngs(reference))
+
+
 def test_bad_lines_are_reported_and_skipped(model, tmp_path, capsys):
     file = tmp_path / "p.jsonl"
     file.write_text("\n".join([
