@@ -18,7 +18,6 @@ import warnings
 from collections import OrderedDict
 
 import torch
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 
 class TracedUNet(torch.nn.Module):
@@ -51,7 +50,11 @@ class TracedUNet(torch.nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         timesteps = self._timesteps(timestep, sample)
         out = self._graph(sample, timesteps, encoder_hidden_states)(sample, timesteps, encoder_hidden_states)["sample"]
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput  # loaded with the UNet anyway
+
+        return UNet2DConditionOutput(sample=out)
 
     @staticmethod
     def _timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,14 @@ def test_config_file_flags_and_precedence(tmp_path):
     assert parse_config(["--train_data_dir", "x"]).data.dataset == "folder"
 
 
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "training/recipes/shapes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shapes_recipe_configs_are_valid(recipe, capsys):
+    """Every stage of the default model's recipe parses and passes the option checks."""
+    assert main(["--config", str(recipe), "--dry_run"]) is None
+    assert json.loads(capsys.readouterr().out)["data"]["dataset"] == "shapes"
+
+
 def test_dry_run_prints_config_and_trains_nothing(tmp_path, capsys):
     assert main(args(tmp_path / "run", "--dry_run")) is None
     assert '"learning_rate"' in capsys.readouterr().out
