@@ -3,6 +3,7 @@
     python benchmarks/prompt_adherence.py validate-judge --count 5000
     python benchmarks/prompt_adherence.py evaluate [--model DIR] [--per-split 32] \
         [--samplers ddim dpmpp-2m euler] [--steps 5 10 20 50] [--guidance 1 3 5 7.5] [--grids docs/]
+    python benchmarks/prompt_adherence.py speed [--model DIR] [--repeats 10] [--python VENV/bin/python]
 
 `validate-judge` reads generator images (whose attributes are known) and prints how often the
 judge (`training.judge`: classical vision, no model) reads each attribute right. `evaluate`
@@ -172,37 +173,47 @@ def save_grid(path: Path, images, combos) -> None:
 # ---------------------------------------------------------------- speed
 
 
-def speed(model: str | None, repeats: int, steps: int = 20, guidance: float = 3.0) -> str:
-    """Markdown: warm one-image latency (median of `repeats`) and the cold-start CLI command time."""
+def speed(model: str | None, repeats: int, steps: int = 20, guidance: float = 3.0, python: str | None = None) -> str:
+    """Markdown: warm one-image latency, eager vs traced UNet (interleaved, medians), and the cold CLI time."""
     import statistics
     import subprocess
     import tempfile
 
-    pipe = load(model)
+    from ldm_pipeline import load_pipeline
+
     prompt = "a large red circle on a blue background at the top left"
-    call = lambda seed: pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                             height=64, width=64, progress_bar=False)
-    call(0)  # warm-up
-    warm = []
-    for seed in range(repeats):
-        started = time.perf_counter()
-        call(seed)
-        warm.append(time.perf_counter() - started)
+    pipes = {"eager UNet": load(model), "traced UNet (`trace=True`)": load_pipeline(model, trace=True)}
+    call = lambda pipe, seed: pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                                   height=64, width=64, progress_bar=False)
+    for pipe in pipes.values():
+        call(pipe, 0)  # warm-up (the traced pipeline traces its one shape here)
+        call(pipe, 0)
+    warm = {name: [] for name in pipes}
+    for seed in range(repeats):  # interleaved, so both see the same machine load
+        for name, pipe in pipes.items():
+            started = time.perf_counter()
+            call(pipe, seed)
+            warm[name].append(time.perf_counter() - started)
     cold = []
     for _ in range(3):
         with tempfile.TemporaryDirectory() as out:
-            command = [sys.executable, "-m", "ldm_pipeline", prompt, "--out", out]
+            command = [python or sys.executable, "-m", "ldm_pipeline", prompt, "--out", out]
             if model:
                 command += ["--model", model]
             started = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True)
             cold.append(time.perf_counter() - started)
+    eager, traced = (statistics.median(v) for v in warm.values())
+    rows = [
+        f"| one 64x64 image, {steps} steps, CFG {guidance}, warm, {name} | {statistics.median(times):.3f} s | "
+        f"{len(times)} | " + " ".join(f"{t:.3f}" for t in times) + " |"
+        for name, times in warm.items()
+    ]
     return "\n".join([
-        "| measurement | median | runs | all (s) |", "|---|---|---|---|",
-        f"| one 64x64 image, {steps} steps, CFG {guidance}, warm | {statistics.median(warm):.3f} s | {len(warm)} | "
-        + " ".join(f"{t:.3f}" for t in warm) + " |",
+        "| measurement | median | runs | all (s) |", "|---|---|---|---|", *rows,
         f"| `python -m ldm_pipeline PROMPT --out DIR`, cold process | {statistics.median(cold):.2f} s | {len(cold)} | "
         + " ".join(f"{t:.2f}" for t in cold) + " |",
+        "", f"Traced / eager warm latency: {traced / eager:.2f} (torch threads: {torch.get_num_threads()}).",
     ])
 
 
@@ -225,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     timing = commands.add_parser("speed", help="Warm latency of one image and cold-start CLI time.")
     timing.add_argument("--model", default=None)
     timing.add_argument("--repeats", type=int, default=10)
+    timing.add_argument("--python", default=None,
+                        help="Interpreter for the cold CLI run, e.g. a venv with only `pip install -e .` (the README's).")
     args = parser.parse_args(argv)
 
     if args.command == "speed":
         torch.set_grad_enabled(False)
-        print(speed(args.model, args.repeats))
+        print(speed(args.model, args.repeats, python=args.python))
         return 0
     if args.command == "validate-judge":
         print(validate_judge(args.count))
