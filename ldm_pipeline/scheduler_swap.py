@@ -27,7 +27,6 @@ our pipeline and on a stock `StableDiffusionPipeline` (only `pipe.scheduler` is 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -97,17 +96,9 @@ def available_schedulers() -> list[str]:
 
 
 def init_keys(cls: type) -> set[str]:
-    """The config keys a scheduler class really takes (diffusers stores unknown ones in `config`
-    too); follows `**kwargs` up the class hierarchy."""
-    keys: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        keys |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return keys
+    """The config keys a scheduler class really takes (diffusers stores unknown ones in `config` too):
+    diffusers' own `ConfigMixin._get_init_keys`, which our samplers' base extends up their class chain."""
+    return cls._get_init_keys(cls) - {"self", "args", "kwargs"}
 
 
 def scheduler_class(name: str) -> tuple[type, bool]:
