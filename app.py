@@ -287,7 +287,7 @@ def _whole(name: str, value) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def settings_controls(samplers: list[str], native: int, prefix: str) -> dict:
+def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict | None = None) -> dict:
     """The shared settings widgets (prompt, sampler, guidance, size, seed, batch).
 
     Counts and sizes are plain numbers, not sliders: out-of-range values then reach
@@ -299,7 +299,9 @@ def settings_controls(samplers: list[str], native: int, prefix: str) -> dict:
     with gr.Row():
         c["sampler"] = gr.Dropdown(samplers, value=_default_sampler(samplers), label="Sampler",
                                    allow_custom_value=True)  # so an unknown name gets our message
-        c["steps"] = gr.Number(value=20, precision=0, label=f"Steps (1-{MAX_STEPS})")
+        recommended = recommended or {}  # the model's record.json defaults, if it has them
+        c["steps"] = gr.Number(value=recommended.get("num_inference_steps", 20), precision=0,
+                               label=f"Steps (1-{MAX_STEPS})")
     with gr.Row():
         c["width"] = gr.Number(value=native, precision=0, label="Width (multiple of 8)")
         c["height"] = gr.Number(value=native, precision=0, label="Height (multiple of 8)")
@@ -309,7 +311,8 @@ def settings_controls(samplers: list[str], native: int, prefix: str) -> dict:
         c["batch_size"] = gr.Number(value=1, precision=0, label=f"Batch size (images per batch, max {MAX_BATCH_SIZE})")
     with gr.Accordion("Guidance", open=False):
         with gr.Row():
-            c["guidance_scale"] = gr.Slider(1.0, 30.0, value=7.5, step=0.5, label="Guidance scale (CFG)")
+            c["guidance_scale"] = gr.Slider(1.0, 30.0, value=recommended.get("guidance_scale", 7.5), step=0.5,
+                                            label="Guidance scale (CFG)")
             c["guidance_rescale"] = gr.Number(value=-1, label="Guidance rescale phi (-1 = automatic)")
         with gr.Row():
             c["guidance_schedule"] = gr.Dropdown(list(SCHEDULE_NAMES), value="constant", label="Dynamic guidance")
@@ -476,20 +479,20 @@ def build_ui(generator: Generator):
         gr.Markdown(f"## Latent diffusion\nModel: `{generator.pipe.model_id}`")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
-                txt = settings_controls(samplers, native, "txt2img")
+                txt = settings_controls(samplers, native, "txt2img", getattr(generator.pipe, "recommended", {}))
                 txt_out = output_controls("txt2img")
                 wire_outputs(generator, txt, txt_out, [], txt2img_request, "txt2img")
             with gr.Tab("Image to image", id="img2img"):
                 init = gr.Image(type="pil", label="Init image", image_mode="RGB")
                 strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the image)")
-                img = settings_controls(samplers, native, "img2img")
+                img = settings_controls(samplers, native, "img2img", getattr(generator.pipe, "recommended", {}))
                 img_out = output_controls("img2img")
                 wire_outputs(generator, img, img_out, [init, strength], img2img_request, "img2img")
             with gr.Tab("Inpainting", id="inpaint"):
                 editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
                                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                 inpaint_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
-                inp = settings_controls(samplers, native, "inpaint")
+                inp = settings_controls(samplers, native, "inpaint", getattr(generator.pipe, "recommended", {}))
                 inp_out = output_controls("inpaint")
                 wire_outputs(generator, inp, inp_out, [editor, inpaint_strength], inpaint_request, "inpaint")
             with gr.Tab("PNG info", id="pnginfo"):

@@ -303,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     # what to generate
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default %(default)s)")
-    p.add_argument("--steps", type=int, default=30, help="sampler steps (default %(default)s)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w (default %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model's recommendation in its record.json, else 30)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale w (default: the model's recommendation, else 7.5)")
     p.add_argument("--guidance-schedule", default="constant", choices=SCHEDULE_NAMES, help="w as a function of t (default %(default)s)")
     p.add_argument("--guidance-min-scale", type=float, default=1.0, help="w at the far end of the ramps (default %(default)s)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
@@ -335,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 def default_job(args, pipe) -> Job:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return Job(
-        index=0, line=0, prompt=args.prompt or "", negative_prompt=args.negative, steps=args.steps,
-        guidance=args.guidance, guidance_schedule=args.guidance_schedule, guidance_min_scale=args.guidance_min_scale,
+        index=0, line=0, prompt=args.prompt or "", negative_prompt=args.negative,
+        steps=args.steps if args.steps is not None else pipe.recommended.get("num_inference_steps", Job.steps),
+        guidance=args.guidance if args.guidance is not None else pipe.recommended.get("guidance_scale", Job.guidance),
+        guidance_schedule=args.guidance_schedule, guidance_min_scale=args.guidance_min_scale,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_rescale=args.guidance_rescale, width=args.width or native, height=args.height or native,
         scheduler=args.scheduler, n=args.n,

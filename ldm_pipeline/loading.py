@@ -72,6 +72,7 @@ def load_pipeline(
         pipe = load_single_file(path, torch_dtype, allow_pickle, kw.get("config"))
     check_components_fit(pipe, path)
     pipe.model_id, pipe.model_hash = str(path), model_hash(path)
+    pipe.recommended = recommended_settings(path)
     if not accelerations.cpu_offload or device.type != "cuda":
         pipe.to(device)
     apply_accelerations(pipe, accelerations, device)
@@ -82,6 +83,18 @@ def load_pipeline(
     else:
         use_trailing_spacing_if_zero_terminal_snr(pipe)
     return pipe
+
+
+RECOMMENDED_KEYS = ("num_inference_steps", "guidance_scale")
+
+
+def recommended_settings(path: Path) -> dict:
+    """`defaults` of a model folder's `record.json` (written by the shapes recipe's export), else {}."""
+    record = path / "record.json" if path.is_dir() else None
+    if record is None or not record.is_file():
+        return {}
+    defaults = json.loads(record.read_text()).get("defaults", {})
+    return {k: defaults[k] for k in RECOMMENDED_KEYS if k in defaults}
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:

@@ -180,6 +180,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         )
         self._call_device: torch.device | None = None
         self.model_id: str | None = None  # set by `load_pipeline`; recorded in recipes
+        # The model's recommended num_inference_steps / guidance_scale (`record.json` of the folder), if any.
+        self.recommended: dict = {}
         self.model_hash: str | None = None
 
     # ------------------------------------------------------------ the call

@@ -81,6 +81,7 @@ def test_loads_in_stock_diffusers_with_recorded_shapes_and_dtypes():
 def test_load_pipeline_without_a_model_is_the_default_model():
     pipe = load_pipeline()
     assert pipe.model_id == str(DEFAULT_MODEL_DIR)
+    assert pipe.recommended == RECORD["defaults"]  # what ldm-generate and the app use when not told
     assert _parameters(pipe.unet) == RECORD["unet"]["parameters"]
     assert pipe.unet.dtype == torch.float32
     assert pipe.scheduler.config.prediction_type == RECORD["scheduler"]["prediction_type"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,19 @@ def test_traced_unet_writes_the_same_images(model, prompts, reference, tmp_path)
     assert main(["--prompts", str(prompts), "--model", str(model), "--out", str(tmp_path), "--steps", "2",
                  "--trace", *SIZE]) == 0
     assert_same_images(pngs(tmp_path), pngs(reference))
+
+
+def test_steps_and_guidance_default_to_the_models_record(model, tmp_path):
+    """No --steps/--guidance: the model folder's record.json defaults, else SD's 30 steps at 7.5."""
+    with_record = tmp_path / "model"
+    shutil.copytree(model, with_record)
+    (with_record / "record.json").write_text(json.dumps({"defaults": {"num_inference_steps": 3, "guidance_scale": 2.5}}))
+    for folder, (steps, guidance), extra in ((with_record, (3, 2.5), []), (with_record, (2, 4.0), ["--steps", "2", "--guidance", "4"]),
+                                             (model, (30, 7.5), [])):
+        out = tmp_path / f"out-{len(extra)}-{folder.name}"
+        assert main(["a red circle", "--model", str(folder), "--out", str(out), *SIZE, *extra]) == 0
+        params = metadata.read_png(out / "00000_000.png").parameters
+        assert (params["Steps"], params["CFG scale"]) == (str(steps), str(guidance)), folder
 
 
 def test_bad_lines_are_reported_and_skipped(model, tmp_path, capsys):
