@@ -61,11 +61,11 @@ def validate_judge(count: int, seed: int = 2026) -> str:
 # ---------------------------------------------------------------- generation
 
 
-def load(model: str | None, device: str = "cpu"):
+def load(model: str | None, device: str = "cpu", trace: bool = False):
     """Our pipeline (`ldm_pipeline.load_pipeline`; the embedded default model when `model` is None)."""
     from ldm_pipeline import load_pipeline
 
-    return load_pipeline(model, device=device)
+    return load_pipeline(model, device=device, trace=trace)
 
 
 def set_sampler(pipe, name: str) -> None:
@@ -179,10 +179,8 @@ def speed(model: str | None, repeats: int, steps: int = 20, guidance: float = 3.
     import subprocess
     import tempfile
 
-    from ldm_pipeline import load_pipeline
-
     prompt = "a large red circle on a blue background at the top left"
-    pipes = {"eager UNet": load(model), "traced UNet (`trace=True`)": load_pipeline(model, trace=True)}
+    pipes = {"eager UNet": load(model), "traced UNet (`trace=True`)": load(model, trace=True)}
     call = lambda pipe, seed: pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                                    height=64, width=64, progress_bar=False)
     for pipe in pipes.values():
@@ -233,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 5.0, 7.5])
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--grids", type=Path, default=None, help="Write sample grids (PNG) of the best cells here.")
+    run.add_argument("--trace", action="store_true", help="Trace the UNet (same images, faster on CPU).")
     timing = commands.add_parser("speed", help="Warm latency of one image and cold-start CLI time.")
     timing.add_argument("--model", default=None)
     timing.add_argument("--repeats", type=int, default=10)
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(validate_judge(args.count))
         return 0
     torch.set_grad_enabled(False)
-    pipe = load(args.model)
+    pipe = load(args.model, trace=args.trace)
     combos = evaluation_combinations(args.per_split)
     cells = [Cell(*c) for c in itertools.product(args.samplers, args.steps, args.guidance)]
     results = evaluate(pipe, cells, combos, args.batch_size, log=lambda m: print(m, file=sys.stderr, flush=True))
