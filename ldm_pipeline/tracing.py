@@ -7,8 +7,9 @@ dtype, device) costs one trace (about 1-2 s on the embedded model), so this pays
 long-lived pipeline (the web UI, batch generation), not for a single cold image.
 
 `torch.jit.freeze` may fold weights into the graph: load LoRA or other weights *before* the first
-call, or call `TracedUNet.clear()` after changing them. Calls that are not a plain `unet(sample, t, context)` in
-inference mode (gradients on, cross_attention_kwargs, added conditions, ...) run the eager UNet.
+call, or call `TracedUNet.clear()` after changing them. Calls that are not a plain
+`unet(sample, t, context)` in inference mode (gradients on, cross_attention_kwargs, added
+conditions, ...) run the eager UNet.
 """
 
 from __future__ import annotations
