@@ -287,11 +287,12 @@ def _whole(name: str, value) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict | None = None) -> dict:
+def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict) -> dict:
     """The shared settings widgets (prompt, sampler, guidance, size, seed, batch).
 
     Counts and sizes are plain numbers, not sliders: out-of-range values then reach
-    `validate_request`, whose message names the field and the fix.
+    `validate_request`, whose message names the field and the fix. Steps and guidance start from
+    `recommended` (the model's record.json defaults, `pipe.recommended`).
     """
     c = {}
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
@@ -299,7 +300,6 @@ def settings_controls(samplers: list[str], native: int, prefix: str, recommended
     with gr.Row():
         c["sampler"] = gr.Dropdown(samplers, value=_default_sampler(samplers), label="Sampler",
                                    allow_custom_value=True)  # so an unknown name gets our message
-        recommended = recommended or {}  # the model's record.json defaults, if it has them
         c["steps"] = gr.Number(value=recommended.get("num_inference_steps", 20), precision=0,
                                label=f"Steps (1-{MAX_STEPS})")
     with gr.Row():
@@ -475,24 +475,25 @@ def fields_to_settings(fields: dict) -> list:
 def build_ui(generator: Generator):
     samplers = generator.sampler_names
     native = generator.pipe.unet.config.sample_size * generator.pipe.vae_scale_factor
+    recommended = getattr(generator.pipe, "recommended", {})  # pipelines not built by load_pipeline have none
     with gr.Blocks(title="ldm toolkit") as demo:
         gr.Markdown(f"## Latent diffusion\nModel: `{generator.pipe.model_id}`")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
-                txt = settings_controls(samplers, native, "txt2img", getattr(generator.pipe, "recommended", {}))
+                txt = settings_controls(samplers, native, "txt2img", recommended)
                 txt_out = output_controls("txt2img")
                 wire_outputs(generator, txt, txt_out, [], txt2img_request, "txt2img")
             with gr.Tab("Image to image", id="img2img"):
                 init = gr.Image(type="pil", label="Init image", image_mode="RGB")
                 strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the image)")
-                img = settings_controls(samplers, native, "img2img", getattr(generator.pipe, "recommended", {}))
+                img = settings_controls(samplers, native, "img2img", recommended)
                 img_out = output_controls("img2img")
                 wire_outputs(generator, img, img_out, [init, strength], img2img_request, "img2img")
             with gr.Tab("Inpainting", id="inpaint"):
                 editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
                                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                 inpaint_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
-                inp = settings_controls(samplers, native, "inpaint", getattr(generator.pipe, "recommended", {}))
+                inp = settings_controls(samplers, native, "inpaint", recommended)
                 inp_out = output_controls("inpaint")
                 wire_outputs(generator, inp, inp_out, [editor, inpaint_strength], inpaint_request, "inpaint")
             with gr.Tab("PNG info", id="pnginfo"):

@@ -90,8 +90,8 @@ RECOMMENDED_KEYS = ("num_inference_steps", "guidance_scale")
 
 def recommended_settings(path: Path) -> dict:
     """`defaults` of a model folder's `record.json` (written by the shapes recipe's export), else {}."""
-    record = path / "record.json" if path.is_dir() else None
-    if record is None or not record.is_file():
+    record = path / "record.json"
+    if not record.is_file():  # also a single .safetensors file: no folder, no record
         return {}
     defaults = json.loads(record.read_text()).get("defaults", {})
     return {k: defaults[k] for k in RECOMMENDED_KEYS if k in defaults}

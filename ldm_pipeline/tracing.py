@@ -19,6 +19,7 @@ import warnings
 from collections import OrderedDict
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 
 class TracedUNet(torch.nn.Module):
@@ -51,11 +52,7 @@ class TracedUNet(torch.nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         timesteps = self._timesteps(timestep, sample)
         out = self._graph(sample, timesteps, encoder_hidden_states)(sample, timesteps, encoder_hidden_states)["sample"]
-        if not return_dict:
-            return (out,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput  # loaded with the UNet anyway
-
-        return UNet2DConditionOutput(sample=out)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     @staticmethod
     def _timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:

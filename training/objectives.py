@@ -114,14 +114,14 @@ class Objective:
 
     def sample_levels(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(timestep for the UNet, alpha, sigma) for a batch: integer t for VP, s*T for flow."""
+        if self.timestep_sampling == "uniform" and not self.is_flow:
+            return self.vp_levels(torch.randint(0, self.num_train_timesteps, (batch,), generator=generator))
         if self.timestep_sampling == "logit_normal":
             # Logit-normal noise levels (Esser et al. 2024, SD3, eq. 19); s near 1 is the noisiest.
             u = torch.randn(batch, generator=generator, dtype=torch.float64)
             s = torch.sigmoid(self.logit_mean + self.logit_std * u)
-        elif self.is_flow:
-            s = torch.rand(batch, generator=generator, dtype=torch.float64)
         else:
-            return self.vp_levels(torch.randint(0, self.num_train_timesteps, (batch,), generator=generator))
+            s = torch.rand(batch, generator=generator, dtype=torch.float64)
         if self.is_flow:
             return self.flow_levels(s)
         # VP with logit-normal levels: s picks the integer timestep floor(s*T).
