@@ -1,12 +1,15 @@
 """Prompt adherence of a text-to-image model on the `shapes` dataset, read by an independent judge.
 
     python benchmarks/prompt_adherence.py validate-judge --count 5000
+    python benchmarks/prompt_adherence.py vae-roundtrip [--model DIR] [--count 1000]
     python benchmarks/prompt_adherence.py evaluate [--model DIR] [--per-split 32] \
         [--samplers ddim dpmpp-2m euler] [--steps 5 10 20 50] [--guidance 1 3 5 7.5] [--grids docs/]
     python benchmarks/prompt_adherence.py speed [--model DIR] [--repeats 10] [--python VENV/bin/python]
 
 `validate-judge` reads generator images (whose attributes are known) and prints how often the
-judge (`training.judge`: classical vision, no model) reads each attribute right. `evaluate`
+judge (`training.judge`: classical vision, no model) reads each attribute right. `vae-roundtrip`
+judges generator images after the model's VAE encodes and decodes them: the ceiling the VAE
+puts on every generated image. `evaluate`
 generates images for canonical prompts of seen (training-split) and held-out combinations with
 every (sampler, steps, guidance) cell and prints a Markdown table of per-attribute and
 all-attributes-correct accuracy. Every cell uses the same prompts and seeds, so cells compare.
@@ -56,6 +59,21 @@ def validate_judge(count: int, seed: int = 2026) -> str:
         result = judge.score((s.image, s.attributes) for s in samples)
         rows.append((split, result))
     return _table(["split"], [((split,), result) for split, result in rows])
+
+
+@torch.no_grad()
+def roundtrip_scores(vae, samples: list[shapes.Sample], batch_size: int = 200) -> judge.Scores:
+    """The judge on generator samples after `vae` encodes (posterior mode) and decodes them."""
+    pixels = torch.tensor(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    decoded = [vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in pixels.split(batch_size)]
+    images = ((torch.cat(decoded).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return judge.score(zip(images, (s.attributes for s in samples)))
+
+
+def vae_roundtrip(model: str | None, count: int, seed: int = 11) -> str:
+    """Markdown table: the judge on `count` training-split generator images after a VAE round trip."""
+    scores = roundtrip_scores(load(model).vae, shapes.generate(seed, count, "train"))
+    return _table(["images"], [(("VAE round trip",), scores)])
 
 
 # ---------------------------------------------------------------- generation
@@ -223,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("validate-judge", help="Judge accuracy on generator images.")
     check.add_argument("--count", type=int, default=5000, help="Generator images per split.")
+    roundtrip = commands.add_parser("vae-roundtrip", help="Judge accuracy on VAE reconstructions of generator images.")
+    roundtrip.add_argument("--model", default=None, help="Model folder (default: the embedded default model).")
+    roundtrip.add_argument("--count", type=int, default=1000)
     run = commands.add_parser("evaluate", help="Generate and judge; print the accuracy table.")
     run.add_argument("--model", default=None, help="Model folder (default: the embedded default model).")
     run.add_argument("--per-split", type=int, default=32, help="Prompts (distinct combinations) per split.")
@@ -245,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "validate-judge":
         print(validate_judge(args.count))
+        return 0
+    if args.command == "vae-roundtrip":
+        print(vae_roundtrip(args.model, args.count))
         return 0
     torch.set_grad_enabled(False)
     pipe = load(args.model, trace=args.trace)
