@@ -1,4 +1,4 @@
-"""Stage 1b of the shapes recipe (`training/recipes/shapes/finetune_decoder.py`) on a tiny VAE."""
+"""Stages 1b and 1c of the shapes recipe (`training/recipes/shapes/finetune_decoder.py`) on a tiny VAE."""
 
 from __future__ import annotations
 

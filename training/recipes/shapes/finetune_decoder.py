@@ -1,4 +1,4 @@
-"""Stage 1b of the shapes recipe: sharpen the VAE decoder with the encoder frozen.
+"""Stages 1b and 1c of the shapes recipe: sharpen the VAE decoder with the encoder frozen.
 
     python training/recipes/shapes/finetune_decoder.py VAE_DIR OUT_DIR [--steps 1500] [--batch 16] [--lr 5e-4]
         [--small-fraction 0.5] [--edge-weight 4]
