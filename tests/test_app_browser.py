@@ -79,3 +79,40 @@ def test_png_info_sends_parameters_to_txt2img_and_schedules_tab_shows_plots(
         page.screenshot(path=str(artifacts_dir / "schedules.png"), full_page=True)
     finally:
         page.close()
+
+
+def test_cancel_stops_a_long_run_and_the_form_works_again(app_server, chromium_context):
+    import time
+
+    def written() -> int:
+        return len(list(app_server.outputs.glob("*.png")))
+
+    page = chromium_context.new_page()
+    try:
+        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.get_by_label("Prompt").first.fill("a green square")
+        fill_number(page, "Steps", 100)
+        fill_number(page, "Width", 32)
+        fill_number(page, "Height", 32)
+        fill_number(page, "Seed", 777)
+        fill_number(page, "Batch count", 64)
+        before = written()
+        page.locator("#txt2img-generate").click()
+        deadline = time.monotonic() + 120
+        while written() == before and time.monotonic() < deadline:  # the run is under way: its first image is saved
+            time.sleep(0.2)
+        assert written() > before, "the long run never wrote its first image"
+        page.locator("#txt2img-cancel").click()
+        time.sleep(3)  # the pipeline stops after its current step
+        settled = written()
+        time.sleep(3)
+        assert written() == settled < before + 64  # nothing more is written: the server really stopped
+        # the same page generates again
+        fill_number(page, "Steps", 2)
+        fill_number(page, "Batch count", 1)
+        fill_number(page, "Seed", 778)
+        page.locator("#txt2img-generate").click()
+        page.locator("#txt2img-info").get_by_text("778", exact=True).wait_for(timeout=120_000)
+        assert written() == settled + 1
+    finally:
+        page.close()
