@@ -116,3 +116,40 @@ def test_cancel_stops_a_long_run_and_the_form_works_again(app_server, chromium_c
         assert written() == settled + 1
     finally:
         page.close()
+
+
+def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, artifacts_dir, tmp_path):
+    from PIL import Image
+
+    from ldm_pipeline import metadata
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (40, 80, 220)).save(init)
+    page = chromium_context.new_page()
+    try:
+        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.get_by_role("tab", name="Inpainting").click()
+        page.locator("input[type=file]").first.set_input_files(str(init))
+        # generating before painting is refused with the editor's message
+        page.locator("#inpaint-generate").click()
+        page.wait_for_function("() => document.body.innerText.includes('The mask is empty')", timeout=60_000)
+        page.get_by_role("button", name="Brush", exact=True).click()
+        page.locator("canvas:visible").first.scroll_into_view_if_needed()
+        canvas = page.locator("canvas:visible").first.bounding_box()  # viewport coordinates, as the mouse uses
+        x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+        page.mouse.move(x - 40, y - 20)
+        page.mouse.down()
+        page.mouse.move(x + 40, y + 20, steps=10)
+        page.mouse.up()
+        page.locator("#inpaint-seed input").fill("9191")  # the tab's other settings keep their defaults
+        page.locator("#inpaint-seed input").press("Tab")
+        page.locator("textarea:visible").first.fill("a red circle")  # this tab's prompt
+        page.locator("#inpaint-generate").click()
+        page.locator("#inpaint-info").get_by_text("9191", exact=True).wait_for(timeout=120_000)
+        page.screenshot(path=str(artifacts_dir / "inpaint.png"), full_page=True)
+        written = [p for p in app_server.outputs.glob("*.png") if p.name.endswith("seed9191.png")]
+        assert len(written) == 1
+        recipe = metadata.read_png(written[0]).recipe
+        assert (recipe["inpainting"], recipe["seed"]) == (True, 9191)
+    finally:
+        page.close()
