@@ -62,6 +62,20 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train_timesteps: int, ste
     return torch.from_numpy(t.astype(np.float64).copy())
 
 
+def lcm_timesteps(num_steps: int, original_steps: int, num_train_timesteps: int) -> torch.Tensor:
+    """Training timesteps, high to low, picked evenly from LCM's skipping-step grid of `original_steps` DDIM steps
+    (t = k*i - 1, k = T // original_steps; Luo et al. 2023, Sec. 4.2), as diffusers' LCMScheduler picks them."""
+    _check_num_steps(num_steps, num_train_timesteps)
+    if num_steps > original_steps:
+        raise ValueError(f"num_inference_steps must be from 1 to original_inference_steps ({original_steps}), "
+                         f"got {num_steps}: LCM samples on the grid it was distilled on. Raise "
+                         f"original_inference_steps, or set it to None to use timestep_spacing instead.")
+    k = num_train_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    picked = np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)
+    return torch.from_numpy(origin[picked].astype(np.float64).copy())
+
+
 # ---------------------------------------------------------------- noise-level schedules
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffusers.configuration_utils import register_to_config
 
-from . import solvers
+from . import grids, solvers
 from .base import DiffusionSampler
 
 
@@ -15,11 +15,23 @@ class LCMSampler(DiffusionSampler):
 
     Config (besides the `DiffusionSampler` fields):
         timestep_scaling (`float`, 10.0): t in c_skip(t), c_out(t) is timestep * timestep_scaling.
+        original_inference_steps (`int | None`, 50): the DDIM grid the model was distilled on; a step count
+            picks its nodes evenly, as diffusers' `LCMScheduler` does (`timestep_spacing` is then unused).
+            None: space the steps by `timestep_spacing` like the other samplers.
     """
 
     @register_to_config
-    def __init__(self, timestep_scaling: float = 10.0, **options):
+    def __init__(self, timestep_scaling: float = 10.0, original_inference_steps: int | None = 50, **options):
         super().__init__(**options)
+        if original_inference_steps is not None and original_inference_steps < 1:
+            raise ValueError(f"original_inference_steps must be >= 1 or None, got {original_inference_steps}.")
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None) -> None:
+        original = self.config.original_inference_steps
+        if original is not None and num_inference_steps is not None and timesteps is None and sigmas is None:
+            timesteps = grids.lcm_timesteps(num_inference_steps, original, self.config.num_train_timesteps)
+            num_inference_steps = None
+        super().set_timesteps(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
 
     def denoise(self, model_output, x, node):
         denoised, eps = super().denoise(model_output, x, node)

@@ -30,7 +30,7 @@ PAIRS = {
     "SDE-DPM-Solver++ 2M": (DPMSolverPlusPlusSDESampler, {}, diffusers.DPMSolverMultistepScheduler,
                             {"algorithm_type": "sde-dpmsolver++"}, {}, ("trailing",)),
     "Euler": (EulerSampler, {}, diffusers.EulerDiscreteScheduler, {}, {}, ("trailing", "leading")),
-    "LCM": (LCMSampler, {}, diffusers.LCMScheduler, {}, {}, ("trailing",)),
+    "LCM": (LCMSampler, {}, diffusers.LCMScheduler, {}, {}, ("trailing", "leading")),  # both: LCM's own grid
 }
 CASES = [
     pytest.param(name, spacing, prediction_type, id=f"{name}-{spacing}-{prediction_type}")
@@ -63,6 +63,25 @@ def test_matches_diffusers(name, spacing, prediction_type):
     ours = ours_cls.from_config(config, **our_options)
     theirs = theirs_cls.from_config(config, **their_options)
     _compare_with_diffusers(ours, theirs, 10, step_kwargs)
+
+
+@pytest.mark.parametrize("num_steps, original_steps", [(4, 50), (6, 50), (3, 8)])
+def test_lcm_picks_the_distillation_grid_like_diffusers(num_steps, original_steps):
+    """Step counts that do not divide original_inference_steps: nodes of the skipping-step grid, not a spacing."""
+    config = dict(BASE_CONFIG, original_inference_steps=original_steps)
+    theirs = diffusers.LCMScheduler.from_config(config)
+    ours = LCMSampler.from_config(config)
+    _compare_with_diffusers(ours, theirs, num_steps, {})
+
+
+def test_lcm_without_original_steps_uses_the_timestep_spacing():
+    from custom_schedulers.grids import spaced_timesteps
+
+    ours = LCMSampler.from_config(dict(BASE_CONFIG, timestep_spacing="trailing"), original_inference_steps=None)
+    ours.set_timesteps(4)
+    torch.testing.assert_close(ours.timesteps.double(), spaced_timesteps("trailing", 4, 1000))
+    with pytest.raises(ValueError, match="original_inference_steps"):
+        LCMSampler.from_config(BASE_CONFIG).set_timesteps(51)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
