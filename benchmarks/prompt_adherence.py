@@ -25,14 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import judge, shapes  # noqa: E402
+from training.data import to_pixels  # noqa: E402
 from training.shapes import Attributes  # noqa: E402
+from training.validation import to_pil  # noqa: E402
 
 SPLITS = ("seen", "held_out")
 PROMPT_SEED = 5  # which combinations are evaluated
@@ -64,10 +65,9 @@ def validate_judge(count: int, seed: int = 2026) -> str:
 @torch.no_grad()
 def roundtrip_scores(vae, samples: list[shapes.Sample], batch_size: int = 200) -> judge.Scores:
     """The judge on generator samples after `vae` encodes (posterior mode) and decodes them."""
-    pixels = torch.tensor(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels = to_pixels([s.image for s in samples])
     decoded = [vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in pixels.split(batch_size)]
-    images = ((torch.cat(decoded).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return judge.score(zip(images, (s.attributes for s in samples)))
+    return judge.score(zip(to_pil(torch.cat(decoded)), (s.attributes for s in samples)))
 
 
 def vae_roundtrip(model: str | None, count: int, seed: int = 11) -> str:

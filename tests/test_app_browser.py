@@ -13,15 +13,19 @@ def fill_number(page, label: str, value: int) -> None:
     field.press("Tab")
 
 
+def open_txt2img(page, url: str, prompt: str, numbers: dict[str, int]) -> None:
+    """Load the UI and fill the text-to-image form: the prompt, then each labelled number field."""
+    page.goto(url, wait_until="domcontentloaded")
+    page.get_by_label("Prompt").first.fill(prompt)
+    for label, value in numbers.items():
+        fill_number(page, label, value)
+
+
 def test_type_prompt_click_generate_and_see_the_image(app_server, chromium_context, artifacts_dir):
     page = chromium_context.new_page()
     try:
-        page.goto(app_server.url, wait_until="domcontentloaded")
-        page.get_by_label("Prompt").first.fill("a red circle on a blue background")
-        fill_number(page, "Steps", 2)
-        fill_number(page, "Width", 32)
-        fill_number(page, "Height", 32)
-        fill_number(page, "Seed", 4242)
+        open_txt2img(page, app_server.url, "a red circle on a blue background",
+                     {"Steps": 2, "Width": 32, "Height": 32, "Seed": 4242})
         page.locator("#txt2img-generate").click()
         image = page.locator("#txt2img-gallery img").first
         image.wait_for(state="visible", timeout=120_000)
@@ -89,13 +93,8 @@ def test_cancel_stops_a_long_run_and_the_form_works_again(app_server, chromium_c
 
     page = chromium_context.new_page()
     try:
-        page.goto(app_server.url, wait_until="domcontentloaded")
-        page.get_by_label("Prompt").first.fill("a green square")
-        fill_number(page, "Steps", 100)
-        fill_number(page, "Width", 32)
-        fill_number(page, "Height", 32)
-        fill_number(page, "Seed", 777)
-        fill_number(page, "Batch count", 64)
+        open_txt2img(page, app_server.url, "a green square",
+                     {"Steps": 100, "Width": 32, "Height": 32, "Seed": 777, "Batch count": 64})
         before = written()
         page.locator("#txt2img-generate").click()
         deadline = time.monotonic() + 120

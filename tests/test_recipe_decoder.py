@@ -12,6 +12,8 @@ from scipy import ndimage
 
 from tests.tiny_models import tiny_vae
 from training import judge, shapes
+from training.data import to_pixels
+from training.validation import to_pil
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training/recipes/shapes/finetune_decoder.py"
 spec = importlib.util.spec_from_file_location("finetune_decoder", SCRIPT)
@@ -19,15 +21,11 @@ finetune_decoder = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(finetune_decoder)
 
 
-def as_tensor(image) -> torch.Tensor:
-    return torch.tensor(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
 def test_edge_mask_marks_pixels_next_to_a_colour_change():
     sample = shapes.generate(5, 1)[0]
     labels = judge.quantize(sample.image)
     expected = ndimage.maximum_filter(labels, 3, mode="nearest") != ndimage.minimum_filter(labels, 3, mode="nearest")
-    mask = finetune_decoder.edge_mask(as_tensor(sample.image))[0, 0].numpy().astype(bool)
+    mask = finetune_decoder.edge_mask(to_pixels([sample.image]))[0, 0].numpy().astype(bool)
     assert mask.any() and (mask == expected).all()
     assert not finetune_decoder.edge_mask(torch.zeros(1, 3, 8, 8)).any()
 
@@ -46,7 +44,7 @@ def test_edge_weight_reweights_the_loss_towards_edges():
 def test_small_fraction_sets_the_share_of_small_shapes():
     def small_share(fraction: float) -> float:
         images = next(iter(finetune_decoder.batches(0, 64, fraction)))
-        readings = [judge.read_attributes(((x.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for x in images]
+        readings = [judge.read_attributes(image) for image in to_pil(images)]
         return float(np.mean([r.size == "small" for r in readings]))
 
     assert small_share(1.0) == 1.0 and small_share(0.0) == 0.0

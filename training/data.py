@@ -120,6 +120,12 @@ def folder_sources(train_data_dir: str, image_column: str = "file_name", caption
 # ---------------------------------------------------------------- images -> tensors
 
 
+def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """(B, 3, H, W) float pixels in [-1, 1] from same-size RGB images (the inverse of `validation.to_pil`)."""
+    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    return torch.from_numpy(array.transpose(0, 3, 1, 2).copy()) / 127.5 - 1.0
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Resize the short side, crop to a square, optionally flip; to a CHW float tensor in [-1, 1]."""

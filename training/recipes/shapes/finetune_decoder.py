@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from training import shapes  # noqa: E402
+from training.data import to_pixels  # noqa: E402
 from training.load_and_save import atomic_directory  # noqa: E402
 
 
@@ -37,8 +38,7 @@ def batches(seed: int, batch_size: int, small_fraction: float | None):
     else:
         stream = _sized_images(seed, small_fraction)
     while True:
-        images = [next(stream) for _ in range(batch_size)]
-        yield torch.tensor(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        yield to_pixels([next(stream) for _ in range(batch_size)])
 
 
 def _sized_images(seed: int, small_fraction: float):
