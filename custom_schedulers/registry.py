@@ -84,24 +84,29 @@ def build(name: str, config: Mapping[str, Any], **overrides) -> SchedulerMixin:
     config = dict(config)
     if name in OURS:
         cls, implied = OURS[name]
-        _check_overrides(name, cls, overrides)
+        check_options(name, cls, overrides)
         return cls.from_config(config, **{**implied, **overrides})
     if name in OUR_CLASSES:
-        _check_overrides(name, OUR_CLASSES[name], overrides)
+        check_options(name, OUR_CLASSES[name], overrides)
         return OUR_CLASSES[name].from_config(config, **overrides)
     if name in STOCK and hasattr(diffusers, name):
         cls = getattr(diffusers, name)
-        _check_overrides(name, cls, overrides)
+        check_options(name, cls, overrides)
         return cls.from_config(config, **overrides)
     raise ValueError(f"Unknown scheduler {name!r}; available: {', '.join(available())}.")
 
 
-def _check_overrides(name: str, cls: type, overrides: Mapping[str, Any]) -> None:
-    """Refuse an option the scheduler does not have (diffusers' `from_config` would drop it silently)."""
-    accepted = cls._get_init_keys(cls) | set(_DIFFUSERS_SIGMA_FLAGS) | {"use_beta_sigmas"}
+def check_options(name: str, cls: type, overrides: Mapping[str, Any]) -> None:
+    """Refuse an option the scheduler does not have (diffusers' `from_config` would drop it silently).
+
+    Our samplers also take diffusers' sigma flags (`use_karras_sigmas`, ...), translated to `sigma_schedule`.
+    Used by `build` and by `ldm_pipeline.scheduler_swap`: one check, one message."""
+    accepted = cls._get_init_keys(cls) - {"self", "args", "kwargs"}
+    if issubclass(cls, DiffusionSampler):
+        accepted |= set(_DIFFUSERS_SIGMA_FLAGS) | {"use_beta_sigmas"}
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ValueError(
             f"Scheduler {name!r} has no option {', '.join(map(repr, unknown))}; "
-            f"its options are: {', '.join(sorted(accepted - {'self', 'kwargs'}))}."
+            f"its options are: {', '.join(sorted(accepted))}."
         )

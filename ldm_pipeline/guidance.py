@@ -11,7 +11,7 @@ Notation (one convention for the whole module):
   SD 1.5); ``log_snr = -2 log(sigma)``.
 
 A guidance *schedule* gives w as a function of tau (constant, linear ramps, cosine,
-the seed's ``w * (0.5 + 0.5 * t/T)``, or any callable). A guidance *interval* limits
+``linear_down_to_half``: ``w * (0.5 + 0.5 * t/T)``, or any callable). A guidance *interval* limits
 guidance to noise levels ``sigma_lo < sigma <= sigma_hi`` (Kynkaenniemi et al. 2024,
 "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality");
 outside it the unconditional pass is skipped entirely. Being given in noise level,
@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Union
+from typing import Callable, Union
 
 import torch
 
 from custom_schedulers.schedules import make_schedule
 
-ScheduleName = Literal["constant", "linear_up", "linear_down", "cosine", "seed"]
-SCHEDULE_NAMES = ("constant", "linear_up", "linear_down", "cosine", "seed")
+SCHEDULE_NAMES = ("constant", "linear_up", "linear_down", "cosine", "linear_down_to_half")
+SCHEDULE_ALIASES = {"seed": "linear_down_to_half"}  # the old name, still read so old recipes reproduce
 ScaleFunction = Callable[[float], float]
 
 
@@ -73,8 +73,8 @@ def guidance_scale_at(scale: float, schedule: Union[str, ScaleFunction], tau: fl
     """w at tau = t/T for a named schedule or a callable tau -> w."""
     if callable(schedule):
         return float(schedule(tau))
-    if schedule == "seed":
-        return scale * (0.5 + 0.5 * tau)  # the seed's dynamic_cfg: w * (0.5 + 0.5 * t/T)
+    if schedule == "linear_down_to_half":
+        return scale * (0.5 + 0.5 * tau)  # w at pure noise down to w/2 at the clean end
     return min_scale + (scale - min_scale) * schedule_multiplier(schedule, tau)
 
 
@@ -170,7 +170,8 @@ class Guidance:
     """How the conditional and unconditional predictions are combined at each step.
 
     scale       w of classifier-free guidance (1 = conditional only, no unconditional pass)
-    schedule    "constant" | "linear_up" | "linear_down" | "cosine" | "seed" | callable(tau) -> w
+    schedule    "constant" | "linear_up" | "linear_down" | "cosine" | "linear_down_to_half" | callable(tau) -> w
+                (the old name "seed" of linear_down_to_half is accepted and recorded as the new name)
     min_scale   w at the far end of the ramps (linear_up, linear_down, cosine); unused otherwise
     interval    GuidanceInterval in noise level, or None for every step
     rescale     phi of guidance rescale (0 = off; 0.7 for zero-terminal-SNR models)
@@ -184,6 +185,8 @@ class Guidance:
     num_train_timesteps: int = field(default=1000, compare=False)
 
     def __post_init__(self):
+        if isinstance(self.schedule, str):
+            object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
         if not callable(self.schedule) and self.schedule not in SCHEDULE_NAMES:
             raise ValueError(
                 f"Unknown guidance schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)} or a callable."
@@ -222,8 +225,13 @@ class GuidancePlan:
         return self.guidance.scale_at(timestep)
 
     def scales(self, timesteps) -> list[float]:
-        """w for every step of a run."""
-        return [self.scale_at(t) for t in torch.as_tensor(timesteps).tolist()]
+        """w for every step of a run; a schedule giving a non-finite w is refused before any step runs."""
+        scales = [self.scale_at(t) for t in torch.as_tensor(timesteps).tolist()]
+        for step, w in enumerate(scales, start=1):
+            if not math.isfinite(w):
+                raise ValueError(f"Guidance schedule (guidance_schedule) gave w = {w} at step {step}: a schedule "
+                                 "must return a finite guidance scale.")
+        return scales
 
     @staticmethod
     def needs_uncond(scale: float) -> bool:

@@ -24,13 +24,14 @@ import functools
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from ldm_pipeline.atomic import atomic_file
 
 RECIPE_KEY = "ldm_recipe"
 PARAMETERS_KEY = "parameters"
@@ -196,28 +197,12 @@ def recipe_to_options(recipe: dict) -> dict:
 
 def write_png(path: str | os.PathLike, image: Image.Image, recipe: dict) -> Path:
     """Write `image` with the parameters and recipe chunks, atomically (temp file + rename)."""
-    path = Path(path)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, format_parameters(recipe))
     info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 @dataclass

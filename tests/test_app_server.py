@@ -86,7 +86,7 @@ def test_random_seed_is_reported_and_reproducible(client):
 
 @pytest.mark.parametrize("changes, message", [
     ({"width": 36}, "Width must be a multiple of 8"),
-    ({"steps": 0}, "Steps must be a whole number from 1"),
+    ({"steps": 0}, "Steps (num_inference_steps) must be a whole number from 1"),
     ({"batch_size": 17}, "Batch size must be from 1 to 16"),
     ({"sampler": "no-such-sampler"}, "Unknown sampler 'no-such-sampler'"),
     ({"use_interval": True, "sigma_lo": 5.0, "sigma_hi": 1.0}, "Guidance interval needs 0 <= sigma_lo < sigma_hi"),

@@ -9,7 +9,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from training.load_and_save import atomic_directory
+from ldm_pipeline.atomic import atomic_directory
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # as in diffusers' train_text_to_image_lora.py
 

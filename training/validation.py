@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ldm_pipeline.atomic import atomic_file
 from training import data
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,8 @@ def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str
         logger.info("Encoding %d images into %s ...", len(dataset), path)
         moments = data.encode_latent_moments(vae, data.all_pixels(dataset, 64, d.dataloader_num_workers), accelerator.device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file(moments, str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(moments, str(tmp))
     accelerator.wait_for_everyone()
     return load_file(str(path))
 
@@ -73,9 +72,8 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
