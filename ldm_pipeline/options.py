@@ -191,6 +191,8 @@ class GenerationOptions:
         """The prompts (placeholders when embeddings are given)."""
         if self.prompt_embeds is not None:
             return ["<prompt_embeds>"] * self.prompt_embeds.shape[0]
+        if not _is_text(self.prompt):
+            return []
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or [])
 
     def _prompt_problems(self) -> list[str]:
@@ -227,7 +229,8 @@ class GenerationOptions:
 
     def _size_problems(self, limits: ModelLimits) -> list[str]:
         f, top = limits.size_multiple, limits.max_side
-        return [f"{label(name)} must be a multiple of {f} from {f} to {top} pixels (LDM_MAX_SIDE sets the maximum), "
+        return [f"{label(name)} must be a multiple of {f} (a whole number) from {f} to {top} pixels (LDM_MAX_SIDE "
+                f"sets the maximum), "
                 f"got {value!r}."
                 for name, value in (("width", self.width), ("height", self.height))
                 if value is not None and not (is_whole(value) and value % f == 0 and f <= value <= top)]
