@@ -20,13 +20,16 @@ the interval means the same at any step count and for any sampler.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import torch
 
-from custom_schedulers.schedules import make_schedule
+from custom_schedulers.base import translate_diffusers_config
+from custom_schedulers.grids import level_at_timestep, level_to_alpha_sigma
+from custom_schedulers.schedules import NoiseSchedule, make_schedule
 
 SCHEDULE_NAMES = ("constant", "linear_up", "linear_down", "cosine", "linear_down_to_half")
 SCHEDULE_ALIASES = {"seed": "linear_down_to_half"}  # the old name, still read so old recipes reproduce
@@ -131,35 +134,33 @@ def as_interval(value) -> GuidanceInterval | None:
 class NoiseLevels:
     """sigma = sigma_t / alpha_t at any (fractional) timestep of a scheduler's training schedule.
 
-    Between grid points sigma is interpolated linearly in t, as diffusers' Euler scheduler
-    does for fractional timesteps; it is +inf where alpha_t = 0 (zero terminal SNR).
+    The schedule is the one `custom_schedulers` builds from the scheduler's config, and the level
+    between grid points is `grids.level_at_timestep`'s (linear in t, as diffusers' Euler
+    scheduler interpolates); it is +inf where alpha_t = 0 (zero terminal SNR).
     """
 
-    def __init__(self, alpha: torch.Tensor, sigma: torch.Tensor):
-        alpha, sigma = alpha.to(torch.float64), sigma.to(torch.float64)
-        self.ratio = torch.where(alpha > 0, sigma / alpha.clamp_min(1e-300), torch.full_like(alpha, math.inf))
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
 
     @classmethod
     def from_scheduler(cls, scheduler) -> "NoiseLevels":
-        """From the config keys (VP or rectified flow), as `custom_schedulers.schedules.make_schedule` reads them."""
-        config = scheduler.config
-        if "beta_schedule" not in config:
+        """From the scheduler's config (VP or rectified flow, ours or diffusers')."""
+        config = translate_diffusers_config(dict(scheduler.config))
+        if "beta_schedule" not in config and config.get("trained_betas") is None:
             raise ValueError(
                 f"{type(scheduler).__name__} has no `beta_schedule` in its config, so the noise level of its "
                 "timesteps is unknown; a guidance interval needs a scheduler built on a training noise schedule."
             )
-        keys = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "trained_betas",
-                "rescale_betas_zero_snr", "shift")
-        schedule = make_schedule(**{k: config[k] for k in keys if k in config})
-        return cls(schedule.alpha, schedule.sigma)
+        keys = inspect.signature(make_schedule).parameters
+        return cls(make_schedule(**{k: v for k, v in config.items() if k in keys}))
 
     def sigma(self, timestep) -> float:
-        t = min(max(float(timestep), 0.0), self.ratio.shape[0] - 1.0)
-        lo = int(math.floor(t))
-        w = t - lo
-        if w == 0.0:
-            return float(self.ratio[lo])
-        return float(self.ratio[lo] + w * (self.ratio[lo + 1] - self.ratio[lo]))
+        t = min(max(float(timestep), 0.0), self.schedule.num_train_timesteps - 1.0)
+        level = level_at_timestep(self.schedule, torch.tensor([t]))
+        if self.schedule.kind == "vp":  # the native level is sigma/alpha itself
+            return float(level[0])
+        alpha, sigma = level_to_alpha_sigma(level, "flow")  # native level s: alpha = 1 - s, sigma = s
+        return float(sigma[0] / alpha[0]) if alpha[0] > 0 else math.inf
 
 
 # ---------------------------------------------------------------- everything together
