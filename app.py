@@ -109,8 +109,8 @@ def settings_controls(samplers: list[str], native: int, prefix: str, recommended
         c["steps"] = gr.Number(value=recommended.get("num_inference_steps", 20), precision=0,
                                label=f"Steps (1-{max_steps})")
     with gr.Row():
-        c["width"] = gr.Number(value=native, precision=0, label=f"Width (multiple of 8, max {MAX_SIDE})")
-        c["height"] = gr.Number(value=native, precision=0, label=f"Height (multiple of 8, max {MAX_SIDE})")
+        c["width"] = gr.Number(value=native, precision=0, label="Width (multiple of 8)", info=f"at most {MAX_SIDE}")
+        c["height"] = gr.Number(value=native, precision=0, label="Height (multiple of 8)", info=f"at most {MAX_SIDE}")
     with gr.Row():
         c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}-seed")
         c["batch_count"] = gr.Number(value=1, precision=0, label="Batch count (batches one after another)")

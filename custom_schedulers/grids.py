@@ -14,16 +14,14 @@ timestep for VP schedules and ``s * T`` for flow (diffusers' FlowMatch conventio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .schedules import NoiseSchedule
 
-TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SigmaSchedule = Literal["default", "karras", "exponential", "linear"]
 SIGMA_SCHEDULES = ("default", "karras", "exponential", "linear")
 
 

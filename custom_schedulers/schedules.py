@@ -83,7 +83,7 @@ def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0
 
 
 def sigmoid_betas(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """Sigmoid betas on [-6, 6] (as in diffusers' DDPMScheduler and the seed's `sigmoid_beta_schedule`)."""
+    """Sigmoid betas on [-6, 6] (as in diffusers' DDPMScheduler's "sigmoid" beta schedule)."""
     ramp = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64))
     return ramp * (beta_end - beta_start) + beta_start
 
@@ -213,7 +213,7 @@ def timestep_from_log_snr(schedule: NoiseSchedule, target_log_snr: torch.Tensor)
 
 
 def analyze_schedule(schedule: NoiseSchedule) -> dict:
-    """What the seed's `analyze_schedules` reports, as numbers: beta range, final alpha-bar,
+    """A schedule's key numbers: beta range, final alpha-bar,
     SNR at start and end, log-SNR range and the timestep where SNR is closest to 1."""
     abar = schedule.alphas_cumprod
     betas = alphas_cumprod_to_betas(abar) if schedule.kind == "vp" else None

@@ -30,7 +30,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -81,7 +80,8 @@ class LatentPipelineOutput(BaseOutput):
 @dataclass
 class InpaintBlend:
     """Keeps the unmasked region: after each step it is replaced by the known latents re-noised
-    to the new level (the seed's inpainting loop; diffusers' 4-channel inpainting does the same)."""
+    to the new level (RePaint-style blending, Lugmayr et al. 2022; diffusers' 4-channel inpainting
+    pipelines blend the same way)."""
 
     known: torch.Tensor  # clean latents of the init image
     mask: torch.Tensor  # [B, 1, h, w], 1 = repaint

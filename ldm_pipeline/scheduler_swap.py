@@ -36,6 +36,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from custom_schedulers import registry
 from custom_schedulers.base import translate_sigma_flags
+from custom_schedulers.parameterization import check_zero_terminal_snr
 from ldm_pipeline.guidance import recommended_guidance_rescale
 
 logger = logging.getLogger(__name__)
@@ -191,11 +192,10 @@ def probe_step(scheduler: SchedulerMixin, name: str) -> None:
 
 
 def check_singular(config: dict) -> None:
-    if is_zero_terminal_snr(config) and config.get("prediction_type", "epsilon") == "epsilon":
-        raise SchedulerSwapError(
-            "epsilon prediction at zero terminal SNR is singular (alpha = 0 at the last training step, so x_0 "
-            "cannot be recovered from eps); zero-terminal-SNR models are trained with v_prediction (Lin et al. 2023)."
-        )
+    try:
+        check_zero_terminal_snr(config.get("prediction_type", "epsilon"), is_zero_terminal_snr(config))
+    except ValueError as error:
+        raise SchedulerSwapError(str(error)) from None
 
 
 def swap_scheduler(pipe, name: str, **overrides) -> SwapReport:

@@ -48,7 +48,7 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int | None, extra: dict) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int | None) -> Path:
     """accelerate `save_state` into a temporary folder, then rename it to checkpoint-<step> (all ranks call this)."""
     root = checkpoint_dir(output_dir)
     tmp = root / f".tmp-checkpoint-{step}"
@@ -61,7 +61,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int | 
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **extra}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -52,13 +52,10 @@ BETA_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}  # our name -> diffusers' 
 def check_objective(prediction_type: str, zero_terminal_snr: bool) -> None:
     """Refuse mathematically singular combinations before any work is done."""
     parameterization.check_prediction_type(prediction_type)
-    if zero_terminal_snr and prediction_type == "epsilon":
-        raise ValueError(
-            "--zero_terminal_snr with --prediction_type epsilon is singular: at SNR = 0 the noise is "
-            "the input itself, so an epsilon model learns nothing about the image there and sampling "
-            "from the terminal step divides by alpha = 0 (Lin et al. 2023, Sec. 3.2). Use "
-            "--prediction_type v_prediction (recommended with trailing timestep spacing)."
-        )
+    try:
+        parameterization.check_zero_terminal_snr(prediction_type, zero_terminal_snr)
+    except ValueError as error:
+        raise ValueError(f"--zero_terminal_snr with --prediction_type epsilon: {error}") from None
     if zero_terminal_snr and prediction_type == "flow":
         raise ValueError(
             "--zero_terminal_snr applies to VP schedules; rectified flow already reaches pure noise "

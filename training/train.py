@@ -170,7 +170,7 @@ def image_dataset(config: TrainConfig, sources: list[data.ImageSource]) -> data.
 
 def checkpoint_fn(accelerator: Accelerator, config: TrainConfig):
     return lambda step: checkpointing.save_checkpoint(
-        accelerator, config.run.output_dir, step, config.run.checkpoints_total_limit, {}
+        accelerator, config.run.output_dir, step, config.run.checkpoints_total_limit
     )
 
 
