@@ -71,30 +71,43 @@ def caption_vocabulary(captions: Sequence[str]) -> list[str]:
 
 
 def _readable(path: Path) -> bool:
+    """Decodes the whole image (`verify` misses a truncated JPEG, which then fails mid-training)."""
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
         return True
     except Exception as error:  # PIL raises many types for a bad file
         logger.warning("Skipping unreadable image %s: %s", path, error)
         return False
 
 
+def _metadata_record(metadata: Path, number: int, line: str, image_column: str, caption_column: str) -> tuple[str, str]:
+    """(file name, caption) of one metadata.jsonl line; a ValueError naming the file and line otherwise."""
+    where = f"{metadata} line {number}"
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise ValueError(f"{where} is not valid JSON ({error}); each line must be an object like "
+                         f'{{"{image_column}": "a.png", "{caption_column}": "a caption"}}.') from None
+    if not isinstance(record, dict) or image_column not in record or caption_column not in record:
+        raise ValueError(f"{where} lacks '{image_column}' or '{caption_column}'; set "
+                         "--image_column/--caption_column to the keys your file uses.")
+    name = record[image_column]
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{where}: '{image_column}' must be a file name inside the folder, got {name!r}.")
+    return name, str(record[caption_column])
+
+
 def _folder_captions(root: Path, image_column: str, caption_column: str) -> dict[Path, str]:
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
-        captions = {}
-        for number, line in enumerate(metadata.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if image_column not in record or caption_column not in record:
-                raise ValueError(
-                    f"{metadata}:{number} lacks '{image_column}' or '{caption_column}'; set "
-                    "--image_column/--caption_column to the keys your file uses."
-                )
-            captions[root / record[image_column]] = str(record[caption_column])
-        return captions
+        try:
+            lines = metadata.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{metadata} is not UTF-8 text ({error}).") from None
+        records = [_metadata_record(metadata, number, line, image_column, caption_column)
+                   for number, line in enumerate(lines, 1) if line.strip()]
+        return {root / name: caption for name, caption in records}
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     return {p: p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "" for p in images}
 
