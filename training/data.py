@@ -109,7 +109,14 @@ def _folder_captions(root: Path, image_column: str, caption_column: str) -> dict
                    for number, line in enumerate(lines, 1) if line.strip()]
         return {root / name: caption for name, caption in records}
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return {p: p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "" for p in images}
+    return {p: _caption_file(p.with_suffix(".txt")) for p in images}
+
+
+def _caption_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Caption file {path} is not UTF-8 text ({error}).") from None
 
 
 def folder_sources(train_data_dir: str, image_column: str = "file_name", caption_column: str = "text"):
@@ -124,7 +131,8 @@ def folder_sources(train_data_dir: str, image_column: str = "file_name", caption
     sources = [ImageSource(caption=c, path=p) for p, c in sorted(captions.items()) if _readable(p)]
     skipped = len(captions) - len(sources)
     if not sources:
-        raise ValueError(f"No readable images in {root} ({skipped} skipped); supported: {sorted(IMAGE_EXTENSIONS)}.")
+        raise ValueError(f"--train_data_dir {root} has no readable images ({skipped} skipped); "
+                         f"supported: {sorted(IMAGE_EXTENSIONS)}.")
     if skipped:
         logger.warning("%d of %d images in %s could not be opened and were skipped.", skipped, len(captions), root)
     return sources, skipped

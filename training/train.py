@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from training import checkpointing, data
+from training import checkpointing, data, shapes
 from training.config import TrainConfig, check_option_values, check_paths, parse_config
 from training.load_and_save import (
     Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
@@ -63,6 +63,9 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("--dataset folder needs --train_data_dir (a folder of images with captions).")
     if d.dataset == "shapes" and d.train_data_dir is not None:
         raise ValueError("--train_data_dir is an image folder: drop --dataset shapes (or the folder).")
+    for name in ("shapes_colors", "shapes_backgrounds"):
+        if unknown := sorted(set(getattr(d, name) or ()) - set(shapes.COLORS)):
+            raise ValueError(f"--{name} {unknown} unknown; valid colours: {', '.join(shapes.COLORS)}.")
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
