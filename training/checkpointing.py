@@ -308,7 +308,7 @@ def load_checkpoint(state: TrainingState, checkpoint: Path) -> int:
     try:
         for i, model in enumerate(state.models):
             current = f"model{f'_{i}' if i else ''}.safetensors"
-            load_model(accelerator.unwrap_model(model), str(checkpoint / current), device=str(accelerator.device))
+            load_model(accelerator.unwrap_model(model), str(checkpoint / current))  # copied into the params in place
         for name, obj in state.objects().items():
             current = name
             obj.load_state_dict(load_tree(checkpoint, name))
