@@ -57,7 +57,7 @@ CASES = [
     ("validation-negative", lambda t: ["--validation_steps", "-5"], "--validation_steps -5 must be >= 1"),
     ("beta1-1", lambda t: ["--adam_beta1", "1"], "--adam_beta1 1.0 must be >= 0 and < 1"),
     ("caption-dropout-1", lambda t: ["--caption_dropout", "1"], "--proportion_empty_prompts 1.0 must be >= 0 and < 1"),
-    ("seed-negative", lambda t: ["--seed=-1"], "--seed -1 must be >= 0 and < 4.29497e+09"),
+    ("seed-negative", lambda t: ["--seed=-1"], "--seed -1 must be >= 0 and < 4294967296"),
     ("ema-decay", lambda t: ["--ema_decay", "1.5"], "--ema_decay 1.5 must be >= 0 and <= 1"),
     ("noise-offset", lambda t: ["--noise_offset=-0.1"], "--noise_offset -0.1 must be >= 0"),
     ("timesteps-1", lambda t: ["--num_train_timesteps", "1"], "--num_train_timesteps 1 must be >= 2"),

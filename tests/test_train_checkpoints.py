@@ -105,6 +105,15 @@ def test_planted_pickle_never_runs(runs, tmp_path, capsys, place):
     assert not marker.exists()
 
 
+def test_allow_pickle_never_loads_pickles_a_new_checkpoint_does_not_need(runs, tmp_path, caplog):
+    out, marker = copy_run(runs, "full", tmp_path), tmp_path / "marker"
+    plant(out / "checkpoints" / "checkpoint-2" / "custom_checkpoint_0.pkl", marker)
+    with caplog.at_level(logging.WARNING):
+        main(args(out, *RUN, "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-2"), "--allow_pickle", steps=4))
+    assert not marker.exists() and "they are not loaded" in caplog.text
+    assert summary(out)["loss_history"] == summary(runs / "full")["loss_history"][2:]
+
+
 def test_pickle_format_checkpoint_resumes_bit_exact_with_allow_pickle(runs, tmp_path, capsys):
     out = copy_run(runs, "legacy", tmp_path)
     message = refused(out, capsys)
@@ -115,12 +124,13 @@ def test_pickle_format_checkpoint_resumes_bit_exact_with_allow_pickle(runs, tmp_
     assert not checkpointing.pickle_files(out / "checkpoints" / "checkpoint-4")  # new checkpoints: no pickle
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
-def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(runs, tmp_path, caplog, damage):
+@pytest.mark.parametrize("name, damage", [("optimizer.safetensors", "truncate"), ("model.safetensors", "flip"),
+                                         ("ema.safetensors", "delete"), (checkpointing.STATE_FILE, "truncate")])
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(runs, tmp_path, caplog, name, damage):
     out = copy_run(runs, "full", tmp_path)
-    victim = out / "checkpoints" / "checkpoint-4" / "optimizer.safetensors"
+    victim = out / "checkpoints" / "checkpoint-4" / name
     if damage == "truncate":
-        victim.write_bytes(victim.read_bytes()[:1000])
+        victim.write_bytes(victim.read_bytes()[:100])
     elif damage == "flip":
         data = bytearray(victim.read_bytes())
         data[-10] ^= 0xFF

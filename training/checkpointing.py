@@ -254,9 +254,13 @@ def damage(checkpoint: Path) -> str | None:
 def check_pickle_policy(checkpoint: Path, allow_pickle: bool) -> None:
     """Refuse a checkpoint that would need (or carries) pickle files unless --allow_pickle is given."""
     pickles = pickle_files(checkpoint)
-    if not pickles or allow_pickle:
+    if not pickles:
         return
     legacy = read_state(checkpoint).get("format") is None
+    if allow_pickle:
+        if not legacy:
+            logger.warning("%s holds pickle files it does not need (%s); they are not loaded.", checkpoint, ", ".join(pickles))
+        return
     what = ("was written in accelerate's pickle format by an older version" if legacy
             else "holds pickle files this version never writes (someone put them there)")
     raise CheckpointError(

@@ -286,8 +286,8 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
-        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
-        high = "" if self.high is None else f"{'<=' if self.high_closed else '<'} {self.high:g}"
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+        high = "" if self.high is None else f"{'<=' if self.high_closed else '<'} {self.high}"
         return " and ".join(part for part in (low, high) if part)
 
 
