@@ -137,3 +137,25 @@ def test_python_dash_m_prints_one_line_and_exits_2(tmp_path):
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == "error: --logging_steps 0 must be >= 1."
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train import ENV, REPO
+
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "training.train", *args(tmp_path / "run", steps=100000)],
+                                   cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 240
+        while "train:" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130
+    text = log.read_text()
+    assert text.strip().splitlines()[-1] == "interrupted" and "Traceback" not in text

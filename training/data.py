@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -127,8 +129,10 @@ def folder_sources(train_data_dir: str, image_column: str = "file_name", caption
             f"--train_data_dir {root} does not exist or is not a folder. Point it at a folder of images "
             "with a metadata.jsonl or .txt captions, or use --dataset shapes."
         )
-    captions = _folder_captions(root, image_column, caption_column)
-    sources = [ImageSource(caption=c, path=p) for p, c in sorted(captions.items()) if _readable(p)]
+    captions = sorted(_folder_captions(root, image_column, caption_column).items())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        readable = list(pool.map(_readable, [p for p, _ in captions]))
+    sources = [ImageSource(caption=c, path=p) for (p, c), ok in zip(captions, readable) if ok]
     skipped = len(captions) - len(sources)
     if not sources:
         raise ValueError(f"--train_data_dir {root} has no readable images ({skipped} skipped); "
