@@ -8,6 +8,7 @@ happen before any model is loaded, so most cases take milliseconds; the few that
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,13 @@ def truncated_jpeg_folder(tmp: Path) -> Path:
 def config_file(tmp: Path, name: str, text: str) -> Path:
     (tmp / name).write_text(text)
     return tmp / name
+
+
+def scratch_folder(tmp: Path, name: str, text: str) -> Path:
+    folder = tmp / "configs"
+    shutil.copytree(TINY, folder)
+    (folder / name).write_text(text)
+    return folder
 
 
 NO_SCRATCH = "drop --from_scratch"  # a case's first item: run without the tiny --from_scratch configs
@@ -87,6 +95,8 @@ CASES = [
      "metadata.jsonl line 2 is not valid JSON"),
     ("only-truncated-jpeg", lambda t: ["--train_data_dir", str(truncated_jpeg_folder(t))],
      "has no readable images (1 skipped)"),
+    ("scratch-bad-json", lambda t: ["--from_scratch", str(scratch_folder(t, "unet.json", "{bad"))],
+     "unet.json is not valid JSON"),
     ("resolution-not-divisible", lambda t: ["--resolution", "33"], "--resolution 33 is not divisible"),
 ]
 
