@@ -161,7 +161,9 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "training.train", *args(tmp_path / "run", steps=100000)],
-                                   cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+                                   cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   # a job started with & in a script inherits SIGINT ignored; undo that
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 240
         while "train:" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.2)

@@ -120,7 +120,8 @@ def save_tree(folder: Path, name: str, value) -> str:
 
 
 def load_tree(folder: Path, name: str):
-    if (folder / f"{name}.json").is_file():
+    """The value `save_tree` wrote (the file the checkpoint's manifest lists, whichever of the two)."""
+    if f"{name}.json" in read_state(folder)["files"]:
         return decode(json.loads((folder / f"{name}.json").read_text()), {})
     with safe_open(folder / f"{name}.safetensors", framework="pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -242,7 +243,11 @@ def pickle_files(checkpoint: Path) -> list[str]:
 def damage(checkpoint: Path) -> str | None:
     """Why a format-2 checkpoint cannot be trusted to load (a missing or altered file), or None."""
     state = read_state(checkpoint)
-    for name, digest in state.get("files", {}).items():
+    if state.get("format") is None:
+        return None  # accelerate's format keeps no hashes (and loads only with --allow_pickle)
+    if not isinstance(state.get("files"), dict):
+        return f"{checkpoint / STATE_FILE} is damaged (no file list)"
+    for name, digest in state["files"].items():
         path = checkpoint / name
         if not path.is_file():
             return f"{path} is missing"
@@ -327,7 +332,7 @@ def load_checkpoint(state: TrainingState, checkpoint: Path) -> int:
 
 def load_rng_states(checkpoint: Path, rank: int) -> None:
     name = f"random_states_{rank}"
-    if (checkpoint / f"{name}.safetensors").is_file():
+    if f"{name}.safetensors" in read_state(checkpoint)["files"]:
         set_rng_states(load_tree(checkpoint, name))
     else:
         logger.warning("%s has no %s (written with fewer processes): this process's RNG is not restored.", checkpoint, name)
