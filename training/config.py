@@ -81,7 +81,10 @@ class ModelOptions:
     train_text_encoder: bool = option(False, "Train the text encoder jointly with the UNet.")
     lora_rank: int | None = option(None, "Train LoRA adapters of this rank (peft) instead of the full UNet.")
     lora_alpha: float | None = option(None, "LoRA alpha (default: equal to the rank).")
-    allow_pickle: bool = option(False, "Allow loading .ckpt/.bin pickle checkpoints (unsafe; off by default).")
+    allow_pickle: bool = option(
+        False, "Allow loading pickle files: .ckpt/.bin models, and resume checkpoints in accelerate's pickle format "
+        "(unsafe: a pickle can run code; off by default).",
+    )
 
 
 # ---------------------------------------------------------------- what is trained: objective
