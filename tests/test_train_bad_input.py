@@ -90,6 +90,8 @@ CASES = [
      "--learning_rate 'fast' must be a number"),
     ("config-float-steps", lambda t: ["--config", str(config_file(t, "c.yaml", "lr_warmup_steps: 2.5\n"))],
      "--lr_warmup_steps 2.5 must be an integer"),
+    ("config-prompts-not-list", lambda t: ["--config", str(config_file(t, "c.yaml", "validation_prompts: a red\n"))],
+     "--validation_prompts 'a red' must be a list of str values"),
     ("config-unknown-key", lambda t: ["--config", str(config_file(t, "c.yaml", "learning_rat: 1\n"))], "learning_rat"),
     ("metadata-bad-json", lambda t: ["--train_data_dir", str(metadata_folder(t, '{"file_name": "a.png",'))],
      "metadata.jsonl line 2 is not valid JSON"),
