@@ -275,10 +275,14 @@ def all_pixels(dataset: ImageDataset, batch_size: int, num_workers: int = 0) -> 
     return (batch["pixel_values"] for batch in loader)
 
 
+def posterior_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z = mean + std * eps, eps ~ N(0, I) drawn on the CPU: a sample of the VAE posterior (Kingma & Welling 2014)."""
+    return mean + std * torch.randn(mean.shape, generator=generator).to(mean)
+
+
 def latent_sample(batch: dict, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
-    """x_0 = scaling_factor * (mean + std * N(0, I)) from cached posterior moments."""
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    return scaling_factor * (mean + std * torch.randn(mean.shape, generator=generator))
+    """x_0 = scaling_factor * posterior sample, from cached posterior moments."""
+    return scaling_factor * posterior_sample(batch["latent_mean"], batch["latent_std"], generator)
 
 
 def check_resolution(resolution: int, vae_factor: int) -> None:

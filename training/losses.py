@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.data import drop_captions, latent_sample
+from training.data import drop_captions, latent_sample, posterior_sample
 from training.objectives import Objective
 
 
@@ -35,7 +35,7 @@ class DiffusionLoss:
             return latent_sample(batch, self.scaling_factor, generator)
         with torch.no_grad():
             dist = self.vae.encode(batch["pixel_values"].to(self.vae.device, self.vae.dtype)).latent_dist
-            return self.scaling_factor * (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean))
+            return self.scaling_factor * posterior_sample(dist.mean, dist.std, generator)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         device = next(self.unet.parameters()).device
@@ -62,7 +62,7 @@ class DiffusionLoss:
         x0 = self.latents(batch, generator).to(device, torch.float32)
         timesteps, alpha, sigma = self.objective.fixed_levels(x0.shape[0])
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        x_t = alpha.to(x0).view(-1, 1, 1, 1) * x0 + sigma.to(x0).view(-1, 1, 1, 1) * noise
+        x_t = self.objective.diffuse(x0, noise, alpha, sigma)
         target = self.objective.target(x0, noise, alpha, sigma)
         ids = self.input_ids[batch["index"]].to(device)
         return float(self.loss(x_t, timesteps, ids, target, self.objective.loss_weights(alpha, sigma)))

@@ -157,8 +157,12 @@ class Objective:
         if self.input_perturbation:
             xi = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
             model_noise = noise + self.input_perturbation * xi
-        a, s = _per_sample(alpha, x0), _per_sample(sigma, x0)
-        return a * x0 + s * model_noise
+        return self.diffuse(x0, model_noise, alpha, sigma)
+
+    @staticmethod
+    def diffuse(x0: torch.Tensor, noise: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        """The forward process x_t = alpha*x0 + sigma*noise, per-sample alpha and sigma (DESIGN.md)."""
+        return _per_sample(alpha, x0) * x0 + _per_sample(sigma, x0) * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, alpha, sigma) -> torch.Tensor:
         return parameterization.target(self.prediction_type, x0, noise, alpha.to(x0), sigma.to(x0))

@@ -55,7 +55,7 @@ def scaling_factor_of(vae, dataset: data.ImageDataset, max_samples: int = 2048) 
     for batch in batches:
         pixels = torch.stack([dataset[k][0] for k in batch]).to(vae.device, vae.dtype)
         dist = vae.encode(pixels).latent_dist
-        samples.append((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)).float().cpu())
+        samples.append(data.posterior_sample(dist.mean, dist.std, generator).float().cpu())
     return float(1.0 / torch.cat(samples).std())
 
 
