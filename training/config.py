@@ -153,12 +153,30 @@ class RunOptions:
     test_run: bool = option(False, "Build everything, run one step, save the output, exit.")
 
 
+# ---------------------------------------------------------------- fine-tuning as kohya users do (issue 20)
+
+
+@dataclass
+class FineTuneDataOptions:
+    enable_bucket: bool = option(
+        False, "Aspect-ratio bucketing (kohya): batches of one bucket each, buckets of about resolution^2 pixels."
+    )
+    bucket_reso_steps: int = option(64, "Bucket sides are multiples of this (a multiple of the latent downsampling).")
+    min_bucket_reso: int | None = option(None, "Smallest bucket side (default: resolution/2, rounded to the step).")
+    max_bucket_reso: int | None = option(None, "Largest bucket side (default: 2 * resolution).")
+    record_data_order: bool = option(
+        False, "Write the (dataset index, stream position) pairs each process trains on, one line per micro-batch, "
+        "to data_order-rank<R>.jsonl in the run directory (an audit of the data order)."
+    )
+
+
 GROUPS = {
     "data": DataOptions,
     "model": ModelOptions,
     "objective": ObjectiveOptions,
     "optimization": OptimizationOptions,
     "run": RunOptions,
+    "finetune_data": FineTuneDataOptions,
 }
 
 
@@ -169,6 +187,7 @@ class TrainConfig:
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     optimization: OptimizationOptions = field(default_factory=OptimizationOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    finetune_data: FineTuneDataOptions = field(default_factory=FineTuneDataOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
 from training import checkpointing, data
+from training.buckets import BucketBatchOrder, assign_buckets, describe
 from training.config import TrainConfig, parse_config
 from training.load_and_save import (
     Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
@@ -55,6 +56,9 @@ def check_config(config: TrainConfig) -> None:
         check_objective(o.prediction_type, o.zero_terminal_snr)
     if not 0 <= config.data.proportion_empty_prompts < 1:
         raise ValueError("--proportion_empty_prompts must be in [0, 1).")
+    if config.finetune_data.enable_bucket and (m.train_vae or config.data.cache_latents):
+        raise ValueError("--enable_bucket trains the diffusion model on pixels: it cannot be combined with "
+                         "--train_vae or --cache_latents yet; drop one of them.")
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -155,17 +159,32 @@ def loop_schedule(config: TrainConfig, start_step: int) -> LoopSchedule:
     )
 
 
-def batch_order(config: TrainConfig, accelerator: Accelerator, num_samples: int) -> data.BatchOrder:
-    return data.BatchOrder(
-        num_samples, config.optimization.train_batch_size, config.optimization.seed,
-        accelerator.process_index, accelerator.num_processes,
-    )
+def batch_order(config: TrainConfig, accelerator: Accelerator, sources: list[data.ImageSource], buckets=None):
+    """Square batches (data.BatchOrder) or, with bucketing, one-bucket batches (buckets.BucketBatchOrder)."""
+    o = config.optimization
+    repeats = tuple(s.repeats for s in sources)
+    if buckets is not None:
+        return BucketBatchOrder(buckets, repeats, o.train_batch_size, o.seed, accelerator.process_index,
+                                accelerator.num_processes)
+    return data.BatchOrder(len(sources), o.train_batch_size, o.seed, accelerator.process_index,
+                           accelerator.num_processes, repeats if set(repeats) != {1} else None)
 
 
-def image_dataset(config: TrainConfig, sources: list[data.ImageSource]) -> data.ImageDataset:
+def image_dataset(config: TrainConfig, sources: list[data.ImageSource], sizes=None) -> data.ImageDataset:
     d = config.data
     transform = data.ImageTransform(d.resolution, d.center_crop, d.random_flip)
-    return data.ImageDataset(sources, transform, config.optimization.seed)
+    return data.ImageDataset(sources, transform, config.optimization.seed, sizes)
+
+
+def training_buckets(config: TrainConfig, accelerator: Accelerator, components: Components, sources) -> tuple:
+    """(bucket size of each image, bucket of each image) with --enable_bucket (table logged), else (None, None)."""
+    if not config.finetune_data.enable_bucket:
+        return None, None
+    factor = components.vae_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    table, buckets = assign_buckets(config.finetune_data, config.data.resolution, factor, [s.size() for s in sources])
+    if accelerator.is_main_process:
+        logger.info("Aspect-ratio buckets:\n%s", describe(table, buckets, [s.repeats for s in sources]))
+    return [table[b] for b in buckets], buckets
 
 
 def checkpoint_fn(accelerator: Accelerator, config: TrainConfig):
@@ -213,11 +232,18 @@ def prepare_diffusion_models(config: TrainConfig, components: Components) -> lis
 
 def diffusion_batches(config, accelerator, components, dataset, start_micro):
     """Micro-batches of cached latents or of pixels, from `start_micro` on."""
-    order = batch_order(config, accelerator, len(dataset.train))
+    sizes, buckets = training_buckets(config, accelerator, components, dataset.train)
+    order = batch_order(config, accelerator, dataset.train, buckets)
     if config.data.cache_latents:
         cached = latent_cache(accelerator, components.vae, image_dataset(config, dataset.train), config, "train")
-        return data.tensor_batches(cached, order, start_micro)
-    return data.image_batches(image_dataset(config, dataset.train), order, start_micro, config.data.dataloader_num_workers)
+        batches = data.tensor_batches(cached, order, start_micro)
+    else:
+        batches = data.image_batches(image_dataset(config, dataset.train, sizes), order, start_micro,
+                                     config.data.dataloader_num_workers)
+    if config.finetune_data.record_data_order:
+        path = Path(config.run.output_dir) / f"data_order-rank{accelerator.process_index}.jsonl"
+        return data.recorded(batches, path)
+    return batches
 
 
 def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: Components, dataset: Dataset) -> Path:
@@ -296,7 +322,7 @@ def train_vae(config: TrainConfig, accelerator: Accelerator, components: Compone
     latent_shape = (vae.config.latent_channels, latent, latent)
     validator = Validator(accelerator, config, components, {}, ema, params, VaeLoss(wrapper, config.model.vae_kl_weight, latent_shape),
                           dataset.validation)
-    order = batch_order(config, accelerator, len(dataset.train))
+    order = batch_order(config, accelerator, dataset.train)
     batches = data.image_batches(image_dataset(config, dataset.train), order,
                                  start * config.optimization.gradient_accumulation_steps, config.data.dataloader_num_workers)
     parts = LoopParts(accelerator, VaeLoss(prepared, config.model.vae_kl_weight, latent_shape), [prepared], params,
