@@ -170,6 +170,27 @@ class FineTuneDataOptions:
     )
 
 
+@dataclass
+class FineTuneModelOptions:
+    lora_type: Literal["lora", "loha", "lokr"] = option(
+        "lora", "Adapter kind with --lora_rank (peft): LoRA, LoHa (Hadamard product) or LoKr (Kronecker product)."
+    )
+    use_dora: bool = option(False, "DoRA: weight-decomposed LoRA (Liu et al. 2024); --lora_type lora only.")
+    lora_format: Literal["diffusers", "kohya", "both", "peft"] = option(
+        "both", "Adapter file format(s) in output_dir/lora: diffusers (pytorch_lora_weights.safetensors), kohya "
+        "(A1111/ComfyUI keys, pytorch_lora_weights_kohya.safetensors), both, or peft (adapter folders; LoHa/LoKr)."
+    )
+    text_encoder_lr: float | None = option(
+        None, "Learning rate of the text encoder (or its LoRA) with --train_text_encoder (default: --learning_rate)."
+    )
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "schedulefree_adamw"] = option(
+        "adamw", "Optimizer by name (see training/optimizers.py)."
+    )
+    optimizer_args: list[str] = option(
+        [], "Extra optimizer options as key=value (e.g. d_coef=0.5), or a mapping in the config file."
+    )
+
+
 GROUPS = {
     "data": DataOptions,
     "model": ModelOptions,
@@ -177,6 +198,7 @@ GROUPS = {
     "optimization": OptimizationOptions,
     "run": RunOptions,
     "finetune_data": FineTuneDataOptions,
+    "finetune_model": FineTuneModelOptions,
 }
 
 
@@ -188,6 +210,7 @@ class TrainConfig:
     optimization: OptimizationOptions = field(default_factory=OptimizationOptions)
     run: RunOptions = field(default_factory=RunOptions)
     finetune_data: FineTuneDataOptions = field(default_factory=FineTuneDataOptions)
+    finetune_model: FineTuneModelOptions = field(default_factory=FineTuneModelOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -27,6 +27,7 @@ from training.load_and_save import (
 )
 from training.losses import DiffusionLoss, VaeLoss, VaeReconstruction
 from training.objectives import Objective, build_schedule, check_objective
+from training.optimizers import build_optimizer
 from training.train_loop import LoopParts, LoopSchedule, train_loop
 from training.validation import VALIDATION_SEED, Validator, latent_cache, scaling_factor_of
 
@@ -56,9 +57,29 @@ def check_config(config: TrainConfig) -> None:
         check_objective(o.prediction_type, o.zero_terminal_snr)
     if not 0 <= config.data.proportion_empty_prompts < 1:
         raise ValueError("--proportion_empty_prompts must be in [0, 1).")
+    check_finetune_options(config)
+
+
+def check_finetune_options(config: TrainConfig) -> None:
+    """The issue-20 options (buckets, adapters, optimizers) against each other and the rest."""
+    m, f = config.model, config.finetune_model
     if config.finetune_data.enable_bucket and (m.train_vae or config.data.cache_latents):
         raise ValueError("--enable_bucket trains the diffusion model on pixels: it cannot be combined with "
                          "--train_vae or --cache_latents yet; drop one of them.")
+    if f.lora_type != "lora" and f.lora_format != "peft":
+        raise ValueError(f"--lora_type {f.lora_type} adapters have no diffusers or kohya LoRA file format: add "
+                         "--lora_format peft (adapter folders that peft loads).")
+    if f.use_dora and f.lora_format in ("kohya", "both"):
+        raise ValueError("--use_dora: diffusers' kohya converter does not write DoRA magnitudes; use --lora_format "
+                         "diffusers (loaded by `pipe.load_lora_weights`) or peft.")
+    if f.use_dora and m.train_text_encoder:
+        raise ValueError("--use_dora with --train_text_encoder: stock `load_lora_weights` (transformers 5) drops a "
+                         "text encoder's DoRA magnitudes, so the file would not reproduce training; train DoRA on "
+                         "the UNet only (drop --train_text_encoder) or use plain LoRA.")
+    if f.use_dora and f.lora_type != "lora":
+        raise ValueError(f"--use_dora applies to --lora_type lora only, not {f.lora_type}.")
+    if f.text_encoder_lr is not None and not m.train_text_encoder:
+        raise ValueError("--text_encoder_lr needs --train_text_encoder (the text encoder is frozen otherwise).")
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -113,12 +134,10 @@ def load_components(config: TrainConfig, words: list[str]) -> Components:
     return load_pretrained(m)
 
 
-def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
-    o = config.optimization
-    optimizer = torch.optim.AdamW(
-        params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay,
-        eps=o.adam_epsilon,
-    )
+def make_optimizer(config: TrainConfig, groups: list[dict]):
+    """The --optimizer over parameter groups, and the learning-rate schedule."""
+    o, f = config.optimization, config.finetune_model
+    optimizer = build_optimizer(f.optimizer, groups, o, f.optimizer_args)
     lr_scheduler = get_scheduler(
         o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=o.max_train_steps
     )
@@ -135,6 +154,15 @@ def make_ema(config: TrainConfig, params: list[torch.nn.Parameter]):
 
 def trainable_parameters(models: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     return [p for model in models for p in model.parameters() if p.requires_grad]
+
+
+def parameter_groups(config: TrainConfig, trained: list[torch.nn.Module]) -> list[dict]:
+    """The UNet (or VAE) at --learning_rate; a trained text encoder at --text_encoder_lr when given."""
+    groups = [{"params": trainable_parameters(trained[:1])}]
+    if len(trained) > 1:
+        lr = config.finetune_model.text_encoder_lr
+        groups.append({"params": trainable_parameters(trained[1:]), **({"lr": lr} if lr is not None else {})})
+    return groups
 
 
 def resume(accelerator: Accelerator, config: TrainConfig) -> int:
@@ -187,6 +215,19 @@ def training_buckets(config: TrainConfig, accelerator: Accelerator, components: 
     return [table[b] for b in buckets], buckets
 
 
+def validate_fn(validator: Validator, optimizer):
+    """Validation at a schedule-free optimizer's averaged weights (train mode again afterwards)."""
+
+    def validate(step: int) -> dict:
+        optimizer.eval()
+        try:
+            return validator.validate(step)
+        finally:
+            optimizer.train()
+
+    return validate
+
+
 def checkpoint_fn(accelerator: Accelerator, config: TrainConfig):
     return lambda step: checkpointing.save_checkpoint(
         accelerator, config.run.output_dir, step, config.run.checkpoints_total_limit, {}
@@ -216,12 +257,15 @@ def build_objective(config: TrainConfig, components: Components) -> tuple[Object
 
 def prepare_diffusion_models(config: TrainConfig, components: Components) -> list[torch.nn.Module]:
     """Freeze what is not trained; returns the modules with trainable parameters."""
+    m, f = config.model, config.finetune_model
     components.vae.requires_grad_(False).eval()
-    components.text_encoder.requires_grad_(config.model.train_text_encoder).train(config.model.train_text_encoder)
-    if config.model.lora_rank:
-        from training.lora import add_unet_lora
+    components.text_encoder.requires_grad_(m.train_text_encoder).train(m.train_text_encoder)
+    if m.lora_rank:
+        from training.lora import add_text_encoder_lora, add_unet_lora
 
-        add_unet_lora(components.unet, config.model.lora_rank, config.model.lora_alpha)
+        add_unet_lora(components.unet, m.lora_rank, m.lora_alpha, f.lora_type, f.use_dora)
+        if m.train_text_encoder:
+            add_text_encoder_lora(components.text_encoder, m.lora_rank, m.lora_alpha, f.lora_type, f.use_dora)
     if config.optimization.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if config.model.train_text_encoder:
@@ -251,9 +295,10 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     data.check_resolution(config.data.resolution, components.vae_factor)
     trained = prepare_diffusion_models(config, components)
     params = trainable_parameters(trained)
-    optimizer, lr_scheduler = make_optimizer(config, params)
+    optimizer, lr_scheduler = make_optimizer(config, parameter_groups(config, trained))
     ema = make_ema(config, params)
     *prepared, optimizer = accelerator.prepare(*trained, optimizer)
+    optimizer.train()  # schedule-free optimizers step in train mode (a no-op for the others)
     accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
     start = resume(accelerator, config)
     tokenize = lambda sources: data.tokenize(components.tokenizer, [s.caption for s in sources])
@@ -267,9 +312,10 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     parts = LoopParts(
         accelerator, loss_fn, prepared, params, optimizer, lr_scheduler,
         diffusion_batches(config, accelerator, components, dataset, start * config.optimization.gradient_accumulation_steps),
-        ema, validator.validate, checkpoint_fn(accelerator, config), accelerator.log,
+        ema, validate_fn(validator, optimizer), checkpoint_fn(accelerator, config), accelerator.log,
     )
     history = train_loop(parts, loop_schedule(config, start))
+    optimizer.eval()  # a schedule-free optimizer's averaged weights are the trained model
     finish(config, accelerator, validator, ema, params, lambda: save_diffusion_output(config, components, scheduler_keys), history)
     return Path(config.run.output_dir) / ("lora" if config.model.lora_rank else "model")
 
@@ -302,9 +348,10 @@ def finish(config: TrainConfig, accelerator: Accelerator, validator: Validator, 
 def save_diffusion_output(config: TrainConfig, components: Components, scheduler_keys: dict) -> Path:
     out = Path(config.run.output_dir)
     if config.model.lora_rank:
-        from training.lora import save_lora
+        from training.lora_export import save_adapters
 
-        return save_lora(out / "lora", components.unet)
+        text_encoder = components.text_encoder if config.model.train_text_encoder else None
+        return save_adapters(out / "lora", components.unet, text_encoder, config.finetune_model.lora_format)
     return save_pipeline(out / "model", components, output_scheduler(scheduler_keys))
 
 
@@ -313,9 +360,10 @@ def train_vae(config: TrainConfig, accelerator: Accelerator, components: Compone
     data.check_resolution(config.data.resolution, components.vae_factor)
     wrapper = VaeReconstruction(vae.train())
     params = trainable_parameters([wrapper])
-    optimizer, lr_scheduler = make_optimizer(config, params)
+    optimizer, lr_scheduler = make_optimizer(config, [{"params": params}])
     ema = make_ema(config, params)
     prepared, optimizer = accelerator.prepare(wrapper, optimizer)
+    optimizer.train()
     accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
     start = resume(accelerator, config)
     latent = config.data.resolution // components.vae_factor
@@ -326,8 +374,10 @@ def train_vae(config: TrainConfig, accelerator: Accelerator, components: Compone
     batches = data.image_batches(image_dataset(config, dataset.train), order,
                                  start * config.optimization.gradient_accumulation_steps, config.data.dataloader_num_workers)
     parts = LoopParts(accelerator, VaeLoss(prepared, config.model.vae_kl_weight, latent_shape), [prepared], params,
-                      optimizer, lr_scheduler, batches, ema, validator.validate, checkpoint_fn(accelerator, config), accelerator.log)
+                      optimizer, lr_scheduler, batches, ema, validate_fn(validator, optimizer), checkpoint_fn(accelerator, config),
+                      accelerator.log)
     history = train_loop(parts, loop_schedule(config, start))
+    optimizer.eval()
 
     def save():
         vae.eval().register_to_config(scaling_factor=scaling_factor_of(vae, image_dataset(config, dataset.train)))
