@@ -164,6 +164,9 @@ class FineTuneDataOptions:
     bucket_reso_steps: int = option(64, "Bucket sides are multiples of this (a multiple of the latent downsampling).")
     min_bucket_reso: int | None = option(None, "Smallest bucket side (default: resolution/2, rounded to the step).")
     max_bucket_reso: int | None = option(None, "Largest bucket side (default: 2 * resolution).")
+    shuffle_caption: bool = option(False, "Shuffle the comma-separated tags of each caption every time it is seen.")
+    keep_tokens: int = option(0, "Keep the first N tags of each caption in place (not shuffled, never dropped).")
+    caption_tag_dropout_rate: float = option(0.0, "Drop each (not kept) tag of a caption with this probability.")
     record_data_order: bool = option(
         False, "Write the (dataset index, stream position) pairs each process trains on, one line per micro-batch, "
         "to data_order-rank<R>.jsonl in the run directory (an audit of the data order)."

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from training import shapes
+from training.captions import caption_of, folder_repeats
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +105,15 @@ def _folder_captions(root: Path, image_column: str, caption_column: str) -> dict
             captions[root / record[image_column]] = str(record[caption_column])
         return captions
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return {p: p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "" for p in images}
+    return {p: caption_of(p, root) for p in images}
 
 
 def folder_sources(train_data_dir: str, image_column: str = "file_name", caption_column: str = "text"):
-    """(sources, skipped): every readable image of an ImageFolder-style directory with its caption."""
+    """(sources, skipped): every readable image of an ImageFolder-style directory with its caption.
+
+    Captions: metadata.jsonl, else a .txt/.caption file beside each image, else a kohya `N_name` folder's name;
+    images in `N_name` folders are repeated N times per epoch (`training.captions`).
+    """
     root = Path(train_data_dir)
     if not root.is_dir():
         raise FileNotFoundError(
@@ -116,7 +121,7 @@ def folder_sources(train_data_dir: str, image_column: str = "file_name", caption
             "with a metadata.jsonl or .txt captions, or use --dataset shapes."
         )
     captions = _folder_captions(root, image_column, caption_column)
-    sources = [ImageSource(caption=c, path=p) for p, c in sorted(captions.items()) if _readable(p)]
+    sources = [ImageSource(c, p, repeats=folder_repeats(p, root)) for p, c in sorted(captions.items()) if _readable(p)]
     skipped = len(captions) - len(sources)
     if not sources:
         raise ValueError(f"No readable images in {root} ({skipped} skipped); supported: {sorted(IMAGE_EXTENSIONS)}.")

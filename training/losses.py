@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from training.captions import CaptionVariation
 from training.data import drop_captions, latent_sample, posterior_sample
 from training.objectives import Objective
 
@@ -29,6 +30,12 @@ class DiffusionLoss:
     empty_ids: torch.Tensor  # token ids of the empty caption
     caption_dropout: float
     scaling_factor: float
+    variation: CaptionVariation | None = None  # per-step tag shuffle/dropout; None: the fixed input_ids
+
+    def caption_ids(self, batch: dict) -> torch.Tensor:
+        if self.variation is None or not self.variation.active:
+            return self.input_ids[batch["index"]]
+        return self.variation.ids(batch["index"], batch["position"])
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         if "latent_mean" in batch:
@@ -40,7 +47,7 @@ class DiffusionLoss:
     def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         device = next(self.unet.parameters()).device
         x0 = self.latents(batch, generator).to(device, torch.float32)
-        ids = drop_captions(self.input_ids[batch["index"]], self.empty_ids, self.caption_dropout, generator)
+        ids = drop_captions(self.caption_ids(batch), self.empty_ids, self.caption_dropout, generator)
         timesteps, alpha, sigma = self.objective.sample_levels(x0.shape[0], generator)
         noise = self.objective.sample_noise(x0, generator)
         x_t = self.objective.noisy_input(x0, noise, alpha, sigma, generator)

@@ -21,6 +21,7 @@ from diffusers.optimization import get_scheduler
 
 from training import checkpointing, data
 from training.buckets import BucketBatchOrder, assign_buckets, describe
+from training.captions import CaptionVariation
 from training.config import TrainConfig, parse_config
 from training.load_and_save import (
     Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
@@ -215,6 +216,12 @@ def training_buckets(config: TrainConfig, accelerator: Accelerator, components: 
     return [table[b] for b in buckets], buckets
 
 
+def caption_variation(config: TrainConfig, components: Components, sources) -> CaptionVariation:
+    f = config.finetune_data
+    return CaptionVariation([s.caption for s in sources], components.tokenizer, config.optimization.seed,
+                            f.keep_tokens, f.shuffle_caption, f.caption_tag_dropout_rate)
+
+
 def validate_fn(validator: Validator, optimizer):
     """Validation at a schedule-free optimizer's averaged weights (train mode again afterwards)."""
 
@@ -305,7 +312,8 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     shared = dict(vae=components.vae, objective=objective, empty_ids=data.tokenize(components.tokenizer, [""])[0],
                   caption_dropout=config.data.proportion_empty_prompts, scaling_factor=components.vae.config.scaling_factor)
     text_encoder = prepared[1] if config.model.train_text_encoder else components.text_encoder
-    loss_fn = DiffusionLoss(prepared[0], text_encoder, input_ids=tokenize(dataset.train), **shared)
+    loss_fn = DiffusionLoss(prepared[0], text_encoder, input_ids=tokenize(dataset.train),
+                            variation=caption_variation(config, components, dataset.train), **shared)
     validator = Validator(accelerator, config, components, scheduler_keys, ema, params,
                           DiffusionLoss(components.unet, components.text_encoder, input_ids=tokenize(dataset.validation), **shared),
                           dataset.validation)
