@@ -194,6 +194,21 @@ class FineTuneModelOptions:
     )
 
 
+@dataclass
+class FineTuneLossOptions:
+    masked_loss: bool = option(
+        False, "Weight each latent pixel's loss by a mask (white = learn, black = ignore) from --conditioning_data_dir."
+    )
+    conditioning_data_dir: str | None = option(
+        None, "--masked_loss: folder of grayscale masks, one per training image with the same file stem."
+    )
+    debiased_estimation_loss: bool = option(
+        False, "Debiased estimation (Yu et al. 2024): weight the epsilon-space loss by 1/sqrt(SNR)."
+    )
+    multires_noise_iterations: int = option(0, "Multi-resolution noise (Whitaker 2023): levels added (6-10 typical).")
+    multires_noise_discount: float = option(0.3, "Multi-resolution noise: weight of level i is discount^i.")
+
+
 GROUPS = {
     "data": DataOptions,
     "model": ModelOptions,
@@ -202,6 +217,7 @@ GROUPS = {
     "run": RunOptions,
     "finetune_data": FineTuneDataOptions,
     "finetune_model": FineTuneModelOptions,
+    "finetune_loss": FineTuneLossOptions,
 }
 
 
@@ -214,6 +230,7 @@ class TrainConfig:
     run: RunOptions = field(default_factory=RunOptions)
     finetune_data: FineTuneDataOptions = field(default_factory=FineTuneDataOptions)
     finetune_model: FineTuneModelOptions = field(default_factory=FineTuneModelOptions)
+    finetune_loss: FineTuneLossOptions = field(default_factory=FineTuneLossOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -40,6 +40,7 @@ class ImageSource:
     path: Path | None = None
     image: Image.Image | None = None
     repeats: int = 1  # times the image is seen per epoch (kohya's `N_name` folders)
+    mask_path: Path | None = None  # grayscale loss mask (white = learn), for the masked loss
 
     def load(self) -> Image.Image:
         return self.image if self.image is not None else Image.open(self.path).convert("RGB")
@@ -147,6 +148,7 @@ class Item(NamedTuple):
     position: int  # stream position (seeds the crop, flip and caption processing)
     original_size: tuple[int, int]  # (height, width) of the image file
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    mask: torch.Tensor | None = None  # (1, H, W) in [0, 1], cropped like the pixels (masked loss)
 
 
 @dataclass(frozen=True)
@@ -160,24 +162,33 @@ class ImageTransform:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         return self.apply(image, rng)[0]
 
-    def apply(self, image: Image.Image, rng: np.random.Generator, size: tuple[int, int] | None = None):
-        """(pixels, crop (top, left)) for a target (width, height)."""
+    def apply(self, image: Image.Image, rng: np.random.Generator, size: tuple[int, int] | None = None,
+              mask: Image.Image | None = None):
+        """(pixels, crop (top, left), mask or None) for a target (width, height); the mask gets the same geometry."""
         target_w, target_h = size or (self.resolution, self.resolution)
         width, height = image.size
         scale = max(target_w / width, target_h / height)
-        if scale != 1:
-            resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
-            image = image.resize(resized, Image.Resampling.BICUBIC)
-        width, height = image.size
+        resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale))) if scale != 1 else image.size
         if self.center_crop:
-            left, top = (width - target_w) // 2, (height - target_h) // 2
+            left, top = (resized[0] - target_w) // 2, (resized[1] - target_h) // 2
         else:
-            left, top = int(rng.integers(width - target_w + 1)), int(rng.integers(height - target_h + 1))
-        image = image.crop((left, top, left + target_w, top + target_h))
-        array = np.asarray(image, dtype=np.float32)
-        if self.random_flip and rng.random() < 0.5:
-            array = array[:, ::-1]
-        return torch.from_numpy(array.transpose(2, 0, 1).copy()) / 127.5 - 1.0, (top, left)
+            left, top = int(rng.integers(resized[0] - target_w + 1)), int(rng.integers(resized[1] - target_h + 1))
+        box, flip = (left, top, left + target_w, top + target_h), self.random_flip and rng.random() < 0.5
+        pixels = _resize_crop(image, resized, box, flip) / 127.5 - 1.0
+        if mask is None:
+            return pixels, (top, left), None
+        return pixels, (top, left), _resize_crop(mask.convert("L").resize(image.size), resized, box, flip) / 255.0
+
+
+def _resize_crop(image: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+    """(C, H, W) float values 0..255 of `image` resized (bicubic), cropped to `box`, optionally mirrored."""
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    array = np.asarray(image.crop(box), dtype=np.float32)
+    array = array[:, :, None] if array.ndim == 2 else array
+    if flip:
+        array = array[:, ::-1]
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -196,9 +207,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Item:
         index, position = key
         rng = np.random.default_rng((self.seed, position))
-        image = self.sources[index].load()
-        pixels, crop = self.transform.apply(image, rng, self.sizes[index] if self.sizes else None)
-        return Item(pixels, index, position, (image.height, image.width), crop)
+        source = self.sources[index]
+        image = source.load()
+        mask = Image.open(source.mask_path) if source.mask_path else None
+        pixels, crop, mask = self.transform.apply(image, rng, self.sizes[index] if self.sizes else None, mask)
+        return Item(pixels, index, position, (image.height, image.width), crop, mask)
 
 
 # ---------------------------------------------------------------- batch order
@@ -261,6 +274,8 @@ def collate(items: list[Item]) -> dict:
     batch = {"pixel_values": torch.stack([item.pixels for item in items])}
     for name in ("index", "position", "original_size", "crop_top_left"):
         batch[name] = torch.tensor([getattr(item, name) for item in items])
+    if items[0].mask is not None:
+        batch["mask"] = torch.stack([item.mask for item in items])
     return batch
 
 

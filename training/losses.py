@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from training.captions import CaptionVariation
 from training.data import drop_captions, latent_sample, posterior_sample
+from training.loss_options import latent_mask
 from training.objectives import Objective
 
 
@@ -53,13 +54,14 @@ class DiffusionLoss:
         x_t = self.objective.noisy_input(x0, noise, alpha, sigma, generator)
         target = self.objective.target(x0, noise, alpha, sigma)
         weights = self.objective.loss_weights(alpha, sigma)
-        return self.loss(x_t, timesteps, ids.to(device), target, weights), {}
+        mask = latent_mask(batch["mask"], x0.shape).to(device) if "mask" in batch else None
+        return self.loss(x_t, timesteps, ids.to(device), target, weights, mask), {}
 
-    def loss(self, x_t, timesteps, ids, target, weights) -> torch.Tensor:
+    def loss(self, x_t, timesteps, ids, target, weights, mask=None) -> torch.Tensor:
         encoder_hidden_states = self.text_encoder(ids, return_dict=False)[0]
         timesteps = timesteps.to(x_t.device, torch.float32 if self.objective.is_flow else torch.long)
         prediction = self.unet(x_t, timesteps, encoder_hidden_states, return_dict=False)[0]
-        return self.objective.loss(prediction, target, weights)
+        return self.objective.loss(prediction, target, weights, mask)
 
     @torch.no_grad()
     def fixed_loss(self, batch: dict, seed: int) -> float:

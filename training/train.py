@@ -26,6 +26,7 @@ from training.config import TrainConfig, parse_config
 from training.load_and_save import (
     Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
 )
+from training.loss_options import attach_masks
 from training.losses import DiffusionLoss, VaeLoss, VaeReconstruction
 from training.objectives import Objective, build_schedule, check_objective
 from training.optimizers import build_optimizer
@@ -67,6 +68,13 @@ def check_finetune_options(config: TrainConfig) -> None:
     if config.finetune_data.enable_bucket and (m.train_vae or config.data.cache_latents):
         raise ValueError("--enable_bucket trains the diffusion model on pixels: it cannot be combined with "
                          "--train_vae or --cache_latents yet; drop one of them.")
+    loss = config.finetune_loss
+    if loss.masked_loss and (not loss.conditioning_data_dir or config.data.dataset != "folder" or
+                             config.data.cache_latents or m.train_vae):
+        raise ValueError("--masked_loss needs an image folder (--train_data_dir), its masks in "
+                         "--conditioning_data_dir, and pixels (not --cache_latents or --train_vae).")
+    if loss.multires_noise_iterations < 0 or not 0 < loss.multires_noise_discount <= 1:
+        raise ValueError("--multires_noise_iterations must be >= 0 and --multires_noise_discount in (0, 1].")
     if f.lora_type != "lora" and f.lora_format != "peft":
         raise ValueError(f"--lora_type {f.lora_type} adapters have no diffusers or kohya LoRA file format: add "
                          "--lora_format peft (adapter folders that peft loads).")
@@ -115,6 +123,8 @@ def load_dataset(config: TrainConfig) -> Dataset:
     if d.train_data_dir is None:
         raise ValueError("--dataset folder needs --train_data_dir.")
     sources, skipped = data.folder_sources(d.train_data_dir, d.image_column, d.caption_column)
+    if config.finetune_loss.masked_loss:
+        sources = attach_masks(sources, config.finetune_loss.conditioning_data_dir)
     held = d.num_validation_samples if len(sources) >= 2 * d.num_validation_samples else 0
     if not held:
         logger.warning("Only %d images: the validation loss uses training images.", len(sources))
@@ -254,7 +264,8 @@ def build_objective(config: TrainConfig, components: Components) -> tuple[Object
     )
     objective = Objective(
         schedule, scheduler_keys["prediction_type"], o.snr_gamma, o.snr_floor, o.timestep_sampling, o.logit_mean,
-        o.logit_std, o.flow_shift, o.noise_offset, o.input_perturbation,
+        o.logit_std, o.flow_shift, o.noise_offset, o.input_perturbation, config.finetune_loss.debiased_estimation_loss,
+        config.finetune_loss.multires_noise_iterations, config.finetune_loss.multires_noise_discount,
     )
     if o.snr_gamma is not None and o.snr_floor is None and bool(schedule.snr.min() == 0):
         logger.warning("Min-SNR weights are 0 at the zero-SNR step, which then is never trained; consider "
