@@ -164,6 +164,10 @@ class FineTuneDataOptions:
     bucket_reso_steps: int = option(64, "Bucket sides are multiples of this (a multiple of the latent downsampling).")
     min_bucket_reso: int | None = option(None, "Smallest bucket side (default: resolution/2, rounded to the step).")
     max_bucket_reso: int | None = option(None, "Largest bucket side (default: 2 * resolution).")
+    hf_dataset: str | None = option(
+        None, "A local Hugging Face dataset to train on: a folder saved with save_to_disk, or an image folder read "
+        "by load_dataset('imagefolder') (--image_column defaults to its image column, --caption_column 'text')."
+    )
     shuffle_caption: bool = option(False, "Shuffle the comma-separated tags of each caption every time it is seen.")
     keep_tokens: int = option(0, "Keep the first N tags of each caption in place (not shuffled, never dropped).")
     caption_tag_dropout_rate: float = option(0.0, "Drop each (not kept) tag of a caption with this probability.")
@@ -320,6 +324,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     file_values = load_config_file(args.pop("config")) if "config" in args else {}
     config = config_from_flat({**file_values, **args})
-    if config.data.train_data_dir is not None and "dataset" not in {**file_values, **args}:
+    given_data = config.data.train_data_dir is not None or config.finetune_data.hf_dataset is not None
+    if given_data and "dataset" not in {**file_values, **args}:
         config.data.dataset = "folder"
     return config

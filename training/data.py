@@ -14,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -41,14 +41,17 @@ class ImageSource:
     image: Image.Image | None = None
     repeats: int = 1  # times the image is seen per epoch (kohya's `N_name` folders)
     mask_path: Path | None = None  # grayscale loss mask (white = learn), for the masked loss
+    loader: Callable[[], Image.Image] | None = None  # decodes the image on demand (e.g. a `datasets` row)
 
     def load(self) -> Image.Image:
+        if self.loader is not None:
+            return self.loader()
         return self.image if self.image is not None else Image.open(self.path).convert("RGB")
 
     def size(self) -> tuple[int, int]:
-        """(width, height), read from the file header only."""
-        if self.image is not None:
-            return self.image.size
+        """(width, height), read from the file header only when the image is a file."""
+        if self.path is None:
+            return self.load().size
         with Image.open(self.path) as image:
             return image.size
 

@@ -69,7 +69,7 @@ def check_finetune_options(config: TrainConfig) -> None:
         raise ValueError("--enable_bucket trains the diffusion model on pixels: it cannot be combined with "
                          "--train_vae or --cache_latents yet; drop one of them.")
     loss = config.finetune_loss
-    if loss.masked_loss and (not loss.conditioning_data_dir or config.data.dataset != "folder" or
+    if loss.masked_loss and (not loss.conditioning_data_dir or not config.data.train_data_dir or
                              config.data.cache_latents or m.train_vae):
         raise ValueError("--masked_loss needs an image folder (--train_data_dir), its masks in "
                          "--conditioning_data_dir, and pixels (not --cache_latents or --train_vae).")
@@ -120,9 +120,14 @@ def load_dataset(config: TrainConfig) -> Dataset:
             data.shapes_validation_sources(d.num_validation_samples),
             data.shapes_vocabulary(),
         )
-    if d.train_data_dir is None:
-        raise ValueError("--dataset folder needs --train_data_dir.")
-    sources, skipped = data.folder_sources(d.train_data_dir, d.image_column, d.caption_column)
+    if config.finetune_data.hf_dataset:
+        from training.hf_data import hf_sources
+
+        sources, skipped = hf_sources(config.finetune_data.hf_dataset, d.image_column, d.caption_column), 0
+    elif d.train_data_dir is None:
+        raise ValueError("--dataset folder needs --train_data_dir (or --hf_dataset).")
+    else:
+        sources, skipped = data.folder_sources(d.train_data_dir, d.image_column, d.caption_column)
     if config.finetune_loss.masked_loss:
         sources = attach_masks(sources, config.finetune_loss.conditioning_data_dir)
     held = d.num_validation_samples if len(sources) >= 2 * d.num_validation_samples else 0

@@ -24,7 +24,7 @@ def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str
     """Posterior moments of every item, computed once by the main process and stored as safetensors."""
     d = config.data
     key = data.cache_key({
-        "name": name, "n": len(dataset), "dataset": d.dataset, "dir": d.train_data_dir, "res": d.resolution,
+        "name": name, "n": len(dataset), "dataset": d.dataset, "dir": d.train_data_dir, "hf": config.finetune_data.hf_dataset, "res": d.resolution,
         "crop": d.center_crop, "seed": config.optimization.seed, "samples": d.num_train_samples,
         "colors": d.shapes_colors, "backgrounds": d.shapes_backgrounds,
         "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")},
