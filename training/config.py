@@ -213,6 +213,18 @@ class FineTuneLossOptions:
     multires_noise_discount: float = option(0.3, "Multi-resolution noise: weight of level i is discount^i.")
 
 
+@dataclass
+class DreamBoothOptions:
+    instance_prompt: str | None = option(None, "Caption of every training image, e.g. 'a photo of sks dog' (DreamBooth).")
+    with_prior_preservation: bool = option(
+        False, "DreamBooth prior preservation (Ruiz et al. 2023): also train on generated class images."
+    )
+    class_prompt: str | None = option(None, "Prompt of the class images, e.g. 'a photo of a dog'.")
+    num_class_images: int = option(100, "Class images generated (once, cached) and trained on.")
+    prior_loss_weight: float = option(1.0, "Weight of the class-image loss.")
+    class_data_dir: str | None = option(None, "Where class images are cached (default: output_dir/class_images).")
+
+
 GROUPS = {
     "data": DataOptions,
     "model": ModelOptions,
@@ -222,6 +234,7 @@ GROUPS = {
     "finetune_data": FineTuneDataOptions,
     "finetune_model": FineTuneModelOptions,
     "finetune_loss": FineTuneLossOptions,
+    "dreambooth": DreamBoothOptions,
 }
 
 
@@ -235,6 +248,7 @@ class TrainConfig:
     finetune_data: FineTuneDataOptions = field(default_factory=FineTuneDataOptions)
     finetune_model: FineTuneModelOptions = field(default_factory=FineTuneModelOptions)
     finetune_loss: FineTuneLossOptions = field(default_factory=FineTuneLossOptions)
+    dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from training.captions import CaptionVariation
+from training.dreambooth import prior_weights
 from training.data import drop_captions, latent_sample, posterior_sample
 from training.loss_options import latent_mask
 from training.objectives import Objective
@@ -32,6 +33,16 @@ class DiffusionLoss:
     caption_dropout: float
     scaling_factor: float
     variation: CaptionVariation | None = None  # per-step tag shuffle/dropout; None: the fixed input_ids
+    num_instance: int | None = None  # DreamBooth: dataset indices >= this are class images (prior preservation)
+    prior_loss_weight: float = 1.0
+
+    def sample_weights(self, batch: dict, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
+        """The objective's per-sample weights (Min-SNR, debiased), times the prior-preservation split."""
+        weights = self.objective.loss_weights(alpha, sigma)
+        if self.num_instance is None:
+            return weights
+        split = prior_weights(batch["index"] >= self.num_instance, self.prior_loss_weight)
+        return split if weights is None else weights * split
 
     def caption_ids(self, batch: dict) -> torch.Tensor:
         if self.variation is None or not self.variation.active:
@@ -53,7 +64,7 @@ class DiffusionLoss:
         noise = self.objective.sample_noise(x0, generator)
         x_t = self.objective.noisy_input(x0, noise, alpha, sigma, generator)
         target = self.objective.target(x0, noise, alpha, sigma)
-        weights = self.objective.loss_weights(alpha, sigma)
+        weights = self.sample_weights(batch, alpha, sigma)
         mask = latent_mask(batch["mask"], x0.shape).to(device) if "mask" in batch else None
         return self.loss(x_t, timesteps, ids.to(device), target, weights, mask), {}
 

@@ -23,6 +23,8 @@ from training import checkpointing, data
 from training.buckets import BucketBatchOrder, assign_buckets, describe
 from training.captions import CaptionVariation
 from training.config import TrainConfig, parse_config
+from training.dreambooth import PairedOrder, class_sources, with_instance_prompt
+from training.dreambooth import check_options as check_dreambooth_options
 from training.load_and_save import (
     Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
 )
@@ -60,6 +62,7 @@ def check_config(config: TrainConfig) -> None:
     if not 0 <= config.data.proportion_empty_prompts < 1:
         raise ValueError("--proportion_empty_prompts must be in [0, 1).")
     check_finetune_options(config)
+    check_dreambooth_options(config)
 
 
 def check_finetune_options(config: TrainConfig) -> None:
@@ -130,11 +133,13 @@ def load_dataset(config: TrainConfig) -> Dataset:
         sources, skipped = data.folder_sources(d.train_data_dir, d.image_column, d.caption_column)
     if config.finetune_loss.masked_loss:
         sources = attach_masks(sources, config.finetune_loss.conditioning_data_dir)
+    sources = with_instance_prompt(sources, config.dreambooth.instance_prompt)
     held = d.num_validation_samples if len(sources) >= 2 * d.num_validation_samples else 0
     if not held:
         logger.warning("Only %d images: the validation loss uses training images.", len(sources))
     train, validation = (sources[:-held], sources[-held:]) if held else (sources, sources[: d.num_validation_samples])
-    return Dataset(train, validation, data.caption_vocabulary([s.caption for s in sources]), skipped)
+    captions = [s.caption for s in sources] + [config.dreambooth.class_prompt or ""]
+    return Dataset(train, validation, data.caption_vocabulary(captions), skipped)
 
 
 def load_components(config: TrainConfig, words: list[str]) -> Components:
@@ -297,15 +302,18 @@ def prepare_diffusion_models(config: TrainConfig, components: Components) -> lis
     return [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
 
 
-def diffusion_batches(config, accelerator, components, dataset, start_micro):
-    """Micro-batches of cached latents or of pixels, from `start_micro` on."""
-    sizes, buckets = training_buckets(config, accelerator, components, dataset.train)
-    order = batch_order(config, accelerator, dataset.train, buckets)
+def diffusion_batches(config, accelerator, components, train, prior, start_micro):
+    """Micro-batches of cached latents or of pixels, from `start_micro` on (with class images: paired)."""
+    sizes, buckets = training_buckets(config, accelerator, components, train)
+    order = batch_order(config, accelerator, train, buckets)
+    if prior:
+        order = PairedOrder(order, batch_order(config, accelerator, prior), len(train))
     if config.data.cache_latents:
-        cached = latent_cache(accelerator, components.vae, image_dataset(config, dataset.train), config, "train")
+        name = f"train-{prior[0].path.parent.name}" if prior else "train"
+        cached = latent_cache(accelerator, components.vae, image_dataset(config, train + prior), config, name)
         batches = data.tensor_batches(cached, order, start_micro)
     else:
-        batches = data.image_batches(image_dataset(config, dataset.train, sizes), order, start_micro,
+        batches = data.image_batches(image_dataset(config, train + prior, sizes), order, start_micro,
                                      config.data.dataloader_num_workers)
     if config.finetune_data.record_data_order:
         path = Path(config.run.output_dir) / f"data_order-rank{accelerator.process_index}.jsonl"
@@ -316,6 +324,8 @@ def diffusion_batches(config, accelerator, components, dataset, start_micro):
 def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: Components, dataset: Dataset) -> Path:
     objective, scheduler_keys = build_objective(config, components)
     data.check_resolution(config.data.resolution, components.vae_factor)
+    db = config.dreambooth
+    prior = class_sources(config, accelerator, components, scheduler_keys) if db.with_prior_preservation else []
     trained = prepare_diffusion_models(config, components)
     params = trainable_parameters(trained)
     optimizer, lr_scheduler = make_optimizer(config, parameter_groups(config, trained))
@@ -328,14 +338,17 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     shared = dict(vae=components.vae, objective=objective, empty_ids=data.tokenize(components.tokenizer, [""])[0],
                   caption_dropout=config.data.proportion_empty_prompts, scaling_factor=components.vae.config.scaling_factor)
     text_encoder = prepared[1] if config.model.train_text_encoder else components.text_encoder
-    loss_fn = DiffusionLoss(prepared[0], text_encoder, input_ids=tokenize(dataset.train),
-                            variation=caption_variation(config, components, dataset.train), **shared)
+    loss_fn = DiffusionLoss(prepared[0], text_encoder, input_ids=tokenize(dataset.train + prior),
+                            variation=caption_variation(config, components, dataset.train + prior),
+                            num_instance=len(dataset.train) if prior else None, prior_loss_weight=db.prior_loss_weight,
+                            **shared)
     validator = Validator(accelerator, config, components, scheduler_keys, ema, params,
                           DiffusionLoss(components.unet, components.text_encoder, input_ids=tokenize(dataset.validation), **shared),
                           dataset.validation)
     parts = LoopParts(
         accelerator, loss_fn, prepared, params, optimizer, lr_scheduler,
-        diffusion_batches(config, accelerator, components, dataset, start * config.optimization.gradient_accumulation_steps),
+        diffusion_batches(config, accelerator, components, dataset.train, prior,
+                          start * config.optimization.gradient_accumulation_steps),
         ema, validate_fn(validator, optimizer), checkpoint_fn(accelerator, config), accelerator.log,
     )
     history = train_loop(parts, loop_schedule(config, start))
