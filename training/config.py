@@ -225,6 +225,16 @@ class DreamBoothOptions:
     class_data_dir: str | None = option(None, "Where class images are cached (default: output_dir/class_images).")
 
 
+@dataclass
+class TextualInversionOptions:
+    placeholder_token: str | None = option(
+        None, "Textual inversion (Gal et al. 2023): train only the embedding of this new token, e.g. '<sks>' "
+        "(use it in the captions or --instance_prompt)."
+    )
+    initializer_token: str | None = option(None, "A one-token word whose embedding starts the new token's, e.g. 'dog'.")
+    num_vectors: int = option(1, "Embedding vectors of the new token.")
+
+
 GROUPS = {
     "data": DataOptions,
     "model": ModelOptions,
@@ -235,6 +245,7 @@ GROUPS = {
     "finetune_model": FineTuneModelOptions,
     "finetune_loss": FineTuneLossOptions,
     "dreambooth": DreamBoothOptions,
+    "textual_inversion": TextualInversionOptions,
 }
 
 
@@ -249,6 +260,7 @@ class TrainConfig:
     finetune_model: FineTuneModelOptions = field(default_factory=FineTuneModelOptions)
     finetune_loss: FineTuneLossOptions = field(default_factory=FineTuneLossOptions)
     dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
+    textual_inversion: TextualInversionOptions = field(default_factory=TextualInversionOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

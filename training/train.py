@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from training import checkpointing, data
+from training import checkpointing, data, textual_inversion
 from training.buckets import BucketBatchOrder, assign_buckets, describe
 from training.captions import CaptionVariation
 from training.config import TrainConfig, parse_config
@@ -76,6 +76,11 @@ def check_finetune_options(config: TrainConfig) -> None:
                              config.data.cache_latents or m.train_vae):
         raise ValueError("--masked_loss needs an image folder (--train_data_dir), its masks in "
                          "--conditioning_data_dir, and pixels (not --cache_latents or --train_vae).")
+    ti = config.textual_inversion
+    if ti.placeholder_token and (not ti.initializer_token or m.lora_rank or m.train_text_encoder or m.train_vae
+                                 or ti.num_vectors < 1):
+        raise ValueError("--placeholder_token (textual inversion) needs --initializer_token and --num_vectors >= 1, "
+                         "and trains only the new embedding: drop --lora_rank/--train_text_encoder/--train_vae.")
     if loss.multires_noise_iterations < 0 or not 0 < loss.multires_noise_discount <= 1:
         raise ValueError("--multires_noise_iterations must be >= 0 and --multires_noise_discount in (0, 1].")
     if f.lora_type != "lora" and f.lora_format != "peft":
@@ -178,7 +183,12 @@ def trainable_parameters(models: list[torch.nn.Module]) -> list[torch.nn.Paramet
 
 
 def parameter_groups(config: TrainConfig, trained: list[torch.nn.Module]) -> list[dict]:
-    """The UNet (or VAE) at --learning_rate; a trained text encoder at --text_encoder_lr when given."""
+    """The UNet (or VAE) at --learning_rate; a trained text encoder at --text_encoder_lr when given.
+
+    Textual inversion trains an embedding table without weight decay (the old rows must not decay).
+    """
+    if config.textual_inversion.placeholder_token:
+        return [{"params": trainable_parameters(trained), "weight_decay": 0.0}]
     groups = [{"params": trainable_parameters(trained[:1])}]
     if len(trained) > 1:
         lr = config.finetune_model.text_encoder_lr
@@ -283,10 +293,16 @@ def build_objective(config: TrainConfig, components: Components) -> tuple[Object
     return objective, scheduler_keys
 
 
-def prepare_diffusion_models(config: TrainConfig, components: Components) -> list[torch.nn.Module]:
+def prepare_diffusion_models(config: TrainConfig, components: Components, new_token_ids=None) -> list[torch.nn.Module]:
     """Freeze what is not trained; returns the modules with trainable parameters."""
     m, f = config.model, config.finetune_model
     components.vae.requires_grad_(False).eval()
+    if new_token_ids:  # textual inversion: only the new rows of the text encoder's embedding table
+        from training.textual_inversion import train_only_rows
+
+        components.unet.requires_grad_(False)
+        train_only_rows(components.text_encoder, new_token_ids)
+        return [components.text_encoder]
     components.text_encoder.requires_grad_(m.train_text_encoder).train(m.train_text_encoder)
     if m.lora_rank:
         from training.lora import add_text_encoder_lora, add_unet_lora
@@ -326,7 +342,9 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     data.check_resolution(config.data.resolution, components.vae_factor)
     db = config.dreambooth
     prior = class_sources(config, accelerator, components, scheduler_keys) if db.with_prior_preservation else []
-    trained = prepare_diffusion_models(config, components)
+    ti = config.textual_inversion
+    new_ids = textual_inversion.setup(ti, components.tokenizer, components.text_encoder, dataset) if ti.placeholder_token else None
+    trained = prepare_diffusion_models(config, components, new_ids)
     params = trainable_parameters(trained)
     optimizer, lr_scheduler = make_optimizer(config, parameter_groups(config, trained))
     ema = make_ema(config, params)
@@ -337,8 +355,9 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     tokenize = lambda sources: data.tokenize(components.tokenizer, [s.caption for s in sources])
     shared = dict(vae=components.vae, objective=objective, empty_ids=data.tokenize(components.tokenizer, [""])[0],
                   caption_dropout=config.data.proportion_empty_prompts, scaling_factor=components.vae.config.scaling_factor)
-    text_encoder = prepared[1] if config.model.train_text_encoder else components.text_encoder
-    loss_fn = DiffusionLoss(prepared[0], text_encoder, input_ids=tokenize(dataset.train + prior),
+    swap = {id(module): wrapped for module, wrapped in zip(trained, prepared)}  # the DDP-wrapped trained modules
+    unet, text_encoder = (swap.get(id(m), m) for m in (components.unet, components.text_encoder))
+    loss_fn = DiffusionLoss(unet, text_encoder, input_ids=tokenize(dataset.train + prior),
                             variation=caption_variation(config, components, dataset.train + prior),
                             num_instance=len(dataset.train) if prior else None, prior_loss_weight=db.prior_loss_weight,
                             **shared)
@@ -353,8 +372,9 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     )
     history = train_loop(parts, loop_schedule(config, start))
     optimizer.eval()  # a schedule-free optimizer's averaged weights are the trained model
-    finish(config, accelerator, validator, ema, params, lambda: save_diffusion_output(config, components, scheduler_keys), history)
-    return Path(config.run.output_dir) / ("lora" if config.model.lora_rank else "model")
+    finish(config, accelerator, validator, ema, params,
+           lambda: save_diffusion_output(config, components, scheduler_keys, new_ids), history)
+    return output_path(config)
 
 
 def check_replicas_agree(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -382,8 +402,17 @@ def finish(config: TrainConfig, accelerator: Accelerator, validator: Validator, 
     accelerator.wait_for_everyone()
 
 
-def save_diffusion_output(config: TrainConfig, components: Components, scheduler_keys: dict) -> Path:
+def output_path(config: TrainConfig) -> Path:
+    """What a diffusion run writes: textual_inversion/, lora/ or model/ in output_dir."""
+    kind = "textual_inversion" if config.textual_inversion.placeholder_token else "lora" if config.model.lora_rank else "model"
+    return Path(config.run.output_dir) / kind
+
+
+def save_diffusion_output(config: TrainConfig, components: Components, scheduler_keys: dict, new_ids=None) -> Path:
     out = Path(config.run.output_dir)
+    if new_ids:
+        return textual_inversion.save_embeddings(output_path(config), components.text_encoder,
+                                                 config.textual_inversion.placeholder_token, new_ids)
     if config.model.lora_rank:
         from training.lora_export import save_adapters
 
