@@ -87,8 +87,14 @@ class CaptionVariation:
         return self.shuffle or self.tag_dropout > 0
 
     def text(self, index: int, position: int) -> str:
+        return self.text_of(self.captions[index], position)
+
+    def text_of(self, caption: str, position: int) -> str:
+        """`caption` as varied at stream `position`."""
+        if not self.active:
+            return caption
         rng = np.random.default_rng((self.seed, position, CAPTION_STREAM))
-        return vary_tags(self.captions[index], rng, self.keep_tokens, self.shuffle, self.tag_dropout)
+        return vary_tags(caption, rng, self.keep_tokens, self.shuffle, self.tag_dropout)
 
     def ids(self, index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         from training.data import tokenize

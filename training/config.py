@@ -168,6 +168,10 @@ class FineTuneDataOptions:
         None, "A local Hugging Face dataset to train on: a folder saved with save_to_disk, or an image folder read "
         "by load_dataset('imagefolder') (--image_column defaults to its image column, --caption_column 'text')."
     )
+    webdataset_shards: list[str] = option(
+        [], "WebDataset tar shards (paths or glob patterns; <key>.png/jpg + <key>.txt), streamed; processes read "
+        "disjoint shards (at least one shard per process)."
+    )
     shuffle_caption: bool = option(False, "Shuffle the comma-separated tags of each caption every time it is seen.")
     keep_tokens: int = option(0, "Keep the first N tags of each caption in place (not shuffled, never dropped).")
     caption_tag_dropout_rate: float = option(0.0, "Drop each (not kept) tag of a caption with this probability.")
@@ -350,7 +354,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     file_values = load_config_file(args.pop("config")) if "config" in args else {}
     config = config_from_flat({**file_values, **args})
-    given_data = config.data.train_data_dir is not None or config.finetune_data.hf_dataset is not None
+    f = config.finetune_data
+    given_data = config.data.train_data_dir is not None or f.hf_dataset is not None or bool(f.webdataset_shards)
     if given_data and "dataset" not in {**file_values, **args}:
         config.data.dataset = "folder"
     return config

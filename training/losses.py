@@ -45,6 +45,8 @@ class DiffusionLoss:
         return split if weights is None else weights * split
 
     def caption_ids(self, batch: dict) -> torch.Tensor:
+        if "input_ids" in batch:  # streamed data (WebDataset shards) carries its own tokens
+            return batch["input_ids"]
         if self.variation is None or not self.variation.active:
             return self.input_ids[batch["index"]]
         return self.variation.ids(batch["index"], batch["position"])

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from training import checkpointing, data, textual_inversion
+from training import checkpointing, data, shards, textual_inversion
 from training.buckets import BucketBatchOrder, assign_buckets, describe
 from training.captions import CaptionVariation
 from training.config import TrainConfig, parse_config
@@ -76,6 +76,11 @@ def check_finetune_options(config: TrainConfig) -> None:
                              config.data.cache_latents or m.train_vae):
         raise ValueError("--masked_loss needs an image folder (--train_data_dir), its masks in "
                          "--conditioning_data_dir, and pixels (not --cache_latents or --train_vae).")
+    if config.finetune_data.webdataset_shards and (config.data.cache_latents or loss.masked_loss or m.train_vae or
+                                                   config.dreambooth.with_prior_preservation or
+                                                   config.data.dataloader_num_workers):
+        raise ValueError("--webdataset_shards streams pixels in the main process: drop --cache_latents, "
+                         "--masked_loss, --train_vae, --with_prior_preservation and --dataloader_num_workers.")
     ti = config.textual_inversion
     if ti.placeholder_token and (not ti.initializer_token or m.lora_rank or m.train_text_encoder or m.train_vae
                                  or ti.num_vectors < 1):
@@ -128,6 +133,8 @@ def load_dataset(config: TrainConfig) -> Dataset:
             data.shapes_validation_sources(d.num_validation_samples),
             data.shapes_vocabulary(),
         )
+    if config.finetune_data.webdataset_shards:
+        return shard_dataset(config)
     if config.finetune_data.hf_dataset:
         from training.hf_data import hf_sources
 
@@ -145,6 +152,15 @@ def load_dataset(config: TrainConfig) -> Dataset:
     train, validation = (sources[:-held], sources[-held:]) if held else (sources, sources[: d.num_validation_samples])
     captions = [s.caption for s in sources] + [config.dreambooth.class_prompt or ""]
     return Dataset(train, validation, data.caption_vocabulary(captions), skipped)
+
+
+def shard_dataset(config: TrainConfig) -> Dataset:
+    """Streamed shards: no training list (batches come from `training.shards`), the first samples validate."""
+    paths = shards.shard_paths(config.finetune_data.webdataset_shards)
+    validation = shards.first_samples(paths, config.data.num_validation_samples)
+    captions = shards.all_captions(paths) if config.model.from_scratch else [s.caption for s in validation]
+    logger.warning("Streaming %d shards: the validation loss uses their first %d samples.", len(paths), len(validation))
+    return Dataset([], validation, data.caption_vocabulary(captions))
 
 
 def load_components(config: TrainConfig, words: list[str]) -> Components:
@@ -319,7 +335,19 @@ def prepare_diffusion_models(config: TrainConfig, components: Components, new_to
 
 
 def diffusion_batches(config, accelerator, components, train, prior, start_micro):
-    """Micro-batches of cached latents or of pixels, from `start_micro` on (with class images: paired)."""
+    """Micro-batches from `start_micro` on: streamed from shards, or from the image list (`listed_batches`)."""
+    if config.finetune_data.webdataset_shards:
+        batches = shard_batches(config, accelerator, components).skip(start_micro)
+    else:
+        batches = listed_batches(config, accelerator, components, train, prior, start_micro)
+    if config.finetune_data.record_data_order:
+        path = Path(config.run.output_dir) / f"data_order-rank{accelerator.process_index}.jsonl"
+        return data.recorded(batches, path)
+    return batches
+
+
+def listed_batches(config, accelerator, components, train, prior, start_micro):
+    """Micro-batches of cached latents or of pixels (with class images: paired)."""
     sizes, buckets = training_buckets(config, accelerator, components, train)
     order = batch_order(config, accelerator, train, buckets)
     if prior:
@@ -327,14 +355,22 @@ def diffusion_batches(config, accelerator, components, train, prior, start_micro
     if config.data.cache_latents:
         name = f"train-{prior[0].path.parent.name}" if prior else "train"
         cached = latent_cache(accelerator, components.vae, image_dataset(config, train + prior), config, name)
-        batches = data.tensor_batches(cached, order, start_micro)
-    else:
-        batches = data.image_batches(image_dataset(config, train + prior, sizes), order, start_micro,
-                                     config.data.dataloader_num_workers)
-    if config.finetune_data.record_data_order:
-        path = Path(config.run.output_dir) / f"data_order-rank{accelerator.process_index}.jsonl"
-        return data.recorded(batches, path)
-    return batches
+        return data.tensor_batches(cached, order, start_micro)
+    return data.image_batches(image_dataset(config, train + prior, sizes), order, start_micro,
+                              config.data.dataloader_num_workers)
+
+
+def shard_batches(config: TrainConfig, accelerator: Accelerator, components: Components) -> shards.ShardBatches:
+    d, f = config.data, config.finetune_data
+    table = None
+    if f.enable_bucket:
+        factor = components.vae_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+        table, _ = assign_buckets(f, d.resolution, factor, [])
+    return shards.ShardBatches(
+        shards.shard_paths(f.webdataset_shards), data.ImageTransform(d.resolution, d.center_crop, d.random_flip),
+        caption_variation(config, components, []), config.optimization.train_batch_size, config.optimization.seed,
+        accelerator.process_index, accelerator.num_processes, table,
+    )
 
 
 def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: Components, dataset: Dataset) -> Path:
@@ -357,7 +393,7 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
                   caption_dropout=config.data.proportion_empty_prompts, scaling_factor=components.vae.config.scaling_factor)
     swap = {id(module): wrapped for module, wrapped in zip(trained, prepared)}  # the DDP-wrapped trained modules
     unet, text_encoder = (swap.get(id(m), m) for m in (components.unet, components.text_encoder))
-    loss_fn = DiffusionLoss(unet, text_encoder, input_ids=tokenize(dataset.train + prior),
+    loss_fn = DiffusionLoss(unet, text_encoder, input_ids=tokenize(dataset.train + prior) if dataset.train else None,
                             variation=caption_variation(config, components, dataset.train + prior),
                             num_instance=len(dataset.train) if prior else None, prior_loss_weight=db.prior_loss_weight,
                             **shared)
