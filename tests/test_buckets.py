@@ -133,22 +133,17 @@ def test_bucketed_training_resumes_bit_exact(tmp_path, caplog):
         main(bucket_run_args(folder, tmp_path / "x", "--cache_latents", steps=1))
 
 
-@pytest.mark.slow
-def test_two_processes_read_disjoint_bucketed_batches(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` (two gloo CPU processes): each logs the items it trains on."""
+def two_processes_recording(run_args: list[str], out) -> list[list[dict]]:
+    """`accelerate launch --multi_gpu --num_processes 2` (two gloo CPU processes) of a 4-step run with
+    --record_data_order; each process's batches (index, position), checked to hold disjoint samples."""
     import json
     import subprocess
 
-    from diffusers import StableDiffusionPipeline
-
     from test_train import ENV, REPO
 
-    folder = tmp_path / "images"
-    write_mixed_folder(folder)
-    out = tmp_path / "ddp"
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train",
-               *bucket_run_args(folder, out, "--record_data_order", steps=4)]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train", *run_args,
+               "--record_data_order"]
     result = subprocess.run(command, cwd=REPO, env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -157,6 +152,17 @@ def test_two_processes_read_disjoint_bucketed_batches(tmp_path):
     assert [len(r) for r in ranks] == [4, 4]
     positions = [{p for batch in r for p in batch["position"]} for r in ranks]
     assert not positions[0] & positions[1]  # disjoint samples
+    return ranks
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_bucketed_batches(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "images"
+    write_mixed_folder(folder)
+    out = tmp_path / "ddp"
+    ranks = two_processes_recording(bucket_run_args(folder, out, steps=4), out)
     # Together the two processes read the first 8 batches of the single-process stream, each of one bucket.
     sources, _ = data.folder_sources(str(folder))
     options = FineTuneDataOptions(enable_bucket=True, bucket_reso_steps=8)

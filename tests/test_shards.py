@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 import torch
 from PIL import Image
@@ -84,20 +81,11 @@ def test_shard_training_resumes_bit_exact(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_stream_disjoint_shards(tmp_path):
-    from test_train import ENV, REPO
+    from test_buckets import two_processes_recording
 
     patterns = write_shards(tmp_path / "shards", count=4, per_shard=6)
     out = tmp_path / "ddp"
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train",
-               *shard_run_args(patterns, out, "--record_data_order", steps=4)]
-    result = subprocess.run(command, cwd=REPO, env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Training distributed (gloo) over 2 processes" in result.stderr
-    ranks = [[json.loads(line) for line in (out / f"data_order-rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
-    assert [len(r) for r in ranks] == [4, 4]
-    positions = [{p for batch in r for p in batch["position"]} for r in ranks]
-    assert not positions[0] & positions[1]  # disjoint samples
+    ranks = two_processes_recording(shard_run_args(patterns, out, steps=4), out)
     shard_of = lambda p: (p >> shards.SAMPLE_BITS) & ((1 << shards.SHARD_BITS) - 1)
-    assert not {shard_of(p) for p in positions[0]} & {shard_of(p) for p in positions[1]}  # disjoint shards
+    used = [{shard_of(p) for batch in r for p in batch["position"]} for r in ranks]
+    assert not used[0] & used[1]  # disjoint shards
