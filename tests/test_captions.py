@@ -73,6 +73,7 @@ def test_kohya_folders_give_repeats_and_caption_files(tmp_path):
 
 def test_training_with_tag_variation_on_kohya_folders_resumes_bit_exact(tmp_path):
     from test_train import args, summary
+
     from training.train import main
 
     folder = tmp_path / "images"

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 import torch
-
 from test_data import write_folder
 from test_train import args, summary
+
 from training.dreambooth import prior_weights
 from training.train import main
 

@@ -42,6 +42,7 @@ def test_saved_dataset_and_imagefolder_give_the_same_sources(tmp_path):
 
 def test_training_on_a_saved_dataset_with_buckets_and_workers(tmp_path):
     from test_train import args, summary
+
     from training.train import main
 
     dataset = datasets.Dataset.from_dict({"image": images(6), "text": ["a red circle"] * 6})

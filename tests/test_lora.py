@@ -8,8 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-
 from test_train import TINY, args, summary, validation_loss_of
+
 from training.lora_export import DIFFUSERS_FILE, KOHYA_FILE, load_peft
 from training.train import main
 

@@ -75,6 +75,7 @@ def test_masked_loss_closed_form():
 def test_masked_training_run_black_masks_give_zero_loss_white_masks_the_plain_loss(tmp_path):
     from test_data import write_folder
     from test_train import args, summary
+
     from training.train import main
 
     folder = tmp_path / "images"
@@ -100,6 +101,7 @@ def test_masked_training_run_black_masks_give_zero_loss_white_masks_the_plain_lo
 
 def test_debiased_and_multires_options_change_training(tmp_path):
     from test_train import args, summary
+
     from training.train import main
 
     main(args(tmp_path / "plain", "--prediction_type", "v_prediction"))

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from test_train import args, summary
+
 from training.config import OptimizationOptions
 from training.optimizers import OPTIMIZERS, build_optimizer, parse_optimizer_args
 from training.train import main

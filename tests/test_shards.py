@@ -67,6 +67,7 @@ def shard_run_args(patterns, out, *extra, steps):
 
 def test_shard_training_resumes_bit_exact(tmp_path):
     from test_train import summary
+
     from training.train import main
 
     patterns = write_shards(tmp_path / "shards")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-
 from test_lora import base_model, fine_tune_args, image  # noqa: F401  (base_model is a fixture)
 from test_train import summary
+
 from training.textual_inversion import DIFFUSERS_FILE, expand_placeholder
 from training.train import main
 
@@ -53,8 +53,9 @@ def test_placeholder_expansion_and_errors(base_model, tmp_path):  # noqa: F811
 
 def test_training_changes_only_the_new_rows():
     from tiny_models import tiny_text_encoder, tiny_tokenizer
-    from training.optimizers import build_optimizer
+
     from training.config import OptimizationOptions
+    from training.optimizers import build_optimizer
     from training.textual_inversion import add_placeholder, train_only_rows
 
     tokenizer = tiny_tokenizer()

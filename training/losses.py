@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from training.captions import CaptionVariation
-from training.dreambooth import prior_weights
 from training.data import drop_captions, latent_sample, posterior_sample
+from training.dreambooth import prior_weights
 from training.loss_options import latent_mask
 from training.objectives import Objective
 
