@@ -113,15 +113,19 @@ def write_mixed_folder(folder) -> None:
         (folder / f"{i}.txt").write_text(["a red circle", "a blue square"][i % 2])
 
 
-def test_bucketed_training_resumes_bit_exact(tmp_path, caplog):
+@pytest.mark.parametrize("cache", [[], ["--cache_latents"]], ids=["pixels", "cached-latents"])
+def test_bucketed_training_resumes_bit_exact(tmp_path, caplog, cache):
     import json
     import logging
+
+    from safetensors.torch import load_file
 
     from training.train import main
 
     folder = tmp_path / "images"
     write_mixed_folder(folder)
-    extra = ["--checkpointing_steps", "3", "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--random_flip"]
+    extra = ["--checkpointing_steps", "3", "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--random_flip",
+             *cache]
     with caplog.at_level(logging.INFO, logger="training"):
         main(bucket_run_args(folder, tmp_path / "full", *extra, steps=6))
     assert "Aspect-ratio buckets:" in caplog.text and "64 x 16 | 4.00" in caplog.text
@@ -129,8 +133,12 @@ def test_bucketed_training_resumes_bit_exact(tmp_path, caplog):
     main(bucket_run_args(folder, tmp_path / "parted", *extra, "--resume_from_checkpoint", "latest", steps=6))
     full, parted = (json.loads((tmp_path / r / "train_summary.json").read_text()) for r in ("full", "parted"))
     assert parted["loss_history"] == full["loss_history"][3:]
-    with pytest.raises(ValueError, match="--enable_bucket .* --cache_latents"):
-        main(bucket_run_args(folder, tmp_path / "x", "--cache_latents", steps=1))
+    if cache:  # one latent per image, of its bucket's shape (8 training images; 64x16 pixels -> 4x8x32 latents)
+        [file] = (tmp_path / "full" / "cache").glob("latents-train-*.safetensors")
+        latents = load_file(file)
+        assert len(latents) == 2 * 8 and latents["latent_mean.3"].shape == (4, 8, 32)
+    with pytest.raises(ValueError, match="--enable_bucket trains the diffusion model; --train_vae"):
+        main(bucket_run_args(folder, tmp_path / "x", "--train_vae", steps=1))
 
 
 def two_processes_recording(run_args: list[str], out) -> list[list[dict]]:

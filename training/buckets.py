@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
 Size = tuple[int, int]  # (width, height) in pixels
 
@@ -128,3 +129,40 @@ def assign_buckets(options, resolution: int, latent_factor: int, sizes: Sequence
     max_side = options.max_bucket_reso or resolution * 2 // step * step
     table = bucket_table(resolution, step, min_side, max_side)
     return table, [nearest_bucket(size, table) for size in sizes]
+
+
+# ---------------------------------------------------------------- cached latents of bucketed images
+
+
+@torch.no_grad()
+def encode_per_image(vae, dataset, device, batch_size: int = 64, num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """{'latent_mean.<i>', 'latent_std.<i>'}: posterior moments of every item (whose shapes differ by bucket),
+    encoded in batches of one bucket size; item i is cropped with position i, as for square caches."""
+    from training import data
+
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(dataset.sizes):
+        by_size.setdefault(tuple(size), []).append(index)
+    batches = [[(i, i) for i in members[k : k + batch_size]] for members in by_size.values()
+               for k in range(0, len(members), batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate,
+                                         num_workers=num_workers)
+    moments = {}
+    for batch in loader:
+        dist = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
+        for row, index in enumerate(batch["index"].tolist()):
+            moments[f"latent_mean.{index}"] = dist.mean[row].float().cpu().contiguous()
+            moments[f"latent_std.{index}"] = dist.std[row].float().cpu().contiguous()
+    return moments
+
+
+def per_image_batches(moments: dict[str, torch.Tensor], order, start_micro_step: int):
+    """Endless micro-batches of cached per-image moments (one bucket each, so they stack)."""
+    step = start_micro_step
+    while True:
+        keys = order.keys(step)
+        index = [i for i, _ in keys]
+        yield {"latent_mean": torch.stack([moments[f"latent_mean.{i}"] for i in index]),
+               "latent_std": torch.stack([moments[f"latent_std.{i}"] for i in index]),
+               "index": torch.tensor(index), "position": torch.tensor([p for _, p in keys])}
+        step += 1

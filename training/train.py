@@ -20,7 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
 from training import checkpointing, data, shards, textual_inversion
-from training.buckets import BucketBatchOrder, assign_buckets, describe
+from training.buckets import BucketBatchOrder, assign_buckets, describe, per_image_batches
 from training.captions import CaptionVariation
 from training.config import TrainConfig, parse_config
 from training.dreambooth import PairedOrder, class_sources, with_instance_prompt
@@ -68,9 +68,8 @@ def check_config(config: TrainConfig) -> None:
 def check_finetune_options(config: TrainConfig) -> None:
     """The issue-20 options (buckets, adapters, optimizers) against each other and the rest."""
     m, f = config.model, config.finetune_model
-    if config.finetune_data.enable_bucket and (m.train_vae or config.data.cache_latents):
-        raise ValueError("--enable_bucket trains the diffusion model on pixels: it cannot be combined with "
-                         "--train_vae or --cache_latents yet; drop one of them.")
+    if config.finetune_data.enable_bucket and m.train_vae:
+        raise ValueError("--enable_bucket trains the diffusion model; --train_vae trains on square crops: drop one.")
     loss = config.finetune_loss
     if loss.masked_loss and (not loss.conditioning_data_dir or not config.data.train_data_dir or
                              config.data.cache_latents or m.train_vae):
@@ -354,8 +353,8 @@ def listed_batches(config, accelerator, components, train, prior, start_micro):
         order = PairedOrder(order, batch_order(config, accelerator, prior), len(train))
     if config.data.cache_latents:
         name = f"train-{prior[0].path.parent.name}" if prior else "train"
-        cached = latent_cache(accelerator, components.vae, image_dataset(config, train + prior), config, name)
-        return data.tensor_batches(cached, order, start_micro)
+        cached = latent_cache(accelerator, components.vae, image_dataset(config, train + prior, sizes), config, name)
+        return (per_image_batches if sizes else data.tensor_batches)(cached, order, start_micro)
     return data.image_batches(image_dataset(config, train + prior, sizes), order, start_micro,
                               config.data.dataloader_num_workers)
 
