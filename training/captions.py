@@ -48,7 +48,10 @@ def caption_of(path: Path, root: Path) -> str:
     for extension in CAPTION_EXTENSIONS:
         file = Path(path).with_suffix(extension)
         if file.is_file():
-            return file.read_text().strip()
+            try:
+                return file.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise ValueError(f"Caption file {file} is not UTF-8 text ({error}).") from None
     found = kohya_folder(path, root)
     return found[1] if found else ""
 
