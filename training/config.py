@@ -203,7 +203,7 @@ class FineTuneModelOptions:
         "adamw", "Optimizer by name (see training/optimizers.py)."
     )
     optimizer_args: list[str] = option(
-        [], "Extra optimizer options as key=value (e.g. d_coef=0.5), or a mapping in the config file."
+        [], "Extra optimizer options as key=value (e.g. d_coef=0.5; values read as YAML)."
     )
 
 

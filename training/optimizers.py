@@ -29,7 +29,7 @@ PACKAGES = {"prodigy": "prodigyopt", "lion": "lion-pytorch", "schedulefree_adamw
 
 
 def parse_optimizer_args(values: list[str] | dict | None) -> dict[str, Any]:
-    """`key=value` strings (values read as YAML: 0.5, true, [0.9, 0.99]) or a mapping from a config file."""
+    """`key=value` strings (values read as YAML: 0.5, true, [0.9, 0.99]), or a mapping (from Python)."""
     if not values:
         return {}
     if isinstance(values, dict):
