@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import random
 import re
 import threading
@@ -32,6 +33,7 @@ from custom_schedulers.schedules import alphas_cumprod_to_betas, named_schedules
 from ldm_pipeline import GenerationCancelled, ModelLoadError, available_schedulers, load_pipeline, metadata  # noqa: E402
 from ldm_pipeline.generate import prepare_schedulers  # noqa: E402
 from ldm_pipeline.guidance import SCHEDULE_NAMES, as_interval  # noqa: E402
+from ldm_pipeline.web_inputs import protect_inputs, without_paths  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
 ACCURACY_TABLE = REPO_DIR / "docs" / "sampler_accuracy.md"
@@ -43,6 +45,9 @@ MAX_STEPS = 500
 MAX_BATCH_SIZE = 16
 MAX_BATCH_COUNT = 64
 MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale; the UI slider stops at 30
+MAX_UPLOAD_PIXELS = 4 * MAX_SIDE**2  # an uploaded init image (it is resized to the requested size)
+MAX_UPLOAD_SIZE = "64mb"  # any uploaded file; Gradio refuses larger uploads
 
 
 def validate_request(
@@ -118,6 +123,9 @@ def check_guidance(request: GenerationRequest) -> None:
     if request.guidance_schedule not in SCHEDULE_NAMES:
         raise ValueError(f"Unknown guidance schedule {request.guidance_schedule!r}: choose one of "
                          f"{', '.join(SCHEDULE_NAMES)}.")
+    for name, value in (("Guidance scale", request.guidance_scale), ("Minimum scale of the ramps", request.guidance_min_scale)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
+            raise ValueError(f"{name} must be a number from 0 to {MAX_GUIDANCE}, got {value}.")
     as_interval(request.guidance_interval)  # raises ValueError naming the bounds
     if request.guidance_rescale is not None and not 0.0 <= request.guidance_rescale <= 1.0:
         raise ValueError(f"Guidance rescale must be from 0 to 1 (or -1 for automatic), got {request.guidance_rescale}.")
@@ -355,7 +363,8 @@ def run_request(generator: Generator, request: GenerationRequest, session: str, 
     try:
         results = generator.generate(request, on_step=lambda d, t: progress((d, t), unit="steps"), stop=stop)
     except Exception as error:  # shown to this user only; the server and other requests carry on
-        raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", title="Generation failed") from None
+        raise gr.Error(f"Generation failed: {type(error).__name__}: {without_paths(str(error))}",
+                       title="Generation failed") from None
     finally:
         generator.stops.get(session, set()).discard(stop)
     if stop.is_set():
@@ -413,7 +422,7 @@ def txt2img_request(values: dict) -> GenerationRequest:
 def img2img_request(values: dict, image, strength) -> GenerationRequest:
     if image is None:
         raise ValueError("No init image: upload the image to start from.")
-    return replace_image(request_from_form(values), image.convert("RGB"), None, strength)
+    return replace_image(request_from_form(values), to_rgb(image), None, strength)
 
 
 def inpaint_request(values: dict, editor, strength) -> GenerationRequest:
@@ -423,7 +432,16 @@ def inpaint_request(values: dict, editor, strength) -> GenerationRequest:
     mask = painted_mask(editor)
     if mask.getbbox() is None:
         raise ValueError("The mask is empty: paint over the part of the image to repaint.")
-    return replace_image(request_from_form(values), editor["background"].convert("RGB"), mask, strength)
+    return replace_image(request_from_form(values), to_rgb(editor["background"]), mask, strength)
+
+
+def to_rgb(image):
+    """8-bit RGB from any upload: 16/32-bit greyscale scaled (not clipped to white), transparency over white."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit PNG range 0-65535
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def painted_mask(editor: dict):
@@ -445,8 +463,8 @@ def png_info(file) -> tuple[str, dict]:
         return "", {}
     try:
         found = metadata.read_png(file)
-    except Exception as error:
-        return f"Cannot read this file as a PNG: {type(error).__name__}: {error}", {}
+    except Exception as error:  # the message names no path: PIL's would quote the cached file
+        return f"Cannot read this file as a PNG ({type(error).__name__}): upload a PNG image.", {}
     if not found.parameters_text:
         return "This PNG carries no generation parameters.", {}
     fields = metadata.parameters_to_options(found.parameters)
@@ -484,13 +502,13 @@ def build_ui(generator: Generator):
                 txt_out = output_controls("txt2img")
                 wire_outputs(generator, txt, txt_out, [], txt2img_request, "txt2img")
             with gr.Tab("Image to image", id="img2img"):
-                init = gr.Image(type="pil", label="Init image", image_mode="RGB")
+                init = gr.Image(type="pil", label="Init image", image_mode=None)  # to_rgb converts any mode
                 strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the image)")
                 img = settings_controls(samplers, native, "img2img", recommended)
                 img_out = output_controls("img2img")
                 wire_outputs(generator, img, img_out, [init, strength], img2img_request, "img2img")
             with gr.Tab("Inpainting", id="inpaint"):
-                editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
+                editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint", image_mode=None,
                                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                 inpaint_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
                 inp = settings_controls(samplers, native, "inpaint", recommended)
@@ -500,6 +518,7 @@ def build_ui(generator: Generator):
                 png_tab(txt, tabs)
             with gr.Tab("Schedules", id="schedules"):
                 schedules_tab()
+    protect_inputs(demo, MAX_UPLOAD_PIXELS)  # every file input: only this session's uploads; values typed
     return demo
 
 
@@ -567,7 +586,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from None
     demo = build_ui(generator)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    # show_error=False: only our gr.Error messages reach the client, never an exception text quoting a path
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+                max_file_size=MAX_UPLOAD_SIZE)
 
 
 if __name__ == "__main__":
