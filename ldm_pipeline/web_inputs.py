@@ -3,8 +3,8 @@
 A Gradio file input (gr.Image, gr.ImageEditor, gr.File, ...) receives a `FileData` dict whose
 `path` the client chooses. Gradio itself only refuses paths outside its upload folder, and its
 refusal quotes the path; a file inside that folder (another session's upload, a cached output,
-the app's own pictures) is accepted for anyone who names it. `protect_file_inputs` closes that,
-for every event of a Blocks app at once (`protect_inputs`), so a future file input cannot forget it:
+the app's own pictures) is accepted for anyone who names it. `protect_inputs` closes that for
+every event of a Blocks app at once, so a future file input cannot forget it:
 
 - Gradio's upload route records every path it returns (`Blocks.upload_file_set`); each upload
   grants one session the right to use that path (`UploadLedger`). A path is accepted only from a
@@ -17,6 +17,10 @@ for every event of a Blocks app at once (`protect_inputs`), so a future file inp
 - Image inputs are decoded once before Gradio's own preprocessing, so a non-image, a truncated
   file or one above the pixel limit gets a message naming the input instead of Gradio's
   traceback (which quotes the cached path).
+
+Left to Gradio: its `/gradio_api/file=` route serves a file of its cache folder to whoever names
+the path (it refuses everything outside, 403). Cache folders are named by the SHA-256 of the
+file's content, so naming another user's upload or output needs its bytes already.
 """
 
 from __future__ import annotations
