@@ -123,7 +123,8 @@ def check_guidance(request: GenerationRequest) -> None:
     if request.guidance_schedule not in SCHEDULE_NAMES:
         raise ValueError(f"Unknown guidance schedule {request.guidance_schedule!r}: choose one of "
                          f"{', '.join(SCHEDULE_NAMES)}.")
-    for name, value in (("Guidance scale", request.guidance_scale), ("Minimum scale of the ramps", request.guidance_min_scale)):
+    scales = (("Guidance scale", request.guidance_scale), ("Minimum scale of the ramps", request.guidance_min_scale))
+    for name, value in scales:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
             raise ValueError(f"{name} must be a number from 0 to {MAX_GUIDANCE}, got {value}.")
     as_interval(request.guidance_interval)  # raises ValueError naming the bounds
@@ -370,9 +371,16 @@ def run_request(generator: Generator, request: GenerationRequest, session: str, 
     if stop.is_set():
         gr.Warning(f"Cancelled: {len(results)} image(s) finished before the stop.")
     seeds = [recipe["seed"] for _, recipe in results]
-    gallery = [(str(path), caption(recipe)) for path, recipe in results]
+    served = [served_copy(path) for path, _ in results]
+    gallery = [(copy, caption(recipe)) for copy, (_, recipe) in zip(served, results)]
     summary = "\n".join(f"- `{path.name}`: seed **{recipe['seed']}**" for path, recipe in results)
-    return gallery, summary, [str(p) for p, _ in results], seeds
+    return gallery, summary, served, seeds
+
+
+def served_copy(path: Path) -> str:
+    """A written PNG copied into Gradio's cache, the one folder it serves: any --outputs folder works
+    (Gradio refuses to copy from outside the working and temp folders) and is never served itself."""
+    return gr.processing_utils.save_file_to_cache(path, cache_dir=gr.utils.get_upload_folder())
 
 
 def stop_session(generator: Generator, session: str) -> None:
@@ -436,7 +444,7 @@ def inpaint_request(values: dict, editor, strength) -> GenerationRequest:
 
 
 def to_rgb(image):
-    """8-bit RGB from any upload: 16/32-bit greyscale scaled (not clipped to white), transparency over white."""
+    """8-bit RGB from any upload: 16-bit greyscale (I;16 / I) scaled, not clipped to white; transparency over white."""
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit PNG range 0-65535
     if "A" in image.getbands() or "transparency" in image.info:
@@ -508,7 +516,7 @@ def build_ui(generator: Generator):
                 img_out = output_controls("img2img")
                 wire_outputs(generator, img, img_out, [init, strength], img2img_request, "img2img")
             with gr.Tab("Inpainting", id="inpaint"):
-                editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint", image_mode=None,
+                editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
                                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                 inpaint_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
                 inp = settings_controls(samplers, native, "inpaint", recommended)

@@ -74,11 +74,13 @@ def app_server(tiny_model_dir, tmp_path_factory):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
-               GRADIO_TEMP_DIR=str(cache))
+               GRADIO_TEMP_DIR=str(cache), TMPDIR=str(workdir / "server-tmp"))  # --outputs outside cwd and TMPDIR
     command = [sys.executable, str(REPO_DIR / "app.py"), "--model", str(tiny_model_dir),
                "--port", str(port), "--outputs", str(outputs), "--concurrency", "2"]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        (workdir / "server-tmp").mkdir()
+        (workdir / "server-cwd").mkdir()
+        process = subprocess.Popen(command, cwd=workdir / "server-cwd", env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_http(url, process, log_path)

@@ -154,3 +154,15 @@ def test_the_server_keeps_serving_after_the_bad_inputs(client, app_server, files
     assert len(client.predict(*txt2img_args(seed=5), api_name="/txt2img")[0]) == 1
     assert len(client.predict(*txt2img_args(seed=6), handle_file(str(files["good"])), 0.5, api_name="/img2img")[0]) == 1
     assert app_server.process.poll() is None
+
+
+def test_an_upload_over_the_size_limit_is_refused(app_server, tmp_path):
+    import httpx
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(65 * 2**20)  # just over the 64 MB cap
+    with open(big, "rb") as f:
+        response = httpx.post(f"{app_server.url}gradio_api/upload", files=[("files", ("big.png", f))], timeout=120)
+    assert response.status_code == 413 and "maximum allowed size" in response.text
+    assert not any(p.name == "big.png" for p in app_server.cache.rglob("*"))
