@@ -19,12 +19,12 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, shift_sigmas
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SigmaSchedule = Literal["default", "karras", "exponential", "linear"]
-SIGMA_SCHEDULES = ("default", "karras", "exponential", "linear")
+SigmaSchedule = Literal["default", "karras", "exponential", "linear", "flow-match"]
+SIGMA_SCHEDULES = ("default", "karras", "exponential", "linear", "flow-match")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,13 @@ def linear_levels(level_min: float, level_max: float, num_steps: int) -> torch.T
 LEVEL_SCHEDULES = {"karras": karras_levels, "exponential": exponential_levels, "linear": linear_levels}
 
 
+def flow_match_levels(schedule: NoiseSchedule, num_steps: int, shift: float) -> torch.Tensor:
+    """diffusers' `FlowMatchEulerDiscreteScheduler` grid: s uniform from 1 down to the training grid's smallest
+    (shifted) level, then shifted (Esser et al. 2024, SD3, Sec. 5.3.2; the smallest level is shifted twice there)."""
+    s_min = float(native_levels(schedule)[0])
+    return shift_sigmas(torch.linspace(1.0, s_min, num_steps, dtype=torch.float64), shift)
+
+
 # ---------------------------------------------------------------- native level <-> (alpha, sigma)
 
 
@@ -117,6 +124,12 @@ def level_to_alpha_sigma(level: torch.Tensor, kind: str) -> tuple[torch.Tensor, 
     alpha = 1.0 / torch.sqrt(1.0 + level**2)
     sigma = torch.where(torch.isinf(level), torch.ones_like(level), level * alpha)
     return alpha, sigma
+
+
+def grid_levels(grid: SamplingGrid, kind: str) -> torch.Tensor:
+    """The native level at a grid's N evaluation nodes (diffusers' Euler/DPM `sigmas` without the final 0)."""
+    sigma = grid.sigma[:-1]
+    return sigma.clone() if kind == "flow" else sigma / grid.alpha[:-1]
 
 
 def level_at_timestep(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
@@ -210,22 +223,37 @@ def level_range(schedule: NoiseSchedule) -> tuple[float, float]:
 def build_grid(
     schedule: NoiseSchedule, num_steps: int | None, spacing: str = "trailing", steps_offset: int = 0,
     sigma_schedule: str = "default", timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
-    sigma_min: float | None = None,
+    sigma_min: float | None = None, shift: float = 1.0,
 ) -> SamplingGrid:
-    """The sampling grid from a step count and spacing, a noise-level schedule, or custom timesteps / sigmas."""
+    """The sampling grid from a step count and spacing, a noise-level schedule, or custom timesteps / sigmas.
+
+    With sigma_schedule "flow-match" (flow schedules only) custom sigmas are shifted by `shift`, as diffusers'
+    FlowMatch schedulers shift them; otherwise they are taken literally."""
     T, kind = schedule.num_train_timesteps, schedule.kind
+    if sigma_schedule == "flow-match" and kind != "flow":
+        raise ValueError('sigma_schedule "flow-match" needs a rectified-flow schedule (beta_schedule "flow"); '
+                         f"for this {kind} schedule use one of: default, karras, exponential, linear.")
     if timesteps is not None and sigmas is not None:
         raise ValueError("Pass either custom `timesteps` or custom `sigmas`, not both.")
     if sigmas is not None:
         levels = _levels_from_sigmas(sigmas, schedule)
+        if sigma_schedule == "flow-match":
+            levels = shift_sigmas(levels, shift)
         return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
     if timesteps is not None:
         t = _timesteps_in_range(torch.as_tensor(timesteps, dtype=torch.float64).flatten(), schedule, "custom timesteps")
         return SamplingGrid(t, *_append_final(*alpha_sigma_at_timestep(schedule, t)))
     _check_num_steps(num_steps, T)
+    if sigma_schedule == "flow-match":
+        levels = flow_match_levels(schedule, num_steps, shift)
+        return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
     if sigma_schedule != "default":
         return _grid_from_sigma_schedule(schedule, num_steps, sigma_schedule, sigma_min)
-    t = _timesteps_in_range(spaced_timesteps(spacing, num_steps, T, steps_offset), schedule, f"{spacing!r} timesteps")
+    t = spaced_timesteps(spacing, num_steps, T, steps_offset)
+    _check_descending(t, f"{spacing!r} timesteps")
+    if t[-1] < 0 or t[0] > T - 1:  # indexes of the training grid, for flow schedules too
+        raise ValueError(f"{spacing!r} timesteps must lie in [0, {T - 1}], got {t[-1].item():g}..{t[0].item():g}: "
+                         f"lower steps_offset ({steps_offset}).")
     levels = native_levels(schedule)[t.long()]
     model_t = levels * T if kind == "flow" else t
     return _grid_from_levels(levels, model_t, kind)

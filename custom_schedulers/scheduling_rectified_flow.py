@@ -46,6 +46,8 @@ class RectifiedFlowScheduler(RectifiedFlowEulerSampler):
     Defaults: prediction_type "flow", timestep_spacing "trailing" (s = 1 first), shift 1.0 (SD3 uses 3.0).
     """
 
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]  # a flow schedule only
+
     @register_to_config
     def __init__(self, prediction_type: str = "flow", **options):
         super().__init__(**{**options, "prediction_type": prediction_type, "beta_schedule": "flow"})

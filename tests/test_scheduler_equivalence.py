@@ -90,13 +90,40 @@ def test_rectified_flow_euler_matches_flow_match_euler(shift):
     theirs = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow_config)
     ours = RectifiedFlowEulerSampler.from_config(flow_config)  # -> beta_schedule "flow", prediction_type "flow"
     s = torch.linspace(1.0, 0.05, 8, dtype=torch.float64)
-    theirs.set_timesteps(sigmas=s.tolist())  # diffusers shifts custom sigmas; ours takes them literally
+    theirs.set_timesteps(sigmas=s.tolist())  # both shift custom sigmas (a FlowMatch config -> "flow-match" levels)
     their_inputs, their_final = sample_loop(theirs, _x_T(), scales_input=False)
-    ours.set_timesteps(sigmas=(shift * s / (1 + (shift - 1) * s)).tolist())
+    ours.set_timesteps(sigmas=s.tolist())
     our_inputs, our_final = sample_loop(ours, _x_T())
     torch.testing.assert_close(ours.timesteps.double(), theirs.timesteps.double(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(our_inputs, their_inputs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_steps", [4, 10])
+def test_rectified_flow_default_grid_is_flow_match_euler(num_steps):
+    """SD3-style config (shift 3): the default grid is the stock one ([1000, 858, 602, 9] at 4 steps)."""
+    sd3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler.from_config(sd3)
+    theirs.set_timesteps(num_steps)
+    their_inputs, their_final = sample_loop(theirs, _x_T(), scales_input=False)
+    ours = RectifiedFlowEulerSampler.from_config(sd3)
+    ours.set_timesteps(num_steps)
+    our_inputs, our_final = sample_loop(ours, _x_T())
+    torch.testing.assert_close(ours.timesteps.double(), theirs.timesteps.double(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
+    ours_grid = RectifiedFlowEulerSampler.from_config(sd3, sigma_schedule="default")  # our training-grid option
+    ours_grid.set_timesteps(4)
+    assert ours_grid.timesteps.tolist() == [1000, 900, 750, 500]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_rectified_flow_spacings_on_a_flow_schedule(spacing):
+    ours = RectifiedFlowEulerSampler.from_config(
+        {"num_train_timesteps": 1000, "shift": 3.0}, sigma_schedule="default", timestep_spacing=spacing
+    )
+    ours.set_timesteps(5)
+    assert ours.num_inference_steps == 5 and torch.isfinite(sample_loop(ours, _x_T())[1]).all()
 
 
 def test_rectified_flow_heun_matches_flow_match_heun():
