@@ -32,7 +32,7 @@ import torch
 
 from custom_schedulers import grids, registry
 from custom_schedulers.analytic import GaussianMixture
-from custom_schedulers.schedules import make_schedule
+from custom_schedulers.schedules import schedule_from_config
 
 NFES = (5, 10, 20, 50)
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -63,8 +63,7 @@ class Candidate:
 
 
 def exact_model(setup: Setup) -> Callable:
-    schedule = make_schedule(**{k: setup.config[k] for k in ("beta_schedule", "num_train_timesteps", "beta_start",
-                                                              "beta_end", "shift") if k in setup.config})
+    schedule = schedule_from_config(setup.config)
     prediction_type = setup.config["prediction_type"]
 
     def model(x_in: torch.Tensor, t) -> torch.Tensor:

@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import grids, parameterization
+from . import grids, parameterization, solvers
 from .grids import SIGMA_SCHEDULES, TIMESTEP_SPACINGS, SamplingGrid
 from .schedules import alphas_cumprod_to_betas, make_schedule
 
@@ -313,10 +313,11 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         """Standard normal noise drawn as diffusers' schedulers draw it (same generator -> same noise)."""
         return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    def _node(self, node: int) -> tuple[float, float, float, float]:
-        """(alpha, sigma, alpha_next, sigma_next) of the step leaving `node`."""
+    def _step(self, node: int) -> solvers.Step:
+        """The step leaving `node`: its noise levels and its log-SNR size h (from the grid's lambdas)."""
         g = self.grid
-        return float(g.alpha[node]), float(g.sigma[node]), float(g.alpha[node + 1]), float(g.sigma[node + 1])
+        return solvers.Step(float(g.alpha[node]), float(g.sigma[node]), float(g.alpha[node + 1]),
+                            float(g.sigma[node + 1]), float(g.lambdas[node + 1] - g.lambdas[node]))
 
 
 def _check_choice(field: str, value: str, valid: Sequence[str]) -> None:

@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from .schedules import NoiseSchedule, shift_sigmas
+from .schedules import NoiseSchedule, inverse_interpolate, shift_sigmas
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -153,17 +153,11 @@ def alpha_sigma_at_timestep(schedule: NoiseSchedule, timesteps) -> tuple[torch.T
 
 def timestep_from_level(schedule: NoiseSchedule, levels: torch.Tensor) -> torch.Tensor:
     """Fractional training timestep of native levels: the exact inverse of `level_at_timestep`
-    (levels increase with t); levels beyond the grid clamp to 0 or T-1."""
-    grid = native_levels(schedule)
-    finite = torch.isfinite(grid)
-    grid_f = grid[finite]
-    t_grid = torch.arange(schedule.num_train_timesteps, dtype=torch.float64)[finite]
+    (levels increase with t); levels beyond the grid clamp to 0 or T-1 (T-1 also beyond the largest finite one)."""
+    grid, T = native_levels(schedule), schedule.num_train_timesteps
     target = torch.as_tensor(levels, dtype=torch.float64)
-    clamped = target.clamp(grid_f[0], grid_f[-1])
-    idx = torch.searchsorted(grid_f, clamped).clamp(1, grid_f.shape[0] - 1)
-    lo, hi = grid_f[idx - 1], grid_f[idx]
-    t = t_grid[idx - 1] + (clamped - lo) / (hi - lo) * (t_grid[idx] - t_grid[idx - 1])
-    return torch.where(target > grid_f[-1], torch.full_like(t, schedule.num_train_timesteps - 1.0), t)
+    t = inverse_interpolate(grid, torch.arange(T, dtype=torch.float64), target)
+    return torch.where(target > grid[torch.isfinite(grid)][-1], torch.full_like(t, T - 1.0), t)
 
 
 def model_timesteps(schedule: NoiseSchedule, levels: torch.Tensor) -> torch.Tensor:

@@ -38,10 +38,10 @@ class DDIMSampler(DiffusionSampler):
         # | variable | paper (Song et al. 2021, eq. 12) |
         # | alpha_next, sigma_next | sqrt(alpha_{t-1}), sqrt(1 - alpha_{t-1}) |
         # | c_noise | sigma_t(eta), eq. 16 |
-        alpha, sigma, alpha_next, sigma_next = self._node(node)
-        c_noise = solvers.ddim_noise_std(alpha, sigma, alpha_next, sigma_next, self._eta)
+        step = self._step(node)
+        c_noise = solvers.ddim_noise_std(step, self._eta)
         noise = self._noise_like(x, generator) if c_noise > 0 else None
-        return solvers.ddim_step(denoised, eps, alpha_next, sigma_next, c_noise, noise)
+        return solvers.ddim_step(denoised, eps, step.alpha_next, step.sigma_next, c_noise, noise)
 
 
 def _check_eta(eta: float) -> float:

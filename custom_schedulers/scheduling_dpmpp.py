@@ -40,7 +40,8 @@ class _DPMSolverPlusPlusBase(DiffusionSampler):
 class DPMSolverPlusPlusSampler(_DPMSolverPlusPlusBase):
     """Multistep DPM-Solver++ in lambda = log(alpha/sigma), [Lu et al. 2022b](https://arxiv.org/abs/2211.01095).
 
-    Works for VP and rectified-flow schedules alike (only alpha and sigma enter).
+    Rules: `solvers.dpmpp_1_step`, `dpmpp_2m_step`, `dpmpp_3m_step`; the corrector `solvers.taylor_derivatives` +
+    `exponential_taylor_step`. Works for VP and rectified-flow schedules alike (only alpha and sigma enter).
     (`history` keeps up to 4 x_0 estimates: the corrector of a 3M step uses four.)
     Config (besides the `DiffusionSampler` fields):
         solver_order (`1 | 2 | 3`, 2): 2 is "DPM++ 2M", 3 is "DPM++ 3M".
@@ -96,33 +97,32 @@ class DPMSolverPlusPlusSampler(_DPMSolverPlusPlusBase):
                   if math.isfinite(float(lambdas[node - k]))]
         offsets = [float(lambdas[node - k] - lambdas[start]) for k in points]
         derivatives = solvers.taylor_derivatives(offsets, [self.history[k] for k in points])
-        _, sigma, alpha_next, sigma_next = self._node(start)
-        return solvers.exponential_taylor_step(self.step_start, derivatives, sigma, alpha_next, sigma_next,
-                                               offsets[0])
+        return solvers.exponential_taylor_step(self.step_start, derivatives, self._step(start))
 
     def _update(self, stage, node, x, denoised, eps, generator):
         # | variable | paper (Lu et al. 2022b, Alg. 2) |
         # | h, h_last | h_i = lambda_{t_i} - lambda_{t_{i-1}}, h_{i-1} |
         # | history | x_theta(x_{t_{i-1}}), x_theta(x_{t_{i-2}}), ... |
-        _, sigma, alpha_next, sigma_next = self._node(node)
+        step = self._step(node)
         self._remember(denoised)
         if self.config.corrector == "adams-moulton":
             x = self._corrected(node, x)
             self.step_start = x
-        if sigma_next == 0.0 and self.config.final_step == "extrapolate" and len(self.history) > 1:
-            return alpha_next * self._denoised_at_zero(node)
+        if step.sigma_next == 0.0 and self.config.final_step == "extrapolate" and len(self.history) > 1:
+            return step.alpha_next * self._denoised_at_zero(node)
         hs = self._step_sizes(node)
         order = self._usable_order(node, hs)
         if order == 1:
-            return solvers.dpmpp_1_step(x, denoised, sigma, alpha_next, sigma_next, hs[0])
+            return solvers.dpmpp_1_step(x, denoised, step)
         if order == 2:
-            return solvers.dpmpp_2m_step(x, denoised, self.history[1], sigma, alpha_next, sigma_next, hs[0], hs[1])
-        return solvers.dpmpp_3m_step(x, self.history[:3], sigma, alpha_next, sigma_next, hs[0], hs[1], hs[2])
+            return solvers.dpmpp_2m_step(x, denoised, self.history[1], step, h_last=hs[1])
+        return solvers.dpmpp_3m_step(x, self.history[:3], step, h_last=hs[1], h_last2=hs[2])
 
 
 class DPMSolverPlusPlusSDESampler(_DPMSolverPlusPlusBase):
     """SDE-DPM-Solver++ (1 or 2M), [Lu et al. 2022b](https://arxiv.org/abs/2211.01095) App. D:
     diffusers' `algorithm_type="sde-dpmsolver++"`, k-diffusion's `sample_dpmpp_2m_sde` (midpoint, eta 1).
+    Rule: `solvers.dpmpp_sde_step`.
 
     Config (besides the `DiffusionSampler` fields):
         solver_order (`1 | 2`, 2).
@@ -137,10 +137,10 @@ class DPMSolverPlusPlusSDESampler(_DPMSolverPlusPlusBase):
         super().__init__(**options)
 
     def _update(self, stage, node, x, denoised, eps, generator):
-        _, sigma, alpha_next, sigma_next = self._node(node)
+        step = self._step(node)
         self._remember(denoised)
         hs = self._step_sizes(node)
         order = self._usable_order(node, hs)
         noise = self._noise_like(x, generator)
         h_last = hs[1] if order == 2 else None
-        return solvers.dpmpp_sde_step(x, self.history[:order], sigma, alpha_next, sigma_next, hs[0], h_last, noise)
+        return solvers.dpmpp_sde_step(x, self.history[:order], step, noise, h_last=h_last)

@@ -70,7 +70,8 @@ class ProbabilityFlowODESampler(DiffusionSampler):
     def _update(self, stage, node, x, denoised, eps, generator):
         if stage is Stage.CORRECT:
             return self._correct(node, x, denoised, eps)
-        alpha, sigma, alpha_next, sigma_next = self._node(node)
+        step = self._step(node)
+        alpha, sigma, alpha_next, sigma_next = step.alpha, step.sigma, step.alpha_next, step.sigma_next
         if not math.isfinite(self._tau(self.grid, node)):
             self.heun_state = None
             return solvers.ddim_step(denoised, eps, alpha_next, sigma_next)  # Euler's limit as alpha -> 0 (tau = inf)
