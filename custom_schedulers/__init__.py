@@ -16,11 +16,12 @@ from .scheduling_heun import HeunSampler
 from .scheduling_lcm import LCMSampler
 from .scheduling_named import CosineScheduler, ZeroTerminalSNRScheduler
 from .scheduling_rectified_flow import RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, RectifiedFlowScheduler
+from .scheduling_unipc import UniPCSampler
 
 __all__ = [
     "DiffusionSampler", "DDPMSampler", "DDIMSampler", "DPMSolverPlusPlusSampler", "DPMSolverPlusPlusSDESampler",
     "EulerSampler", "HeunSampler", "RectifiedFlowEulerSampler", "RectifiedFlowHeunSampler", "LCMSampler",
-    "CosineScheduler", "ZeroTerminalSNRScheduler", "RectifiedFlowScheduler",
+    "CosineScheduler", "ZeroTerminalSNRScheduler", "RectifiedFlowScheduler", "UniPCSampler",
 ]
 
 # A stock pipeline's `save_pretrained` records a component as [its class's module, class name] in model_index.json,
@@ -30,7 +31,7 @@ __all__ = [
 for _cls in (
     DiffusionSampler, DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler,
     HeunSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, CosineScheduler,
-    ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
+    ZeroTerminalSNRScheduler, RectifiedFlowScheduler, UniPCSampler,
 ):
     _cls.__module__ = __name__
 del _cls

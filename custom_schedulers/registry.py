@@ -28,6 +28,7 @@ from .scheduling_heun import HeunSampler
 from .scheduling_lcm import LCMSampler
 from .scheduling_named import CosineScheduler, ZeroTerminalSNRScheduler
 from .scheduling_rectified_flow import RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, RectifiedFlowScheduler
+from .scheduling_unipc import UniPCSampler
 
 # short name -> (our class, the options that name implies)
 OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
@@ -41,6 +42,8 @@ OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
     "rf-euler": (RectifiedFlowEulerSampler, {}),
     "rf-heun": (RectifiedFlowHeunSampler, {}),
     "lcm": (LCMSampler, {}),
+    "unipc": (UniPCSampler, {"solver_type": "bh2"}),
+    "unipc-bh1": (UniPCSampler, {"solver_type": "bh1"}),
     # Our most accurate configuration on docs/sampler_accuracy.md: DPM++ 2M with the Adams-Moulton corrector,
     # log-SNR-uniform levels down to sigma/alpha = 0.1 (s = 0.1 for flow) and the extrapolated final step.
     "dpmpp-2m-pc": (DPMSolverPlusPlusSampler, {"solver_order": 2, "corrector": "adams-moulton",
@@ -54,7 +57,7 @@ OUR_CLASSES: dict[str, type[DiffusionSampler]] = {
     cls.__name__: cls
     for cls in (
         DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
-        RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler,
+        RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, UniPCSampler,
         CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
     )
 }

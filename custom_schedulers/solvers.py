@@ -218,3 +218,48 @@ def from_ode_coordinates(y: torch.Tensor, alpha: float, sigma: float, variable: 
 def ode_derivative(denoised: torch.Tensor, eps: torch.Tensor, variable: str) -> torch.Tensor:
     """dy/dtau in the chosen coordinates: eps ("ve", k-diffusion's `to_d`) or u = eps - x_0 ("flow")."""
     return eps if variable == "ve" else eps - denoised
+
+
+# ---------------------------------------------------------------- UniPC (Zhao et al. 2023)
+
+
+def unipc_step(
+    x: torch.Tensor, history: list[torch.Tensor], rks: list[float], step: Step, variant: str,
+    denoised_next: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """UniP (predictor; `denoised_next` None) or UniC (corrector) with the B(h) variant "bh1" (B(h) = h) or "bh2"
+    (B(h) = e^h - 1), data prediction (Zhao et al. 2023, Algorithms 2-3, eq. 8; diffusers' UniPC `predict_x0`).
+
+    history = x_0 estimates newest first (m_0 at the step's start, then older ones), rks[i] = (lambda of
+    history[i + 1]'s node - lambda_0) / h. The order p is len(history); the corrector's is p + 1: it also fits
+    `denoised_next`, the estimate at the predicted sample, reused without a new model evaluation.
+    """
+    order = len(history)
+    m0, hh = history[0], -step.h
+    h_phi_1 = math.expm1(hh)  # e^{-h} - 1
+    B_h = hh if variant == "bh1" else h_phi_1
+    x_next = (step.sigma_next / step.sigma) * x - step.alpha_next * h_phi_1 * m0
+    D1s = [(m - m0) / rk for m, rk in zip(history[1:], rks)]
+    if denoised_next is not None:
+        D1s.append(denoised_next - m0)
+    if not D1s:
+        return x_next
+    rhos = _unipc_rhos(rks, hh, B_h, order, corrector=denoised_next is not None)
+    return x_next - step.alpha_next * B_h * sum(rho * D1 for rho, D1 in zip(rhos, D1s))
+
+
+def _unipc_rhos(rks: list[float], hh: float, B_h: float, order: int, corrector: bool) -> list[float]:
+    """The weights of the divided differences: R rho = b with R[i][k] = r_k^i and b_i = i! h phi_{i+1}(h) / B(h)
+    (Zhao et al. 2023, eq. 8), p x p for the corrector and its leading (p-1) x (p-1) block for the predictor;
+    the order-2 predictor and order-1 corrector use rho = 1/2 (their Sec. 3.2 note)."""
+    if order == (1 if corrector else 2):
+        return [0.5]
+    r = np.array([*rks, 1.0], dtype=np.float64)
+    R = np.stack([r**i for i in range(order)])
+    b, h_phi_k, factorial = [], math.expm1(hh) / hh - 1, 1
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    size = order if corrector else order - 1
+    return np.linalg.solve(R[:size, :size], np.array(b[:size])).tolist()

@@ -47,7 +47,8 @@ def test_parse_a1111_written_text():
     ("DPM++ 2M", "Karras", ("dpmpp-2m", {"sigma_schedule": "karras"})),
     ("Euler a", "Automatic", ("EulerAncestralDiscreteScheduler", {})),
     ("DDIM", "Uniform", ("ddim", {"sigma_schedule": "default", "timestep_spacing": "linspace"})),
-    ("UniPC", "Exponential", ("UniPCMultistepScheduler", {"use_exponential_sigmas": True})),
+    ("UniPC", "Exponential", ("unipc", {"sigma_schedule": "exponential"})),
+    ("DPM2 a", "Karras", ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True})),
     ("Restart", "Karras", None),  # no sampler of ours or diffusers': the other fields still fill
 ])
 def test_a1111_19_sampler_and_schedule_type_fill_the_options(sampler, schedule_type, expected):

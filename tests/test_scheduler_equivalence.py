@@ -15,7 +15,7 @@ from scheduler_helpers import BASE_CONFIG, load_k_diffusion_sampling, sample_loo
 
 from custom_schedulers import (
     DDIMSampler, DDPMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
-    LCMSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler,
+    LCMSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, UniPCSampler,
 )
 
 # (ours, our options, diffusers class, its options, its step() kwargs, spacings where diffusers spaces as we do)
@@ -63,6 +63,26 @@ def test_matches_diffusers(name, spacing, prediction_type):
     ours = ours_cls.from_config(config, **our_options)
     theirs = theirs_cls.from_config(config, **their_options)
     _compare_with_diffusers(ours, theirs, 10, step_kwargs)
+
+
+@pytest.mark.parametrize("solver_type", ["bh1", "bh2"])
+@pytest.mark.parametrize("solver_order", [1, 2, 3])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unipc_matches_diffusers(solver_type, solver_order, prediction_type):
+    config = dict(BASE_CONFIG, timestep_spacing="trailing", prediction_type=prediction_type)
+    options = {"solver_type": solver_type, "solver_order": solver_order}
+    theirs = diffusers.UniPCMultistepScheduler.from_config(config, **options)
+    theirs.set_timesteps(10)
+    their_inputs, their_final = sample_loop(theirs, _x_T(), step_kwargs={})  # its step takes no generator
+    ours = UniPCSampler.from_config(config, **options)
+    ours.set_timesteps(10)
+    our_inputs, our_final = sample_loop(ours, _x_T())
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps)
+    torch.testing.assert_close(our_inputs, their_inputs, rtol=1e-5, atol=1e-5)
+    if solver_type == "bh1":  # diffusers' bh1 step into sigma = 0 is B(h) * 0 = -inf * 0 = nan
+        assert torch.isnan(their_final).all() and torch.isfinite(our_final).all()
+    else:
+        torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_steps, original_steps", [(4, 50), (6, 50), (3, 8)])

@@ -28,7 +28,8 @@ def test_what_we_write_builds_the_same_sampler(name, schedule):
     ("DPM++ 2M SDE Exponential", "DPMSolverPlusPlusSDESampler", {"sigma_schedule": "exponential"}),
     ("Euler a", "EulerAncestralDiscreteScheduler", {}),
     ("DDIM", "DDIMSampler", {"sigma_schedule": "default"}),
-    ("UniPC", "UniPCMultistepScheduler", {}),
+    ("UniPC", "UniPCSampler", {"solver_type": "bh2"}),
+    ("UniPC bh1 Karras", "UniPCSampler", {"solver_type": "bh1", "sigma_schedule": "karras"}),
     ("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}),
 ])
 def test_a1111_names_build(text, cls, fields):
