@@ -8,6 +8,7 @@ levels a sampler visits), `solvers` (update rules), `base` (the shared Scheduler
 from diffusers import SchedulerMixin  # stock `from_pretrained` checks components against <library>.SchedulerMixin
 
 from .base import DiffusionSampler
+from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
 from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
@@ -22,6 +23,7 @@ __all__ = [
     "DiffusionSampler", "DDPMSampler", "DDIMSampler", "DPMSolverPlusPlusSampler", "DPMSolverPlusPlusSDESampler",
     "EulerSampler", "HeunSampler", "RectifiedFlowEulerSampler", "RectifiedFlowHeunSampler", "LCMSampler",
     "CosineScheduler", "ZeroTerminalSNRScheduler", "RectifiedFlowScheduler", "UniPCSampler",
+    "EulerAncestralSampler",
 ]
 
 # A stock pipeline's `save_pretrained` records a component as [its class's module, class name] in model_index.json,
@@ -31,7 +33,7 @@ __all__ = [
 for _cls in (
     DiffusionSampler, DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler,
     HeunSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, CosineScheduler,
-    ZeroTerminalSNRScheduler, RectifiedFlowScheduler, UniPCSampler,
+    ZeroTerminalSNRScheduler, RectifiedFlowScheduler, UniPCSampler, EulerAncestralSampler,
 ):
     _cls.__module__ = __name__
 del _cls

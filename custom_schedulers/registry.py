@@ -20,6 +20,7 @@ from diffusers import SchedulerMixin
 
 from . import names
 from .base import _DIFFUSERS_SIGMA_FLAGS, DiffusionSampler
+from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
 from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
@@ -44,6 +45,7 @@ OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
     "lcm": (LCMSampler, {}),
     "unipc": (UniPCSampler, {"solver_type": "bh2"}),
     "unipc-bh1": (UniPCSampler, {"solver_type": "bh1"}),
+    "euler-a": (EulerAncestralSampler, {}),
     # Our most accurate configuration on docs/sampler_accuracy.md: DPM++ 2M with the Adams-Moulton corrector,
     # log-SNR-uniform levels down to sigma/alpha = 0.1 (s = 0.1 for flow) and the extrapolated final step.
     "dpmpp-2m-pc": (DPMSolverPlusPlusSampler, {"solver_order": 2, "corrector": "adams-moulton",
@@ -58,7 +60,7 @@ OUR_CLASSES: dict[str, type[DiffusionSampler]] = {
     for cls in (
         DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
         RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, UniPCSampler,
-        CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
+        EulerAncestralSampler, CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
     )
 }
 

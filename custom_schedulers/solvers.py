@@ -263,3 +263,34 @@ def _unipc_rhos(rks: list[float], hh: float, B_h: float, order: int, corrector: 
         h_phi_k = h_phi_k / hh - 1 / factorial
     size = order if corrector else order - 1
     return np.linalg.solve(R[:size, :size], np.array(b[:size])).tolist()
+
+
+# ---------------------------------------------------------------- ancestral sampling
+
+
+def ve_level(alpha: float, sigma: float) -> float:
+    """The VE noise level tau = sigma/alpha (inf where alpha = 0)."""
+    return sigma / alpha if alpha > 0 else math.inf
+
+
+def ancestral_levels(tau: float, tau_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(tau_down, tau_up): the step from VE level tau to tau_next split into a deterministic step to tau_down and
+    fresh noise of std tau_up, tau_down^2 + tau_up^2 = tau_next^2; eta = 1 is the DDPM posterior's noise (Song
+    et al. 2021, eq. 16 in VE levels; k-diffusion's `get_ancestral_step`). tau = inf (alpha = 0) is its limit."""
+    if tau_next == 0.0:
+        return 0.0, 0.0
+    ratio = 1.0 if math.isinf(tau) else (tau**2 - tau_next**2) / tau**2
+    tau_up = min(tau_next, eta * tau_next * math.sqrt(max(ratio, 0.0)))
+    return math.sqrt(tau_next**2 - tau_up**2), tau_up
+
+
+def ancestral_euler_step(
+    denoised: torch.Tensor, eps: torch.Tensor, alpha_next: float, tau_down: float, tau_up: float,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """Euler to tau_down, then fresh noise of std tau_up, in VE coordinates y = x/alpha: y' = x_0 + tau_down eps
+    + tau_up z (k-diffusion `sample_euler_ancestral`), returned as x' = alpha_next y'."""
+    y_next = denoised + tau_down * eps
+    if tau_up > 0.0:
+        y_next = y_next + tau_up * noise
+    return alpha_next * y_next

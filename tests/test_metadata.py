@@ -45,7 +45,7 @@ def test_parse_a1111_written_text():
 
 @pytest.mark.parametrize("sampler, schedule_type, expected", [
     ("DPM++ 2M", "Karras", ("dpmpp-2m", {"sigma_schedule": "karras"})),
-    ("Euler a", "Automatic", ("EulerAncestralDiscreteScheduler", {})),
+    ("Euler a", "Automatic", ("euler-a", {})),
     ("DDIM", "Uniform", ("ddim", {"sigma_schedule": "default", "timestep_spacing": "linspace"})),
     ("UniPC", "Exponential", ("unipc", {"sigma_schedule": "exponential"})),
     ("DPM2 a", "Karras", ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True})),

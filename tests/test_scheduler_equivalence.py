@@ -14,7 +14,7 @@ import torch
 from scheduler_helpers import BASE_CONFIG, load_k_diffusion_sampling, sample_loop, seeded
 
 from custom_schedulers import (
-    DDIMSampler, DDPMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
+    DDIMSampler, DDPMSampler, EulerAncestralSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
     LCMSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, UniPCSampler,
 )
 
@@ -30,6 +30,7 @@ PAIRS = {
     "SDE-DPM-Solver++ 2M": (DPMSolverPlusPlusSDESampler, {}, diffusers.DPMSolverMultistepScheduler,
                             {"algorithm_type": "sde-dpmsolver++"}, {}, ("trailing",)),
     "Euler": (EulerSampler, {}, diffusers.EulerDiscreteScheduler, {}, {}, ("trailing", "leading")),
+    "Euler a": (EulerAncestralSampler, {}, diffusers.EulerAncestralDiscreteScheduler, {}, {}, ("trailing", "leading")),
     "LCM": (LCMSampler, {}, diffusers.LCMScheduler, {}, {}, ("trailing", "leading")),  # both: LCM's own grid
 }
 CASES = [

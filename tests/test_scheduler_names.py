@@ -26,7 +26,7 @@ def test_what_we_write_builds_the_same_sampler(name, schedule):
 @pytest.mark.parametrize("text, cls, fields", [
     ("DPM++ 2M Karras", "DPMSolverPlusPlusSampler", {"solver_order": 2, "sigma_schedule": "karras"}),
     ("DPM++ 2M SDE Exponential", "DPMSolverPlusPlusSDESampler", {"sigma_schedule": "exponential"}),
-    ("Euler a", "EulerAncestralDiscreteScheduler", {}),
+    ("Euler a", "EulerAncestralSampler", {"eta": 1.0}),
     ("DDIM", "DDIMSampler", {"sigma_schedule": "default"}),
     ("UniPC", "UniPCSampler", {"solver_type": "bh2"}),
     ("UniPC bh1 Karras", "UniPCSampler", {"solver_type": "bh1", "sigma_schedule": "karras"}),
@@ -43,7 +43,7 @@ def test_a1111_names_build(text, cls, fields):
     ("euler", "sgm_uniform", "EulerSampler", {"timestep_spacing": "trailing"}),
     ("ddim", "ddim_uniform", "DDIMSampler", {"timestep_spacing": "leading", "steps_offset": 1}),
     ("dpmpp_sde", "karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    ("euler_ancestral", "normal", "EulerAncestralDiscreteScheduler", {"timestep_spacing": "linspace"}),
+    ("euler_ancestral", "normal", "EulerAncestralSampler", {"timestep_spacing": "linspace"}),
 ])
 def test_comfyui_names_build(sampler, scheduler_name, cls, fields):
     scheduler = registry.build(sampler, SD, schedule=scheduler_name)
