@@ -93,7 +93,10 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         sigma_schedule (`"default" | "karras" | "exponential" | "linear" | "flow-match"`, "default"): "default"
             places nodes by `timestep_spacing`; the next three space noise levels ([Karras et al. 2022](https://arxiv.org/abs/2206.00364)
             eq. 5, uniform log-SNR, uniform level); "flow-match" (flow schedules; the default for a FlowMatch
-            config) is `FlowMatchEulerDiscreteScheduler`'s grid, custom sigmas shifted as it shifts them.
+            config) is `FlowMatchEulerDiscreteScheduler`'s grid, custom sigmas shifted as it shifts them;
+            "kl-optimal" (uniform in arctan sigma), "align-your-steps" / "align-your-steps-sdxl" (Sabour et al. 2024's
+            published levels, log-linearly interpolated), and ComfyUI's timestep schedules "beta" (Lee et al.
+            2024), "sgm-uniform", "simple", "normal" (see `grids.schedule_timesteps`).
             diffusers' `use_karras_sigmas=True` maps to "karras"; the config mirrors it back (`use_karras_sigmas`,
             `use_exponential_sigmas`) so a stock class built from our config spaces its levels the same way.
         sigma_min (`float | None`, None): the smallest nonzero level of those noise-level schedules (sigma/alpha
@@ -120,7 +123,7 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         prediction_type: parameterization.PredictionType = "epsilon",
         timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing",
         steps_offset: int = 0,
-        sigma_schedule: Literal["default", "karras", "exponential", "linear", "flow-match"] = "default",
+        sigma_schedule: grids.SigmaSchedule = "default",
         sigma_min: float | None = None,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,

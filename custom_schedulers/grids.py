@@ -13,6 +13,7 @@ timestep for VP schedules and ``s * T`` for flow (diffusers' FlowMatch conventio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -23,8 +24,14 @@ from .schedules import NoiseSchedule, inverse_interpolate, shift_sigmas
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SigmaSchedule = Literal["default", "karras", "exponential", "linear", "flow-match"]
-SIGMA_SCHEDULES = ("default", "karras", "exponential", "linear", "flow-match")
+SigmaSchedule = Literal[
+    "default", "karras", "exponential", "linear", "kl-optimal", "flow-match", "beta", "sgm-uniform", "simple",
+    "normal", "align-your-steps", "align-your-steps-sdxl",
+]
+SIGMA_SCHEDULES = (
+    "default", "karras", "exponential", "linear", "kl-optimal", "flow-match", "beta", "sgm-uniform", "simple",
+    "normal", "align-your-steps", "align-your-steps-sdxl",
+)
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,50 @@ def linear_levels(level_min: float, level_max: float, num_steps: int) -> torch.T
     return torch.linspace(level_max, level_min, num_steps, dtype=torch.float64)
 
 
-LEVEL_SCHEDULES = {"karras": karras_levels, "exponential": exponential_levels, "linear": linear_levels}
+def kl_optimal_levels(level_min: float, level_max: float, num_steps: int) -> torch.Tensor:
+    """Uniform in arctan(sigma): the KL-optimal schedule for a single Gaussian (Sabour et al. 2024, Align Your
+    Steps, Theorem 3.1; ComfyUI's `kl_optimal`)."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return (ramp * math.atan(level_min) + (1 - ramp) * math.atan(level_max)).tan()
+
+
+LEVEL_SCHEDULES = {"karras": karras_levels, "exponential": exponential_levels, "linear": linear_levels,
+                   "kl-optimal": kl_optimal_levels}
+
+# Align Your Steps' published 10-step noise levels sigma/alpha, noisiest first (Sabour et al. 2024, Table 3).
+ALIGN_YOUR_STEPS = {
+    "align-your-steps": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),  # SD 1.5
+    "align-your-steps-sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+
+
+def align_your_steps_levels(table: Sequence[float], num_steps: int) -> torch.Tensor:
+    """The N evaluation levels of an Align Your Steps table: its N+1 levels log-linearly interpolated to N+1 (exact
+    for the published 10 steps), the last (the sampler's end) dropped for our final sigma = 0 (as ComfyUI's
+    `AlignYourStepsScheduler`; the paper's "how-to" interpolation)."""
+    log_levels = np.log(np.asarray(table, dtype=np.float64)[::-1])
+    positions = np.linspace(0, 1, len(table))
+    levels = np.exp(np.interp(np.linspace(0, 1, num_steps + 1), positions, log_levels))[::-1]
+    return torch.from_numpy(levels[:-1].copy())
+
+
+def schedule_timesteps(name: str, num_steps: int, num_train_timesteps: int) -> torch.Tensor:
+    """Fractional training timesteps, high to low, of ComfyUI's timestep-space schedulers: "sgm-uniform" and
+    "normal" (linspace from T-1 to 0, without / with the endpoint), "simple" (every (T/N)-th training level from
+    the top) and "beta" (Lee et al. 2024, "Beta Sampling is All You Need": t = (T-1) Beta(0.6, 0.6)-quantiles)."""
+    T, N = num_train_timesteps, num_steps
+    if name == "sgm-uniform":
+        return torch.linspace(T - 1, 0, N + 1, dtype=torch.float64)[:-1]
+    if name == "normal":
+        return torch.linspace(T - 1, 0, N, dtype=torch.float64)
+    if name == "simple":
+        return torch.from_numpy((T - 1 - np.floor(np.arange(N) * T / N)).astype(np.float64))
+    from scipy.stats import beta  # scipy: a test/benchmark dependency, needed only for this schedule
+
+    return torch.from_numpy((T - 1) * beta.ppf(1 - np.arange(N) / N, 0.6, 0.6))
+
+
+TIMESTEP_SCHEDULES = ("sgm-uniform", "normal", "simple", "beta")
 
 
 def flow_match_levels(schedule: NoiseSchedule, num_steps: int, shift: float) -> torch.Tensor:
@@ -240,6 +290,15 @@ def build_grid(
     _check_num_steps(num_steps, T)
     if sigma_schedule == "flow-match":
         levels = flow_match_levels(schedule, num_steps, shift)
+        return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
+    if sigma_schedule in TIMESTEP_SCHEDULES:
+        t = schedule_timesteps(sigma_schedule, num_steps, T)
+        levels = level_at_timestep(schedule, t)
+        return _grid_from_levels(levels, levels * T if kind == "flow" else t, kind)
+    if sigma_schedule in ALIGN_YOUR_STEPS:
+        if kind == "flow":
+            raise ValueError(f"sigma_schedule {sigma_schedule!r} holds SD's noise levels; it needs a VP schedule.")
+        levels = align_your_steps_levels(ALIGN_YOUR_STEPS[sigma_schedule], num_steps)
         return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
     if sigma_schedule != "default":
         return _grid_from_sigma_schedule(schedule, num_steps, sigma_schedule, sigma_min)

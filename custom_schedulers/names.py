@@ -10,10 +10,11 @@ A1111 (1.9+) writes `Sampler: DPM++ 2M, Schedule type: Karras` in its infotext; 
 clear name of its own ("DPM++ 3M", "DPM++ 2M PC", "RF Euler", ...); where no sampler of ours implements
 an A1111/ComfyUI sampler, the name resolves to the diffusers class that does.
 
-Schedule types are the nearest of ours: A1111's "Karras"/"Exponential" are the same level schedules;
-its "Uniform" (ComfyUI "normal", timesteps evenly spaced over the whole range) is our "linspace"
-spacing, "SGM Uniform"/"Simple" (evenly spaced from the top, the last step at t > 0) our "trailing",
-"DDIM" (ComfyUI "ddim_uniform", stride T/N from t = 1) our "leading" with steps_offset 1.
+Schedule types: A1111's "Karras", "Exponential", "KL Optimal", "Beta", "SGM Uniform", "Simple", "Normal" and
+"Align Your Steps" are our `sigma_schedule`s of those names (ComfyUI: karras, exponential, kl_optimal, beta,
+sgm_uniform, simple, normal); "Uniform" (timesteps evenly spaced over the whole range) is our "linspace"
+spacing, "DDIM" (ComfyUI "ddim_uniform", stride T/N from t = 1) our "leading" with steps_offset 1, and our
+default "trailing" spacing writes "Trailing" (A1111 has no name for it).
 """
 
 from __future__ import annotations
@@ -48,17 +49,27 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "linear": {"sigma_schedule": "linear"},
     "flow match": {"sigma_schedule": "flow-match"},
     "uniform": {"sigma_schedule": "default", "timestep_spacing": "linspace"},
-    "normal": {"sigma_schedule": "default", "timestep_spacing": "linspace"},
-    "sgm uniform": {"sigma_schedule": "default", "timestep_spacing": "trailing"},
-    "sgm_uniform": {"sigma_schedule": "default", "timestep_spacing": "trailing"},
-    "simple": {"sigma_schedule": "default", "timestep_spacing": "trailing"},
+    "normal": {"sigma_schedule": "normal"},
+    "sgm uniform": {"sigma_schedule": "sgm-uniform"},
+    "sgm_uniform": {"sigma_schedule": "sgm-uniform"},
+    "simple": {"sigma_schedule": "simple"},
+    "trailing": {"sigma_schedule": "default", "timestep_spacing": "trailing"},
     "ddim": {"sigma_schedule": "default", "timestep_spacing": "leading", "steps_offset": 1},
     "ddim_uniform": {"sigma_schedule": "default", "timestep_spacing": "leading", "steps_offset": 1},
+    "kl optimal": {"sigma_schedule": "kl-optimal"},
+    "kl_optimal": {"sigma_schedule": "kl-optimal"},
+    "beta": {"sigma_schedule": "beta"},
+    "align your steps": {"sigma_schedule": "align-your-steps"},
+    "align your steps sdxl": {"sigma_schedule": "align-your-steps-sdxl"},
     "automatic": {},
 }
 # our (sigma_schedule, timestep_spacing) -> A1111 schedule type
-_SCHEDULE_TYPES = {"karras": "Karras", "exponential": "Exponential", "linear": "Linear", "flow-match": "Flow Match"}
-_SPACING_TYPES = {"linspace": "Uniform", "trailing": "SGM Uniform", "leading": "DDIM"}
+_SCHEDULE_TYPES = {
+    "karras": "Karras", "exponential": "Exponential", "linear": "Linear", "flow-match": "Flow Match",
+    "kl-optimal": "KL Optimal", "beta": "Beta", "sgm-uniform": "SGM Uniform", "simple": "Simple", "normal": "Normal",
+    "align-your-steps": "Align Your Steps", "align-your-steps-sdxl": "Align Your Steps SDXL",
+}
+_SPACING_TYPES = {"linspace": "Uniform", "trailing": "Trailing", "leading": "DDIM"}
 # diffusers' flags for a stock class
 _STOCK_FLAGS = {"karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
 

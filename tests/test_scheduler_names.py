@@ -12,7 +12,8 @@ SD = dict(BASE_CONFIG, timestep_spacing="leading", steps_offset=1)
 
 
 @pytest.mark.parametrize("name", list(registry.OURS))
-@pytest.mark.parametrize("schedule", [None, "Karras", "Exponential", "Uniform", "SGM Uniform", "DDIM"])
+@pytest.mark.parametrize("schedule", [None, "Karras", "Exponential", "Uniform", "SGM Uniform", "DDIM", "Simple",
+                                      "Beta", "KL Optimal", "Align Your Steps", "Normal"])
 def test_what_we_write_builds_the_same_sampler(name, schedule):
     """class + config -> (A1111 sampler, schedule type) -> registry.build gives the same class and config."""
     scheduler = registry.build(name, SD, schedule=schedule)
@@ -40,10 +41,11 @@ def test_a1111_names_build(text, cls, fields):
 
 @pytest.mark.parametrize("sampler, scheduler_name, cls, fields", [
     ("dpmpp_2m", "karras", "DPMSolverPlusPlusSampler", {"sigma_schedule": "karras"}),
-    ("euler", "sgm_uniform", "EulerSampler", {"timestep_spacing": "trailing"}),
+    ("euler", "sgm_uniform", "EulerSampler", {"sigma_schedule": "sgm-uniform"}),
+    ("euler", "beta", "EulerSampler", {"sigma_schedule": "beta"}),
     ("ddim", "ddim_uniform", "DDIMSampler", {"timestep_spacing": "leading", "steps_offset": 1}),
     ("dpmpp_sde", "karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    ("euler_ancestral", "normal", "EulerAncestralSampler", {"timestep_spacing": "linspace"}),
+    ("euler_ancestral", "normal", "EulerAncestralSampler", {"sigma_schedule": "normal"}),
 ])
 def test_comfyui_names_build(sampler, scheduler_name, cls, fields):
     scheduler = registry.build(sampler, SD, schedule=scheduler_name)
