@@ -155,7 +155,7 @@ def test_unknown_prediction_type_names_valid_values(name):
         registry.build(name, SD15, prediction_type="x0")
 
 
-@pytest.mark.parametrize("field, value", [("timestep_spacing", "uniform"), ("sigma_schedule", "beta")])
+@pytest.mark.parametrize("field, value", [("timestep_spacing", "uniform"), ("sigma_schedule", "polyexponential")])
 def test_unknown_choice_names_valid_values(field, value):
     with pytest.raises(ValueError, match=f"Unknown {field}.*valid values"):
         DDIMSampler.from_config(SD15, **{field: value})
