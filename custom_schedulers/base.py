@@ -43,20 +43,21 @@ def translate_sigma_flags(options: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def translate_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def translate_diffusers_config(config: Mapping[str, Any], flow_grid: str = "flow-match") -> dict[str, Any]:
     """A diffusers scheduler config re-expressed with our keys (the rest passes through unchanged).
 
     * the sigma flags, see `translate_sigma_flags`;
     * A FlowMatch config (``_class_name`` FlowMatch*, or a ``shift`` and no betas; it names no
       prediction type) -> ``beta_schedule="flow"``, ``prediction_type="flow"`` and, unless it names one,
-      ``sigma_schedule="flow-match"`` (the stock FlowMatch grid).
+      ``sigma_schedule=flow_grid`` (the stock flow grid of the sampler's kind: "flow-match" for Euler/Heun,
+      "flow-match-multistep" for multistep solvers).
     """
     config = translate_sigma_flags(config)
     no_betas = "beta_schedule" not in config and config.get("trained_betas") is None
     if str(config.get("_class_name", "")).startswith("FlowMatch") or (no_betas and "shift" in config):
         config.setdefault("beta_schedule", "flow")
         config.setdefault("prediction_type", "flow")
-        config.setdefault("sigma_schedule", "flow-match")
+        config.setdefault("sigma_schedule", flow_grid)
     return config
 
 
@@ -93,7 +94,9 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         sigma_schedule (`"default" | "karras" | "exponential" | "linear" | "flow-match"`, "default"): "default"
             places nodes by `timestep_spacing`; the next three space noise levels ([Karras et al. 2022](https://arxiv.org/abs/2206.00364)
             eq. 5, uniform log-SNR, uniform level); "flow-match" (flow schedules; the default for a FlowMatch
-            config) is `FlowMatchEulerDiscreteScheduler`'s grid, custom sigmas shifted as it shifts them;
+            config) is `FlowMatchEulerDiscreteScheduler`'s grid, custom sigmas shifted as it shifts them, and
+            "flow-match-multistep" (the default of multistep samplers on a FlowMatch config) that of diffusers'
+            UniPC / DPM-Solver with `use_flow_sigmas`;
             "kl-optimal" (uniform in arctan sigma), "align-your-steps" / "align-your-steps-sdxl" (Sabour et al. 2024's
             published levels, log-linearly interpolated), and ComfyUI's timestep schedules "beta" (Lee et al.
             2024), "sgm-uniform", "simple", "normal" (see `grids.schedule_timesteps`).
@@ -109,6 +112,7 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
     ignore_for_config = ["options"]
     order = 1
     init_noise_sigma = 1.0
+    flow_grid = "flow-match"  # the default grid on a FlowMatch config: diffusers' for this kind of sampler
 
     @register_to_config
     def __init__(
@@ -165,7 +169,7 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Build from any diffusers scheduler config (ours or stock); keyword arguments override it."""
-        config, overrides = translate_diffusers_config(config or {}), translate_sigma_flags(kwargs)
+        config, overrides = translate_diffusers_config(config or {}, cls.flow_grid), translate_sigma_flags(kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **overrides)
 
     @staticmethod

@@ -26,11 +26,11 @@ TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SigmaSchedule = Literal[
     "default", "karras", "exponential", "linear", "kl-optimal", "flow-match", "beta", "sgm-uniform", "simple",
-    "normal", "align-your-steps", "align-your-steps-sdxl",
+    "normal", "align-your-steps", "align-your-steps-sdxl", "flow-match-multistep",
 ]
 SIGMA_SCHEDULES = (
     "default", "karras", "exponential", "linear", "kl-optimal", "flow-match", "beta", "sgm-uniform", "simple",
-    "normal", "align-your-steps", "align-your-steps-sdxl",
+    "normal", "align-your-steps", "align-your-steps-sdxl", "flow-match-multistep",
 )
 
 
@@ -156,6 +156,14 @@ def flow_match_levels(schedule: NoiseSchedule, num_steps: int, shift: float) -> 
     return shift_sigmas(torch.linspace(1.0, s_min, num_steps, dtype=torch.float64), shift)
 
 
+def flow_match_multistep_levels(num_steps: int, num_train_timesteps: int, shift: float) -> torch.Tensor:
+    """The flow grid of diffusers' multistep schedulers (`UniPCMultistepScheduler`, `DPMSolverMultistepScheduler`
+    with `use_flow_sigmas`): s uniform from 1 to 1/T over N + 1 points, the last dropped, then shifted. Unlike
+    FlowMatchEuler's grid it has no node near s = 0, whose lopsided last step a multistep extrapolation overshoots."""
+    ramp = torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1, dtype=torch.float64)[:-1]
+    return shift_sigmas(ramp, shift)
+
+
 # ---------------------------------------------------------------- native level <-> (alpha, sigma)
 
 
@@ -274,22 +282,23 @@ def build_grid(
     With sigma_schedule "flow-match" (flow schedules only) custom sigmas are shifted by `shift`, as diffusers'
     FlowMatch schedulers shift them; otherwise they are taken literally."""
     T, kind = schedule.num_train_timesteps, schedule.kind
-    if sigma_schedule == "flow-match" and kind != "flow":
-        raise ValueError('sigma_schedule "flow-match" needs a rectified-flow schedule (beta_schedule "flow"); '
+    if sigma_schedule.startswith("flow-match") and kind != "flow":
+        raise ValueError(f'sigma_schedule "{sigma_schedule}" needs a rectified-flow schedule (beta_schedule "flow"); '
                          f"for this {kind} schedule use one of: default, karras, exponential, linear.")
     if timesteps is not None and sigmas is not None:
         raise ValueError("Pass either custom `timesteps` or custom `sigmas`, not both.")
     if sigmas is not None:
         levels = _levels_from_sigmas(sigmas, schedule)
-        if sigma_schedule == "flow-match":
+        if sigma_schedule.startswith("flow-match"):
             levels = shift_sigmas(levels, shift)
         return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
     if timesteps is not None:
         t = _timesteps_in_range(torch.as_tensor(timesteps, dtype=torch.float64).flatten(), schedule, "custom timesteps")
         return SamplingGrid(t, *_append_final(*alpha_sigma_at_timestep(schedule, t)))
     _check_num_steps(num_steps, T)
-    if sigma_schedule == "flow-match":
-        levels = flow_match_levels(schedule, num_steps, shift)
+    if sigma_schedule.startswith("flow-match"):
+        levels = (flow_match_levels(schedule, num_steps, shift) if sigma_schedule == "flow-match"
+                  else flow_match_multistep_levels(num_steps, T, shift))
         return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
     if sigma_schedule in TIMESTEP_SCHEDULES:
         t = schedule_timesteps(sigma_schedule, num_steps, T)

@@ -48,6 +48,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "exponential": {"sigma_schedule": "exponential"},
     "linear": {"sigma_schedule": "linear"},
     "flow match": {"sigma_schedule": "flow-match"},
+    "flow match multistep": {"sigma_schedule": "flow-match-multistep"},
     "uniform": {"sigma_schedule": "default", "timestep_spacing": "linspace"},
     "normal": {"sigma_schedule": "normal"},
     "sgm uniform": {"sigma_schedule": "sgm-uniform"},
@@ -66,6 +67,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 # our (sigma_schedule, timestep_spacing) -> A1111 schedule type
 _SCHEDULE_TYPES = {
     "karras": "Karras", "exponential": "Exponential", "linear": "Linear", "flow-match": "Flow Match",
+    "flow-match-multistep": "Flow Match Multistep",
     "kl-optimal": "KL Optimal", "beta": "Beta", "sgm-uniform": "SGM Uniform", "simple": "Simple", "normal": "Normal",
     "align-your-steps": "Align Your Steps", "align-your-steps-sdxl": "Align Your Steps SDXL",
 }

@@ -16,6 +16,7 @@ class _DPMSolverPlusPlusBase(DiffusionSampler):
     """History of x_0 estimates (newest first) and the usable order at each step."""
 
     max_order = 3
+    flow_grid = "flow-match-multistep"
 
     def _remember(self, denoised) -> None:
         self.history = [denoised] + self.history[: self.max_order - 1]
