@@ -12,6 +12,7 @@ from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
 from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
+from .scheduling_dpmpp_2s import DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler
 from .scheduling_euler import EulerSampler
 from .scheduling_heun import HeunSampler
 from .scheduling_lcm import LCMSampler
@@ -23,7 +24,7 @@ __all__ = [
     "DiffusionSampler", "DDPMSampler", "DDIMSampler", "DPMSolverPlusPlusSampler", "DPMSolverPlusPlusSDESampler",
     "EulerSampler", "HeunSampler", "RectifiedFlowEulerSampler", "RectifiedFlowHeunSampler", "LCMSampler",
     "CosineScheduler", "ZeroTerminalSNRScheduler", "RectifiedFlowScheduler", "UniPCSampler",
-    "EulerAncestralSampler",
+    "EulerAncestralSampler", "DPMSolverPlusPlus2SAncestralSampler", "DPMSolverPlusPlusSinglestepSDESampler",
 ]
 
 # A stock pipeline's `save_pretrained` records a component as [its class's module, class name] in model_index.json,
@@ -34,6 +35,7 @@ for _cls in (
     DiffusionSampler, DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler,
     HeunSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, CosineScheduler,
     ZeroTerminalSNRScheduler, RectifiedFlowScheduler, UniPCSampler, EulerAncestralSampler,
+    DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler,
 ):
     _cls.__module__ = __name__
 del _cls

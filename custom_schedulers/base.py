@@ -198,8 +198,8 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
             timesteps=timesteps, sigmas=sigmas, sigma_min=cfg.sigma_min, shift=cfg.shift,
         )
         parameterization.check_x0_recoverable(cfg.prediction_type, grid.alpha[0])
-        self.grid = grid
         self.num_inference_steps = grid.num_steps
+        self.grid = grid = self._evaluation_grid(grid)
         self._plan = self._make_plan(grid)
         nodes = [node for node, _ in self._plan]
         self.timesteps = _as_timestep_tensor(grid.timesteps[nodes], device)
@@ -213,6 +213,10 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
     def _reset_history(self) -> None:
         """Forget multistep / second-order state (a new sampling run starts)."""
         self.history = []
+
+    def _evaluation_grid(self, grid: SamplingGrid) -> SamplingGrid:
+        """The grid the model is evaluated on: the step grid itself, or with extra nodes (midpoint samplers)."""
+        return grid
 
     def _make_plan(self, grid: SamplingGrid) -> list[Evaluation]:
         """Every model evaluation, in order; one per node by default."""

@@ -24,6 +24,7 @@ from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
 from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
+from .scheduling_dpmpp_2s import DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler
 from .scheduling_euler import EulerSampler
 from .scheduling_heun import HeunSampler
 from .scheduling_lcm import LCMSampler
@@ -46,6 +47,8 @@ OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
     "unipc": (UniPCSampler, {"solver_type": "bh2"}),
     "unipc-bh1": (UniPCSampler, {"solver_type": "bh1"}),
     "euler-a": (EulerAncestralSampler, {}),
+    "dpmpp-2s-a": (DPMSolverPlusPlus2SAncestralSampler, {}),
+    "dpmpp-sde": (DPMSolverPlusPlusSinglestepSDESampler, {}),
     # Our most accurate configuration on docs/sampler_accuracy.md: DPM++ 2M with the Adams-Moulton corrector,
     # log-SNR-uniform levels down to sigma/alpha = 0.1 (s = 0.1 for flow) and the extrapolated final step.
     "dpmpp-2m-pc": (DPMSolverPlusPlusSampler, {"solver_order": 2, "corrector": "adams-moulton",
@@ -60,7 +63,8 @@ OUR_CLASSES: dict[str, type[DiffusionSampler]] = {
     for cls in (
         DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
         RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, UniPCSampler,
-        EulerAncestralSampler, CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
+        EulerAncestralSampler, DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler,
+        CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
     )
 }
 

@@ -294,3 +294,21 @@ def ancestral_euler_step(
     if tau_up > 0.0:
         y_next = y_next + tau_up * noise
     return alpha_next * y_next
+
+
+def ve_to_alpha_sigma(tau: float, kind: str) -> tuple[float, float]:
+    """(alpha, sigma) of VE level tau = sigma/alpha on a schedule of `kind`: VP alpha^2 + sigma^2 = 1, or flow
+    alpha + sigma = 1; tau = inf is (0, 1)."""
+    if math.isinf(tau):
+        return 0.0, 1.0
+    if kind == "flow":
+        return 1.0 / (1.0 + tau), tau / (1.0 + tau)
+    alpha = 1.0 / math.sqrt(1.0 + tau * tau)
+    return alpha, tau * alpha
+
+
+def renoise(x: torch.Tensor, alpha: float, alpha_next: float, tau_up: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """Fresh noise of std tau_up in VE coordinates, y' = x/alpha + tau_up z, returned as alpha_next y' (the level
+    (alpha_next, sigma_next) has tau_next^2 = tau^2 + tau_up^2): the ancestral samplers' noise step."""
+    y = x / alpha
+    return alpha_next * (y + tau_up * noise if tau_up > 0.0 else y)

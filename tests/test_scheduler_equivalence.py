@@ -191,3 +191,29 @@ def test_matches_k_diffusion(name, sigma_schedule):
         alpha, sigma = ours.noise_level_at(i)
         x = ours.step(_denoiser(x / alpha, sigma / alpha), t, x).prev_sample
     torch.testing.assert_close(x, k_final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, k_function", [("dpmpp-2s-a", "sample_dpmpp_2s_ancestral"),
+                                              ("dpmpp-sde", "sample_dpmpp_sde")])
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+def test_midpoint_samplers_match_k_diffusion(name, k_function, sigma_schedule):
+    """Same grid, same denoiser, the same noise (k-diffusion's noise_sampler draws from a generator seeded as ours)."""
+    from custom_schedulers import registry
+
+    k_sampling = load_k_diffusion_sampling()
+    ours = registry.build(name, dict(BASE_CONFIG, prediction_type="sample"), sigma_schedule=sigma_schedule)
+    ours.set_timesteps(8)
+    starts = ours.grid.sigma[:-1:2] / ours.grid.alpha[:-1:2]  # the step starts (the midpoints sit between them)
+    sigmas_ve = torch.cat([starts, starts.new_zeros(1)]).float()
+    x_T = _x_T(seed=3)
+    k_generator = torch.Generator().manual_seed(5)
+    k_final = getattr(k_sampling, k_function)(
+        _denoiser, x_T * sigmas_ve[0], sigmas_ve, disable=True,
+        noise_sampler=lambda sigma, sigma_next: torch.randn(x_T.shape, generator=k_generator),
+    )
+    x = x_T * sigmas_ve[0] / (1 + sigmas_ve[0] ** 2).sqrt()
+    generator = torch.Generator().manual_seed(5)
+    for i, t in enumerate(ours.timesteps):
+        alpha, sigma = ours.noise_level_at(i)
+        x = ours.step(_denoiser(x / alpha, sigma / alpha), t, x, generator=generator).prev_sample
+    torch.testing.assert_close(x, k_final, rtol=1e-5, atol=1e-5)

@@ -44,7 +44,8 @@ def test_a1111_names_build(text, cls, fields):
     ("euler", "sgm_uniform", "EulerSampler", {"sigma_schedule": "sgm-uniform"}),
     ("euler", "beta", "EulerSampler", {"sigma_schedule": "beta"}),
     ("ddim", "ddim_uniform", "DDIMSampler", {"timestep_spacing": "leading", "steps_offset": 1}),
-    ("dpmpp_sde", "karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    ("dpmpp_sde", "karras", "DPMSolverPlusPlusSinglestepSDESampler", {"sigma_schedule": "karras"}),
+    ("dpmpp_2s_ancestral", "exponential", "DPMSolverPlusPlus2SAncestralSampler", {"sigma_schedule": "exponential"}),
     ("euler_ancestral", "normal", "EulerAncestralSampler", {"sigma_schedule": "normal"}),
 ])
 def test_comfyui_names_build(sampler, scheduler_name, cls, fields):
