@@ -19,7 +19,8 @@ default "trailing" spacing writes "Trailing" (A1111 has no name for it).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # registry short name (or diffusers class) -> A1111 sampler name; ours first, then the stock classes.
 A1111_SAMPLERS = {

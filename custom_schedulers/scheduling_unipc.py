@@ -10,7 +10,6 @@ from diffusers.configuration_utils import register_to_config
 from . import solvers
 from .scheduling_dpmpp import _DPMSolverPlusPlusBase
 
-
 _OTHER_SOLVER_TYPES = ("midpoint", "heun", "logrho")  # DPMSolverMultistep's and DEIS's solver_type values
 
 

@@ -39,7 +39,7 @@ class Step:
     h: float
 
     @classmethod
-    def between(cls, alpha: float, sigma: float, alpha_next: float, sigma_next: float) -> "Step":
+    def between(cls, alpha: float, sigma: float, alpha_next: float, sigma_next: float) -> Step:
         """The step between two noise levels, h computed here (samplers take h from their grid's lambdas)."""
         return cls(alpha, sigma, alpha_next, sigma_next, _lambda(alpha_next, sigma_next) - _lambda(alpha, sigma))
 

@@ -123,11 +123,11 @@ def test_getattr_is_correct(cls, caplog):
     scheduler.register_to_config(test_attribute=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert scheduler.dummy_attribute == 5 and getattr(scheduler, "save_pretrained") == scheduler.save_pretrained
+        assert scheduler.dummy_attribute == 5 and getattr(scheduler, "save_pretrained") == scheduler.save_pretrained  # noqa: B009
     with pytest.warns(FutureWarning):
         assert scheduler.test_attribute == 5
     with pytest.raises(AttributeError, match=f"'{cls.__name__}' object has no attribute 'does_not_exist'"):
-        scheduler.does_not_exist
+        _ = scheduler.does_not_exist
 
 
 # ---------------------------------------------------------------- stock attributes
@@ -238,3 +238,22 @@ def test_stock_pipeline_saves_and_loads_our_scheduler(tmp_path):
                                              if k != "_use_default_values"}
     stock = diffusers.DPMSolverMultistepScheduler.from_config(loaded.scheduler.config)
     assert stock.config.use_karras_sigmas is True  # not silently back to uniform levels
+
+
+def test_stock_pipeline_eta_reaches_our_ddim():
+    """StableDiffusionPipeline(..., eta=1.0) passes eta to `step`: our DDIM gives stock DDIM's image."""
+    from tiny_models import tiny_sd_components
+
+    components = tiny_sd_components()
+    config, spacing = components["scheduler"].config, {"timestep_spacing": "leading", "steps_offset": 1}
+    images = {}
+    for label, scheduler in [("stock", diffusers.DDIMScheduler.from_config(config, set_alpha_to_one=True, **spacing)),
+                             ("ours", registry.build("ddim", config, **spacing))]:
+        pipe = diffusers.StableDiffusionPipeline(**dict(components, scheduler=scheduler), requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        for eta in (0.0, 1.0):
+            images[label, eta] = pipe("a red circle", num_inference_steps=4, eta=eta, output_type="np",
+                                      generator=torch.Generator().manual_seed(0), height=32, width=32).images
+    np.testing.assert_allclose(images["ours", 1.0], images["stock", 1.0], atol=1e-5)
+    np.testing.assert_allclose(images["ours", 0.0], images["stock", 0.0], atol=1e-5)
+    assert np.abs(images["ours", 1.0] - images["ours", 0.0]).max() > 1e-3  # eta is not silently ignored

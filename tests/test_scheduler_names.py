@@ -20,7 +20,7 @@ def test_what_we_write_builds_the_same_sampler(name, schedule):
     sampler, schedule_type = registry.describe(type(scheduler).__name__, scheduler.config)
     again = registry.build(sampler, SD, schedule=schedule_type)
     assert type(again) is type(scheduler)
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
     assert public(again.config) == public(scheduler.config)
 
 
