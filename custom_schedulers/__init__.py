@@ -11,7 +11,7 @@ from .base import DiffusionSampler
 from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
-from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
+from .scheduling_dpmpp import DPMSolverPlusPlus3MSDESampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
 from .scheduling_dpmpp_2s import DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler
 from .scheduling_euler import EulerSampler
 from .scheduling_heun import HeunSampler
@@ -25,6 +25,7 @@ __all__ = [
     "EulerSampler", "HeunSampler", "RectifiedFlowEulerSampler", "RectifiedFlowHeunSampler", "LCMSampler",
     "CosineScheduler", "ZeroTerminalSNRScheduler", "RectifiedFlowScheduler", "UniPCSampler",
     "EulerAncestralSampler", "DPMSolverPlusPlus2SAncestralSampler", "DPMSolverPlusPlusSinglestepSDESampler",
+    "DPMSolverPlusPlus3MSDESampler",
 ]
 
 # A stock pipeline's `save_pretrained` records a component as [its class's module, class name] in model_index.json,
@@ -35,7 +36,7 @@ for _cls in (
     DiffusionSampler, DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler,
     HeunSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, CosineScheduler,
     ZeroTerminalSNRScheduler, RectifiedFlowScheduler, UniPCSampler, EulerAncestralSampler,
-    DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler,
+    DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler, DPMSolverPlusPlus3MSDESampler,
 ):
     _cls.__module__ = __name__
 del _cls

@@ -28,6 +28,7 @@ A1111_SAMPLERS = {
     "euler": "Euler", "heun": "Heun", "lcm": "LCM", "rf-euler": "RF Euler", "rf-heun": "RF Heun",
     "dpmpp-2m-pc": "DPM++ 2M PC", "unipc": "UniPC", "unipc-bh1": "UniPC bh1",
     "euler-a": "Euler a", "dpmpp-2s-a": "DPM++ 2S a", "dpmpp-sde": "DPM++ SDE",
+    "dpmpp-3m-sde": "DPM++ 3M SDE",
     "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
     "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a", "HeunDiscreteScheduler": "Heun",
     "DPMSolverMultistepScheduler": "DPM++ 2M", "DPMSolverSinglestepScheduler": "DPM++ 2S",
@@ -40,7 +41,8 @@ COMFYUI_SAMPLERS = {
     "ddim": "ddim", "ddpm": "ddpm", "dpmpp_2m": "dpmpp-2m", "dpmpp_2m_sde": "dpmpp-2m-sde", "euler": "euler",
     "heun": "heun", "lcm": "lcm", "euler_ancestral": "euler-a", "lms": "LMSDiscreteScheduler",
     "dpm_2": "KDPM2DiscreteScheduler", "dpm_2_ancestral": "KDPM2AncestralDiscreteScheduler",
-    "dpmpp_sde": "dpmpp-sde", "dpmpp_2s_ancestral": "dpmpp-2s-a", "uni_pc": "unipc-bh1", "uni_pc_bh2": "unipc", "deis": "DEISMultistepScheduler",
+    "dpmpp_sde": "dpmpp-sde", "dpmpp_2s_ancestral": "dpmpp-2s-a",
+    "dpmpp_3m_sde": "dpmpp-3m-sde", "uni_pc": "unipc-bh1", "uni_pc_bh2": "unipc", "deis": "DEISMultistepScheduler",
 }
 
 # schedule (A1111 schedule type or ComfyUI scheduler name, lower case) -> our config fields

@@ -23,7 +23,7 @@ from .base import _DIFFUSERS_SIGMA_FLAGS, DiffusionSampler
 from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
-from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
+from .scheduling_dpmpp import DPMSolverPlusPlus3MSDESampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
 from .scheduling_dpmpp_2s import DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler
 from .scheduling_euler import EulerSampler
 from .scheduling_heun import HeunSampler
@@ -49,6 +49,7 @@ OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
     "euler-a": (EulerAncestralSampler, {}),
     "dpmpp-2s-a": (DPMSolverPlusPlus2SAncestralSampler, {}),
     "dpmpp-sde": (DPMSolverPlusPlusSinglestepSDESampler, {}),
+    "dpmpp-3m-sde": (DPMSolverPlusPlus3MSDESampler, {}),
     # Our most accurate configuration on docs/sampler_accuracy.md: DPM++ 2M with the Adams-Moulton corrector,
     # log-SNR-uniform levels down to sigma/alpha = 0.1 (s = 0.1 for flow) and the extrapolated final step.
     "dpmpp-2m-pc": (DPMSolverPlusPlusSampler, {"solver_order": 2, "corrector": "adams-moulton",
@@ -64,7 +65,7 @@ OUR_CLASSES: dict[str, type[DiffusionSampler]] = {
         DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
         RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, UniPCSampler,
         EulerAncestralSampler, DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler,
-        CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
+        DPMSolverPlusPlus3MSDESampler, CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
     )
 }
 

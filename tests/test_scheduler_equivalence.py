@@ -194,16 +194,16 @@ def test_matches_k_diffusion(name, sigma_schedule):
 
 
 @pytest.mark.parametrize("name, k_function", [("dpmpp-2s-a", "sample_dpmpp_2s_ancestral"),
-                                              ("dpmpp-sde", "sample_dpmpp_sde")])
+                                              ("dpmpp-sde", "sample_dpmpp_sde"), ("dpmpp-3m-sde", "sample_dpmpp_3m_sde")])
 @pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
-def test_midpoint_samplers_match_k_diffusion(name, k_function, sigma_schedule):
+def test_stochastic_samplers_match_k_diffusion(name, k_function, sigma_schedule):
     """Same grid, same denoiser, the same noise (k-diffusion's noise_sampler draws from a generator seeded as ours)."""
     from custom_schedulers import registry
 
     k_sampling = load_k_diffusion_sampling()
     ours = registry.build(name, dict(BASE_CONFIG, prediction_type="sample"), sigma_schedule=sigma_schedule)
     ours.set_timesteps(8)
-    starts = ours.grid.sigma[:-1:2] / ours.grid.alpha[:-1:2]  # the step starts (the midpoints sit between them)
+    starts = (ours.grid.sigma / ours.grid.alpha)[:-1:ours.order]  # the step starts (midpoints sit between them)
     sigmas_ve = torch.cat([starts, starts.new_zeros(1)]).float()
     x_T = _x_T(seed=3)
     k_generator = torch.Generator().manual_seed(5)
