@@ -26,6 +26,16 @@ class _DPMSolverPlusPlusBase(DiffusionSampler):
         lambdas = self.grid.lambdas
         return [float(lambdas[i + 1] - lambdas[i]) for i in range(node, max(node - self.max_order, -1), -1)]
 
+    def _denoised_at_zero(self, node: int):
+        """The final step into sigma = 0: the x_0 estimates extrapolated linearly in rho^2 = (sigma/alpha)^2 to
+        rho = 0, since along the ODE x_0(rho) = x(0) + O(rho^2) (Tweedie: D(x; rho) = x + rho^2 grad log p)."""
+        g = self.grid
+        rho, rho_last = float(g.sigma[node] / g.alpha[node]), float(g.sigma[node - 1] / g.alpha[node - 1])
+        if not math.isfinite(rho_last):
+            return self.history[0]
+        w = rho**2 / (rho_last**2 - rho**2)
+        return self.history[0] + w * (self.history[0] - self.history[1])
+
     def _usable_order(self, node: int, hs: list[float]) -> int:
         """min(solver_order, x_0 estimates available); first order into sigma = 0 (DPM-Solver++ 'lower order
         final') and across an infinite log-SNR step (a zero-terminal-SNR start)."""
@@ -72,16 +82,6 @@ class DPMSolverPlusPlusSampler(_DPMSolverPlusPlusBase):
         if corrector not in ("none", "adams-moulton"):
             raise ValueError(f"Unknown corrector {corrector!r}; valid values: none, adams-moulton.")
         super().__init__(**options)
-
-    def _denoised_at_zero(self, node: int):
-        """The final step into sigma = 0: the x_0 estimates extrapolated linearly in rho^2 = (sigma/alpha)^2 to
-        rho = 0, since along the ODE x_0(rho) = x(0) + O(rho^2) (Tweedie: D(x; rho) = x + rho^2 grad log p)."""
-        g = self.grid
-        rho, rho_last = float(g.sigma[node] / g.alpha[node]), float(g.sigma[node - 1] / g.alpha[node - 1])
-        if not math.isfinite(rho_last):
-            return self.history[0]
-        w = rho**2 / (rho_last**2 - rho**2)
-        return self.history[0] + w * (self.history[0] - self.history[1])
 
     def _reset_history(self) -> None:
         super()._reset_history()

@@ -24,12 +24,17 @@ class UniPCSampler(_DPMSolverPlusPlusBase):
         solver_type (`"bh1" | "bh2"`, "bh2"): B(h) = h (bh1, recommended for few steps unconditional) or
             e^h - 1 (bh2, for guided sampling). Another solver's value from a stock config ("midpoint", "heun",
             "logrho") becomes "bh2", as in diffusers' UniPC.
+        final_step (`"denoise" | "extrapolate"`, "denoise"): as `DPMSolverPlusPlusSampler`'s (the last two x_0
+            estimates extrapolated to sigma = 0).
     """
 
     max_order = 3
 
     @register_to_config
-    def __init__(self, solver_order: Literal[1, 2, 3] = 2, solver_type: Literal["bh1", "bh2"] = "bh2", **options):
+    def __init__(self, solver_order: Literal[1, 2, 3] = 2, solver_type: Literal["bh1", "bh2"] = "bh2",
+                 final_step: Literal["denoise", "extrapolate"] = "denoise", **options):
+        if final_step not in ("denoise", "extrapolate"):
+            raise ValueError(f"Unknown final_step {final_step!r}; valid values: denoise, extrapolate.")
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}.")
         if solver_type not in ("bh1", "bh2", *_OTHER_SOLVER_TYPES):
@@ -61,7 +66,9 @@ class UniPCSampler(_DPMSolverPlusPlusBase):
             rks = self._rks(node - 1, self.last_order, step.h)
             x = solvers.unipc_step(self.last_sample, self.history[: self.last_order], rks, step, variant, denoised)
         self._remember(denoised)
-        order = self._order(node, len(self.history))
         step = self._step(node)
+        if step.sigma_next == 0.0 and self.config.final_step == "extrapolate" and len(self.history) > 1:
+            return step.alpha_next * self._denoised_at_zero(node)
+        order = self._order(node, len(self.history))
         self.last_sample, self.last_order = x, order
         return solvers.unipc_step(x, self.history[:order], self._rks(node, order, step.h), step, variant)

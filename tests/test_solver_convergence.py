@@ -141,11 +141,12 @@ def test_stochastic_samplers_sample_the_data_distribution(name, options):
     torch.testing.assert_close(x.var(0), data.var(0), rtol=0.12, atol=0)
 
 
-def test_extrapolated_final_step_is_more_accurate():
+@pytest.mark.parametrize("name", ["dpmpp-2m", "unipc"])
+def test_extrapolated_final_step_is_more_accurate(name):
     """Ending the grid at sigma/alpha = 0.1: extrapolating x_0 to sigma = 0 (in sigma^2) beats returning it."""
     errs = {}
     for final_step in ("denoise", "extrapolate"):
-        scheduler = registry.build("dpmpp-2m", VP, sigma_schedule="exponential", sigma_min=0.1, final_step=final_step)
+        scheduler = registry.build(name, VP, sigma_schedule="exponential", sigma_min=0.1, final_step=final_step)
         scheduler.set_timesteps(40)
         assert scheduler.noise_level_at(39)[1] / scheduler.noise_level_at(39)[0] == pytest.approx(0.1)
         reference = MIXTURE.ode_solution(NOISE, *scheduler.noise_level_at(0))
