@@ -31,26 +31,11 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from custom_schedulers import names, registry
 from ldm_pipeline.atomic import atomic_file
 
 RECIPE_KEY = "ldm_recipe"
 PARAMETERS_KEY = "parameters"
-
-# diffusers scheduler class -> the sampler name AUTOMATIC1111 shows
-A1111_SAMPLERS = {
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PLMS",
-    "LMSDiscreteScheduler": "LMS",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "HeunDiscreteScheduler": "Heun",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "DPMSolverSinglestepScheduler": "DPM++ SDE",
-    "KDPM2DiscreteScheduler": "DPM2",
-    "UniPCMultistepScheduler": "UniPC",
-    "DDPMScheduler": "DDPM",
-    "LCMScheduler": "LCM",
-}
 
 # A1111's parameter regex: `key: value` or `key: "json string"`, comma separated
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -107,9 +92,9 @@ def _quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
-def sampler_name(scheduler_class: str, config: dict) -> str:
-    name = A1111_SAMPLERS.get(scheduler_class, scheduler_class)
-    return name + " Karras" if config.get("use_karras_sigmas") else name
+def sampler_name(scheduler_class: str, config: dict) -> tuple[str, str]:
+    """(Sampler, Schedule type) as A1111 1.9+ writes them (`custom_schedulers.names`)."""
+    return registry.describe(scheduler_class, config)
 
 
 def format_parameters(recipe: dict) -> str:
@@ -117,9 +102,11 @@ def format_parameters(recipe: dict) -> str:
     guidance = recipe.get("guidance") or {}
     scheduler = recipe.get("scheduler") or {}
     model = recipe.get("model") or {}
+    sampler, schedule_type = sampler_name(scheduler.get("class", "?"), scheduler.get("config") or {})
     fields = {
         "Steps": recipe.get("steps"),
-        "Sampler": sampler_name(scheduler.get("class", "?"), scheduler.get("config") or {}),
+        "Sampler": sampler,
+        "Schedule type": schedule_type,
         "CFG scale": guidance.get("scale"),
         "Seed": recipe.get("seed"),
         "Size": f"{recipe.get('width')}x{recipe.get('height')}",
@@ -172,7 +159,24 @@ def parameters_to_options(params: dict) -> dict:
             options[name] = kind(params[key])
     if "Clip skip" in params:
         options["clip_skip"] = int(params["Clip skip"]) - 1
+    options.update(sampler_options(params))
     return options
+
+
+def sampler_options(params: dict) -> dict:
+    """{"scheduler": registry name, "scheduler_options": its schedule fields} from A1111's `Sampler` and
+    `Schedule type` (or a ` Karras` suffix); empty when the PNG names no sampler or one we do not know."""
+    if "Sampler" not in params:
+        return {}
+    schedule = params.get("Schedule type")
+    found = names.resolve(params["Sampler"], None if schedule in (None, "Automatic") else schedule)
+    if found is None:
+        return {}
+    try:
+        overrides = names.schedule_overrides(found[1], stock=not registry.is_ours(found[0]))
+    except ValueError:  # a schedule type we do not have: the sampler with its own levels
+        overrides = {}
+    return {"scheduler": found[0], "scheduler_options": overrides}
 
 
 def recipe_to_options(recipe: dict) -> dict:
