@@ -59,6 +59,7 @@ from ldm_pipeline.atomic import atomic_write_bytes
 from ldm_pipeline.guidance import SCHEDULE_NAMES
 from ldm_pipeline.loading import ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
+from ldm_pipeline.prompt_weights import EMPHASIS_MODES
 from ldm_pipeline.service import prepare_schedulers
 
 logger = logging.getLogger("ldm_pipeline.generate")
@@ -69,7 +70,7 @@ LINE_KEYS = {
     "guidance": "guidance_scale", "guidance_schedule": "guidance_schedule",
     "guidance_min_scale": "guidance_min_scale", "guidance_interval": "guidance_interval",
     "guidance_rescale": "guidance_rescale", "width": "width", "height": "height", "clip_skip": "clip_skip",
-    "scheduler": None, "n": "num_images_per_prompt",
+    "emphasis": "emphasis", "scheduler": None, "n": "num_images_per_prompt",
 }
 
 
@@ -309,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--clip-skip", type=int, default=None, help="1 = penultimate CLIP layer (diffusers convention)")
+    p.add_argument("--emphasis", default="original", choices=EMPHASIS_MODES,
+                   help="A1111 prompt emphasis (word:1.2) [word] BREAK: original (default), no_norm, or off (plain text)")
     # model and run
     p.add_argument("--model", default=None, metavar="PATH", help="diffusers folder or .safetensors (default: embedded)")
     p.add_argument("--config", default=None, metavar="DIR", help="config folder for a single-file checkpoint")
@@ -333,7 +336,7 @@ def default_job(args) -> Job:
         guidance_min_scale=args.guidance_min_scale,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_rescale=args.guidance_rescale, width=args.width, height=args.height, seed=args.seed,
-        num_images_per_prompt=args.n, clip_skip=args.clip_skip,
+        num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis,
     )
     return Job(index=0, line=0, options=options, scheduler=args.scheduler)
 

@@ -37,6 +37,9 @@ from ldm_pipeline.atomic import atomic_file
 RECIPE_KEY = "ldm_recipe"
 PARAMETERS_KEY = "parameters"
 
+# our emphasis mode -> A1111's "Emphasis" infotext value (A1111 writes it only when not "Original")
+A1111_EMPHASIS = {"no_norm": "No norm", "off": "None"}
+
 # A1111's parameter regex: `key: value` or `key: "json string"`, comma separated
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -115,6 +118,7 @@ def format_parameters(recipe: dict) -> str:
         "Denoising strength": recipe.get("strength"),
         "Clip skip": recipe["clip_skip"] + 1 if recipe.get("clip_skip") else None,  # A1111 counts from 1
         "CFG Rescale phi": guidance.get("rescale") or None,
+        "Emphasis": A1111_EMPHASIS.get(recipe.get("emphasis")),
         "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
         "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
@@ -160,6 +164,8 @@ def parameters_to_options(params: dict) -> dict:
     if "Clip skip" in params:
         options["clip_skip"] = int(params["Clip skip"]) - 1
     options.update(sampler_options(params))
+    if "Emphasis" in params:  # absent: A1111's "Original", which is our default too
+        options["emphasis"] = {label: mode for mode, label in A1111_EMPHASIS.items()}.get(params["Emphasis"], "original")
     return options
 
 
@@ -188,6 +194,7 @@ def recipe_to_options(recipe: dict) -> dict:
         "width": recipe["width"], "height": recipe["height"], "clip_skip": recipe.get("clip_skip"),
         "guidance_scale": guidance.get("scale", 7.5), "guidance_rescale": guidance.get("rescale", 0.0),
         "guidance_min_scale": guidance.get("min_scale", 1.0), "guidance_interval": guidance.get("interval"),
+        "emphasis": recipe.get("emphasis", "off"),  # recipes from before emphasis read prompts as plain text
     }
     schedule = guidance.get("schedule", "constant")
     if schedule.startswith("callable:"):

@@ -33,6 +33,7 @@ from PIL import Image
 
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import SCHEDULE_ALIASES, SCHEDULE_NAMES, as_interval
+from ldm_pipeline.prompt_weights import check_emphasis
 
 MAX_SIDE = int(os.environ.get("LDM_MAX_SIDE", "2048"))  # pixels per side, everywhere (pipeline, CLI, app)
 MAX_GUIDANCE = 100.0  # far above any useful CFG scale; refuses typos such as 1e30
@@ -121,6 +122,8 @@ class GenerationOptions:
     image / strength           img2img: init image (PIL, tensor in [-1, 1] or list) and strength in (0, 1]
     mask_image                 inpainting: white = repaint, black = keep (strength defaults to 1)
     clip_skip                  diffusers convention: 1 = penultimate CLIP layer
+    emphasis                   A1111 prompt emphasis `(word:1.2)`, `[word]`, `BREAK`: "original" (scale, then
+                               restore the mean), "no_norm", or "off" (plain text); see `prompt_weights`
     output_type                "pil" | "np" | "pt" | "latent"
     callback                   callable(StepInfo) -> bool | None; True cancels
     progress_bar               show a tqdm bar
@@ -147,6 +150,7 @@ class GenerationOptions:
     strength: float | None = None
     mask_image: Any = None
     clip_skip: int | None = None
+    emphasis: str = "original"
     output_type: str = "pil"
     callback: Callable[..., Any] | None = None
     progress_bar: bool = True
@@ -223,6 +227,8 @@ class GenerationOptions:
             top = f" to {layers - 1}" if layers else " or more"
             problems.append(f"{label('clip_skip')} must be a whole number from 0{top} (layers skipped from the end "
                             f"of the text encoder), got {self.clip_skip!r}.")
+        if check_emphasis(self.emphasis):
+            problems.append(check_emphasis(self.emphasis))
         if self.output_type not in OUTPUT_TYPES:
             problems.append(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {self.output_type!r}.")
         return problems
@@ -294,7 +300,7 @@ class GenerationOptions:
     def recipe_settings(self, size: tuple[int, int], strength: float | None, guidance: dict) -> dict:
         """The per-request part of a PNG recipe (prompt, negative and seed are per image)."""
         return {"steps": self.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": self.clip_skip,
-                "strength": strength, "inpainting": self.mask_image is not None, "guidance": guidance}
+                "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None, "guidance": guidance}
 
 
 def _is_text(value) -> bool:

@@ -256,7 +256,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         if opts.prompt_embeds is None:
             negative = as_prompt_list(opts.negative_prompt, "negative_prompt")
             return encode_pair(self.text_encoder, self.tokenizer, prompts, negative, with_uncond=with_uncond,
-                               clip_skip=opts.clip_skip)
+                               clip_skip=opts.clip_skip, emphasis=opts.emphasis)
         cond = opts.prompt_embeds.to(self._device, self.text_encoder.dtype)
         uncond = opts.negative_prompt_embeds
         if uncond is None and with_uncond:
