@@ -552,6 +552,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="allow loading pickle checkpoints (.ckpt/.bin/.pt): only for files you trust")
     parser.add_argument("--trace", action="store_true",
                         help="torch.jit.trace the UNet once per image shape (faster steps on CPU; a few s per new shape)")
+    parser.add_argument("--backend", default="pytorch", choices=["pytorch", "onnx"],
+                        help="run the networks in PyTorch or ONNX Runtime (exported once per model)")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
@@ -562,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         generator = Generator.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
-                                   allow_pickle=args.allow_pickle, trace=args.trace)
+                                   allow_pickle=args.allow_pickle, trace=args.trace, backend=args.backend)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
     demo = build_ui(generator)

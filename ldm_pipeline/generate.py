@@ -46,7 +46,7 @@ from accelerate import PartialState
 
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES, as_interval
-from ldm_pipeline.loading import ModelLoadError, load_pipeline
+from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.scheduler_swap import SchedulerSwapError, swap_scheduler
 
 logger = logging.getLogger("ldm_pipeline.generate")
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     p.add_argument("--trace", action="store_true",
                    help="torch.jit.trace the UNet once per shape: faster steps for many images, ~2 s to trace")
+    p.add_argument("--backend", default="pytorch", choices=BACKENDS,
+                   help="run the networks in PyTorch or ONNX Runtime (exported once per model; default %(default)s)")
     p.add_argument("--verbose", action="store_true", help="log progress")
     return p
 
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
-                             vae_tiling=args.vae_tiling, trace=args.trace)
+                             vae_tiling=args.vae_tiling, trace=args.trace, backend=args.backend)
         jobs, errors = load_jobs(args, default_job(args, pipe))
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
