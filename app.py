@@ -32,6 +32,7 @@ from custom_schedulers.schedules import alphas_cumprod_to_betas, named_schedules
 from ldm_pipeline import GenerationCancelled, ModelLoadError, available_schedulers, load_pipeline, metadata  # noqa: E402
 from ldm_pipeline.generate import prepare_schedulers  # noqa: E402
 from ldm_pipeline.guidance import SCHEDULE_NAMES, as_interval  # noqa: E402
+from ldm_pipeline.onnx_backend import long_running_backend  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
 ACCURACY_TABLE = REPO_DIR / "docs" / "sampler_accuracy.md"
@@ -552,8 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="allow loading pickle checkpoints (.ckpt/.bin/.pt): only for files you trust")
     parser.add_argument("--trace", action="store_true",
                         help="torch.jit.trace the UNet once per image shape (faster steps on CPU; a few s per new shape)")
-    parser.add_argument("--backend", default="pytorch", choices=["pytorch", "onnx"],
-                        help="run the networks in PyTorch or ONNX Runtime (exported once per model)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "pytorch", "onnx"],
+                        help="networks in PyTorch or ONNX Runtime (exported once per model); auto (default): the "
+                             "fastest measured, ONNX Runtime on the CPU if installed, else the traced UNet")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
@@ -563,8 +565,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        backend = ({"backend": args.backend, "trace": args.trace} if args.backend != "auto"
+                   else long_running_backend(args.device, args.dtype, args.trace))
         generator = Generator.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
-                                   allow_pickle=args.allow_pickle, trace=args.trace, backend=args.backend)
+                                   allow_pickle=args.allow_pickle, **backend)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
     demo = build_ui(generator)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -210,6 +211,21 @@ def cached_export(source: Path, allow_pickle: bool, config) -> Path:
             if not (folder / EXPORT_RECORD).is_file():  # not just another process finishing first
                 raise
     return folder
+
+
+def long_running_backend(device=None, dtype=None, trace: bool = False) -> dict:
+    """Load options for a long-running process (the app's `--backend auto`), fastest first as measured warm by
+    `benchmarks/backend_speed.py`: ONNX Runtime on the CPU when installed, else the traced UNet on the CPU,
+    else eager PyTorch (an accelerator, or a dtype other than float32). `trace=True` asks for the traced UNet."""
+    from ldm_pipeline.acceleration import resolve_dtype, select_device
+
+    if trace:
+        return {"backend": "pytorch", "trace": True}
+    if select_device(device).type != "cpu" or resolve_dtype(dtype) != torch.float32:
+        return {"backend": "pytorch"}
+    if all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")):
+        return {"backend": "onnx"}
+    return {"backend": "pytorch", "trace": True}
 
 
 def load_onnx_pipeline(path: Path, *, device, dtype, allow_pickle: bool, config, accelerations):

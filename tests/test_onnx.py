@@ -166,3 +166,13 @@ def test_missing_onnxruntime_names_the_extra_to_install(command, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "needs onnxruntime" in result.stderr and "pip install 'ldm-toolkit[onnx]'" in result.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_app_runs_onnx_runtime_by_default_on_the_cpu():
+    import app
+    from ldm_pipeline.onnx_backend import long_running_backend
+
+    assert app.parse_args([]).backend == "auto"
+    assert long_running_backend("cpu") == {"backend": "onnx"}  # the fastest warm (benchmarks/backend_speed.py)
+    assert long_running_backend("cpu", trace=True) == {"backend": "pytorch", "trace": True}
+    assert long_running_backend("cpu", dtype="bf16") == {"backend": "pytorch"}
