@@ -19,6 +19,7 @@ from PIL import Image, ImageChops
 
 from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.onnx_backend import long_running_backend
 from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.plots import schedule_figures
 from ldm_pipeline.service import GenerationService, ServiceRequest
@@ -361,6 +362,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="allow loading pickle checkpoints (.ckpt/.bin/.pt): only for files you trust")
     parser.add_argument("--trace", action="store_true",
                         help="torch.jit.trace the UNet once per image shape (faster steps on CPU; a few s per new shape)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "pytorch", "onnx"],
+                        help="networks in PyTorch or ONNX Runtime (exported once per model); auto (default): the "
+                             "fastest measured, ONNX Runtime on the CPU if installed, else the traced UNet")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
@@ -370,8 +374,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        backend = ({"backend": args.backend, "trace": args.trace} if args.backend != "auto"
+                   else long_running_backend(args.device, args.dtype, args.trace))
         service = GenerationService.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
-                                   allow_pickle=args.allow_pickle, trace=args.trace)
+                                         allow_pickle=args.allow_pickle, **backend)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
     demo = build_ui(service)

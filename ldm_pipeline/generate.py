@@ -57,7 +57,7 @@ from accelerate import PartialState
 from ldm_pipeline import metadata
 from ldm_pipeline.atomic import atomic_write_bytes
 from ldm_pipeline.guidance import SCHEDULE_NAMES
-from ldm_pipeline.loading import ModelLoadError, load_pipeline
+from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES
 from ldm_pipeline.service import prepare_schedulers
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     p.add_argument("--trace", action="store_true",
                    help="torch.jit.trace the UNet once per shape: faster steps for many images, ~2 s to trace")
+    p.add_argument("--backend", default="pytorch", choices=BACKENDS,
+                   help="run the networks in PyTorch or ONNX Runtime (exported once per model; default %(default)s)")
     p.add_argument("--verbose", action="store_true", help="log progress")
     return p
 
@@ -398,7 +400,7 @@ def run(argv: list[str] | None = None) -> int:
         prepare_output(out)  # every process, before any of them writes (they wait for each other below)
         pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
-                             vae_tiling=args.vae_tiling, trace=args.trace)
+                             vae_tiling=args.vae_tiling, trace=args.trace, backend=args.backend)
         jobs, errors = load_jobs(args, default_job(args))
     except (ModelLoadError, OutputError, FileNotFoundError, ValueError) as error:
         print(f"error: {error.strerror if isinstance(error, OutputError) else error}", file=sys.stderr)

@@ -75,14 +75,24 @@ def _json_safe(value):
     return str(value)
 
 
+def backend_of(pipe) -> str:
+    """"onnx" when the networks run in onnxruntime (the `onnx_backend` adapters say so), else "pytorch"."""
+    return getattr(pipe.unet, "backend", "pytorch")
+
+
 def make_recipe(pipe, generation: dict) -> dict:
-    """The full recipe of one image: generation settings + scheduler + model + versions."""
+    """The full recipe of one image: generation settings + scheduler + model + backend + versions."""
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    backend = backend_of(pipe)
+    versions = library_versions()
+    if backend == "onnx":
+        versions["onnxruntime"] = importlib_metadata.version("onnxruntime")
     return _json_safe({
         **generation,
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": config},
         "model": {"id": getattr(pipe, "model_id", None), "hash": getattr(pipe, "model_hash", None)},
-        "versions": library_versions(),
+        "backend": backend,
+        "versions": versions,
     })
 
 
@@ -121,6 +131,7 @@ def format_parameters(recipe: dict) -> str:
         "Emphasis": A1111_EMPHASIS.get(recipe.get("emphasis")),
         "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
         "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
+        "Backend": recipe.get("backend") if recipe.get("backend") not in (None, "pytorch") else None,
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)

@@ -73,6 +73,7 @@ def app_server(tiny_model_dir, tmp_path_factory):
     log_path = workdir / "server.log"
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               LDM_CACHE_DIR=str(workdir / "onnx-cache"),  # the app's ONNX export of the tiny model
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
                GRADIO_TEMP_DIR=str(cache), TMPDIR=str(workdir / "server-tmp"))  # --outputs outside cwd and TMPDIR
     command = [sys.executable, str(REPO_DIR / "app.py"), "--model", str(tiny_model_dir),
