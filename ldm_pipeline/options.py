@@ -48,6 +48,11 @@ LABELS = {  # option -> the name users see in the app and the CLI help
 }
 
 
+SDXL_OPTIONS = {"prompt_2": None, "negative_prompt_2": None, "original_size": None, "crops_coords_top_left": (0, 0),
+                "target_size": None, "negative_original_size": None, "negative_crops_coords_top_left": None,
+                "negative_target_size": None}  # name -> default; refused on other models
+
+
 class InvalidOptions(ValueError, TypeError):
     """Settings that cannot run; the message lists every problem, each naming the option and the fix."""
 
@@ -73,12 +78,13 @@ class ModelLimits:
     max_steps: int = 1000
     max_side: int = MAX_SIDE
     clip_layers: int | None = None
+    family: str = "sd"  # "sd" (1.x / 2.x) or "sdxl": which options the model takes
 
     @classmethod
     def of(cls, pipe) -> "ModelLimits":
         encoder = getattr(pipe.text_encoder, "config", None)
         return cls(size_multiple=max(8, pipe.vae_scale_factor), max_steps=pipe.scheduler.config.num_train_timesteps,
-                   clip_layers=getattr(encoder, "num_hidden_layers", None))
+                   clip_layers=getattr(encoder, "num_hidden_layers", None), family=getattr(pipe, "family", "sd"))
 
 
 # ---------------------------------------------------------------- seeds
@@ -125,6 +131,12 @@ class GenerationOptions:
     emphasis                   A1111 prompt emphasis `(word:1.2)`, `[word]`, `BREAK`: "original" (scale, then
                                restore the mean), "no_norm", or "off" (plain text); see `prompt_weights`
     output_type                "pil" | "np" | "pt" | "latent"
+    prompt_2 / negative_prompt_2   SDXL only: the second text encoder's prompts (None = prompt / negative_prompt)
+    original_size / crops_coords_top_left / target_size   SDXL only: size conditioning, (height, width) /
+                               (top, left) / (height, width); None = (height, width), (0, 0), (height, width)
+    negative_original_size / negative_crops_coords_top_left / negative_target_size   SDXL only: the
+                               unconditional pass's size conditioning, used when both sizes are given
+                               (crop None = (0, 0)), else the positive one (as stock diffusers)
     callback                   callable(StepInfo) -> bool | None; True cancels
     progress_bar               show a tqdm bar
 
@@ -154,6 +166,14 @@ class GenerationOptions:
     output_type: str = "pil"
     callback: Callable[..., Any] | None = None
     progress_bar: bool = True
+    prompt_2: Union[str, list[str], None] = None
+    negative_prompt_2: Union[str, list[str], None] = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":
@@ -187,7 +207,8 @@ class GenerationOptions:
 
     def problems(self, limits: ModelLimits = ModelLimits()) -> list[str]:
         return [*self._prompt_problems(), *self._count_problems(limits), *self._size_problems(limits),
-                *self._guidance_problems(), *self._image_problems(), *self._seed_problems()]
+                *self._guidance_problems(), *self._image_problems(), *self._seed_problems(),
+                *self._sdxl_problems(limits)]
 
     # ------------------------------------------------------------ the checks
 
@@ -285,6 +306,20 @@ class GenerationOptions:
         if not bad:
             return []
         return [f"Seed (seed) must be a whole number from 0 to 2**63 - 1 (image j gets seed + j), got {bad[0]!r}."]
+
+    def _sdxl_problems(self, limits: ModelLimits) -> list[str]:
+        given = [name for name in SDXL_OPTIONS if getattr(self, name) != SDXL_OPTIONS[name]]
+        if given and limits.family != "sdxl":
+            return [f"{', '.join(given)} only apply to SDXL models (two text encoders, size conditioning); "
+                    f"this is a {limits.family} model: leave them out or load an SDXL model."]
+        problems = [f"{name} must be a string or a list of strings, got {type(getattr(self, name)).__name__}."
+                    for name in ("prompt_2", "negative_prompt_2") if not _is_text(getattr(self, name))]
+        for name in [n for n in given if not n.endswith("prompt_2")]:
+            pair = getattr(self, name)
+            if pair is not None and not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                                         and all(is_whole(v) and v >= 0 for v in pair)):
+                problems.append(f"{name} must be two whole numbers >= 0 (height, width or top, left), got {pair!r}.")
+        return problems
 
     # ------------------------------------------------------------ recipes
 

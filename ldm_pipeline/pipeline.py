@@ -166,10 +166,11 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
             x_in = self.scheduler.scale_model_input(latents, t)
             guided = GuidancePlan.needs_uncond(w)
             if guided:
-                pred_uncond, pred_cond = self._predict(torch.cat([x_in, x_in]), t, embeds.pair()).chunk(2)
+                pred_uncond, pred_cond = self._predict(torch.cat([x_in, x_in]), t, embeds.pair(),
+                                                       embeds.added_pair()).chunk(2)
                 pred = guidance.combine(pred_uncond, pred_cond, w)
             else:
-                pred = self._predict(x_in, t, embeds.cond)
+                pred = self._predict(x_in, t, embeds.cond, embeds.cond_added)
             evaluations += 2 if guided else 1
             latents = self.scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
             if blend is not None:
@@ -177,8 +178,9 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
             self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
         return latents, evaluations
 
-    def _predict(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    def _predict(self, x: torch.Tensor, t, context: torch.Tensor, added: dict | None = None) -> torch.Tensor:
+        extra = {} if added is None else {"added_cond_kwargs": added}  # SDXL's text_embeds / time_ids
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False, **extra)[0]
 
     @staticmethod
     def _report_step(callback, info: StepInfo) -> None:

@@ -33,6 +33,9 @@ class PromptEmbeddings:
 
     cond: torch.Tensor
     uncond: torch.Tensor | None
+    # SDXL's added conditioning (`text_embeds`, `time_ids`), one row per prompt; None for SD 1.x / 2.x
+    cond_added: dict | None = None
+    uncond_added: dict | None = None
     _pair: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def pair(self) -> torch.Tensor:
@@ -41,10 +44,19 @@ class PromptEmbeddings:
             self._pair = torch.cat([self.uncond, self.cond])
         return self._pair
 
+    def added_pair(self) -> dict | None:
+        """The added conditioning batched as `pair()`: [uncond; cond] per key."""
+        if self.cond_added is None:
+            return None
+        return {k: torch.cat([self.uncond_added[k], v]) for k, v in self.cond_added.items()}
+
     def repeat_each(self, n: int) -> "PromptEmbeddings":
         """Each prompt's embedding n times in a row (prompt-major image order)."""
-        uncond = None if self.uncond is None else self.uncond.repeat_interleave(n, dim=0)
-        return PromptEmbeddings(self.cond.repeat_interleave(n, dim=0), uncond)
+        def rep(x):
+            if isinstance(x, dict):
+                return {k: v.repeat_interleave(n, dim=0) for k, v in x.items()}
+            return None if x is None else x.repeat_interleave(n, dim=0)
+        return PromptEmbeddings(rep(self.cond), rep(self.uncond), rep(self.cond_added), rep(self.uncond_added))
 
 
 def as_prompt_list(prompt: str | list[str] | None, name: str = "prompt") -> list[str]:

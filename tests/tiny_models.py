@@ -9,8 +9,8 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from training.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from training.tokenizer import build_clip_tokenizer
@@ -81,3 +81,32 @@ def tiny_sd_components(seed: int = 0, scheduler=None) -> dict:
         "feature_extractor": None,
         "image_encoder": None,
     }
+
+
+def tiny_sdxl_components(seed: int = 0, scheduler=None) -> dict:
+    """SDXL's components sized as diffusers' own SDXL tests build them (test_stable_diffusion_xl.py
+    `get_dummy_components`): two CLIP encoders of width 32 (the second with a 32-d projection),
+    a `text_time` UNet (8-d time embeddings: 6 * 8 + 32 = 80 added features, cross-attention 64)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=1,
+    ).eval()
+    tokenizer = tiny_tokenizer()
+    vocab = len(tokenizer)
+    config = CLIPTextConfig(
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_size=32, intermediate_size=37,
+        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, vocab_size=vocab, hidden_act="gelu",
+        projection_dim=32, max_position_embeddings=77,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    scheduler = scheduler or EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading")
+    return {"unet": unet, "scheduler": scheduler, "vae": tiny_vae(seed), "text_encoder": text_encoder,
+            "tokenizer": tokenizer, "text_encoder_2": text_encoder_2, "tokenizer_2": tiny_tokenizer()}
