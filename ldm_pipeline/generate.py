@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(LINE_KEYS) + ")")
     # what to generate
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    p.add_argument("--prompt-2", default=None, metavar="TEXT",
+                   help="SDXL only: the second text encoder's prompt (default: the prompt)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the model's recommendation in its record.json, else 30)")
@@ -338,7 +340,7 @@ def default_job(args) -> Job:
         guidance_min_scale=args.guidance_min_scale,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_rescale=args.guidance_rescale, width=args.width, height=args.height, seed=args.seed,
-        num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis,
+        num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis, prompt_2=args.prompt_2,
     )
     return Job(index=0, line=0, options=options, scheduler=args.scheduler)
 

@@ -7,6 +7,9 @@
 * None: the embedded default model in `ldm_pipeline/default_model/`;
 * a diffusers folder (model_index.json + vae/, text_encoder/, tokenizer/, unet/,
   scheduler/), e.g. any Stable Diffusion 1.x/2.x folder or one written by `training/`;
+  an SDXL folder (also text_encoder_2/, tokenizer_2/) loads into `sdxl.LatentSDXLPipeline`;
+  the family found ("sd" or "sdxl") is logged and kept as `pipe.family`. SD3 and Flux
+  (transformer/ models) are refused, pointing to the stock pipelines;
 * a single `.safetensors` checkpoint in the original LDM layout, loaded with diffusers'
   `from_single_file` fully offline; such a file carries no configs and no tokenizer,
   so `config=` must name a diffusers folder of the same architecture (its weights are
@@ -39,6 +42,7 @@ from safetensors import safe_open
 
 from ldm_pipeline.acceleration import Accelerations, apply_accelerations, resolve_dtype, select_device
 from ldm_pipeline.pipeline import LatentTextToImagePipeline
+from ldm_pipeline.sdxl import LatentSDXLPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHT_COMPONENTS = ("vae", "text_encoder", "unet")
 BACKENDS = ("pytorch", "onnx")
+FAMILY_PIPELINES = {"sd": LatentTextToImagePipeline, "sdxl": LatentSDXLPipeline}
+FAMILY_EXTRA_COMPONENTS = {"sd": (), "sdxl": ("text_encoder_2", "tokenizer_2")}
 
 
 class ModelLoadError(ValueError):
@@ -147,10 +153,11 @@ def check_folder(path: Path, allow_pickle: bool) -> None:
         raise ModelLoadError(f"{path}: an ONNX export; load it with backend='onnx' (--backend onnx).")
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path}: not a diffusers model folder (model_index.json is missing).")
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    extra = FAMILY_EXTRA_COMPONENTS[model_family(path)]
+    missing = [c for c in COMPONENTS + extra if not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{path}: missing component folder(s) {', '.join(missing)}/.")
-    for component in WEIGHT_COMPONENTS:
+    for component in WEIGHT_COMPONENTS + extra[:1]:
         folder = path / component
         safetensors = sorted(folder.glob("*.safetensors"))
         pickles = [f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
@@ -163,6 +170,21 @@ def check_folder(path: Path, allow_pickle: bool) -> None:
             )
         for file in safetensors:
             check_safetensors(file)
+
+
+def model_family(path: Path) -> str:
+    """"sd" (1.x / 2.x) or "sdxl" from model_index.json; families we do not run raise `ModelLoadError`."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path}: model_index.json is unreadable: {error}") from error
+    name = str(index.get("_class_name", ""))
+    if "transformer" in index or "StableDiffusion3" in name or "Flux" in name:
+        raise ModelLoadError(
+            f"{path}: a {name or 'transformer'} model (SD3 / Flux family, a transformer instead of a UNet); this "
+            "pipeline runs SD 1.x / 2.x and SDXL UNets. Use the stock diffusers pipeline (DiffusionPipeline."
+            "from_pretrained) with our rectified-flow samplers (custom_schedulers) as its scheduler.")
+    return "sdxl" if "text_encoder_2" in index else "sd"
 
 
 def check_safetensors(file: Path) -> None:
@@ -179,9 +201,12 @@ def load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> LatentTex
     try:
         with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; the old name works in both
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return LatentTextToImagePipeline.from_pretrained(
+            family = model_family(path)
+            pipe = FAMILY_PIPELINES[family].from_pretrained(
                 str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=None if allow_pickle else True
             )
+            logger.info("%s: loaded a %s model", path, "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion")
+            return pipe
     except Exception as error:
         raise ModelLoadError(f"{path}: could not load the model: {type(error).__name__}: {error}") from error
 
@@ -230,11 +255,14 @@ def check_config_folder(config: Path) -> None:
 
 def check_components_fit(pipe: LatentTextToImagePipeline, path: Path) -> None:
     """Components that load one by one but cannot work together."""
-    unet, vae, text_encoder = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
-    if unet.cross_attention_dim != text_encoder.hidden_size:
+    unet, vae = pipe.unet.config, pipe.vae.config
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "family", "sd") == "sdxl" else [])
+    width = sum(e.config.hidden_size for e in encoders)
+    if unet.cross_attention_dim != width:
         raise ModelLoadError(
             f"{path}: the UNet attends to {unet.cross_attention_dim}-dim text features but the text encoder "
-            f"gives {text_encoder.hidden_size}-dim ones; unet/ and text_encoder/ come from different models."
+            f"gives {width}-dim ones{' (both encoders together)' if len(encoders) > 1 else ''}; unet/ and "
+            "the text encoder(s) come from different models."
         )
     if unet.in_channels != vae.latent_channels:
         raise ModelLoadError(

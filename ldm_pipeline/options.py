@@ -330,6 +330,8 @@ class GenerationOptions:
         values = {k: v for k, v in asdict(self).items() if k not in skip}
         interval = as_interval(self.guidance_interval)
         values["guidance_interval"] = interval.as_dict() if interval else None
+        for name in SDXL_OPTIONS:  # (height, width) pairs as JSON gives them back
+            values[name] = list(values[name]) if isinstance(values[name], tuple) else values[name]
         return values
 
     def recipe_settings(self, size: tuple[int, int], strength: float | None, guidance: dict) -> dict:

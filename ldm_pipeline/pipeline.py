@@ -105,6 +105,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
     """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    family = "sd"  # which model family this class runs (`loading.model_family`); SDXL: `sdxl`
 
     def __init__(
         self,

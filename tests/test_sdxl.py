@@ -96,3 +96,46 @@ def test_bad_size_conditioning_is_refused(pipes):
     _, ours = pipes
     with pytest.raises(InvalidOptions, match="target_size must be two whole numbers"):
         _ours(ours, 0, prompt="red circle", target_size=(32,))
+
+
+# ---------------------------------------------------------------- loading and the CLI
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder)
+    return folder
+
+
+def test_load_pipeline_detects_sdxl(sdxl_folder, caplog):
+    import logging
+
+    from ldm_pipeline.loading import load_pipeline
+    with caplog.at_level(logging.INFO, logger="ldm_pipeline.loading"):
+        pipe = load_pipeline(sdxl_folder)
+    assert isinstance(pipe, LatentSDXLPipeline) and pipe.family == "sdxl"
+    assert "loaded a Stable Diffusion XL model" in caplog.text
+    stock = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    kwargs = dict(prompt="red circle", prompt_2="blue", guidance_scale=3.0)
+    np.testing.assert_allclose(_ours(pipe, 4, **kwargs), _stock(stock, 4, **kwargs), atol=1e-5)
+
+
+@pytest.mark.parametrize("class_name, component", [("StableDiffusion3Pipeline", "transformer"),
+                                                   ("FluxPipeline", "transformer")])
+def test_unsupported_families_are_refused(tmp_path, class_name, component):
+    import json
+
+    from ldm_pipeline.loading import ModelLoadError, load_pipeline
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name,
+                                                           component: ["diffusers", "SD3Transformer2DModel"]}))
+    with pytest.raises(ModelLoadError, match=f"a {class_name} model .*Use the stock diffusers pipeline"):
+        load_pipeline(tmp_path)
+
+
+def test_cli_generates_with_sdxl(sdxl_folder, tmp_path):
+    from ldm_pipeline.generate import main
+    assert main(["red circle", "--prompt-2", "blue square", "--model", str(sdxl_folder), "--out", str(tmp_path),
+                 "--steps", "2", "--width", "32", "--height", "32", "--seed", "1"]) == 0
+    pngs = sorted(tmp_path.rglob("*.png"))
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (SIZE, SIZE)
