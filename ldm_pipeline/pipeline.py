@@ -134,6 +134,9 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         # The model's recommended num_inference_steps / guidance_scale (`record.json` of the folder), if any.
         self.recommended: dict = {}
         self.model_hash: str | None = None
+        # LoRAs and embeddings applied through `ldm_pipeline.adapters` ({"name", "hash", "scale"}); in recipes
+        self.lora_records: list[dict] = []
+        self.embedding_records: list[dict] = []
 
     # ------------------------------------------------------------ loaders (pickle only when asked for)
 
