@@ -19,9 +19,11 @@ from PIL import Image, ImageChops
 
 from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.onnx_backend import long_running_backend
 from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.plots import schedule_figures
 from ldm_pipeline.service import GenerationService, ServiceRequest
+from ldm_pipeline.web_inputs import protect_inputs, without_paths
 
 REPO_DIR = Path(__file__).resolve().parent
 ACCURACY_TABLE = REPO_DIR / "docs" / "sampler_accuracy.md"
@@ -32,6 +34,8 @@ ACCURACY_TABLE = REPO_DIR / "docs" / "sampler_accuracy.md"
 MAX_BATCH_SIZE = 16
 MAX_BATCH_COUNT = 64
 MAX_SEED = 2**32 - 1  # what the seed field offers; -1 = random
+MAX_UPLOAD_PIXELS = 4 * MAX_SIDE**2  # an uploaded init image (it is resized to the requested size)
+MAX_UPLOAD_SIZE = "64mb"  # any uploaded file; Gradio refuses larger uploads
 
 
 def accuracy_table_markdown(path: Path = ACCURACY_TABLE) -> str:
@@ -160,15 +164,23 @@ def run_request(service: GenerationService, request: ServiceRequest, session: st
     try:
         results = service.generate(request, on_step=lambda d, t: progress((d, t), unit="steps"), stop=stop)
     except Exception as error:  # shown to this user only; the server and other requests carry on
-        raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", title="Generation failed") from None
+        raise gr.Error(f"Generation failed: {type(error).__name__}: {without_paths(str(error))}",
+                       title="Generation failed") from None
     finally:
         service.release_stop(session, stop)
     if stop.is_set():
         gr.Warning(f"Cancelled: {len(results)} image(s) finished before the stop.")
     seeds = [recipe["seed"] for _, recipe in results]
-    gallery = [(str(path), metadata.format_parameters(recipe)) for path, recipe in results]
+    served = [served_copy(path) for path, _ in results]
+    gallery = [(copy, metadata.format_parameters(recipe)) for copy, (_, recipe) in zip(served, results)]
     summary = "\n".join(f"- `{path.name}`: seed **{recipe['seed']}**" for path, recipe in results)
-    return gallery, summary, [str(p) for p, _ in results], seeds
+    return gallery, summary, served, seeds
+
+
+def served_copy(path: Path) -> str:
+    """A written PNG copied into Gradio's cache, the one folder it serves: any --outputs folder works
+    (Gradio refuses to copy from outside the working and temp folders) and is never served itself."""
+    return gr.processing_utils.save_file_to_cache(path, cache_dir=gr.utils.get_upload_folder())
 
 
 def wire_outputs(service: GenerationService, settings: dict, outputs: dict, extra_inputs: list, build, api_name: str):
@@ -242,7 +254,7 @@ def png_info(file) -> tuple[str, dict]:
     try:
         found = metadata.read_png(file)
     except Exception as error:
-        return f"Cannot read this file as a PNG: {type(error).__name__}: {error}", {}
+        return f"Cannot read this file as a PNG ({type(error).__name__}): upload a PNG image.", {}
     if not found.parameters_text:
         return "This PNG carries no generation parameters.", {}
     fields = metadata.parameters_to_options(found.parameters)
@@ -281,7 +293,7 @@ def build_ui(service: GenerationService):
                 txt_out = output_controls("txt2img")
                 wire_outputs(service, txt, txt_out, [], txt2img_request, "txt2img")
             with gr.Tab("Image to image", id="img2img"):
-                init = gr.Image(type="pil", label="Init image", image_mode="RGB")
+                init = gr.Image(type="pil", label="Init image", image_mode=None)  # options.as_rgb converts any mode
                 strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the image)")
                 img = settings_controls(samplers, native, "img2img", recommended, max_steps)
                 img_out = output_controls("img2img")
@@ -297,6 +309,7 @@ def build_ui(service: GenerationService):
                 png_tab(txt, tabs)
             with gr.Tab("Schedules", id="schedules"):
                 schedules_tab()
+    protect_inputs(demo, MAX_UPLOAD_PIXELS)  # every file input: only this session's uploads; values typed
     return demo
 
 
@@ -349,6 +362,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="allow loading pickle checkpoints (.ckpt/.bin/.pt): only for files you trust")
     parser.add_argument("--trace", action="store_true",
                         help="torch.jit.trace the UNet once per image shape (faster steps on CPU; a few s per new shape)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "pytorch", "onnx"],
+                        help="networks in PyTorch or ONNX Runtime (exported once per model); auto (default): the "
+                             "fastest measured, ONNX Runtime on the CPU if installed, else the traced UNet")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
@@ -358,13 +374,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        backend = ({"backend": args.backend, "trace": args.trace} if args.backend != "auto"
+                   else long_running_backend(args.device, args.dtype, args.trace))
         service = GenerationService.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
-                                   allow_pickle=args.allow_pickle, trace=args.trace)
+                                         allow_pickle=args.allow_pickle, **backend)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
     demo = build_ui(service)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    # show_error=False: only our gr.Error messages reach the client, never an exception text quoting a path
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+                max_file_size=MAX_UPLOAD_SIZE)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from ldm_pipeline.atomic import atomic_write_bytes
 from ldm_pipeline.guidance import SCHEDULE_NAMES
 from ldm_pipeline.adapters import (LoraFile, activate_loras, load_embeddings, lora_hash, parse_lora_arg,
                                    pickle_free_kwargs, prompt_loras)
-from ldm_pipeline.loading import ModelLoadError, load_pipeline
+from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES
 from ldm_pipeline.service import prepare_schedulers
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     p.add_argument("--trace", action="store_true",
                    help="torch.jit.trace the UNet once per shape: faster steps for many images, ~2 s to trace")
+    p.add_argument("--backend", default="pytorch", choices=BACKENDS,
+                   help="run the networks in PyTorch or ONNX Runtime (exported once per model; default %(default)s)")
     p.add_argument("--verbose", action="store_true", help="log progress")
     return p
 
@@ -426,6 +428,8 @@ def run(argv: list[str] | None = None) -> int:
         parser.error("give one prompt or --prompts FILE (not both)")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.backend == "onnx" and (args.lora or args.embedding or args.lora_dir):
+        parser.error("--lora, --lora-dir and --embedding need --backend pytorch (an exported ONNX model is fixed)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     state = PartialState(cpu=use_cpu_processes())
     out = Path(args.out)
@@ -433,7 +437,7 @@ def run(argv: list[str] | None = None) -> int:
         prepare_output(out)  # every process, before any of them writes (they wait for each other below)
         pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
-                             vae_tiling=args.vae_tiling, trace=args.trace)
+                             vae_tiling=args.vae_tiling, trace=args.trace, backend=args.backend)
         load_embeddings(pipe, args.embedding, args.allow_pickle)
         jobs, errors = load_jobs(args, default_job(args))
         jobs, errors = with_loras(jobs, errors, args)

@@ -327,7 +327,8 @@ def _is_text(value) -> bool:
 
 
 def as_rgb(image):
-    """An init image as 8-bit RGB: RGBA loses alpha, greyscale gains channels, 16-bit/float is scaled to 8 bits."""
+    """An init image as 8-bit RGB: transparency over white (as A1111 flattens), greyscale gains channels,
+    16-bit/float is scaled to 8 bits."""
     if isinstance(image, (list, tuple)):
         return [as_rgb(i) for i in image]
     if not isinstance(image, Image.Image) or image.mode == "RGB":
@@ -337,4 +338,6 @@ def as_rgb(image):
         top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
         top = 1.0 if image.mode == "F" and pixels.max() <= 1.0 else top
         image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     return image.convert("RGB")

@@ -122,3 +122,23 @@ def test_form_values_become_a_request():
     request = app.request_from_form(form)
     assert request.options.guidance_interval is None and request.options.guidance_rescale == 0.7
     assert request.seeds() == [[5, 6, 7], [8, 9, 10]]
+
+
+def test_init_images_of_any_mode_become_8_bit_rgb():
+    from PIL import Image
+
+    import numpy as np
+
+    from ldm_pipeline.options import as_rgb
+
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1))
+    deep = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit PNG greyscale, mode I;16
+    assert deep.mode == "I;16"
+    np.testing.assert_array_equal(np.asarray(as_rgb(deep)), np.repeat(grey[..., None], 3, axis=2))  # not clipped
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red; the rest transparent
+    flat = np.asarray(as_rgb(Image.fromarray(rgba, "RGBA")))
+    assert tuple(flat[0, 0]) == (255, 0, 0) and tuple(flat[1, 1]) == (255, 255, 255)  # transparency over white
+    for image in (Image.fromarray(grey), Image.fromarray(grey).convert("P"), Image.fromarray(grey).convert("LA")):
+        converted = as_rgb(image)
+        assert converted.mode == "RGB" and converted.size == (16, 4)

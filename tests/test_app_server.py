@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import time
 
 import numpy as np
@@ -63,6 +64,7 @@ def test_txt2img_png_carries_the_requested_parameters(client, app_server):
         assert recipe["guidance"] == {"scale": 5.0, "schedule": "linear_up", "min_scale": 1.0, "rescale": 0.3,
                                       "interval": {"sigma_lo": 0.5, "sigma_hi": 20.0}}
         assert recipe["scheduler"]["class"] == "DDIMSampler"  # our "ddim" from the registry
+        assert recipe["backend"] == ("onnx" if importlib.util.find_spec("onnxruntime") else "pytorch")  # --backend auto
         assert params["Prompt"] == request["prompt"] and params["Negative prompt"] == "blurry"
         assert (params["Seed"], params["Steps"], params["Size"]) == (str(1234 + k), "3", "40x32")
         assert Image.open(path).size == (40, 32)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from training.load_and_save import atomic_directory
+from ldm_pipeline.atomic import atomic_directory
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 
