@@ -27,8 +27,11 @@ for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it.
 from __future__ import annotations
 
 import inspect
+import json
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +50,8 @@ from ldm_pipeline.adapters import pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
 from ldm_pipeline.options import GenerationOptions, ModelLimits, as_rgb, image_seeds
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImagePipeline",
            "NonFiniteLatents", "StepInfo"]
@@ -113,6 +118,22 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+    STOCK_CLASS = "StableDiffusionPipeline"  # what saved folders call themselves: stock diffusers opens them
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`, skipping a folder's safety checker, feature extractor and image encoder."""
+        for name in cls._optional_components:
+            kwargs.setdefault(name, None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' `save_pretrained`, as a `StableDiffusionPipeline` folder (empty safety checker slots)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        index.write_text(json.dumps({**config, "_class_name": self.STOCK_CLASS}, indent=2, sort_keys=True) + "\n")
 
     def __init__(
         self,
@@ -121,9 +142,20 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
+        safety_checker: None = None,
+        feature_extractor: None = None,
+        image_encoder: None = None,
+        requires_safety_checker: bool = False,
     ):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        dropped = [name for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor),
+                                            ("image_encoder", image_encoder)) if value is not None]
+        if dropped:
+            logger.warning("LatentTextToImagePipeline does not use %s; dropped.", ", ".join(dropped))
+        # the stock SD slots, kept empty, so that folders and `from_pipe` line up with StableDiffusionPipeline
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              safety_checker=None, feature_extractor=None, image_encoder=None)
+        self.register_to_config(requires_safety_checker=False)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.mask_processor = VaeImageProcessor(
