@@ -434,13 +434,13 @@ def run(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=use_cpu_processes())
     out = Path(args.out)
     try:
-        prepare_output(out)  # every process, before any of them writes (they wait for each other below)
         pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
                              vae_tiling=args.vae_tiling, trace=args.trace, backend=args.backend)
         load_embeddings(pipe, args.embedding, args.allow_pickle)
         jobs, errors = load_jobs(args, default_job(args))
         jobs, errors = with_loras(jobs, errors, args)
+        prepare_output(out)  # once the model loads (a refused run leaves no folder); every process, before any writes
     except (ModelLoadError, OutputError, FileNotFoundError, ValueError) as error:
         print(f"error: {error.strerror if isinstance(error, OutputError) else error}", file=sys.stderr)
         return 2

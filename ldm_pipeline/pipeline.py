@@ -236,8 +236,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         return latents, evaluations
 
     def _predict(self, x: torch.Tensor, t, context: torch.Tensor, cross_attention_kwargs=None) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs,
-                         return_dict=False)[0]
+        extra = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else {}  # ONNX takes none
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False, **extra)[0]
 
     @staticmethod
     def _report_step(callback, info: StepInfo) -> None:
