@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from training import judge, shapes
+from evaluation import judge
+from training import shapes
 from training.shapes import COLORS, POSITIONS, SIZES, Attributes
 
 
