@@ -97,12 +97,13 @@ def evaluate(pipe, cells: list[Cell], combos: dict[str, list[Attributes]], batch
 
 
 def scores_table(keys: list[str], rows) -> str:
-    """Markdown: one row per (key values, judge.Scores), per-attribute and all-correct accuracy."""
-    header = [*keys, "n", *judge.ATTRIBUTES, "all correct"]
+    """Markdown: one row per (key values, judge.Scores): per-attribute and all-correct accuracy, then strict size."""
+    header = [*keys, "n", *judge.ATTRIBUTES, "all correct", "size (strict)", "all (strict)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, result in rows:
         values = [f"{result.per_attribute[a]:.1%}" for a in judge.ATTRIBUTES]
-        lines.append("| " + " | ".join([*map(str, key), str(result.count), *values, f"**{result.all_correct:.1%}**"]) + " |")
+        strict = [f"{result.size_strict:.1%}", f"{result.all_correct_strict:.1%}"]
+        lines.append("| " + " | ".join([*map(str, key), str(result.count), *values, f"**{result.all_correct:.1%}**", *strict]) + " |")
     return "\n".join(lines)
 
 
