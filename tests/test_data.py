@@ -30,14 +30,20 @@ def test_image_folder_reads_captions_and_skips_unreadable_images(tmp_path, metad
     captions = {"a.png": "a red circle", "b.png": "a blue square", "c.jpg": "a green triangle"}
     write_folder(tmp_path, captions, metadata)
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    if metadata:
-        with open(tmp_path / "metadata.jsonl", "a") as f:
-            f.write(json.dumps({"file_name": "broken.png", "text": "broken"}) + "\n")
-    else:
-        (tmp_path / "broken.txt").write_text("broken")
+    broken = ["broken.png", "truncated.jpg", "truncated.png"]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    for name in broken[1:]:  # header intact, half the pixel data cut (Image.verify() passes the JPEG)
+        noise.save(tmp_path / name)
+        (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[: (tmp_path / name).stat().st_size // 2])
+    for name in broken:
+        if metadata:
+            with open(tmp_path / "metadata.jsonl", "a") as f:
+                f.write(json.dumps({"file_name": name, "text": "broken"}) + "\n")
+        else:
+            (tmp_path / name).with_suffix(".txt").write_text("broken")
     with caplog.at_level(logging.WARNING):
         sources, skipped = data.folder_sources(str(tmp_path))
-    assert skipped == 1 and "broken.png" in caplog.text
+    assert skipped == 3 and all(name in caplog.text for name in broken)
     assert {s.path.name: s.caption for s in sources} == captions
 
 
@@ -45,7 +51,7 @@ def test_missing_folder_and_empty_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="--train_data_dir .* does not exist"):
         data.folder_sources(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="No readable images"):
+    with pytest.raises(ValueError, match="--train_data_dir .* has no readable images"):
         data.folder_sources(str(tmp_path / "empty"))
 
 
@@ -53,6 +59,19 @@ def test_metadata_with_wrong_keys_names_the_flags(tmp_path):
     write_folder(tmp_path, {"a.png": "x"}, metadata=True)
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n")
     with pytest.raises(ValueError, match="--image_column/--caption_column"):
+        data.folder_sources(str(tmp_path))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"file_name": "a.png", "text": ', "line 2 is not valid JSON"),
+    ('["a.png", "x"]', "line 2 lacks 'file_name' or 'text'"),
+    ('{"file_name": "../secret.png", "text": "x"}', "line 2: 'file_name' must be a file name inside the folder"),
+])
+def test_bad_metadata_line_names_the_file_and_line(tmp_path, line, message):
+    write_folder(tmp_path, {"a.png": "x"}, metadata=True)
+    with open(tmp_path / "metadata.jsonl", "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(ValueError, match=f"metadata.jsonl {message}".replace("[", "\\[").replace("(", "\\(")):
         data.folder_sources(str(tmp_path))
 
 

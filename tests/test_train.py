@@ -314,7 +314,8 @@ def test_kill_9_during_checkpoint_write_leaves_a_loadable_latest_checkpoint(tmp_
     found = checkpointing.list_checkpoints(out)
     assert found
     for checkpoint in found:  # every published checkpoint is complete
-        assert {"model.safetensors", "optimizer.bin", checkpointing.STATE_FILE} <= {p.name for p in checkpoint.iterdir()}
+        assert {"model.safetensors", "optimizer.safetensors", checkpointing.STATE_FILE} <= {p.name for p in checkpoint.iterdir()}
+        assert checkpointing.damage(checkpoint) is None
     latest = checkpointing.read_state(found[-1])["step"]
     resumed = main(args(out, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "1", steps=latest + 1))
     assert summary(out)["loss_history"][0][0] == latest + 1 and resumed.is_dir()
@@ -333,7 +334,7 @@ def test_accelerate_launch_two_processes_ddp(tmp_path):
     assert "Training distributed (gloo) over 2 processes" in result.stderr
     assert "All 2 processes hold identical weights" in result.stderr  # gradients were all-reduced
     checkpoint = out / "checkpoints" / "checkpoint-2"
-    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert (checkpoint / "random_states_0.safetensors").is_file() and (checkpoint / "random_states_1.safetensors").is_file()
     assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2"]
     StableDiffusionPipeline.from_pretrained(out / "model")
     # Both ranks agree: the logged loss is the mean over ranks, identical in each process's view.

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,7 +81,10 @@ class ModelOptions:
     train_text_encoder: bool = option(False, "Train the text encoder jointly with the UNet.")
     lora_rank: int | None = option(None, "Train LoRA adapters of this rank (peft) instead of the full UNet.")
     lora_alpha: float | None = option(None, "LoRA alpha (default: equal to the rank).")
-    allow_pickle: bool = option(False, "Allow loading .ckpt/.bin pickle checkpoints (unsafe; off by default).")
+    allow_pickle: bool = option(
+        False, "Allow loading pickle files: .ckpt/.bin models, and resume checkpoints in accelerate's pickle format "
+        "(unsafe: a pickle can run code; off by default).",
+    )
 
 
 # ---------------------------------------------------------------- what is trained: objective
@@ -223,13 +228,16 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as error:  # UnicodeDecodeError, JSONDecodeError, yaml.YAMLError: say which file
+        raise ValueError(f"--config {path} cannot be read: {error}".replace("\n", " ")) from None
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of option names to values.")
     flat = {}
@@ -261,3 +269,100 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if config.data.train_data_dir is not None and "dataset" not in {**file_values, **args}:
         config.data.dataset = "folder"
     return config
+
+
+# ---------------------------------------------------------------- validation (before anything is loaded)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric option: low <= v (or low < v if low_open), v < high (or <= if high_closed)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_closed: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value <= self.high if self.high_closed else value < self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+        high = "" if self.high is None else f"{'<=' if self.high_closed else '<'} {self.high}"
+        return " and ".join(part for part in (low, high) if part)
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1, UNIT = Range(0, low_open=True), Range(0), Range(1), Range(0, 1)
+RANGES = {
+    "num_train_samples": AT_LEAST_1, "num_validation_samples": AT_LEAST_1, "resolution": Range(8),
+    "proportion_empty_prompts": UNIT, "dataloader_num_workers": AT_LEAST_0, "vae_kl_weight": AT_LEAST_0,
+    "lora_rank": AT_LEAST_1, "lora_alpha": POSITIVE, "num_train_timesteps": Range(2), "snr_gamma": POSITIVE,
+    "snr_floor": AT_LEAST_0, "noise_offset": AT_LEAST_0, "input_perturbation": AT_LEAST_0, "logit_std": POSITIVE,
+    "flow_shift": POSITIVE, "train_batch_size": AT_LEAST_1, "max_train_steps": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1, "learning_rate": POSITIVE, "lr_warmup_steps": AT_LEAST_0,
+    "adam_beta1": UNIT, "adam_beta2": UNIT, "adam_weight_decay": AT_LEAST_0, "adam_epsilon": POSITIVE,
+    "max_grad_norm": AT_LEAST_0, "ema_decay": Range(0, 1, high_closed=True), "seed": Range(0, 2**32),
+    "checkpointing_steps": AT_LEAST_1, "checkpoints_total_limit": AT_LEAST_1, "validation_steps": AT_LEAST_1,
+    "validation_inference_steps": AT_LEAST_1, "validation_guidance_scale": AT_LEAST_0, "logging_steps": AT_LEAST_1,
+}
+
+
+def _type_error(value: Any, annotation: Any) -> str | None:
+    """Why `value` does not fit the option's type (config files are not typed by argparse), or None."""
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}"
+    if typing.get_origin(annotation) is list:
+        item = typing.get_args(annotation)[0]
+        ok = isinstance(value, list) and not any(_type_error(v, item) for v in value)
+        return None if ok else f"must be a list of {getattr(item, '__name__', item)} values"
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if math.isfinite(value) else "must be a finite number"
+    wanted = {bool: "true or false", int: "an integer", str: "a string", float: "a number"}.get(annotation)
+    if wanted is None:
+        return None  # a type without a rule here: left to the code that uses the option
+    ok = isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
+    return None if ok else f"must be {wanted}"
+
+
+def check_option_values(config: TrainConfig) -> None:
+    """Every option has its type and lies in its range (ValueError naming the option and the fix)."""
+    for group in GROUPS:
+        options, hints = getattr(config, group), typing.get_type_hints(GROUPS[group])
+        for f in dataclasses.fields(options):
+            value, annotation = getattr(options, f.name), hints[f.name]
+            optional = _unwrap_optional(annotation) is not annotation
+            if value is None and optional:
+                continue
+            if problem := _type_error(value, _unwrap_optional(annotation)):
+                raise ValueError(f"--{f.name} {value!r} {problem}.")
+            if f.name in RANGES and value not in RANGES[f.name]:
+                raise ValueError(f"--{f.name} {value!r} must be {RANGES[f.name]}.")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_paths(config: TrainConfig) -> None:
+    """Input paths exist and the run directory can be written (ValueError/FileNotFoundError naming the option)."""
+    m, d, r = config.model, config.data, config.run
+    must_exist = {"train_data_dir": d.train_data_dir, "from_scratch": m.from_scratch, "pretrained_vae": m.pretrained_vae,
+                  "pretrained_model_name_or_path": m.pretrained_model_name_or_path,
+                  "single_file_config": m.single_file_config,
+                  "resume_from_checkpoint": None if r.resume_from_checkpoint == "latest" else r.resume_from_checkpoint}
+    for name, value in must_exist.items():
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"--{name} {value} does not exist (nothing is downloaded: give a local path).")
+    for name in ("train_data_dir", "from_scratch"):
+        if must_exist[name] is not None and not Path(must_exist[name]).is_dir():
+            raise ValueError(f"--{name} {must_exist[name]} is not a folder.")
+    out = Path(r.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file; give a folder for the run.")
+    if not os.access(_nearest_existing(out.absolute()), os.W_OK):
+        raise PermissionError(f"--output_dir {out} cannot be written ({_nearest_existing(out.absolute())} is read-only).")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -71,32 +73,52 @@ def caption_vocabulary(captions: Sequence[str]) -> list[str]:
 
 
 def _readable(path: Path) -> bool:
+    """Decodes the whole image (`verify` misses a truncated JPEG, which then fails mid-training)."""
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
         return True
     except Exception as error:  # PIL raises many types for a bad file
         logger.warning("Skipping unreadable image %s: %s", path, error)
         return False
 
 
+def _metadata_record(metadata: Path, number: int, line: str, image_column: str, caption_column: str) -> tuple[str, str]:
+    """(file name, caption) of one metadata.jsonl line; a ValueError naming the file and line otherwise."""
+    where = f"{metadata} line {number}"
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise ValueError(f"{where} is not valid JSON ({error}); each line must be an object like "
+                         f'{{"{image_column}": "a.png", "{caption_column}": "a caption"}}.') from None
+    if not isinstance(record, dict) or image_column not in record or caption_column not in record:
+        raise ValueError(f"{where} lacks '{image_column}' or '{caption_column}'; set "
+                         "--image_column/--caption_column to the keys your file uses.")
+    name = record[image_column]
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{where}: '{image_column}' must be a file name inside the folder, got {name!r}.")
+    return name, str(record[caption_column])
+
+
 def _folder_captions(root: Path, image_column: str, caption_column: str) -> dict[Path, str]:
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
-        captions = {}
-        for number, line in enumerate(metadata.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if image_column not in record or caption_column not in record:
-                raise ValueError(
-                    f"{metadata}:{number} lacks '{image_column}' or '{caption_column}'; set "
-                    "--image_column/--caption_column to the keys your file uses."
-                )
-            captions[root / record[image_column]] = str(record[caption_column])
-        return captions
+        try:
+            lines = metadata.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{metadata} is not UTF-8 text ({error}).") from None
+        records = [_metadata_record(metadata, number, line, image_column, caption_column)
+                   for number, line in enumerate(lines, 1) if line.strip()]
+        return {root / name: caption for name, caption in records}
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return {p: p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "" for p in images}
+    return {p: _caption_file(p.with_suffix(".txt")) for p in images}
+
+
+def _caption_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Caption file {path} is not UTF-8 text ({error}).") from None
 
 
 def folder_sources(train_data_dir: str, image_column: str = "file_name", caption_column: str = "text"):
@@ -107,11 +129,14 @@ def folder_sources(train_data_dir: str, image_column: str = "file_name", caption
             f"--train_data_dir {root} does not exist or is not a folder. Point it at a folder of images "
             "with a metadata.jsonl or .txt captions, or use --dataset shapes."
         )
-    captions = _folder_captions(root, image_column, caption_column)
-    sources = [ImageSource(caption=c, path=p) for p, c in sorted(captions.items()) if _readable(p)]
+    captions = sorted(_folder_captions(root, image_column, caption_column).items())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        readable = list(pool.map(_readable, [p for p, _ in captions]))
+    sources = [ImageSource(caption=c, path=p) for (p, c), ok in zip(captions, readable) if ok]
     skipped = len(captions) - len(sources)
     if not sources:
-        raise ValueError(f"No readable images in {root} ({skipped} skipped); supported: {sorted(IMAGE_EXTENSIONS)}.")
+        raise ValueError(f"--train_data_dir {root} has no readable images ({skipped} skipped); "
+                         f"supported: {sorted(IMAGE_EXTENSIONS)}.")
     if skipped:
         logger.warning("%d of %d images in %s could not be opened and were skipped.", skipped, len(captions), root)
     return sources, skipped

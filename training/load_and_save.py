@@ -57,7 +57,10 @@ class Components:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; --from_scratch needs {', '.join(SCRATCH_FILES)} in that folder.")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"--from_scratch {path.parent}: {path.name} is not valid JSON ({error}).") from None
 
 
 def vae_path(path: str | Path) -> Path:

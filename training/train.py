@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from training import checkpointing, data
-from training.config import TrainConfig, parse_config
+from training import checkpointing, data, shapes
+from training.config import TrainConfig, check_option_values, check_paths, parse_config
 from training.load_and_save import (
     Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
 )
@@ -44,8 +45,9 @@ class Dataset:
 
 
 def check_config(config: TrainConfig) -> None:
-    """Refuse contradictory options before anything is built."""
-    m, o = config.model, config.objective
+    """Refuse bad or contradictory options before anything is loaded or written."""
+    check_option_values(config)
+    m, o, d = config.model, config.objective, config.data
     if bool(m.pretrained_model_name_or_path) == bool(m.from_scratch) and not (m.train_vae and m.pretrained_vae):
         raise ValueError("Give exactly one of --pretrained_model_name_or_path (a local SD folder or file) "
                          "and --from_scratch (a folder of small configs).")
@@ -53,8 +55,17 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("--train_vae trains only the AutoencoderKL; drop --train_text_encoder/--lora_rank.")
     if o.prediction_type:
         check_objective(o.prediction_type, o.zero_terminal_snr)
-    if not 0 <= config.data.proportion_empty_prompts < 1:
-        raise ValueError("--proportion_empty_prompts must be in [0, 1).")
+    if m.lora_alpha is not None and m.lora_rank is None:
+        raise ValueError("--lora_alpha needs --lora_rank (LoRA is off without a rank).")
+    if o.snr_floor is not None and o.snr_gamma is None:
+        raise ValueError("--snr_floor bounds the Min-SNR weights: it needs --snr_gamma (e.g. --snr_gamma 5).")
+    if d.dataset == "folder" and d.train_data_dir is None:
+        raise ValueError("--dataset folder needs --train_data_dir (a folder of images with captions).")
+    if d.dataset == "shapes" and d.train_data_dir is not None:
+        raise ValueError("--train_data_dir is an image folder: drop --dataset shapes (or the folder).")
+    for name in ("shapes_colors", "shapes_backgrounds"):
+        if unknown := sorted(set(getattr(d, name) or ()) - set(shapes.COLORS)):
+            raise ValueError(f"--{name} {unknown} unknown; valid colours: {', '.join(shapes.COLORS)}.")
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -67,9 +78,6 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         mixed_precision=config.optimization.mixed_precision, cpu=cpu_ddp,
         log_with=None if run.report_to == "none" else run.report_to, project_config=project,
     )
-    if run.report_to != "none":
-        scalars = {k: v for k, v in config.flat().items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("train", config=scalars)
     if accelerator.num_processes > 1:
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
         if accelerator.is_main_process:
@@ -86,8 +94,6 @@ def load_dataset(config: TrainConfig) -> Dataset:
             data.shapes_validation_sources(d.num_validation_samples),
             data.shapes_vocabulary(),
         )
-    if d.train_data_dir is None:
-        raise ValueError("--dataset folder needs --train_data_dir.")
     sources, skipped = data.folder_sources(d.train_data_dir, d.image_column, d.caption_column)
     held = d.num_validation_samples if len(sources) >= 2 * d.num_validation_samples else 0
     if not held:
@@ -101,7 +107,8 @@ def load_components(config: TrainConfig, words: list[str]) -> Components:
     if m.from_scratch and not m.train_vae and not m.train_text_encoder:
         logger.warning("--from_scratch without --train_text_encoder: the text encoder stays at its random init.")
     if m.from_scratch:
-        return load_from_scratch(m, words, config.data.resolution, Path(config.run.output_dir), config.optimization.seed)
+        with tempfile.TemporaryDirectory() as work:  # the tokenizer files; nothing lands in output_dir before training
+            return load_from_scratch(m, words, config.data.resolution, Path(work), config.optimization.seed)
     if m.train_vae and not m.pretrained_model_name_or_path:
         from training.load_and_save import load_vae
 
@@ -133,17 +140,34 @@ def trainable_parameters(models: list[torch.nn.Module]) -> list[torch.nn.Paramet
     return [p for model in models for p in model.parameters() if p.requires_grad]
 
 
-def resume(accelerator: Accelerator, config: TrainConfig) -> int:
+def resume(state: checkpointing.TrainingState, config: TrainConfig) -> int:
     """Load the checkpoint to resume from (if any) and return its step."""
-    found = checkpointing.resolve_checkpoint(config.run.output_dir, config.run.resume_from_checkpoint)
-    if found is None:
-        if config.run.resume_from_checkpoint:
-            logger.info("No checkpoint in %s yet: starting from step 0.", config.run.output_dir)
-        return 0
-    accelerator.load_state(str(found))
-    step = checkpointing.read_state(found)["step"]
-    logger.info("Resumed from %s (step %d).", found, step)
+    found = checkpointing.resolve_checkpoint(config.run.output_dir, config.run.resume_from_checkpoint,
+                                             config.model.allow_pickle)
+    step = 0
+    if found is None and config.run.resume_from_checkpoint:
+        logger.info("No checkpoint in %s yet: starting from step 0.", config.run.output_dir)
+    if found is not None:
+        step = checkpointing.read_state(found)["step"]
+        if step >= config.optimization.max_train_steps:
+            raise ValueError(f"--max_train_steps {config.optimization.max_train_steps} is not above the step of "
+                             f"{found} ({step}); raise it to train further.")
+        step = checkpointing.load_checkpoint(state, found)
+        logger.info("Resumed from %s (step %d).", found, step)
     return step
+
+
+def open_run_directory(config: TrainConfig, accelerator: Accelerator, dataset: Dataset) -> None:
+    """output_dir, its config.json and trackers: written only once every input was accepted (and resumed)."""
+    run = config.run
+    if accelerator.is_main_process:
+        Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run.output_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if run.report_to != "none":
+        scalars = {k: v for k, v in config.flat().items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("train", config=scalars)
+    accelerator.log({"data/train_samples": len(dataset.train), "data/skipped_images": dataset.skipped}, step=0)
+    accelerator.wait_for_everyone()
 
 
 def loop_schedule(config: TrainConfig, start_step: int) -> LoopSchedule:
@@ -168,10 +192,8 @@ def image_dataset(config: TrainConfig, sources: list[data.ImageSource]) -> data.
     return data.ImageDataset(sources, transform, config.optimization.seed)
 
 
-def checkpoint_fn(accelerator: Accelerator, config: TrainConfig):
-    return lambda step: checkpointing.save_checkpoint(
-        accelerator, config.run.output_dir, step, config.run.checkpoints_total_limit, {}
-    )
+def checkpoint_fn(state: checkpointing.TrainingState, config: TrainConfig):
+    return lambda step: checkpointing.save_checkpoint(state, config.run.output_dir, step, config.run.checkpoints_total_limit)
 
 
 # ---------------------------------------------------------------- the two kinds of run
@@ -228,8 +250,9 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     optimizer, lr_scheduler = make_optimizer(config, params)
     ema = make_ema(config, params)
     *prepared, optimizer = accelerator.prepare(*trained, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
-    start = resume(accelerator, config)
+    state = checkpointing.TrainingState(accelerator, prepared, optimizer, lr_scheduler, ema)
+    start = resume(state, config)
+    open_run_directory(config, accelerator, dataset)
     tokenize = lambda sources: data.tokenize(components.tokenizer, [s.caption for s in sources])
     shared = dict(vae=components.vae, objective=objective, empty_ids=data.tokenize(components.tokenizer, [""])[0],
                   caption_dropout=config.data.proportion_empty_prompts, scaling_factor=components.vae.config.scaling_factor)
@@ -241,7 +264,7 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     parts = LoopParts(
         accelerator, loss_fn, prepared, params, optimizer, lr_scheduler,
         diffusion_batches(config, accelerator, components, dataset, start * config.optimization.gradient_accumulation_steps),
-        ema, validator.validate, checkpoint_fn(accelerator, config), accelerator.log,
+        ema, validator.validate, checkpoint_fn(state, config), accelerator.log,
     )
     history = train_loop(parts, loop_schedule(config, start))
     finish(config, accelerator, validator, ema, params, lambda: save_diffusion_output(config, components, scheduler_keys), history)
@@ -290,8 +313,9 @@ def train_vae(config: TrainConfig, accelerator: Accelerator, components: Compone
     optimizer, lr_scheduler = make_optimizer(config, params)
     ema = make_ema(config, params)
     prepared, optimizer = accelerator.prepare(wrapper, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
-    start = resume(accelerator, config)
+    state = checkpointing.TrainingState(accelerator, [prepared], optimizer, lr_scheduler, ema)
+    start = resume(state, config)
+    open_run_directory(config, accelerator, dataset)
     latent = config.data.resolution // components.vae_factor
     latent_shape = (vae.config.latent_channels, latent, latent)
     validator = Validator(accelerator, config, components, {}, ema, params, VaeLoss(wrapper, config.model.vae_kl_weight, latent_shape),
@@ -300,7 +324,7 @@ def train_vae(config: TrainConfig, accelerator: Accelerator, components: Compone
     batches = data.image_batches(image_dataset(config, dataset.train), order,
                                  start * config.optimization.gradient_accumulation_steps, config.data.dataloader_num_workers)
     parts = LoopParts(accelerator, VaeLoss(prepared, config.model.vae_kl_weight, latent_shape), [prepared], params,
-                      optimizer, lr_scheduler, batches, ema, validator.validate, checkpoint_fn(accelerator, config), accelerator.log)
+                      optimizer, lr_scheduler, batches, ema, validator.validate, checkpoint_fn(state, config), accelerator.log)
     history = train_loop(parts, loop_schedule(config, start))
 
     def save():
@@ -330,14 +354,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     print(json.dumps(config.to_dict(), indent=2))
     if config.run.dry_run:
         return None
-    accelerator = make_accelerator(config)
-    out = Path(config.run.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    set_seed(config.optimization.seed)
+    check_paths(config)  # not in a dry run: a recipe stage's inputs are made by the stages before it
     dataset = load_dataset(config)
-    accelerator.log({"data/train_samples": len(dataset.train), "data/skipped_images": dataset.skipped}, step=0)
+    accelerator = make_accelerator(config)
+    set_seed(config.optimization.seed)
     components = load_components(config, dataset.words)
     run = train_vae if config.model.train_vae else train_diffusion
     result = run(config, accelerator, components, dataset)
@@ -347,9 +367,19 @@ def main(argv: list[str] | None = None) -> Path | None:
     return result
 
 
-def cli() -> None:
-    """Console entry point (`ldm-train`)."""
-    main()
+USER_ERRORS = (ValueError, OSError, FloatingPointError)  # bad options, files or data; a diverging loss
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Console entry point (`ldm-train`): a user error is one line on stderr and exit code 2, Ctrl-C exits 130."""
+    try:
+        main(argv)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
