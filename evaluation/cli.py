@@ -23,6 +23,7 @@ from evaluation import metrics
 from evaluation.adherence import scores_table
 from evaluation.features import WEIGHTS, load_feature_net, to_uint8
 from evaluation.quality import measure, reference
+from training import shapes
 
 
 def distribution_table(rows: dict[str, metrics.DistributionScores]) -> str:
@@ -99,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.per_split < 4:
-        raise SystemExit("ldm-evaluate: --per-split must be at least 4 (precision/recall use 3 nearest neighbours).")
+    most = len(shapes.combinations("held_out"))
+    if not 4 <= args.per_split <= most:
+        raise SystemExit(f"ldm-evaluate: --per-split must be 4..{most} (precision/recall use 3 nearest neighbours; "
+                         f"there are {most} held-out combinations), got {args.per_split}.")
     torch.set_grad_enabled(False)
     try:
         print(evaluate(args))

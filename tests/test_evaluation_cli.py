@@ -75,3 +75,9 @@ def test_ldm_evaluate_prints_scores_and_the_judge_table(tiny_model_dir, tiny_cli
 def test_ldm_evaluate_names_a_missing_local_file_before_generating(tmp_path, flag, message):
     with pytest.raises(SystemExit, match=message):
         main(["--model", str(tmp_path / "no-model"), flag, str(tmp_path / "missing"), "--per-split", "4"])
+
+
+@pytest.mark.parametrize("count", ["3", "169"])
+def test_ldm_evaluate_refuses_a_prompt_count_it_cannot_draw(count):
+    with pytest.raises(SystemExit, match=r"--per-split must be 4\.\.168"):
+        main(["--per-split", count])
