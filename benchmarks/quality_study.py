@@ -57,7 +57,7 @@ def run_cells(pipe, net, ref, cells, batch_size: int, options: dict) -> list[tup
     return results
 
 
-def plot(results, x_index: int, series_index: int, path: Path, xlabel: str, log_x: bool) -> None:
+def plot(results, x_index: int, series_index: int, path: Path, xlabel: str, series_name: str, log_x: bool) -> None:
     """FID (left) and judge all-correct, both splits, strict size (right) against cell value `x_index`."""
     import matplotlib
 
@@ -68,9 +68,9 @@ def plot(results, x_index: int, series_index: int, path: Path, xlabel: str, log_
     for series in dict.fromkeys(label[series_index] for label, _ in results):
         points = [(label[x_index], q) for label, q in results if label[series_index] == series]
         xs = [x for x, _ in points]
-        left.plot(xs, [q.distribution.fid for _, q in points], marker="o", label=str(series))
+        left.plot(xs, [q.distribution.fid for _, q in points], marker="o", label=f"{series_name}{series}")
         strict = [(q.judged["seen"].all_correct_strict + q.judged["held_out"].all_correct_strict) / 2 for _, q in points]
-        right.plot(xs, strict, marker="o", label=str(series))
+        right.plot(xs, strict, marker="o", label=f"{series_name}{series}")
     for axis, ylabel in ((left, "FID (shapes features)"), (right, "judge: all correct, strict size")):
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, trace=args.trace)
     if args.study == "steps":
         cells = [(s, n, args.guidance, None) for s in args.samplers for n in args.steps]
-        options, x, series, xlabel = {}, 1, 0, "steps"
+        options, x, series, xlabel, name = {}, 1, 0, "steps", ""
     else:
         cells = [(args.sampler, args.steps, g, r) for r in args.rescale for g in args.guidance]
         options = {"guidance_interval": tuple(args.interval)} if args.interval else {}
-        x, series, xlabel = 2, 3, "guidance scale"
+        x, series, xlabel, name = 2, 3, "guidance scale", "rescale "
     results = run_cells(pipe, net, ref, cells, args.batch_size, options)
     print(f"{args.per_split} prompts per split; {', '.join(f'{k} {v}' for k, v in options.items()) or 'no interval'}; "
           "rescale None = the pipeline's default (0.7 for zero-terminal-SNR models)\n")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, quality in results:
         print(row(label, quality))
     if args.plot:
-        plot(results, x, series, args.plot, xlabel, log_x=args.study == "steps")
+        plot(results, x, series, args.plot, xlabel, name, log_x=args.study == "steps")
     return 0
 
 
