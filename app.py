@@ -12,244 +12,30 @@ into gallery entries.
 from __future__ import annotations
 
 import argparse
-import copy
-import random
-import re
-import threading
-import time
-import uuid
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
-import matplotlib
+from PIL import Image, ImageChops
 
-matplotlib.use("Agg")  # the server has no display; figures are rendered to images
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image, ImageChops  # noqa: E402
-
-from custom_schedulers.schedules import alphas_cumprod_to_betas, named_schedules  # noqa: E402
-from ldm_pipeline import GenerationCancelled, ModelLoadError, available_schedulers, load_pipeline, metadata  # noqa: E402
-from ldm_pipeline.generate import prepare_schedulers  # noqa: E402
-from ldm_pipeline.guidance import SCHEDULE_NAMES, as_interval  # noqa: E402
+from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
+from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.onnx_backend import long_running_backend
+from ldm_pipeline.options import MAX_SIDE
+from ldm_pipeline.plots import schedule_figures
+from ldm_pipeline.service import GenerationService, ServiceRequest
+from ldm_pipeline.web_inputs import protect_inputs, without_paths
 
 REPO_DIR = Path(__file__).resolve().parent
 ACCURACY_TABLE = REPO_DIR / "docs" / "sampler_accuracy.md"
 
-# ---------------------------------------------------------------- input limits
+# ---------------------------------------------------------------- the form's own limits
+# (every generation setting is checked by GenerationOptions.check, the same check as the CLI's and the API's)
 
-MAX_SIDE = 2048  # pixels; larger images do not fit a typical GPU at SD scale
-MAX_STEPS = 500
 MAX_BATCH_SIZE = 16
 MAX_BATCH_COUNT = 64
-MAX_SEED = 2**32 - 1
-
-
-def validate_request(
-    prompt: str, sampler: str, samplers: list[str], steps: int, width: int, height: int,
-    batch_size: int, batch_count: int, seed: int,
-) -> None:
-    """Check a text-to-image request before the model runs; raise ValueError naming the problem and the fix."""
-    problems = []
-    if not prompt or not prompt.strip():
-        problems.append("The prompt is empty: type what the image should show.")
-    if sampler not in samplers:
-        problems.append(f"Unknown sampler {sampler!r}: choose one of {', '.join(samplers)}.")
-    if not (isinstance(steps, int) or float(steps).is_integer()) or not 1 <= steps <= MAX_STEPS:
-        problems.append(f"Steps must be a whole number from 1 to {MAX_STEPS}, got {steps}.")
-    for name, side in (("Width", width), ("Height", height)):
-        if side % 8 or not 8 <= side <= MAX_SIDE:
-            problems.append(f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {side}.")
-    if not 1 <= batch_size <= MAX_BATCH_SIZE:
-        problems.append(f"Batch size must be from 1 to {MAX_BATCH_SIZE}, got {batch_size}: "
-                        "use batch count for more images.")
-    if not 1 <= batch_count <= MAX_BATCH_COUNT:
-        problems.append(f"Batch count must be from 1 to {MAX_BATCH_COUNT}, got {batch_count}.")
-    if seed != -1 and not 0 <= seed <= MAX_SEED:
-        problems.append(f"Seed must be -1 (random) or from 0 to {MAX_SEED}, got {seed}.")
-    if problems:
-        raise ValueError(" ".join(problems))
-
-
-# ---------------------------------------------------------------- generation
-
-
-@dataclass
-class GenerationRequest:
-    """One Generate click, every field already a Python value (see `request_from_form`)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    sampler: str = ""
-    steps: int = 20
-    guidance_scale: float = 7.5
-    guidance_schedule: str = "constant"
-    guidance_min_scale: float = 1.0
-    guidance_interval: tuple[float, float] | None = None
-    guidance_rescale: float | None = None  # None = the pipeline's automatic choice
-    width: int = 512
-    height: int = 512
-    seed: int = -1
-    batch_count: int = 1
-    batch_size: int = 1
-    image: object = None  # img2img / inpainting init image (PIL)
-    mask_image: object = None  # inpainting mask (PIL, white = repaint)
-    strength: float | None = None
-
-    def seeds(self) -> list[list[int]]:
-        """Seeds per batch: consecutive from the request's seed (a random one for -1)."""
-        first = random.randrange(2**31) if self.seed == -1 else self.seed
-        n = self.batch_size
-        return [[first + b * n + j for j in range(n)] for b in range(self.batch_count)]
-
-    def pipeline_options(self) -> dict:
-        return dict(
-            negative_prompt=self.negative_prompt or None, num_inference_steps=self.steps,
-            guidance_scale=self.guidance_scale, guidance_schedule=self.guidance_schedule,
-            guidance_min_scale=self.guidance_min_scale, guidance_interval=self.guidance_interval,
-            guidance_rescale=self.guidance_rescale, width=self.width, height=self.height,
-            num_images_per_prompt=self.batch_size, image=self.image, mask_image=self.mask_image,
-            strength=self.strength, progress_bar=False,
-        )
-
-
-def check_guidance(request: GenerationRequest) -> None:
-    """The guidance fields the pipeline would reject, checked before the model runs."""
-    if request.guidance_schedule not in SCHEDULE_NAMES:
-        raise ValueError(f"Unknown guidance schedule {request.guidance_schedule!r}: choose one of "
-                         f"{', '.join(SCHEDULE_NAMES)}.")
-    as_interval(request.guidance_interval)  # raises ValueError naming the bounds
-    if request.guidance_rescale is not None and not 0.0 <= request.guidance_rescale <= 1.0:
-        raise ValueError(f"Guidance rescale must be from 0 to 1 (or -1 for automatic), got {request.guidance_rescale}.")
-    if request.strength is not None and not 0.0 < request.strength <= 1.0:
-        raise ValueError(f"Strength must be above 0 and at most 1, got {request.strength}.")
-
-
-@dataclass
-class Generator:
-    """The model loaded once at start-up, shared by every request.
-
-    Each request runs on its own shallow copy of the pipeline (same weights, its own
-    scheduler instance and tokenizer), so concurrent requests never share sampler state.
-    """
-
-    pipe: object
-    outputs: Path
-    schedulers: dict = field(default_factory=dict)  # name -> prepared scheduler, or the error for this model
-    stops: dict = field(default_factory=dict)  # session -> set of threading.Events of its running requests
-
-    @classmethod
-    def load(cls, model, outputs: Path, **load_options) -> "Generator":
-        pipe = load_pipeline(model, **load_options)
-        return cls(pipe, outputs, prepare_schedulers(pipe, set(available_schedulers())))
-
-    @property
-    def sampler_names(self) -> list[str]:
-        """Usable samplers: the registry's short names first, then diffusers' stock classes."""
-        usable = [name for name, s in self.schedulers.items() if name and not isinstance(s, Exception)]
-        return sorted(usable, key=lambda name: (name[:1].isupper(), name))
-
-    def request_pipe(self, sampler: str):
-        """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
-        prepared = self.schedulers[sampler]
-        base = self.pipe
-        pipe = type(base)(vae=base.vae, text_encoder=base.text_encoder, unet=base.unet,
-                          tokenizer=copy.deepcopy(base.tokenizer),  # fast tokenizers are not thread-safe
-                          scheduler=type(prepared).from_config(prepared.config))
-        pipe.model_id, pipe.model_hash = base.model_id, base.model_hash
-        return pipe
-
-    def validate(self, request: GenerationRequest) -> None:
-        validate_request(request.prompt, request.sampler, self.sampler_names, request.steps, request.width,
-                         request.height, request.batch_size, request.batch_count, request.seed)
-        check_guidance(request)
-
-    def generate(self, request: GenerationRequest, on_step=None, stop: threading.Event | None = None) -> list[tuple[Path, dict]]:
-        """Make every image of a request; returns (written PNG, recipe) pairs.
-
-        `on_step(done, total)` reports progress; setting `stop` ends the run after the current step.
-        """
-        self.validate(request)
-        pipe = self.request_pipe(request.sampler)
-        self.outputs.mkdir(parents=True, exist_ok=True)
-        batches = request.seeds()
-        results, done = [], 0
-
-        def callback(info) -> bool:
-            nonlocal done
-            done += 1
-            if on_step is not None:
-                on_step(done, info.num_steps * len(batches))
-            return stop is not None and stop.is_set()
-
-        for seeds in batches:
-            try:
-                out = pipe(request.prompt, seed=seeds, callback=callback, **request.pipeline_options())
-            except GenerationCancelled:
-                break  # keep the images of the batches already finished
-            for image, recipe in zip(out.images, out.recipes):
-                results.append((self.write(image, recipe), recipe))
-        return results
-
-    def write(self, image, recipe: dict) -> Path:
-        """The PNG with the same embedded parameters as `ldm-generate` writes (atomic)."""
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}-seed{recipe['seed']}.png"
-        return metadata.write_png(self.outputs / name, image, recipe)
-
-
-def caption(recipe: dict) -> str:
-    """The gallery caption: the A1111 parameters line the PNG carries."""
-    return metadata.format_parameters(recipe)
-
-
-# ---------------------------------------------------------------- schedules tab
-
-
-def vp_equivalent_alpha_bar(schedule) -> "torch.Tensor":  # noqa: F821
-    """alpha-bar of the VP schedule with the same SNR: snr / (1 + snr) (equals alpha^2 for VP schedules)."""
-    s = schedule.snr
-    return s / (1 + s)
-
-
-def _curve_style(name: str, names: list[str]) -> dict:
-    """One colour per base schedule; variants (zero-terminal SNR, shift) of it dashed."""
-    def base(n: str) -> str:
-        return re.split(r" \+|,| \(", n)[0]
-
-    bases = list(dict.fromkeys(base(n) for n in names))
-    variant = re.search(r" \+|,", name) is not None
-    return {"color": f"C{bases.index(base(name))}", "linestyle": "--" if variant else "-"}
-
-
-def schedule_figures(num_train_timesteps: int = 1000) -> dict[str, plt.Figure]:
-    """log-SNR(t), alpha-bar(t) and beta(t) for every named schedule, one figure each.
-
-    Rectified flow is not variance preserving; its alpha-bar and beta are those of the
-    VP schedule with the same SNR, so every curve is comparable on the same axes.
-    """
-    schedules = named_schedules(num_train_timesteps)
-    curves = {"log-SNR(t)": {}, "alpha-bar(t)": {}, "beta(t)": {}}
-    for name, schedule in schedules.items():
-        abar = vp_equivalent_alpha_bar(schedule)
-        curves["log-SNR(t)"][name] = schedule.log_snr
-        curves["alpha-bar(t)"][name] = abar
-        curves["beta(t)"][name] = alphas_cumprod_to_betas(abar)
-    t = [i / (num_train_timesteps - 1) for i in range(num_train_timesteps)]
-    figures = {}
-    for title, by_name in curves.items():
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-        for name, values in by_name.items():
-            ax.plot(t, values.numpy(), label=name, linewidth=1.4, **_curve_style(name, list(schedules)))
-        ax.set_xlabel("t / T  (0 = clean, 1 = pure noise)")
-        ax.set_title(title)
-        if title == "beta(t)":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        figures[title] = fig
-        plt.close(fig)
-    return figures
+MAX_SEED = 2**32 - 1  # what the seed field offers; -1 = random
+MAX_UPLOAD_PIXELS = 4 * MAX_SIDE**2  # an uploaded init image (it is resized to the requested size)
+MAX_UPLOAD_SIZE = "64mb"  # any uploaded file; Gradio refuses larger uploads
 
 
 def accuracy_table_markdown(path: Path = ACCURACY_TABLE) -> str:
@@ -270,28 +56,52 @@ SETTING_NAMES = (  # the generation settings every tab shares, in the order the 
 )
 
 
-def request_from_form(values: dict) -> GenerationRequest:
-    """A GenerationRequest from the shared settings (Gradio numbers arrive as floats; -1 means automatic/random)."""
+def request_from_form(values: dict, image=None, mask_image=None, strength=None) -> ServiceRequest:
+    """The shared settings as a ServiceRequest (Gradio numbers arrive as floats; -1 = automatic / random).
+
+    Raises ValueError for what only the form limits (batch size and count, the seed field); the
+    settings themselves are checked by `GenerationService.check`."""
     v = dict(values)
-    bounds = (float(v.pop("sigma_lo")), float(v.pop("sigma_hi")))
-    interval = bounds if v.pop("use_interval") else None
+    interval = (float(v.pop("sigma_lo")), float(v.pop("sigma_hi"))) if v.pop("use_interval") else None
+    numbers = {k: _whole(k, v.pop(k)) for k in ("steps", "width", "height", "seed", "batch_count", "batch_size")}
+    form_problems(numbers)
     rescale = float(v.pop("guidance_rescale"))
-    ints = {k: _whole(k, v.pop(k)) for k in ("steps", "width", "height", "seed", "batch_count", "batch_size")}
-    return GenerationRequest(**v, **ints, guidance_interval=interval, guidance_rescale=None if rescale < 0 else rescale)
+    options = GenerationOptions(
+        prompt=v.pop("prompt"), negative_prompt=v.pop("negative_prompt") or None,
+        num_inference_steps=numbers["steps"], width=numbers["width"], height=numbers["height"],
+        seed=None if numbers["seed"] == -1 else numbers["seed"], num_images_per_prompt=numbers["batch_size"],
+        guidance_interval=interval, guidance_rescale=None if rescale < 0 else rescale,
+        image=image, mask_image=mask_image, strength=None if strength is None else float(strength),
+        **{k: v.pop(k) for k in ("guidance_scale", "guidance_schedule", "guidance_min_scale")},
+    )
+    return ServiceRequest(options, sampler=v.pop("sampler"), batch_count=numbers["batch_count"])
+
+
+def form_problems(numbers: dict) -> None:
+    problems = []
+    if numbers["batch_size"] != int(numbers["batch_size"]) or not 1 <= numbers["batch_size"] <= MAX_BATCH_SIZE:
+        problems.append(f"Batch size must be from 1 to {MAX_BATCH_SIZE}, got {numbers['batch_size']}: "
+                        "use batch count for more images.")
+    if numbers["batch_count"] != int(numbers["batch_count"]) or not 1 <= numbers["batch_count"] <= MAX_BATCH_COUNT:
+        problems.append(f"Batch count must be from 1 to {MAX_BATCH_COUNT}, got {numbers['batch_count']}.")
+    if numbers["seed"] != -1 and not 0 <= numbers["seed"] <= MAX_SEED:
+        problems.append(f"Seed must be -1 (random) or from 0 to {MAX_SEED}, got {numbers['seed']}.")
+    if problems:
+        raise ValueError(" ".join(problems))
 
 
 def _whole(name: str, value) -> int | float:
-    """An int if the number is whole; left fractional so validation names the field."""
+    """An int if the number is whole; left fractional so the check names the field."""
     if value is None:
         raise ValueError(f"{name.replace('_', ' ').capitalize()} is empty: type a number.")
     return int(value) if float(value).is_integer() else float(value)
 
 
-def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict) -> dict:
+def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict, max_steps: int) -> dict:
     """The shared settings widgets (prompt, sampler, guidance, size, seed, batch).
 
     Counts and sizes are plain numbers, not sliders: out-of-range values then reach
-    `validate_request`, whose message names the field and the fix. Steps and guidance start from
+    `GenerationOptions.check`, whose message names the field and the fix. Steps and guidance start from
     `recommended` (the model's record.json defaults, `pipe.recommended`).
     """
     c = {}
@@ -301,10 +111,10 @@ def settings_controls(samplers: list[str], native: int, prefix: str, recommended
         c["sampler"] = gr.Dropdown(samplers, value=_default_sampler(samplers), label="Sampler",
                                    allow_custom_value=True)  # so an unknown name gets our message
         c["steps"] = gr.Number(value=recommended.get("num_inference_steps", 20), precision=0,
-                               label=f"Steps (1-{MAX_STEPS})")
+                               label=f"Steps (1-{max_steps})")
     with gr.Row():
-        c["width"] = gr.Number(value=native, precision=0, label="Width (multiple of 8)")
-        c["height"] = gr.Number(value=native, precision=0, label="Height (multiple of 8)")
+        c["width"] = gr.Number(value=native, precision=0, label="Width (multiple of 8)", info=f"at most {MAX_SIDE}")
+        c["height"] = gr.Number(value=native, precision=0, label="Height (multiple of 8)", info=f"at most {MAX_SIDE}")
     with gr.Row():
         c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}-seed")
         c["batch_count"] = gr.Number(value=1, precision=0, label="Batch count (batches one after another)")
@@ -344,37 +154,39 @@ def output_controls(prefix: str) -> dict:
                 seeds=gr.State([]), selected=gr.State(0))
 
 
-def run_request(generator: Generator, request: GenerationRequest, session: str, progress) -> tuple:
+def run_request(service: GenerationService, request: ServiceRequest, session: str, progress) -> tuple:
     """Gallery entries, a Markdown summary, the file paths and the seeds; any failure -> gr.Error."""
     try:
-        generator.validate(request)
+        service.check(request)
     except ValueError as error:
         raise gr.Error(str(error), title="Invalid request") from None
-    stop = threading.Event()
-    generator.stops.setdefault(session, set()).add(stop)
+    stop = service.register_stop(session)
     try:
-        results = generator.generate(request, on_step=lambda d, t: progress((d, t), unit="steps"), stop=stop)
+        results = service.generate(request, on_step=lambda d, t: progress((d, t), unit="steps"), stop=stop)
     except Exception as error:  # shown to this user only; the server and other requests carry on
-        raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", title="Generation failed") from None
+        raise gr.Error(f"Generation failed: {type(error).__name__}: {without_paths(str(error))}",
+                       title="Generation failed") from None
     finally:
-        generator.stops.get(session, set()).discard(stop)
+        service.release_stop(session, stop)
     if stop.is_set():
         gr.Warning(f"Cancelled: {len(results)} image(s) finished before the stop.")
     seeds = [recipe["seed"] for _, recipe in results]
-    gallery = [(str(path), caption(recipe)) for path, recipe in results]
+    served = [served_copy(path) for path, _ in results]
+    gallery = [(copy, metadata.format_parameters(recipe)) for copy, (_, recipe) in zip(served, results)]
     summary = "\n".join(f"- `{path.name}`: seed **{recipe['seed']}**" for path, recipe in results)
-    return gallery, summary, [str(p) for p, _ in results], seeds
+    return gallery, summary, served, seeds
 
 
-def stop_session(generator: Generator, session: str) -> None:
-    for event in list(generator.stops.get(session, ())):
-        event.set()
+def served_copy(path: Path) -> str:
+    """A written PNG copied into Gradio's cache, the one folder it serves: any --outputs folder works
+    (Gradio refuses to copy from outside the working and temp folders) and is never served itself."""
+    return gr.processing_utils.save_file_to_cache(path, cache_dir=gr.utils.get_upload_folder())
 
 
-def wire_outputs(generator: Generator, settings: dict, outputs: dict, extra_inputs: list, build, api_name: str):
+def wire_outputs(service: GenerationService, settings: dict, outputs: dict, extra_inputs: list, build, api_name: str):
     """Generate / Cancel / gallery selection / reuse seed for one tab.
 
-    `build(values: dict, *extra) -> GenerationRequest` turns the form into a request.
+    `build(values: dict, *extra) -> ServiceRequest` turns the form into a request.
     """
     names = list(SETTING_NAMES)
     inputs = [settings[n] for n in names] + extra_inputs
@@ -385,14 +197,14 @@ def wire_outputs(generator: Generator, settings: dict, outputs: dict, extra_inpu
             req = build(dict(zip(names, values[: len(names)])), *values[len(names):])
         except ValueError as error:
             raise gr.Error(str(error), title="Invalid request") from None
-        return run_request(generator, req, request.session_hash, progress)
+        return run_request(service, req, request.session_hash, progress)
 
     event = outputs["generate"].click(
         on_generate, inputs=inputs,
         outputs=[outputs["gallery"], outputs["info"], outputs["files"], outputs["seeds"]], api_name=api_name,
     )
     def on_cancel(request: gr.Request):
-        stop_session(generator, request.session_hash)  # the pipeline stops after its current step
+        service.stop_session(request.session_hash)  # the pipeline stops after its current step
 
     def on_select(evt: gr.SelectData):
         return evt.index
@@ -406,24 +218,24 @@ def wire_outputs(generator: Generator, settings: dict, outputs: dict, extra_inpu
                            outputs=settings["seed"], api_name=False)
 
 
-def txt2img_request(values: dict) -> GenerationRequest:
+def txt2img_request(values: dict) -> ServiceRequest:
     return request_from_form(values)
 
 
-def img2img_request(values: dict, image, strength) -> GenerationRequest:
+def img2img_request(values: dict, image, strength) -> ServiceRequest:
     if image is None:
         raise ValueError("No init image: upload the image to start from.")
-    return replace_image(request_from_form(values), image.convert("RGB"), None, strength)
+    return request_from_form(values, image=image, strength=strength)
 
 
-def inpaint_request(values: dict, editor, strength) -> GenerationRequest:
+def inpaint_request(values: dict, editor, strength) -> ServiceRequest:
     """Init image = the editor's background; mask = everything painted on its layers (white = repaint)."""
     if not editor or editor.get("background") is None:
         raise ValueError("No image to inpaint: upload one, then paint over the part to repaint.")
     mask = painted_mask(editor)
     if mask.getbbox() is None:
         raise ValueError("The mask is empty: paint over the part of the image to repaint.")
-    return replace_image(request_from_form(values), editor["background"].convert("RGB"), mask, strength)
+    return request_from_form(values, image=editor["background"], mask_image=mask, strength=strength)
 
 
 def painted_mask(editor: dict):
@@ -435,10 +247,6 @@ def painted_mask(editor: dict):
     return mask
 
 
-def replace_image(request: GenerationRequest, image, mask, strength) -> GenerationRequest:
-    return replace(request, image=image, mask_image=mask, strength=float(strength))
-
-
 def png_info(file) -> tuple[str, dict]:
     """The parameters text of an uploaded PNG and the txt2img fields they fill."""
     if file is None:
@@ -446,7 +254,7 @@ def png_info(file) -> tuple[str, dict]:
     try:
         found = metadata.read_png(file)
     except Exception as error:
-        return f"Cannot read this file as a PNG: {type(error).__name__}: {error}", {}
+        return f"Cannot read this file as a PNG ({type(error).__name__}): upload a PNG image.", {}
     if not found.parameters_text:
         return "This PNG carries no generation parameters.", {}
     fields = metadata.parameters_to_options(found.parameters)
@@ -472,34 +280,36 @@ def fields_to_settings(fields: dict) -> list:
     return [gr.update(value=values[n]) if n in values else gr.update() for n in SETTING_NAMES]
 
 
-def build_ui(generator: Generator):
-    samplers = generator.sampler_names
-    native = generator.pipe.unet.config.sample_size * generator.pipe.vae_scale_factor
-    recommended = getattr(generator.pipe, "recommended", {})  # pipelines not built by load_pipeline have none
+def build_ui(service: GenerationService):
+    samplers = service.sampler_names
+    native = service.pipe.unet.config.sample_size * service.pipe.vae_scale_factor
+    recommended = getattr(service.pipe, "recommended", {})  # pipelines not built by load_pipeline have none
+    max_steps = service.pipe.limits().max_steps
     with gr.Blocks(title="ldm toolkit") as demo:
-        gr.Markdown(f"## Latent diffusion\nModel: `{generator.pipe.model_id}`")
+        gr.Markdown(f"## Latent diffusion\nModel: `{service.pipe.model_id}`")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
-                txt = settings_controls(samplers, native, "txt2img", recommended)
+                txt = settings_controls(samplers, native, "txt2img", recommended, max_steps)
                 txt_out = output_controls("txt2img")
-                wire_outputs(generator, txt, txt_out, [], txt2img_request, "txt2img")
+                wire_outputs(service, txt, txt_out, [], txt2img_request, "txt2img")
             with gr.Tab("Image to image", id="img2img"):
-                init = gr.Image(type="pil", label="Init image", image_mode="RGB")
+                init = gr.Image(type="pil", label="Init image", image_mode=None)  # options.as_rgb converts any mode
                 strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the image)")
-                img = settings_controls(samplers, native, "img2img", recommended)
+                img = settings_controls(samplers, native, "img2img", recommended, max_steps)
                 img_out = output_controls("img2img")
-                wire_outputs(generator, img, img_out, [init, strength], img2img_request, "img2img")
+                wire_outputs(service, img, img_out, [init, strength], img2img_request, "img2img")
             with gr.Tab("Inpainting", id="inpaint"):
                 editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
                                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                 inpaint_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
-                inp = settings_controls(samplers, native, "inpaint", recommended)
+                inp = settings_controls(samplers, native, "inpaint", recommended, max_steps)
                 inp_out = output_controls("inpaint")
-                wire_outputs(generator, inp, inp_out, [editor, inpaint_strength], inpaint_request, "inpaint")
+                wire_outputs(service, inp, inp_out, [editor, inpaint_strength], inpaint_request, "inpaint")
             with gr.Tab("PNG info", id="pnginfo"):
                 png_tab(txt, tabs)
             with gr.Tab("Schedules", id="schedules"):
                 schedules_tab()
+    protect_inputs(demo, MAX_UPLOAD_PIXELS)  # every file input: only this session's uploads; values typed
     return demo
 
 
@@ -547,11 +357,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="generations run at the same time; the rest wait in the queue (default 2)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="weights dtype (default: fp16 on CUDA, fp32 elsewhere)")
+                        help="weights dtype (default fp32 on every device)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickle checkpoints (.ckpt/.bin/.pt): only for files you trust")
     parser.add_argument("--trace", action="store_true",
                         help="torch.jit.trace the UNet once per image shape (faster steps on CPU; a few s per new shape)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "pytorch", "onnx"],
+                        help="networks in PyTorch or ONNX Runtime (exported once per model); auto (default): the "
+                             "fastest measured, ONNX Runtime on the CPU if installed, else the traced UNet")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
@@ -561,13 +374,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        generator = Generator.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
-                                   allow_pickle=args.allow_pickle, trace=args.trace)
+        backend = ({"backend": args.backend, "trace": args.trace} if args.backend != "auto"
+                   else long_running_backend(args.device, args.dtype, args.trace))
+        service = GenerationService.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
+                                         allow_pickle=args.allow_pickle, **backend)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
-    demo = build_ui(generator)
+    demo = build_ui(service)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    # show_error=False: only our gr.Error messages reach the client, never an exception text quoting a path
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+                max_file_size=MAX_UPLOAD_SIZE)
 
 
 if __name__ == "__main__":

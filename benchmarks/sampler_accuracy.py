@@ -32,7 +32,7 @@ import torch
 
 from custom_schedulers import grids, registry
 from custom_schedulers.analytic import GaussianMixture
-from custom_schedulers.schedules import make_schedule
+from custom_schedulers.schedules import schedule_from_config
 
 NFES = (5, 10, 20, 50)
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -63,8 +63,7 @@ class Candidate:
 
 
 def exact_model(setup: Setup) -> Callable:
-    schedule = make_schedule(**{k: setup.config[k] for k in ("beta_schedule", "num_train_timesteps", "beta_start",
-                                                              "beta_end", "shift") if k in setup.config})
+    schedule = schedule_from_config(setup.config)
     prediction_type = setup.config["prediction_type"]
 
     def model(x_in: torch.Tensor, t) -> torch.Tensor:
@@ -153,8 +152,22 @@ def vp_candidates() -> list[Candidate]:
                   ours("dpmpp-2m", corrector="adams-moulton", **TUNED)),
         Candidate("ours DPM++ 3M + AM corrector (exponential, σmin 0.1, extrapolate)",
                   ours("dpmpp-3m", corrector="adams-moulton", **TUNED)),
+        Candidate("ours DPM++ 2M PC (dpmpp-2m-pc, AYS levels)", ours("dpmpp-2m-pc", sigma_schedule="align-your-steps")),
+        Candidate("ours DPM++ 2M (beta)", ours("dpmpp-2m", sigma_schedule="beta")),
+        Candidate("ours DPM++ 2M (kl-optimal)", ours("dpmpp-2m", sigma_schedule="kl-optimal")),
+        Candidate("ours DPM++ 2M (sgm-uniform)", ours("dpmpp-2m", sigma_schedule="sgm-uniform")),
+        Candidate("ours UniPC bh2 (trailing)", ours("unipc")),
+        Candidate("ours UniPC bh1 (trailing)", ours("unipc-bh1")),
+        Candidate("ours UniPC bh2 (karras)", ours("unipc", sigma_schedule="karras")),
+        Candidate("ours UniPC bh2-3 (karras)", ours("unipc", solver_order=3, sigma_schedule="karras")),
+        Candidate("ours UniPC bh2 (exponential, σmin 0.1)", ours("unipc", sigma_schedule="exponential", sigma_min=0.1)),
         Candidate("ours DDPM", ours("ddpm"), stochastic=True),
         Candidate("ours DPM++ 2M SDE (karras)", ours("dpmpp-2m-sde", sigma_schedule="karras"), stochastic=True),
+        Candidate("ours Euler a (trailing)", ours("euler-a"), stochastic=True),
+        Candidate("ours DPM++ 2S a (karras)", ours("dpmpp-2s-a", sigma_schedule="karras"), stochastic=True,
+                  two_evaluations_per_step=True),
+        Candidate("ours DPM++ SDE (karras)", ours("dpmpp-sde", sigma_schedule="karras"), stochastic=True,
+                  two_evaluations_per_step=True),
         Candidate("ours LCM", ours("lcm"), stochastic=True),
         Candidate("diffusers DDIM (default)", stock("DDIMScheduler")),
         Candidate("diffusers DDIM (trailing)", stock("DDIMScheduler", timestep_spacing="trailing")),
@@ -173,16 +186,32 @@ def vp_candidates() -> list[Candidate]:
 
 def flow_candidates() -> list[Candidate]:
     heun = {"two_evaluations_per_step": True}
+    trailing = {"sigma_schedule": "default"}  # our training-grid option; a FlowMatch config defaults to "flow-match"
     return [
-        Candidate("ours RF-Euler (trailing)", ours("rf-euler")),
-        Candidate("ours RF-Heun (trailing)", ours("rf-heun"), **heun),
-        Candidate("ours DPM++ 2M (trailing)", ours("dpmpp-2m")),
-        Candidate("ours DPM++ 3M (trailing)", ours("dpmpp-3m")),
+        Candidate("ours RF-Euler (trailing)", ours("rf-euler", **trailing)),
+        Candidate("ours RF-Heun (trailing)", ours("rf-heun", **trailing), **heun),
+        Candidate("ours RF-Euler (flow-match)", ours("rf-euler")),
+        Candidate("ours RF-Heun (flow-match)", ours("rf-heun"), **heun),
+        Candidate("ours DDIM (flow-match)", ours("ddim")),
+        Candidate("ours Euler (flow-match)", ours("euler")),
+        Candidate("ours Heun (flow-match)", ours("heun"), **heun),
+        Candidate("ours DPM++ 2M (trailing)", ours("dpmpp-2m", **trailing)),
+        Candidate("ours DPM++ 2M (flow-match)", ours("dpmpp-2m")),
+        Candidate("ours DPM++ 3M (trailing)", ours("dpmpp-3m", **trailing)),
+        Candidate("ours UniPC bh2 (flow-match)", ours("unipc")),
+        Candidate("ours UniPC bh1 (flow-match)", ours("unipc-bh1")),
+        Candidate("ours UniPC bh2 (exponential, s_min 0.09)", ours("unipc", sigma_schedule="exponential", sigma_min=0.09)),
         Candidate("ours DPM++ 3M (exponential, s_min 0.09, extrapolate)", ours("dpmpp-3m", **dict(TUNED, sigma_min=0.09))),
         Candidate("ours DPM++ 2M + AM corrector (exponential, s_min 0.09, extrapolate)",
                   ours("dpmpp-2m", corrector="adams-moulton", **dict(TUNED, sigma_min=0.09))),
+        Candidate("ours DPM++ 2M SDE (flow-match)", ours("dpmpp-2m-sde"), stochastic=True),
+        Candidate("ours Euler a (flow-match)", ours("euler-a"), stochastic=True),
+        Candidate("ours DDPM (flow-match)", ours("ddpm"), stochastic=True),
+        Candidate("ours LCM (flow-match)", ours("lcm"), stochastic=True),
         Candidate("diffusers FlowMatchEuler (default)", stock("FlowMatchEulerDiscreteScheduler")),
         Candidate("diffusers FlowMatchHeun (default)", stock("FlowMatchHeunDiscreteScheduler"), **heun),
+        Candidate("diffusers UniPC (flow sigmas)", stock("UniPCMultistepScheduler", beta_schedule="linear", use_flow_sigmas=True, flow_shift=3.0,
+                                                         prediction_type="flow_prediction")),
     ]
 
 
@@ -245,7 +274,9 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    fig, axes = plt.subplots(3, 2, figsize=(13, 15))
+    for ax in axes.flat[len(results):]:
+        ax.set_visible(False)
     for ax, (name, rows) in zip(axes.flat, results.items()):
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for row in rows:
@@ -277,12 +308,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 SD = dict(BASE, beta_schedule="scaled_linear", prediction_type="epsilon")
 COSINE = dict(BASE, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+ZTSNR = dict(SD, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
 FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
         "beta_schedule": "flow", "prediction_type": "flow"}
 OVERLAPPING, SEPARATED = (0.5, 0.3), (0.25, 0.6)  # (component std, mean spread) per coordinate
 SETUPS = {  # name: (scheduler config, mixture shape, candidates)
     "SD scaled-linear, epsilon": (SD, OVERLAPPING, vp_candidates),
     "cosine, v-prediction": (COSINE, OVERLAPPING, vp_candidates),
+    "SD zero terminal SNR, v-prediction": (ZTSNR, OVERLAPPING, vp_candidates),
     "rectified flow (shift 3), flow": (FLOW, OVERLAPPING, flow_candidates),
     "SD scaled-linear, epsilon, well-separated modes": (SD, SEPARATED, vp_candidates),
 }
@@ -309,7 +342,7 @@ def main() -> None:
     report = "\n".join([
         "# Sampler accuracy", "", "Generated by `python benchmarks/sampler_accuracy.py`; method in its docstring.",
         "Cells: value [actual NFE if below the column's]. Plot: `sampler_accuracy.png`.", "",
-        "## Headline: NFE 10", "", headline, "", *sections,
+        "## Headline: NFE 10", "", headline, "", "## Targets (issue 15)", "", targets(results), "", *sections,
         f"_{batch} samples per run, {time.time() - started:.0f} s._", "",
     ])
     print(report)
@@ -336,6 +369,28 @@ def summary(results: dict[str, list[dict]]) -> str:
             (ol, oe), (dl, de) = best(rows, "ours", 10, key), best(rows, "diffusers", 10, key)
             lines.append(f"| {name} | {'RMS' if key == 'error' else 'median'} | {recommended:.2e} | {ol}: {oe:.2e} "
                          f"| {dl}: {de:.2e} | {de / recommended:.1f}x |")
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, list[dict]]) -> str:
+    """The issue's targets, measured: our best deterministic row against the stated bound."""
+    lines = ["| target | ours, best row | bound | met |", "|---|---|---|---|"]
+
+    def row(text: str, setup: str, nfe: int, bound: float, bound_text: str) -> None:
+        label, value = best(results[setup], "ours", nfe)
+        lines.append(f"| {text} | {label}: {value:.2e} | {bound_text}: {bound:.2e} | {'yes' if value <= bound else 'no'} |")
+
+    sd = results["SD scaled-linear, epsilon"]
+    ddim_50 = next(r["cells"][50]["error"] for r in sd if r["label"] == "diffusers DDIM (default)")
+    row("SD, NFE 5 <= diffusers DDIM at NFE 50", "SD scaled-linear, epsilon", 5, ddim_50, "DDIM-50")
+    for setup, nfe in [("cosine, v-prediction", 5), ("SD zero terminal SNR, v-prediction", 5),
+                       ("rectified flow (shift 3), flow", 10), ("rectified flow (shift 3), flow", 20)]:
+        label, value = best(results[setup], "diffusers", nfe)
+        row(f"{setup}, NFE {nfe} <= half diffusers' best", setup, nfe, value / 2, f"half of {label}")
+    broken = [f"{name}: {r['label']} NFE {n}" for name, rows in results.items() for r in rows
+              if r["label"].startswith("ours") for n, c in r["cells"].items()
+              if "failure" in c or not math.isfinite(c["error"]) or c["error"] > 1e3]
+    lines += ["", f"Failing or diverging rows of ours: {', '.join(broken) or 'none'}."]
     return "\n".join(lines)
 
 

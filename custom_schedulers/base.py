@@ -12,17 +12,18 @@ identity for every sampler, VP or rectified flow.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal, Mapping, Sequence
+from enum import Enum
+from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import grids, parameterization
+from . import grids, parameterization, solvers
 from .grids import SIGMA_SCHEDULES, TIMESTEP_SPACINGS, SamplingGrid
-from .schedules import make_schedule
+from .schedules import alphas_cumprod_to_betas, make_schedule
 
 # diffusers' three mutually exclusive booleans -> our one `sigma_schedule` field.
 _DIFFUSERS_SIGMA_FLAGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential"}
@@ -42,19 +43,40 @@ def translate_sigma_flags(options: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def translate_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def translate_diffusers_config(config: Mapping[str, Any], flow_grid: str = "flow-match") -> dict[str, Any]:
     """A diffusers scheduler config re-expressed with our keys (the rest passes through unchanged).
 
     * the sigma flags, see `translate_sigma_flags`;
     * A FlowMatch config (``_class_name`` FlowMatch*, or a ``shift`` and no betas; it names no
-      prediction type) -> ``beta_schedule="flow"``, ``prediction_type="flow"``.
+      prediction type) -> ``beta_schedule="flow"``, ``prediction_type="flow"`` and, unless it names one,
+      ``sigma_schedule=flow_grid`` (the stock flow grid of the sampler's kind: "flow-match" for Euler/Heun,
+      "flow-match-multistep" for multistep solvers).
     """
     config = translate_sigma_flags(config)
     no_betas = "beta_schedule" not in config and config.get("trained_betas") is None
     if str(config.get("_class_name", "")).startswith("FlowMatch") or (no_betas and "shift" in config):
         config.setdefault("beta_schedule", "flow")
         config.setdefault("prediction_type", "flow")
+        config.setdefault("sigma_schedule", flow_grid)
     return config
+
+
+class Stage(Enum):
+    """What a model evaluation is for: a step's first (or only) evaluation, or a second-order corrector's."""
+
+    PREDICT = "predict"
+    CORRECT = "correct"
+
+
+class Evaluation(NamedTuple):
+    """One entry of a sampler's plan: the grid node where the model is evaluated, and what for."""
+
+    node: int
+    stage: Stage
+
+
+# The stock schedulers any of ours can be swapped with (`scheduler.compatibles`), as diffusers' SD family lists them.
+SD_FAMILY = [member.name for member in KarrasDiffusionSchedulers]
 
 
 class DiffusionSampler(SchedulerMixin, ConfigMixin):
@@ -69,19 +91,28 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         prediction_type (`"epsilon" | "v_prediction" | "sample" | "flow"`, "epsilon").
         timestep_spacing (`"leading" | "trailing" | "linspace"`, "trailing"): as diffusers' DDIMScheduler.
         steps_offset (`int`, 0): added to "leading" timesteps (SD 1.x uses 1).
-        sigma_schedule (`"default" | "karras" | "exponential" | "linear"`, "default"): "default" places nodes
-            by `timestep_spacing`; the others space noise levels ([Karras et al. 2022](https://arxiv.org/abs/2206.00364) eq. 5,
-            uniform log-SNR, uniform level). diffusers' `use_karras_sigmas=True` maps to "karras".
+        sigma_schedule (`"default" | "karras" | "exponential" | "linear" | "flow-match"`, "default"): "default"
+            places nodes by `timestep_spacing`; the next three space noise levels ([Karras et al. 2022](https://arxiv.org/abs/2206.00364)
+            eq. 5, uniform log-SNR, uniform level); "flow-match" (flow schedules; the default for a FlowMatch
+            config) is `FlowMatchEulerDiscreteScheduler`'s grid, custom sigmas shifted as it shifts them, and
+            "flow-match-multistep" (the default of multistep samplers on a FlowMatch config) that of diffusers'
+            UniPC / DPM-Solver with `use_flow_sigmas`;
+            "kl-optimal" (uniform in arctan sigma), "align-your-steps" / "align-your-steps-sdxl" (Sabour et al. 2024's
+            published levels, log-linearly interpolated), and ComfyUI's timestep schedules "beta" (Lee et al.
+            2024), "sgm-uniform", "simple", "normal" (see `grids.schedule_timesteps`).
+            diffusers' `use_karras_sigmas=True` maps to "karras"; the config mirrors it back (`use_karras_sigmas`,
+            `use_exponential_sigmas`) so a stock class built from our config spaces its levels the same way.
         sigma_min (`float | None`, None): the smallest nonzero level of those noise-level schedules (sigma/alpha
             for VP, s for flow); None is the training grid's smallest (diffusers' choice).
         clip_sample (`bool`, False), clip_sample_range (`float`, 1.0): clamp the x_0 estimate.
     """
 
     config_name = "scheduler_config.json"
-    _compatibles: list[str] = []
+    _compatibles: list[str] = SD_FAMILY
     ignore_for_config = ["options"]
     order = 1
     init_noise_sigma = 1.0
+    flow_grid = "flow-match"  # the default grid on a FlowMatch config: diffusers' for this kind of sampler
 
     @register_to_config
     def __init__(
@@ -96,7 +127,7 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         prediction_type: parameterization.PredictionType = "epsilon",
         timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing",
         steps_offset: int = 0,
-        sigma_schedule: Literal["default", "karras", "exponential", "linear"] = "default",
+        sigma_schedule: grids.SigmaSchedule = "default",
         sigma_min: float | None = None,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
@@ -109,21 +140,36 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         self.schedule = make_schedule(
             beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas, rescale_betas_zero_snr, shift
         )
-        self.alphas_cumprod = self.schedule.alphas_cumprod.float()  # read by training scripts (SNR weights)
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+        self._set_training_attributes()
+        # diffusers' flags for our `sigma_schedule`, for stock classes built from this config (they ignore ours).
+        self.register_to_config(use_karras_sigmas=sigma_schedule == "karras",
+                                use_exponential_sigmas=sigma_schedule == "exponential")
         self.num_inference_steps: int | None = None
         self.grid: SamplingGrid | None = None
         self._reset_history()
-        self._plan: list[tuple[int, str]] = []
+        self._plan: list[Evaluation] = []
         self._step_index: int | None = None
         self._begin_index: int | None = None
+
+    def _set_training_attributes(self) -> None:
+        """diffusers' attributes with their stock meanings (float32): `betas`, `alphas` = 1 - betas,
+        `alphas_cumprod` (read by training scripts for SNR weights), `sigmas` = sqrt((1 - alphas_cumprod) /
+        alphas_cumprod) (for flow: s) high to low plus a final 0 and `timesteps` on the training grid, as
+        `EulerDiscreteScheduler` before `set_timesteps`."""
+        abar = self.schedule.alphas_cumprod
+        self.betas = alphas_cumprod_to_betas(abar).float()
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = abar.float()
+        levels = grids.native_levels(self.schedule).flip(0)
+        self.sigmas = torch.cat([levels, levels.new_zeros(1)]).float()
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
 
     # ------------------------------------------------------------ config plumbing
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Build from any diffusers scheduler config (ours or stock); keyword arguments override it."""
-        config, overrides = translate_diffusers_config(config or {}), translate_sigma_flags(kwargs)
+        config, overrides = translate_diffusers_config(config or {}, cls.flow_grid), translate_sigma_flags(kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **overrides)
 
     @staticmethod
@@ -149,13 +195,17 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         grid = grids.build_grid(
             self.schedule, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset, cfg.sigma_schedule,
-            timesteps=timesteps, sigmas=sigmas, sigma_min=cfg.sigma_min,
+            timesteps=timesteps, sigmas=sigmas, sigma_min=cfg.sigma_min, shift=cfg.shift,
         )
         parameterization.check_x0_recoverable(cfg.prediction_type, grid.alpha[0])
-        self.grid = grid
         self.num_inference_steps = grid.num_steps
+        self.grid = grid = self._evaluation_grid(grid)
         self._plan = self._make_plan(grid)
-        self.timesteps = _as_timestep_tensor(torch.stack([grid.timesteps[node] for node, _ in self._plan]), device)
+        nodes = [node for node, _ in self._plan]
+        self.timesteps = _as_timestep_tensor(grid.timesteps[nodes], device)
+        # diffusers' Euler/DPM `sigmas`: the native level at each evaluation, then the final 0.
+        self.sigmas = torch.cat([grids.grid_levels(grid, self.schedule.kind)[nodes],
+                                 torch.zeros(1, dtype=torch.float64)]).float().to(device)
         self._reset_history()
         self._step_index = None
         self._begin_index = None
@@ -164,9 +214,13 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
         """Forget multistep / second-order state (a new sampling run starts)."""
         self.history = []
 
-    def _make_plan(self, grid: SamplingGrid) -> list[tuple[int, str]]:
-        """(grid node where the model is evaluated, stage) for every model evaluation; one per node by default."""
-        return [(i, "step") for i in range(grid.num_steps)]
+    def _evaluation_grid(self, grid: SamplingGrid) -> SamplingGrid:
+        """The grid the model is evaluated on: the step grid itself, or with extra nodes (midpoint samplers)."""
+        return grid
+
+    def _make_plan(self, grid: SamplingGrid) -> list[Evaluation]:
+        """Every model evaluation, in order; one per node by default."""
+        return [Evaluation(i, Stage.PREDICT) for i in range(grid.num_steps)]
 
     # ------------------------------------------------------------ diffusers scheduler contract
 
@@ -263,17 +317,18 @@ class DiffusionSampler(SchedulerMixin, ConfigMixin):
             eps = (x - alpha * denoised) / sigma  # keep x = alpha x_0 + sigma eps (as diffusers' DDIM does)
         return denoised, eps
 
-    def _update(self, stage: str, node: int, x, denoised, eps, generator) -> torch.Tensor:
+    def _update(self, stage: Stage, node: int, x, denoised, eps, generator) -> torch.Tensor:
         raise NotImplementedError
 
     def _noise_like(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Standard normal noise drawn as diffusers' schedulers draw it (same generator -> same noise)."""
         return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    def _node(self, node: int) -> tuple[float, float, float, float]:
-        """(alpha, sigma, alpha_next, sigma_next) of the step leaving `node`."""
+    def _step(self, node: int) -> solvers.Step:
+        """The step leaving `node`: its noise levels and its log-SNR size h (from the grid's lambdas)."""
         g = self.grid
-        return float(g.alpha[node]), float(g.sigma[node]), float(g.alpha[node + 1]), float(g.sigma[node + 1])
+        return solvers.Step(float(g.alpha[node]), float(g.sigma[node]), float(g.alpha[node + 1]),
+                            float(g.sigma[node + 1]), float(g.lambdas[node + 1] - g.lambdas[node]))
 
 
 def _check_choice(field: str, value: str, valid: Sequence[str]) -> None:

@@ -13,18 +13,24 @@ timestep for VP schedules and ``s * T`` for flow (diffusers' FlowMatch conventio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, inverse_interpolate, shift_sigmas
 
-TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SigmaSchedule = Literal["default", "karras", "exponential", "linear"]
-SIGMA_SCHEDULES = ("default", "karras", "exponential", "linear")
+SigmaSchedule = Literal[
+    "default", "karras", "exponential", "linear", "kl-optimal", "flow-match", "beta", "sgm-uniform", "simple",
+    "normal", "align-your-steps", "align-your-steps-sdxl", "flow-match-multistep",
+]
+SIGMA_SCHEDULES = (
+    "default", "karras", "exponential", "linear", "kl-optimal", "flow-match", "beta", "sgm-uniform", "simple",
+    "normal", "align-your-steps", "align-your-steps-sdxl", "flow-match-multistep",
+)
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,65 @@ def linear_levels(level_min: float, level_max: float, num_steps: int) -> torch.T
     return torch.linspace(level_max, level_min, num_steps, dtype=torch.float64)
 
 
-LEVEL_SCHEDULES = {"karras": karras_levels, "exponential": exponential_levels, "linear": linear_levels}
+def kl_optimal_levels(level_min: float, level_max: float, num_steps: int) -> torch.Tensor:
+    """Uniform in arctan(sigma): the KL-optimal schedule for a single Gaussian (Sabour et al. 2024, Align Your
+    Steps, Theorem 3.1; ComfyUI's `kl_optimal`)."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return (ramp * math.atan(level_min) + (1 - ramp) * math.atan(level_max)).tan()
+
+
+LEVEL_SCHEDULES = {"karras": karras_levels, "exponential": exponential_levels, "linear": linear_levels,
+                   "kl-optimal": kl_optimal_levels}
+
+# Align Your Steps' published 10-step noise levels sigma/alpha, noisiest first (Sabour et al. 2024, Table 3).
+ALIGN_YOUR_STEPS = {
+    "align-your-steps": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),  # SD 1.5
+    "align-your-steps-sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+
+
+def align_your_steps_levels(table: Sequence[float], num_steps: int) -> torch.Tensor:
+    """The N evaluation levels of an Align Your Steps table: its N+1 levels log-linearly interpolated to N+1 (exact
+    for the published 10 steps), the last (the sampler's end) dropped for our final sigma = 0 (as ComfyUI's
+    `AlignYourStepsScheduler`; the paper's "how-to" interpolation)."""
+    log_levels = np.log(np.asarray(table, dtype=np.float64)[::-1])
+    positions = np.linspace(0, 1, len(table))
+    levels = np.exp(np.interp(np.linspace(0, 1, num_steps + 1), positions, log_levels))[::-1]
+    return torch.from_numpy(levels[:-1].copy())
+
+
+def schedule_timesteps(name: str, num_steps: int, num_train_timesteps: int) -> torch.Tensor:
+    """Fractional training timesteps, high to low, of ComfyUI's timestep-space schedulers: "sgm-uniform" and
+    "normal" (linspace from T-1 to 0, without / with the endpoint), "simple" (every (T/N)-th training level from
+    the top) and "beta" (Lee et al. 2024, "Beta Sampling is All You Need": t = (T-1) Beta(0.6, 0.6)-quantiles)."""
+    T, N = num_train_timesteps, num_steps
+    if name == "sgm-uniform":
+        return torch.linspace(T - 1, 0, N + 1, dtype=torch.float64)[:-1]
+    if name == "normal":
+        return torch.linspace(T - 1, 0, N, dtype=torch.float64)
+    if name == "simple":
+        return torch.from_numpy((T - 1 - np.floor(np.arange(N) * T / N)).astype(np.float64))
+    from scipy.stats import beta  # scipy: a test/benchmark dependency, needed only for this schedule
+
+    return torch.from_numpy((T - 1) * beta.ppf(1 - np.arange(N) / N, 0.6, 0.6))
+
+
+TIMESTEP_SCHEDULES = ("sgm-uniform", "normal", "simple", "beta")
+
+
+def flow_match_levels(schedule: NoiseSchedule, num_steps: int, shift: float) -> torch.Tensor:
+    """diffusers' `FlowMatchEulerDiscreteScheduler` grid: s uniform from 1 down to the training grid's smallest
+    (shifted) level, then shifted (Esser et al. 2024, SD3, Sec. 5.3.2; the smallest level is shifted twice there)."""
+    s_min = float(native_levels(schedule)[0])
+    return shift_sigmas(torch.linspace(1.0, s_min, num_steps, dtype=torch.float64), shift)
+
+
+def flow_match_multistep_levels(num_steps: int, num_train_timesteps: int, shift: float) -> torch.Tensor:
+    """The flow grid of diffusers' multistep schedulers (`UniPCMultistepScheduler`, `DPMSolverMultistepScheduler`
+    with `use_flow_sigmas`): s uniform from 1 to 1/T over N + 1 points, the last dropped, then shifted. Unlike
+    FlowMatchEuler's grid it has no node near s = 0, whose lopsided last step a multistep extrapolation overshoots."""
+    ramp = torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1, dtype=torch.float64)[:-1]
+    return shift_sigmas(ramp, shift)
 
 
 # ---------------------------------------------------------------- native level <-> (alpha, sigma)
@@ -117,6 +181,12 @@ def level_to_alpha_sigma(level: torch.Tensor, kind: str) -> tuple[torch.Tensor, 
     alpha = 1.0 / torch.sqrt(1.0 + level**2)
     sigma = torch.where(torch.isinf(level), torch.ones_like(level), level * alpha)
     return alpha, sigma
+
+
+def grid_levels(grid: SamplingGrid, kind: str) -> torch.Tensor:
+    """The native level at a grid's N evaluation nodes (diffusers' Euler/DPM `sigmas` without the final 0)."""
+    sigma = grid.sigma[:-1]
+    return sigma.clone() if kind == "flow" else sigma / grid.alpha[:-1]
 
 
 def level_at_timestep(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
@@ -140,17 +210,11 @@ def alpha_sigma_at_timestep(schedule: NoiseSchedule, timesteps) -> tuple[torch.T
 
 def timestep_from_level(schedule: NoiseSchedule, levels: torch.Tensor) -> torch.Tensor:
     """Fractional training timestep of native levels: the exact inverse of `level_at_timestep`
-    (levels increase with t); levels beyond the grid clamp to 0 or T-1."""
-    grid = native_levels(schedule)
-    finite = torch.isfinite(grid)
-    grid_f = grid[finite]
-    t_grid = torch.arange(schedule.num_train_timesteps, dtype=torch.float64)[finite]
+    (levels increase with t); levels beyond the grid clamp to 0 or T-1 (T-1 also beyond the largest finite one)."""
+    grid, T = native_levels(schedule), schedule.num_train_timesteps
     target = torch.as_tensor(levels, dtype=torch.float64)
-    clamped = target.clamp(grid_f[0], grid_f[-1])
-    idx = torch.searchsorted(grid_f, clamped).clamp(1, grid_f.shape[0] - 1)
-    lo, hi = grid_f[idx - 1], grid_f[idx]
-    t = t_grid[idx - 1] + (clamped - lo) / (hi - lo) * (t_grid[idx] - t_grid[idx - 1])
-    return torch.where(target > grid_f[-1], torch.full_like(t, schedule.num_train_timesteps - 1.0), t)
+    t = inverse_interpolate(grid, torch.arange(T, dtype=torch.float64), target)
+    return torch.where(target > grid[torch.isfinite(grid)][-1], torch.full_like(t, T - 1.0), t)
 
 
 def model_timesteps(schedule: NoiseSchedule, levels: torch.Tensor) -> torch.Tensor:
@@ -210,22 +274,47 @@ def level_range(schedule: NoiseSchedule) -> tuple[float, float]:
 def build_grid(
     schedule: NoiseSchedule, num_steps: int | None, spacing: str = "trailing", steps_offset: int = 0,
     sigma_schedule: str = "default", timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
-    sigma_min: float | None = None,
+    sigma_min: float | None = None, shift: float = 1.0,
 ) -> SamplingGrid:
-    """The sampling grid from a step count and spacing, a noise-level schedule, or custom timesteps / sigmas."""
+    """The sampling grid from a step count and spacing, a noise-level schedule, or custom timesteps / sigmas.
+
+    With sigma_schedule "flow-match" (flow schedules only) custom sigmas are shifted by `shift`, as diffusers'
+    FlowMatch schedulers shift them; otherwise they are taken literally."""
     T, kind = schedule.num_train_timesteps, schedule.kind
+    if sigma_schedule.startswith("flow-match") and kind != "flow":
+        raise ValueError(f'sigma_schedule "{sigma_schedule}" needs a rectified-flow schedule (beta_schedule "flow"); '
+                         f"for this {kind} schedule use one of: default, karras, exponential, linear.")
     if timesteps is not None and sigmas is not None:
         raise ValueError("Pass either custom `timesteps` or custom `sigmas`, not both.")
     if sigmas is not None:
         levels = _levels_from_sigmas(sigmas, schedule)
+        if sigma_schedule.startswith("flow-match"):
+            levels = shift_sigmas(levels, shift)
         return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
     if timesteps is not None:
         t = _timesteps_in_range(torch.as_tensor(timesteps, dtype=torch.float64).flatten(), schedule, "custom timesteps")
         return SamplingGrid(t, *_append_final(*alpha_sigma_at_timestep(schedule, t)))
     _check_num_steps(num_steps, T)
+    if sigma_schedule.startswith("flow-match"):
+        levels = (flow_match_levels(schedule, num_steps, shift) if sigma_schedule == "flow-match"
+                  else flow_match_multistep_levels(num_steps, T, shift))
+        return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
+    if sigma_schedule in TIMESTEP_SCHEDULES:
+        t = schedule_timesteps(sigma_schedule, num_steps, T)
+        levels = level_at_timestep(schedule, t)
+        return _grid_from_levels(levels, levels * T if kind == "flow" else t, kind)
+    if sigma_schedule in ALIGN_YOUR_STEPS:
+        if kind == "flow":
+            raise ValueError(f"sigma_schedule {sigma_schedule!r} holds SD's noise levels; it needs a VP schedule.")
+        levels = align_your_steps_levels(ALIGN_YOUR_STEPS[sigma_schedule], num_steps)
+        return _grid_from_levels(levels, model_timesteps(schedule, levels), kind)
     if sigma_schedule != "default":
         return _grid_from_sigma_schedule(schedule, num_steps, sigma_schedule, sigma_min)
-    t = _timesteps_in_range(spaced_timesteps(spacing, num_steps, T, steps_offset), schedule, f"{spacing!r} timesteps")
+    t = spaced_timesteps(spacing, num_steps, T, steps_offset)
+    _check_descending(t, f"{spacing!r} timesteps")
+    if t[-1] < 0 or t[0] > T - 1:  # indexes of the training grid, for flow schedules too
+        raise ValueError(f"{spacing!r} timesteps must lie in [0, {T - 1}], got {t[-1].item():g}..{t[0].item():g}: "
+                         f"lower steps_offset ({steps_offset}).")
     levels = native_levels(schedule)[t.long()]
     model_t = levels * T if kind == "flow" else t
     return _grid_from_levels(levels, model_t, kind)

@@ -31,14 +31,26 @@ def check_prediction_type(prediction_type: str) -> str:
     return prediction_type
 
 
+EPSILON_AT_ZERO_SNR = (
+    "epsilon prediction at zero terminal SNR is singular: where alpha = 0 the input is pure noise, so an "
+    "epsilon model's output carries no information about the image and x_0 = (x_t - sigma*eps)/alpha is 0/0 "
+    "(Lin et al. 2023, Sec. 3.2). Zero-terminal-SNR models are trained with v_prediction (recommended with "
+    "'trailing' timestep spacing)."
+)
+
+
+def check_zero_terminal_snr(prediction_type: str, zero_terminal_snr: bool) -> None:
+    """Refuse epsilon prediction on a zero-terminal-SNR schedule (training, scheduler swaps)."""
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError(EPSILON_AT_ZERO_SNR)
+
+
 def check_x0_recoverable(prediction_type: str, alpha) -> None:
-    """Refuse epsilon prediction where alpha = 0: x_0 = (x_t - sigma*eps)/alpha is 0/0 there."""
+    """Refuse epsilon prediction where alpha = 0 (sampling from the terminal step of such a schedule)."""
     if prediction_type == "epsilon" and bool(torch.any(torch.as_tensor(alpha) == 0)):
         raise ValueError(
-            "epsilon prediction cannot recover x_0 where alpha = 0 (zero terminal SNR): the model output "
-            "carries no information about the image there. Use a v_prediction (or flow / sample) model with "
-            "zero terminal SNR (Lin et al. 2023 pair it with 'trailing' spacing), or with this epsilon model "
-            "use 'leading' spacing or custom timesteps/sigmas that start below the terminal timestep."
+            f"{EPSILON_AT_ZERO_SNR} With this epsilon model, use 'leading' spacing or custom timesteps/sigmas "
+            "that start below the terminal timestep."
         )
 
 
@@ -75,11 +87,6 @@ def to_x0_eps(
 def to_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
     """The denoised estimate x_0 from any prediction type."""
     return to_x0_eps(model_output, x_t, alpha, sigma, prediction_type)[0]
-
-
-def to_eps(model_output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
-    """The noise estimate eps from any prediction type."""
-    return to_x0_eps(model_output, x_t, alpha, sigma, prediction_type)[1]
 
 
 def target(prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, alpha, sigma) -> torch.Tensor:

@@ -4,7 +4,9 @@
     pipe.scheduler = registry.build("dpmpp-2m", pipe.scheduler.config, sigma_schedule="karras")
 
 Our short names ("ddim", "dpmpp-2m", ...) and our class names build our samplers; diffusers'
-stock scheduler class names ("DPMSolverMultistepScheduler", ...) build the stock scheduler.
+stock scheduler class names ("DPMSolverMultistepScheduler", ...) build the stock scheduler; A1111 names
+("DPM++ 2M Karras", "Euler a") and ComfyUI names (`build("dpmpp_2m", config, schedule="karras")`) build
+what they name (see `names`).
 Overrides are config fields of the built class, e.g. `timestep_spacing`, `eta`, `solver_order`,
 `sigma_schedule` (ours) or `use_karras_sigmas` (stock and ours).
 """
@@ -16,15 +18,19 @@ from typing import Any, Mapping
 import diffusers
 from diffusers import SchedulerMixin
 
+from . import names
 from .base import _DIFFUSERS_SIGMA_FLAGS, DiffusionSampler
+from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
-from .scheduling_dpmpp import DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
+from .scheduling_dpmpp import DPMSolverPlusPlus3MSDESampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
+from .scheduling_dpmpp_2s import DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler
 from .scheduling_euler import EulerSampler
 from .scheduling_heun import HeunSampler
 from .scheduling_lcm import LCMSampler
 from .scheduling_named import CosineScheduler, ZeroTerminalSNRScheduler
 from .scheduling_rectified_flow import RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, RectifiedFlowScheduler
+from .scheduling_unipc import UniPCSampler
 
 # short name -> (our class, the options that name implies)
 OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
@@ -38,6 +44,12 @@ OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
     "rf-euler": (RectifiedFlowEulerSampler, {}),
     "rf-heun": (RectifiedFlowHeunSampler, {}),
     "lcm": (LCMSampler, {}),
+    "unipc": (UniPCSampler, {"solver_type": "bh2"}),
+    "unipc-bh1": (UniPCSampler, {"solver_type": "bh1"}),
+    "euler-a": (EulerAncestralSampler, {}),
+    "dpmpp-2s-a": (DPMSolverPlusPlus2SAncestralSampler, {}),
+    "dpmpp-sde": (DPMSolverPlusPlusSinglestepSDESampler, {}),
+    "dpmpp-3m-sde": (DPMSolverPlusPlus3MSDESampler, {}),
     # Our most accurate configuration on docs/sampler_accuracy.md: DPM++ 2M with the Adams-Moulton corrector,
     # log-SNR-uniform levels down to sigma/alpha = 0.1 (s = 0.1 for flow) and the extrapolated final step.
     "dpmpp-2m-pc": (DPMSolverPlusPlusSampler, {"solver_order": 2, "corrector": "adams-moulton",
@@ -51,8 +63,9 @@ OUR_CLASSES: dict[str, type[DiffusionSampler]] = {
     cls.__name__: cls
     for cls in (
         DDPMSampler, DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
-        RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler,
-        CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
+        RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, UniPCSampler,
+        EulerAncestralSampler, DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler,
+        DPMSolverPlusPlus3MSDESampler, CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
     )
 }
 
@@ -75,33 +88,59 @@ def is_ours(name: str) -> bool:
     return name in OURS or name in OUR_CLASSES
 
 
-def build(name: str, config: Mapping[str, Any], **overrides) -> SchedulerMixin:
+def build(name: str, config: Mapping[str, Any], schedule: str | None = None, **overrides) -> SchedulerMixin:
     """Scheduler `name` built from an existing scheduler config (e.g. `pipe.scheduler.config`).
 
-    The config carries the model's noise schedule and prediction type; `overrides` set sampler
-    options (they win over both the config and the options a short name implies).
+    The config carries the model's noise schedule and prediction type; `schedule` (an A1111 schedule
+    type or ComfyUI scheduler name, "Karras", "sgm_uniform", ...) and `overrides` set sampler options
+    (they win over both the config and the options a name implies).
     """
     config = dict(config)
+    if not (is_ours(name) or name in STOCK):
+        if names.resolve(name, schedule) is None:
+            raise ValueError(f"Unknown scheduler {name!r}; available: {', '.join(available())}; "
+                             f"or an A1111 / ComfyUI name: {', '.join(names.known())}.")
+        name, schedule = names.resolve(name, schedule)
+    overrides = {**names.schedule_overrides(schedule, stock=name in STOCK), **overrides}
     if name in OURS:
         cls, implied = OURS[name]
-        _check_overrides(name, cls, overrides)
+        check_options(name, cls, overrides)
         return cls.from_config(config, **{**implied, **overrides})
     if name in OUR_CLASSES:
-        _check_overrides(name, OUR_CLASSES[name], overrides)
+        check_options(name, OUR_CLASSES[name], overrides)
         return OUR_CLASSES[name].from_config(config, **overrides)
     if name in STOCK and hasattr(diffusers, name):
         cls = getattr(diffusers, name)
-        _check_overrides(name, cls, overrides)
+        check_options(name, cls, overrides)
         return cls.from_config(config, **overrides)
     raise ValueError(f"Unknown scheduler {name!r}; available: {', '.join(available())}.")
 
 
-def _check_overrides(name: str, cls: type, overrides: Mapping[str, Any]) -> None:
-    """Refuse an option the scheduler does not have (diffusers' `from_config` would drop it silently)."""
-    accepted = cls._get_init_keys(cls) | set(_DIFFUSERS_SIGMA_FLAGS) | {"use_beta_sigmas"}
+def describe(class_name: str, config: Mapping[str, Any]) -> tuple[str, str]:
+    """(A1111 sampler name, schedule type) of a scheduler class and its config, e.g. ("DPM++ 2M", "Karras")."""
+    return names.a1111_names(short_name(class_name, config), config)
+
+
+def short_name(class_name: str, config: Mapping[str, Any]) -> str:
+    """The most specific short name whose class and implied options match, the level schedule aside (the
+    schedule type names that); the class name where none does."""
+    matches = [name for name, (cls, implied) in OURS.items()
+               if cls.__name__ == class_name
+               and all(config.get(k) == v for k, v in implied.items() if k != "sigma_schedule")]
+    return max(matches, key=lambda name: len(OURS[name][1]), default=class_name)
+
+
+def check_options(name: str, cls: type, overrides: Mapping[str, Any]) -> None:
+    """Refuse an option the scheduler does not have (diffusers' `from_config` would drop it silently).
+
+    Our samplers also take diffusers' sigma flags (`use_karras_sigmas`, ...), translated to `sigma_schedule`.
+    Used by `build` and by `ldm_pipeline.scheduler_swap`: one check, one message."""
+    accepted = cls._get_init_keys(cls) - {"self", "args", "kwargs"}
+    if issubclass(cls, DiffusionSampler):
+        accepted |= set(_DIFFUSERS_SIGMA_FLAGS) | {"use_beta_sigmas"}
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ValueError(
             f"Scheduler {name!r} has no option {', '.join(map(repr, unknown))}; "
-            f"its options are: {', '.join(sorted(accepted - {'self', 'kwargs'}))}."
+            f"its options are: {', '.join(sorted(accepted))}."
         )

@@ -83,7 +83,7 @@ def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0
 
 
 def sigmoid_betas(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """Sigmoid betas on [-6, 6] (as in diffusers' DDPMScheduler and the seed's `sigmoid_beta_schedule`)."""
+    """Sigmoid betas on [-6, 6] (as in diffusers' DDPMScheduler's "sigmoid" beta schedule)."""
     ramp = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64))
     return ramp * (beta_end - beta_start) + beta_start
 
@@ -177,6 +177,18 @@ def make_schedule(
     return vp_schedule(betas)
 
 
+SCHEDULE_KEYS = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "trained_betas",
+                 "rescale_betas_zero_snr", "shift")
+
+
+def schedule_from_config(config) -> NoiseSchedule:
+    """The schedule a diffusers scheduler config (a mapping, ours or stock) describes: `make_schedule` of its
+    `SCHEDULE_KEYS` (missing ones take `make_schedule`'s defaults, as a stock scheduler's would)."""
+    if "beta_schedule" not in config:
+        raise ValueError(f"the scheduler config has no `beta_schedule`, so its noise schedule is unknown: {dict(config)}")
+    return make_schedule(**{key: config[key] for key in SCHEDULE_KEYS if key in config})
+
+
 # ---------------------------------------------------------------- SNR helpers
 
 
@@ -190,30 +202,35 @@ def log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return 2.0 * (torch.log(alpha) - torch.log(sigma))
 
 
+def inverse_interpolate(values: torch.Tensor, positions: torch.Tensor, target) -> torch.Tensor:
+    """The position where the piecewise-linear curve through (positions[i], values[i]) takes `target`: the inverse
+    of linear interpolation. `values` increase; non-finite ones are skipped; targets beyond them clamp to the ends."""
+    finite = torch.isfinite(values)
+    values_f, positions_f = values[finite], positions[finite]
+    clamped = torch.as_tensor(target, dtype=torch.float64).clamp(values_f[0], values_f[-1])
+    idx = torch.searchsorted(values_f, clamped).clamp(1, values_f.shape[0] - 1)
+    lo, hi = values_f[idx - 1], values_f[idx]
+    w = ((clamped - lo) / (hi - lo)).nan_to_num(0.0)
+    return positions_f[idx - 1] + w * (positions_f[idx] - positions_f[idx - 1])
+
+
 def timestep_from_log_snr(schedule: NoiseSchedule, target_log_snr: torch.Tensor) -> torch.Tensor:
     """Fractional training timestep whose log-SNR equals `target_log_snr` (piecewise-linear inverse).
 
     log-SNR decreases with t; values outside the grid clamp to 0 or T-1.
     """
+    T = schedule.num_train_timesteps
     grid = schedule.log_snr.flip(0)  # increasing
     target = torch.as_tensor(target_log_snr, dtype=torch.float64)
-    finite = torch.isfinite(grid)
-    grid_f = grid[finite]
-    t_grid = torch.arange(schedule.num_train_timesteps - 1, -1, -1, dtype=torch.float64)[finite]
-    clamped = target.clamp(grid_f[0], grid_f[-1])
-    idx = torch.searchsorted(grid_f, clamped).clamp(1, grid_f.shape[0] - 1)
-    lo, hi = grid_f[idx - 1], grid_f[idx]
-    w = ((clamped - lo) / (hi - lo)).nan_to_num(0.0)
-    t = t_grid[idx - 1] + w * (t_grid[idx] - t_grid[idx - 1])
-    t = torch.where(target <= grid[0], torch.full_like(t, schedule.num_train_timesteps - 1.0), t)
-    return t
+    t = inverse_interpolate(grid, torch.arange(T - 1, -1, -1, dtype=torch.float64), target)
+    return torch.where(target <= grid[0], torch.full_like(t, T - 1.0), t)
 
 
 # ---------------------------------------------------------------- analysis
 
 
 def analyze_schedule(schedule: NoiseSchedule) -> dict:
-    """What the seed's `analyze_schedules` reports, as numbers: beta range, final alpha-bar,
+    """A schedule's key numbers: beta range, final alpha-bar,
     SNR at start and end, log-SNR range and the timestep where SNR is closest to 1."""
     abar = schedule.alphas_cumprod
     betas = alphas_cumprod_to_betas(abar) if schedule.kind == "vp" else None

@@ -11,7 +11,7 @@ from .base import DiffusionSampler
 class DDPMSampler(DiffusionSampler):
     """Ancestral DDPM sampler, [Ho et al. 2020](https://arxiv.org/abs/2006.11239), "fixed_small" variance.
 
-    Matches diffusers' `DDPMScheduler` (variance_type "fixed_small") on the same grid and noise.
+    Rule: `solvers.ddpm_step`. Matches diffusers' `DDPMScheduler` (variance_type "fixed_small") on the same grid and noise.
     Config: the `DiffusionSampler` fields only.
     """
 
@@ -21,6 +21,6 @@ class DDPMSampler(DiffusionSampler):
 
     def _update(self, stage, node, x, denoised, eps, generator):
         # x_{t-1} ~ q(x_{t-1} | x_t, x_0), Ho et al. 2020 eqs. 6-7, with x_0 from the model.
-        alpha, sigma, alpha_next, sigma_next = self._node(node)
-        noise = self._noise_like(x, generator) if sigma_next > 0 else None
-        return solvers.ddpm_step(x, denoised, alpha, sigma, alpha_next, sigma_next, noise)
+        step = self._step(node)
+        noise = self._noise_like(x, generator) if step.sigma_next > 0 else None
+        return solvers.ddpm_step(x, denoised, step, noise)

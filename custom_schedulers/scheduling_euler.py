@@ -10,6 +10,7 @@ from .scheduling_ode import ProbabilityFlowODESampler
 class EulerSampler(ProbabilityFlowODESampler):
     """Euler in (x/alpha, sigma/alpha), [Karras et al. 2022](https://arxiv.org/abs/2206.00364) Alg. 1 without churn:
     diffusers' `EulerDiscreteScheduler` and k-diffusion's `sample_euler` (their sample is our x / alpha).
+    Rule: `solvers.euler_step` in `solvers.to_ode_coordinates(..., "ve")`, driven by `ProbabilityFlowODESampler`.
 
     Config: the `DiffusionSampler` fields only.
     """

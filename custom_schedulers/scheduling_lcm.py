@@ -12,6 +12,7 @@ class LCMSampler(DiffusionSampler):
     """Multistep consistency sampler, [Song et al. 2023](https://arxiv.org/abs/2303.01469) Alg. 1, with the LCM
     boundary condition, [Luo et al. 2023](https://arxiv.org/abs/2310.04378): x_0 = c_skip x + c_out x_theta,
     then re-noise x_0 to the next node with fresh noise (diffusers' `LCMScheduler` on the same grid).
+    Rules: `solvers.consistency_boundary`, `solvers.consistency_step`.
 
     Config (besides the `DiffusionSampler` fields):
         timestep_scaling (`float`, 10.0): t in c_skip(t), c_out(t) is timestep * timestep_scaling.
@@ -39,6 +40,6 @@ class LCMSampler(DiffusionSampler):
         return c_out * denoised + c_skip * x, eps
 
     def _update(self, stage, node, x, denoised, eps, generator):
-        _, _, alpha_next, sigma_next = self._node(node)
-        noise = self._noise_like(x, generator) if sigma_next > 0 else None
-        return solvers.consistency_step(denoised, alpha_next, sigma_next, noise)
+        step = self._step(node)
+        noise = self._noise_like(x, generator) if step.sigma_next > 0 else None
+        return solvers.consistency_step(denoised, step, noise)

@@ -10,6 +10,7 @@ from .scheduling_ode import ProbabilityFlowODESampler
 class RectifiedFlowEulerSampler(ProbabilityFlowODESampler):
     """Euler in the flow time s = sigma/(alpha+sigma) with velocity u = eps - x_0,
     [Liu et al. 2022](https://arxiv.org/abs/2209.03003): diffusers' `FlowMatchEulerDiscreteScheduler`.
+    Rule: `solvers.euler_step` in `solvers.to_ode_coordinates(..., "flow")` (`ProbabilityFlowODESampler`).
 
     Drives any model: an epsilon or v SD model is moved to flow coordinates x/(alpha+sigma) and back.
     Config: the `DiffusionSampler` fields only (`shift` for flow schedules).
@@ -25,6 +26,7 @@ class RectifiedFlowEulerSampler(ProbabilityFlowODESampler):
 
 class RectifiedFlowHeunSampler(ProbabilityFlowODESampler):
     """Heun in the flow time s (diffusers' `FlowMatchHeunDiscreteScheduler`); two evaluations per step.
+    Rules: `solvers.euler_step` then `solvers.heun_step` in "flow" coordinates (`ProbabilityFlowODESampler`).
 
     Config: the `DiffusionSampler` fields only.
     """
@@ -45,6 +47,8 @@ class RectifiedFlowScheduler(RectifiedFlowEulerSampler):
     `beta_schedule` is always "flow" (that is what the name means); a config naming betas is overridden.
     Defaults: prediction_type "flow", timestep_spacing "trailing" (s = 1 first), shift 1.0 (SD3 uses 3.0).
     """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]  # a flow schedule only
 
     @register_to_config
     def __init__(self, prediction_type: str = "flow", **options):

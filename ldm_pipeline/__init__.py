@@ -6,24 +6,27 @@ Public entry points (stable names):
   -> `LatentTextToImagePipeline` (no model: the embedded default model); see `loading`.
 * `swap_scheduler(pipe, name, **overrides)` -> `SwapReport`; see `scheduler_swap`.
 * `LatentTextToImagePipeline.__call__(prompt, **options)` -> `LatentPipelineOutput`
-  (images, seeds, unet_evaluations, recipes); options are `GenerationOptions`.
+  (images, seeds, unet_evaluations, recipes); options are `GenerationOptions` (`options`:
+  the one settings record, its defaults, `check()`, recipe round trip, seed rule).
+* `GenerationService` / `ServiceRequest`: a loaded model serving many requests (the UI); see `service`.
 * `metadata.write_png / read_png / parse_parameters / format_parameters`: PNG metadata.
 * `ldm-generate` / `python -m ldm_pipeline`: batch generation; see `generate`.
 """
 
 from ldm_pipeline.guidance import Guidance, GuidanceInterval
 from ldm_pipeline.loading import ModelLoadError, load_pipeline
+from ldm_pipeline.options import GenerationOptions, InvalidOptions
 from ldm_pipeline.pipeline import (
     GenerationCancelled,
-    GenerationOptions,
     LatentPipelineOutput,
     LatentTextToImagePipeline,
+    NonFiniteLatents,
     StepInfo,
 )
 from ldm_pipeline.scheduler_swap import SchedulerSwapError, SwapReport, available_schedulers, swap_scheduler
 
 __all__ = [
-    "GenerationCancelled", "GenerationOptions", "Guidance", "GuidanceInterval", "LatentPipelineOutput",
-    "LatentTextToImagePipeline", "ModelLoadError", "SchedulerSwapError", "StepInfo", "SwapReport",
+    "GenerationCancelled", "GenerationOptions", "Guidance", "GuidanceInterval", "InvalidOptions",
+    "LatentPipelineOutput", "LatentTextToImagePipeline", "ModelLoadError", "NonFiniteLatents", "SchedulerSwapError", "StepInfo", "SwapReport",
     "available_schedulers", "load_pipeline", "swap_scheduler",
 ]

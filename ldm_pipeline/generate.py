@@ -8,10 +8,14 @@ Prompts: one on the command line, or a file: `.txt` (one prompt per line; blank 
 lines starting with `#` are skipped) or `.jsonl` (one JSON object per line with `prompt`
 and any of the per-line overrides in `LINE_KEYS`).
 
+A line becomes a `GenerationOptions` (the pipeline's own record, `ldm_pipeline.options`,
+which checks it with the same messages as the pipeline and the app) plus a sampler name;
+`n` is its `num_images_per_prompt`.
+
 Seeds: image k of prompt i (i = the prompt's 0-based line index in the file) gets seed
-`base + 10000 * i + k`, or `seed + k` when the line gives its own seed. It is a pure
-function of (base seed, i, k), so results depend neither on the batch size nor on the
-number of processes.
+`base + 10000 * i + k`, or `seed + k` when the line gives its own seed (`options.line_seed`,
+`options.image_seeds`). It is a pure function of (base seed, i, k), so results depend
+neither on the batch size nor on the number of processes.
 
 Outputs, in `--out`: `{i:05d}_{k:03d}.png` with the AUTOMATIC1111 `parameters` chunk and
 the full JSON recipe (see `metadata`), and `manifest.jsonl`, one line per image, rebuilt
@@ -20,7 +24,11 @@ renamed. Rerunning skips every image whose file already holds the same request.
 
 Bad lines (unknown key or scheduler, size not a multiple of 8, empty prompt, ...) are
 reported with their line number and skipped; a failing image does not stop the others.
-Exit code: 0 if everything was made, 1 if any line or image failed, 2 for bad arguments.
+An output folder that cannot be written (a file, no permission, a full disk) stops the run
+with one message; `manifest.jsonl` then still lists exactly the PNGs on disk (or is removed
+when even it cannot be written), and no temporary file is left.
+Exit code: 0 if everything was made, 1 if any line or image failed, 2 for bad arguments
+or an unusable output folder, 130 when interrupted (Ctrl-C; rerun to resume).
 
 Multi-process (`accelerate launch`): the full list of images is split between processes
 with `PartialState.split_between_processes`; each process makes its share. On a machine
@@ -33,11 +41,13 @@ MPI (`mpirun` installed), and otherwise runs one process that makes every image.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -45,39 +55,37 @@ import torch
 from accelerate import PartialState
 
 from ldm_pipeline import metadata
-from ldm_pipeline.guidance import SCHEDULE_NAMES, as_interval
-from ldm_pipeline.loading import ModelLoadError, load_pipeline
-from ldm_pipeline.scheduler_swap import SchedulerSwapError, swap_scheduler
+from ldm_pipeline.atomic import atomic_write_bytes
+from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
+from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
+from ldm_pipeline.prompt_weights import EMPHASIS_MODES
+from ldm_pipeline.service import prepare_schedulers
 
 logger = logging.getLogger("ldm_pipeline.generate")
 
-SEED_STRIDE = 10_000  # images per prompt before seeds of neighbouring prompts meet
+# a prompt line's keys -> the GenerationOptions field each sets ("scheduler" and "n" are the CLI's own)
 LINE_KEYS = {
-    "prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": float,
-    "guidance_schedule": str, "guidance_min_scale": float, "guidance_interval": object,
-    "guidance_rescale": float, "width": int, "height": int, "scheduler": str, "n": int,
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "num_inference_steps",
+    "guidance": "guidance_scale", "guidance_schedule": "guidance_schedule",
+    "guidance_min_scale": "guidance_min_scale", "guidance_interval": "guidance_interval",
+    "guidance_rescale": "guidance_rescale", "width": "width", "height": "height", "clip_skip": "clip_skip",
+    "emphasis": "emphasis", "scheduler": None, "n": "num_images_per_prompt",
 }
+
+
+class OutputError(OSError):
+    """The output folder cannot be written (a file, no permission, a full disk); the message says which."""
 
 
 @dataclass(frozen=True)
 class Job:
-    """One prompt line with every setting resolved (command-line defaults + line overrides)."""
+    """One prompt line: its settings (seed = the line's first seed, num_images_per_prompt = n) and sampler."""
 
     index: int  # i: 0-based line index in the prompt file (0 for a command-line prompt)
     line: int  # 1-based line number (0 for a command-line prompt)
-    prompt: str
-    negative_prompt: str = ""
-    seed: int | None = None  # the line's own seed, else derived from the base seed
-    steps: int = 30
-    guidance: float = 7.5
-    guidance_schedule: str = "constant"
-    guidance_min_scale: float = 1.0
-    guidance_interval: object = None
-    guidance_rescale: float | None = None
-    width: int = 512
-    height: int = 512
+    options: GenerationOptions
     scheduler: str | None = None
-    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -94,19 +102,9 @@ class Unit:
 
     def request(self) -> dict:
         """What this image is: compared on resume to decide whether a file can be kept."""
-        job = asdict(self.job)
-        job.pop("n")
-        return {**job, "k": self.k, "seed": self.seed, "guidance_interval": _interval_json(self.job.guidance_interval)}
-
-
-def _interval_json(value):
-    interval = as_interval(value)
-    return interval.as_dict() if interval else None
-
-
-def image_seed(base: int, index: int, k: int, own_seed: int | None) -> int:
-    """Seed of image k of prompt `index`: a pure function of (base, index, k)."""
-    return own_seed + k if own_seed is not None else base + SEED_STRIDE * index + k
+        settings = self.job.options.settings()
+        settings.pop("num_images_per_prompt")
+        return {**settings, "scheduler": self.job.scheduler, "index": self.job.index, "k": self.k, "seed": self.seed}
 
 
 # ---------------------------------------------------------------- reading prompts
@@ -123,7 +121,12 @@ class LineError:
 
 def read_prompt_lines(path: Path) -> Iterator[tuple[int, dict | str]]:
     """(line number, prompt text or dict of overrides) for every non-blank, non-comment line."""
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                         "save the prompt file as UTF-8.") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         text = raw.strip()
         if not text or text.startswith("#"):
             continue
@@ -136,8 +139,8 @@ def read_prompt_lines(path: Path) -> Iterator[tuple[int, dict | str]]:
             yield number, text
 
 
-def make_job(defaults: Job, number: int, content) -> Job:
-    """A job from a line (raises ValueError naming the problem)."""
+def make_job(defaults: Job, base_seed: int, number: int, content) -> Job:
+    """A job from a line: the command line's options with the line's keys on top (checked later)."""
     if isinstance(content, str):
         content = {"prompt": content}
     if not isinstance(content, dict):
@@ -145,32 +148,26 @@ def make_job(defaults: Job, number: int, content) -> Job:
     unknown = sorted(set(content) - set(LINE_KEYS))
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(LINE_KEYS)}")
-    for key, kind in LINE_KEYS.items():
-        if key in content and kind is not object and not isinstance(content[key], (kind, int) if kind is float else kind):
-            raise ValueError(f"`{key}` must be {kind.__name__}, got {content[key]!r}")
-    return replace(defaults, index=number - 1, line=number, **content)
+    index = number - 1
+    changes = {LINE_KEYS[k]: v for k, v in content.items() if LINE_KEYS[k]}
+    changes.setdefault("seed", line_seed(base_seed, index))
+    options = replace(defaults.options, **changes)
+    return Job(index, number, options, content.get("scheduler", defaults.scheduler))
 
 
-def check_job(job: Job, size_multiple: int, schedulers: dict) -> None:
-    """Raise ValueError for a job that cannot run."""
-    if not job.prompt.strip():
-        raise ValueError("empty prompt")
-    if job.width % size_multiple or job.height % size_multiple or job.width <= 0 or job.height <= 0:
-        raise ValueError(f"size {job.width}x{job.height} is not a positive multiple of {size_multiple}")
-    if not 1 <= job.n <= SEED_STRIDE:
-        raise ValueError(f"n must be between 1 and {SEED_STRIDE}, got {job.n}")
-    if job.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {job.steps}")
-    if job.guidance_schedule not in SCHEDULE_NAMES:
-        raise ValueError(f"unknown guidance_schedule {job.guidance_schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
-    as_interval(job.guidance_interval)
+def check_job(job: Job, pipe, schedulers: dict) -> None:
+    """Raise ValueError for a job that cannot run: the record's own check, the sampler, the CLI's n limit."""
+    job.options.check(pipe.limits())
+    n = job.options.num_images_per_prompt
+    if n > SEED_STRIDE:
+        raise ValueError(f"n must be between 1 and {SEED_STRIDE} (the seed stride between lines), got {n}")
     if job.scheduler is not None and isinstance(schedulers.get(job.scheduler), Exception):
         raise ValueError(str(schedulers[job.scheduler]))
 
 
 def load_jobs(args, defaults: Job) -> tuple[list[Job], list[LineError]]:
     if args.prompts is None:
-        return [replace(defaults, prompt=args.prompt)], []
+        return [defaults], []
     path = Path(args.prompts)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found.")
@@ -182,28 +179,12 @@ def load_jobs(args, defaults: Job) -> tuple[list[Job], list[LineError]]:
             errors.append(content)
             continue
         try:
-            jobs.append(make_job(defaults, number, content))
+            jobs.append(make_job(defaults, args.seed, number, content))
         except (ValueError, TypeError) as error:
             errors.append(LineError(number, str(error)))
+    if not jobs and not errors:
+        raise ValueError(f"{path}: no prompts in the file (only blank lines or # comments).")
     return jobs, errors
-
-
-# ---------------------------------------------------------------- schedulers
-
-
-def prepare_schedulers(pipe, names: set[str]) -> dict:
-    """name -> checked scheduler (or the error that makes the name unusable for this model)."""
-    base = pipe.scheduler
-    prepared = {None: base}
-    for name in sorted(names):
-        try:
-            swap_scheduler(pipe, name)
-            prepared[name] = pipe.scheduler
-        except SchedulerSwapError as error:
-            prepared[name] = error
-        finally:
-            pipe.scheduler = base
-    return prepared
 
 
 # ---------------------------------------------------------------- generating
@@ -220,8 +201,9 @@ def is_done(path: Path, unit: Unit) -> bool:
     return bool(recipe) and (recipe.get("batch") or {}).get("request") == unit.request()
 
 
-def units_for(jobs: list[Job], base_seed: int) -> list[Unit]:
-    return [Unit(job, k, image_seed(base_seed, job.index, k, job.seed)) for job in jobs for k in range(job.n)]
+def units_for(jobs: list[Job]) -> list[Unit]:
+    return [Unit(job, k, seed) for job in jobs
+            for k, seed in enumerate(image_seeds(job.options.seed, job.options.num_images_per_prompt))]
 
 
 def batches(units: list[Unit], batch_size: int) -> Iterator[list[Unit]]:
@@ -236,31 +218,34 @@ def batches(units: list[Unit], batch_size: int) -> Iterator[list[Unit]]:
         yield current
 
 
-def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, clip_skip: int | None) -> None:
+def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path) -> None:
     job = batch[0].job
     scheduler = schedulers[job.scheduler]
     pipe.scheduler = type(scheduler).from_config(scheduler.config)  # fresh state for every batch
-    result = pipe(
-        job.prompt, negative_prompt=job.negative_prompt or None, num_inference_steps=job.steps,
-        guidance_scale=job.guidance, guidance_schedule=job.guidance_schedule, guidance_min_scale=job.guidance_min_scale,
-        guidance_interval=job.guidance_interval, guidance_rescale=job.guidance_rescale, width=job.width,
-        height=job.height, seed=[u.seed for u in batch], num_images_per_prompt=len(batch), clip_skip=clip_skip,
-        progress_bar=False,
-    )
+    options = replace(job.options, seed=[u.seed for u in batch], num_images_per_prompt=len(batch), progress_bar=False)
+    result = pipe(**options.kwargs())
     for unit, image, recipe in zip(batch, result.images, result.recipes):
         recipe["batch"] = {"line": job.line, "index": job.index, "k": unit.k, "request": unit.request()}
-        metadata.write_png(out / unit.filename, image, recipe)
+        try:
+            metadata.write_png(out / unit.filename, image, recipe)
+        except OSError as error:
+            raise OutputError(error.errno, f"cannot write {out / unit.filename}: {error.strerror or error}") from None
 
 
-def run_share(pipe, schedulers, units: list[Unit], out: Path, args, process: str) -> int:
-    """Make the images of this process' share; returns the number of failed images."""
+def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, process: str) -> int:
+    """Make the images of this process' share; returns the number of failed images.
+
+    A failing prompt does not stop the rest; an output folder that cannot take a file stops the share."""
     todo = [u for u in units if not is_done(out / u.filename, u)]
     print(f"process {process}: {len(units)} images in its share, {len(units) - len(todo)} already done",
           file=sys.stderr)
     failed = 0
-    for batch in batches(todo, args.batch_size):
+    for batch in batches(todo, batch_size):
         try:
-            generate_batch(pipe, schedulers, batch, out, args.clip_skip)
+            generate_batch(pipe, schedulers, batch, out)
+        except OutputError as error:
+            print(f"error: {error.strerror}; stopping (rerun to make the rest)", file=sys.stderr)
+            return len(todo) - sum(is_done(out / u.filename, u) for u in todo)
         except Exception as error:  # one failing prompt must not stop the rest
             failed += len(batch)
             where = f"line {batch[0].job.line}" if batch[0].job.line else "prompt"
@@ -269,7 +254,10 @@ def run_share(pipe, schedulers, units: list[Unit], out: Path, args, process: str
 
 
 def write_manifest(out: Path, units: list[Unit]) -> int:
-    """manifest.jsonl from the images on disk (atomic); returns the number of images listed."""
+    """manifest.jsonl from the images on disk (atomic); returns the number of images listed.
+
+    When it cannot be written (a full disk), the old one is removed rather than left describing
+    other files, and OutputError says so; a rerun rebuilds it from the PNGs."""
     lines = []
     for unit in units:
         path = out / unit.filename
@@ -277,9 +265,12 @@ def write_manifest(out: Path, units: list[Unit]) -> int:
             recipe = metadata.read_png(path).recipe
             lines.append(json.dumps({"file": unit.filename, **recipe["batch"], "seed": unit.seed, "recipe": recipe},
                                     sort_keys=True))
-    tmp = out / ".manifest.jsonl.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(out / "manifest.jsonl")
+    try:
+        atomic_write_bytes(out / "manifest.jsonl", "".join(line + "\n" for line in lines).encode("utf-8"))
+    except OSError as error:
+        (out / "manifest.jsonl").unlink(missing_ok=True)
+        raise OutputError(error.errno, f"cannot write {out / 'manifest.jsonl'} ({error.strerror or error}); "
+                                       "it was removed, rerun to rebuild it from the PNGs") from None
     return len(lines)
 
 
@@ -314,10 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale phi (default: 0.7 for zero-terminal-SNR models, else 0)")
     p.add_argument("--scheduler", default=None, metavar="NAME", help="sampler name (default: the model's own)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i gets seed + 10000*i + k (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; image k of prompt i gets seed + 10000*i + k (default %(default)s)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--clip-skip", type=int, default=None, help="1 = penultimate CLIP layer (diffusers convention)")
+    p.add_argument("--emphasis", default="original", choices=EMPHASIS_MODES,
+                   help="A1111 prompt emphasis (word:1.2) [word] BREAK: original (default), no_norm, or off (plain text)")
     # model and run
     p.add_argument("--model", default=None, metavar="PATH", help="diffusers folder or .safetensors (default: embedded)")
     p.add_argument("--config", default=None, metavar="DIR", help="config folder for a single-file checkpoint")
@@ -330,32 +324,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     p.add_argument("--trace", action="store_true",
                    help="torch.jit.trace the UNet once per shape: faster steps for many images, ~2 s to trace")
+    p.add_argument("--backend", default="pytorch", choices=BACKENDS,
+                   help="run the networks in PyTorch or ONNX Runtime (exported once per model; default %(default)s)")
     p.add_argument("--verbose", action="store_true", help="log progress")
     return p
 
 
-def default_job(args, pipe) -> Job:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return Job(
-        index=0, line=0, prompt=args.prompt or "", negative_prompt=args.negative,
-        steps=args.steps if args.steps is not None else pipe.recommended.get("num_inference_steps", Job.steps),
-        guidance=args.guidance if args.guidance is not None else pipe.recommended.get("guidance_scale", Job.guidance),
-        guidance_schedule=args.guidance_schedule, guidance_min_scale=args.guidance_min_scale,
+def default_job(args) -> Job:
+    """The command line's settings; steps and guidance left out become the model's (`with_defaults`)."""
+    options = GenerationOptions(
+        prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
+        guidance_min_scale=args.guidance_min_scale,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-        guidance_rescale=args.guidance_rescale, width=args.width or native, height=args.height or native,
-        scheduler=args.scheduler, n=args.n,
+        guidance_rescale=args.guidance_rescale, width=args.width, height=args.height, seed=args.seed,
+        num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis,
     )
+    return Job(index=0, line=0, options=options, scheduler=args.scheduler)
 
 
 def checked_jobs(jobs: list[Job], pipe, schedulers: dict) -> tuple[list[Job], list[LineError]]:
     good, errors = [], []
     for job in jobs:
+        job = replace(job, options=job.options.with_defaults(pipe.recommended))
         try:
-            check_job(job, max(8, pipe.vae_scale_factor), schedulers)
+            check_job(job, pipe, schedulers)
             good.append(job)
         except ValueError as error:
             errors.append(LineError(job.line, str(error)))
     return good, errors
+
+
+def prepare_output(out: Path) -> None:
+    """Create the output folder and prove a file can be written there; OutputError says what is wrong."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(errno.ENOTDIR, f"--out {out} is a file, not a folder: choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-", suffix=".tmp"):
+            pass
+    except OSError as error:
+        raise OutputError(error.errno, f"cannot write to the output folder {out}: "
+                                       f"{error.strerror or error}; choose another --out") from None
+    remove_stale_temporaries(out)
 
 
 def use_cpu_processes() -> bool:
@@ -367,6 +378,15 @@ def use_cpu_processes() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("interrupted: the images already written are kept; rerun the same command to make the rest",
+              file=sys.stderr)
+        return 130
+
+
+def run(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
@@ -375,30 +395,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     state = PartialState(cpu=use_cpu_processes())
+    out = Path(args.out)
     try:
         pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
-                             vae_tiling=args.vae_tiling, trace=args.trace)
-        jobs, errors = load_jobs(args, default_job(args, pipe))
-    except (ModelLoadError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+                             vae_tiling=args.vae_tiling, trace=args.trace, backend=args.backend)
+        jobs, errors = load_jobs(args, default_job(args))
+        prepare_output(out)  # once the model loads (a refused run leaves no folder); every process, before any writes
+    except (ModelLoadError, OutputError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error.strerror if isinstance(error, OutputError) else error}", file=sys.stderr)
         return 2
     schedulers = prepare_schedulers(pipe, {job.scheduler for job in jobs if job.scheduler})
     jobs, bad = checked_jobs(jobs, pipe, schedulers)
     errors = sorted(errors + bad, key=lambda e: e.line)
-    out = Path(args.out)
     if state.is_main_process:
         for error in errors:
             print(f"skipped {error}", file=sys.stderr)
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
     state.wait_for_everyone()
-    units = units_for(jobs, args.seed)
+    units = units_for(jobs)
     with state.split_between_processes(units) as share:
-        failed = run_share(pipe, schedulers, share, out, args, f"{state.process_index}/{state.num_processes}")
+        failed = run_share(pipe, schedulers, share, out, args.batch_size, f"{state.process_index}/{state.num_processes}")
     state.wait_for_everyone()
     if state.is_main_process:
-        made = write_manifest(out, units)
+        try:
+            made = write_manifest(out, units)
+        except OutputError as error:
+            print(f"error: {error.strerror}", file=sys.stderr)
+            return 1
         print(f"{made} of {len(units)} images in {out} ({len(errors)} bad line(s))", file=sys.stderr)
         failed = max(failed, len(units) - made)
     return 1 if errors or failed else 0

@@ -11,7 +11,7 @@ Notation (one convention for the whole module):
   SD 1.5); ``log_snr = -2 log(sigma)``.
 
 A guidance *schedule* gives w as a function of tau (constant, linear ramps, cosine,
-the seed's ``w * (0.5 + 0.5 * t/T)``, or any callable). A guidance *interval* limits
+``linear_down_to_half``: ``w * (0.5 + 0.5 * t/T)``, or any callable). A guidance *interval* limits
 guidance to noise levels ``sigma_lo < sigma <= sigma_hi`` (Kynkaenniemi et al. 2024,
 "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality");
 outside it the unconditional pass is skipped entirely. Being given in noise level,
@@ -20,16 +20,19 @@ the interval means the same at any step count and for any sampler.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Union
+from typing import Callable, Union
 
 import torch
 
-from custom_schedulers.schedules import make_schedule
+from custom_schedulers.base import translate_diffusers_config
+from custom_schedulers.grids import level_at_timestep, level_to_alpha_sigma
+from custom_schedulers.schedules import NoiseSchedule, make_schedule
 
-ScheduleName = Literal["constant", "linear_up", "linear_down", "cosine", "seed"]
-SCHEDULE_NAMES = ("constant", "linear_up", "linear_down", "cosine", "seed")
+SCHEDULE_NAMES = ("constant", "linear_up", "linear_down", "cosine", "linear_down_to_half")
+SCHEDULE_ALIASES = {"seed": "linear_down_to_half"}  # the old name, still read so old recipes reproduce
 ScaleFunction = Callable[[float], float]
 
 
@@ -73,8 +76,8 @@ def guidance_scale_at(scale: float, schedule: Union[str, ScaleFunction], tau: fl
     """w at tau = t/T for a named schedule or a callable tau -> w."""
     if callable(schedule):
         return float(schedule(tau))
-    if schedule == "seed":
-        return scale * (0.5 + 0.5 * tau)  # the seed's dynamic_cfg: w * (0.5 + 0.5 * t/T)
+    if schedule == "linear_down_to_half":
+        return scale * (0.5 + 0.5 * tau)  # w at pure noise down to w/2 at the clean end
     return min_scale + (scale - min_scale) * schedule_multiplier(schedule, tau)
 
 
@@ -131,35 +134,33 @@ def as_interval(value) -> GuidanceInterval | None:
 class NoiseLevels:
     """sigma = sigma_t / alpha_t at any (fractional) timestep of a scheduler's training schedule.
 
-    Between grid points sigma is interpolated linearly in t, as diffusers' Euler scheduler
-    does for fractional timesteps; it is +inf where alpha_t = 0 (zero terminal SNR).
+    The schedule is the one `custom_schedulers` builds from the scheduler's config, and the level
+    between grid points is `grids.level_at_timestep`'s (linear in t, as diffusers' Euler
+    scheduler interpolates); it is +inf where alpha_t = 0 (zero terminal SNR).
     """
 
-    def __init__(self, alpha: torch.Tensor, sigma: torch.Tensor):
-        alpha, sigma = alpha.to(torch.float64), sigma.to(torch.float64)
-        self.ratio = torch.where(alpha > 0, sigma / alpha.clamp_min(1e-300), torch.full_like(alpha, math.inf))
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
 
     @classmethod
     def from_scheduler(cls, scheduler) -> "NoiseLevels":
-        """From the config keys (VP or rectified flow), as `custom_schedulers.schedules.make_schedule` reads them."""
-        config = scheduler.config
-        if "beta_schedule" not in config:
+        """From the scheduler's config (VP or rectified flow, ours or diffusers')."""
+        config = translate_diffusers_config(dict(scheduler.config))
+        if "beta_schedule" not in config and config.get("trained_betas") is None:
             raise ValueError(
                 f"{type(scheduler).__name__} has no `beta_schedule` in its config, so the noise level of its "
                 "timesteps is unknown; a guidance interval needs a scheduler built on a training noise schedule."
             )
-        keys = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "trained_betas",
-                "rescale_betas_zero_snr", "shift")
-        schedule = make_schedule(**{k: config[k] for k in keys if k in config})
-        return cls(schedule.alpha, schedule.sigma)
+        keys = inspect.signature(make_schedule).parameters
+        return cls(make_schedule(**{k: v for k, v in config.items() if k in keys}))
 
     def sigma(self, timestep) -> float:
-        t = min(max(float(timestep), 0.0), self.ratio.shape[0] - 1.0)
-        lo = int(math.floor(t))
-        w = t - lo
-        if w == 0.0:
-            return float(self.ratio[lo])
-        return float(self.ratio[lo] + w * (self.ratio[lo + 1] - self.ratio[lo]))
+        t = min(max(float(timestep), 0.0), self.schedule.num_train_timesteps - 1.0)
+        level = level_at_timestep(self.schedule, torch.tensor([t]))
+        if self.schedule.kind == "vp":  # the native level is sigma/alpha itself
+            return float(level[0])
+        alpha, sigma = level_to_alpha_sigma(level, "flow")  # native level s: alpha = 1 - s, sigma = s
+        return float(sigma[0] / alpha[0]) if alpha[0] > 0 else math.inf
 
 
 # ---------------------------------------------------------------- everything together
@@ -170,7 +171,8 @@ class Guidance:
     """How the conditional and unconditional predictions are combined at each step.
 
     scale       w of classifier-free guidance (1 = conditional only, no unconditional pass)
-    schedule    "constant" | "linear_up" | "linear_down" | "cosine" | "seed" | callable(tau) -> w
+    schedule    "constant" | "linear_up" | "linear_down" | "cosine" | "linear_down_to_half" | callable(tau) -> w
+                (the old name "seed" of linear_down_to_half is accepted and recorded as the new name)
     min_scale   w at the far end of the ramps (linear_up, linear_down, cosine); unused otherwise
     interval    GuidanceInterval in noise level, or None for every step
     rescale     phi of guidance rescale (0 = off; 0.7 for zero-terminal-SNR models)
@@ -184,6 +186,8 @@ class Guidance:
     num_train_timesteps: int = field(default=1000, compare=False)
 
     def __post_init__(self):
+        if isinstance(self.schedule, str):
+            object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
         if not callable(self.schedule) and self.schedule not in SCHEDULE_NAMES:
             raise ValueError(
                 f"Unknown guidance schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)} or a callable."
@@ -222,8 +226,13 @@ class GuidancePlan:
         return self.guidance.scale_at(timestep)
 
     def scales(self, timesteps) -> list[float]:
-        """w for every step of a run."""
-        return [self.scale_at(t) for t in torch.as_tensor(timesteps).tolist()]
+        """w for every step of a run; a schedule giving a non-finite w is refused before any step runs."""
+        scales = [self.scale_at(t) for t in torch.as_tensor(timesteps).tolist()]
+        for step, w in enumerate(scales, start=1):
+            if not math.isfinite(w):
+                raise ValueError(f"Guidance schedule (guidance_schedule) gave w = {w} at step {step}: a schedule "
+                                 "must return a finite guidance scale.")
+        return scales
 
     @staticmethod
     def needs_uncond(scale: float) -> bool:

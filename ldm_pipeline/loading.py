@@ -17,7 +17,10 @@ unless `allow_pickle=True`.
 
 Keyword options (`kw`): `config` (see above), `scheduler` (a name for `swap_scheduler`)
 and the switches of `acceleration.Accelerations` (xformers, attention_slicing,
-vae_slicing, vae_tiling, cpu_offload, compile).
+vae_slicing, vae_tiling, cpu_offload, compile, trace).
+
+`backend`: "pytorch" (default) or "onnx": the same pipeline with its networks run by
+onnxruntime, from an `ldm-export-onnx` folder or exported on first use (`onnx_backend`).
 
 Every failure raises `ModelLoadError` naming the path and what is wrong.
 """
@@ -43,6 +46,7 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHT_COMPONENTS = ("vae", "text_encoder", "unet")
+BACKENDS = ("pytorch", "onnx")
 
 
 class ModelLoadError(ValueError):
@@ -55,6 +59,7 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
+    backend: str = "pytorch",
     **kw,
 ) -> LatentTextToImagePipeline:
     """Load a pipeline from a folder, a single file or the embedded default (see module docstring)."""
@@ -64,24 +69,42 @@ def load_pipeline(
                         f"{', '.join(Accelerations.names())}.")
     accelerations = Accelerations(**{k: kw[k] for k in Accelerations.names() if k in kw})
     path = resolve_model_path(model)
-    torch_dtype = resolve_dtype(dtype)
-    device = select_device(device)
-    if path.is_dir():
-        pipe = load_folder(path, torch_dtype, allow_pickle)
+    if backend == "pytorch":
+        pipe = load_torch_pipeline(path, device, dtype, allow_pickle, kw.get("config"), accelerations)
+    elif backend == "onnx":
+        from ldm_pipeline.onnx_backend import load_onnx_pipeline
+
+        pipe = load_onnx_pipeline(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                  config=kw.get("config"), accelerations=accelerations)
     else:
-        pipe = load_single_file(path, torch_dtype, allow_pickle, kw.get("config"))
-    check_components_fit(pipe, path)
-    pipe.model_id, pipe.model_hash = str(path), model_hash(path)
+        raise ModelLoadError(f"Unknown backend {backend!r}; valid: {', '.join(BACKENDS)}.")
     pipe.recommended = recommended_settings(path)
-    if not accelerations.cpu_offload or device.type != "cuda":
-        pipe.to(device)
-    apply_accelerations(pipe, accelerations, device)
     from ldm_pipeline.scheduler_swap import swap_scheduler, use_trailing_spacing_if_zero_terminal_snr
 
     if kw.get("scheduler"):
         swap_scheduler(pipe, kw["scheduler"])
     else:
         use_trailing_spacing_if_zero_terminal_snr(pipe)
+    return pipe
+
+
+def load_torch_pipeline(path: Path, device, dtype, allow_pickle: bool, config, accelerations: Accelerations):
+    device = select_device(device)
+    pipe = load_components(path, resolve_dtype(dtype), allow_pickle, config)
+    if not accelerations.cpu_offload or device.type != "cuda":
+        pipe.to(device)
+    apply_accelerations(pipe, accelerations, device)
+    return pipe
+
+
+def load_components(path: Path, dtype: torch.dtype, allow_pickle: bool, config) -> LatentTextToImagePipeline:
+    """The model's PyTorch networks as stored (CPU, eager, the model's own scheduler), checked and hashed."""
+    if path.is_dir():
+        pipe = load_folder(path, dtype, allow_pickle)
+    else:
+        pipe = load_single_file(path, dtype, allow_pickle, config)
+    check_components_fit(pipe, path)
+    pipe.model_id, pipe.model_hash = str(path), model_hash(path)
     return pipe
 
 
@@ -120,6 +143,8 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 def check_folder(path: Path, allow_pickle: bool) -> None:
     """Fail early, naming the file, for the usual ways a folder is broken."""
+    if (path / "unet" / "model.onnx").is_file():
+        raise ModelLoadError(f"{path}: an ONNX export; load it with backend='onnx' (--backend onnx).")
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path}: not a diffusers model folder (model_index.json is missing).")
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]

@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -32,24 +31,14 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from custom_schedulers import names, registry
+from ldm_pipeline.atomic import atomic_file
+
 RECIPE_KEY = "ldm_recipe"
 PARAMETERS_KEY = "parameters"
 
-# diffusers scheduler class -> the sampler name AUTOMATIC1111 shows
-A1111_SAMPLERS = {
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PLMS",
-    "LMSDiscreteScheduler": "LMS",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "HeunDiscreteScheduler": "Heun",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "DPMSolverSinglestepScheduler": "DPM++ SDE",
-    "KDPM2DiscreteScheduler": "DPM2",
-    "UniPCMultistepScheduler": "UniPC",
-    "DDPMScheduler": "DDPM",
-    "LCMScheduler": "LCM",
-}
+# our emphasis mode -> A1111's "Emphasis" infotext value (A1111 writes it only when not "Original")
+A1111_EMPHASIS = {"no_norm": "No norm", "off": "None"}
 
 # A1111's parameter regex: `key: value` or `key: "json string"`, comma separated
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -86,14 +75,24 @@ def _json_safe(value):
     return str(value)
 
 
+def backend_of(pipe) -> str:
+    """"onnx" when the networks run in onnxruntime (the `onnx_backend` adapters say so), else "pytorch"."""
+    return getattr(pipe.unet, "backend", "pytorch")
+
+
 def make_recipe(pipe, generation: dict) -> dict:
-    """The full recipe of one image: generation settings + scheduler + model + versions."""
+    """The full recipe of one image: generation settings + scheduler + model + backend + versions."""
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    backend = backend_of(pipe)
+    versions = library_versions()
+    if backend == "onnx":
+        versions["onnxruntime"] = importlib_metadata.version("onnxruntime")
     return _json_safe({
         **generation,
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": config},
         "model": {"id": getattr(pipe, "model_id", None), "hash": getattr(pipe, "model_hash", None)},
-        "versions": library_versions(),
+        "backend": backend,
+        "versions": versions,
     })
 
 
@@ -106,9 +105,9 @@ def _quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
-def sampler_name(scheduler_class: str, config: dict) -> str:
-    name = A1111_SAMPLERS.get(scheduler_class, scheduler_class)
-    return name + " Karras" if config.get("use_karras_sigmas") else name
+def sampler_name(scheduler_class: str, config: dict) -> tuple[str, str]:
+    """(Sampler, Schedule type) as A1111 1.9+ writes them (`custom_schedulers.names`)."""
+    return registry.describe(scheduler_class, config)
 
 
 def format_parameters(recipe: dict) -> str:
@@ -116,9 +115,11 @@ def format_parameters(recipe: dict) -> str:
     guidance = recipe.get("guidance") or {}
     scheduler = recipe.get("scheduler") or {}
     model = recipe.get("model") or {}
+    sampler, schedule_type = sampler_name(scheduler.get("class", "?"), scheduler.get("config") or {})
     fields = {
         "Steps": recipe.get("steps"),
-        "Sampler": sampler_name(scheduler.get("class", "?"), scheduler.get("config") or {}),
+        "Sampler": sampler,
+        "Schedule type": schedule_type,
         "CFG scale": guidance.get("scale"),
         "Seed": recipe.get("seed"),
         "Size": f"{recipe.get('width')}x{recipe.get('height')}",
@@ -127,8 +128,10 @@ def format_parameters(recipe: dict) -> str:
         "Denoising strength": recipe.get("strength"),
         "Clip skip": recipe["clip_skip"] + 1 if recipe.get("clip_skip") else None,  # A1111 counts from 1
         "CFG Rescale phi": guidance.get("rescale") or None,
+        "Emphasis": A1111_EMPHASIS.get(recipe.get("emphasis")),
         "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
         "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
+        "Backend": recipe.get("backend") if recipe.get("backend") not in (None, "pytorch") else None,
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
@@ -171,7 +174,26 @@ def parameters_to_options(params: dict) -> dict:
             options[name] = kind(params[key])
     if "Clip skip" in params:
         options["clip_skip"] = int(params["Clip skip"]) - 1
+    options.update(sampler_options(params))
+    if "Emphasis" in params:  # absent: A1111's "Original", which is our default too
+        options["emphasis"] = {label: mode for mode, label in A1111_EMPHASIS.items()}.get(params["Emphasis"], "original")
     return options
+
+
+def sampler_options(params: dict) -> dict:
+    """{"scheduler": registry name, "scheduler_options": its schedule fields} from A1111's `Sampler` and
+    `Schedule type` (or a ` Karras` suffix); empty when the PNG names no sampler or one we do not know."""
+    if "Sampler" not in params:
+        return {}
+    schedule = params.get("Schedule type")
+    found = names.resolve(params["Sampler"], None if schedule in (None, "Automatic") else schedule)
+    if found is None:
+        return {}
+    try:
+        overrides = names.schedule_overrides(found[1], stock=not registry.is_ours(found[0]))
+    except ValueError:  # a schedule type we do not have: the sampler with its own levels
+        overrides = {}
+    return {"scheduler": found[0], "scheduler_options": overrides}
 
 
 def recipe_to_options(recipe: dict) -> dict:
@@ -183,6 +205,7 @@ def recipe_to_options(recipe: dict) -> dict:
         "width": recipe["width"], "height": recipe["height"], "clip_skip": recipe.get("clip_skip"),
         "guidance_scale": guidance.get("scale", 7.5), "guidance_rescale": guidance.get("rescale", 0.0),
         "guidance_min_scale": guidance.get("min_scale", 1.0), "guidance_interval": guidance.get("interval"),
+        "emphasis": recipe.get("emphasis", "off"),  # recipes from before emphasis read prompts as plain text
     }
     schedule = guidance.get("schedule", "constant")
     if schedule.startswith("callable:"):
@@ -196,28 +219,12 @@ def recipe_to_options(recipe: dict) -> dict:
 
 def write_png(path: str | os.PathLike, image: Image.Image, recipe: dict) -> Path:
     """Write `image` with the parameters and recipe chunks, atomically (temp file + rename)."""
-    path = Path(path)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, format_parameters(recipe))
     info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 @dataclass

@@ -10,7 +10,9 @@ folder loads into it with `from_pretrained`. Public call::
                image=None, strength=None, mask_image=None, callback=None, progress_bar=True)
     out.images, out.seeds, out.unet_evaluations, out.recipes
 
-Every keyword is a field of `GenerationOptions` (documented there). Seeds: image j of
+Every keyword is a field of `GenerationOptions` (`ldm_pipeline.options`, documented there), which
+checks them all before the model runs; steps and guidance left out are the model's recommended
+settings (`pipe.recommended`, from its record.json), then SD's 30 / 7.5. Seeds: image j of
 the call uses seed `seed + j` (or `seed[j]` for a list), drawn from its own generator,
 so an image depends only on its seed, never on the batch it was made in.
 
@@ -25,11 +27,9 @@ for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it.
 from __future__ import annotations
 
 import inspect
-import random
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Union
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -43,11 +43,19 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
+from ldm_pipeline.options import GenerationOptions, ModelLimits, as_rgb, image_seeds
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
+
+__all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImagePipeline",
+           "NonFiniteLatents", "StepInfo"]
 
 
 class GenerationCancelled(RuntimeError):
     """Raised when the step callback asks to stop."""
+
+
+class NonFiniteLatents(FloatingPointError):
+    """The denoising loop produced NaN or infinite latents; nothing is decoded or returned."""
 
 
 @dataclass
@@ -70,75 +78,10 @@ class LatentPipelineOutput(BaseOutput):
 
 
 @dataclass
-class GenerationOptions:
-    """Everything one pipeline call takes.
-
-    prompt / negative_prompt   str or list (one negative, or one per prompt; None = "")
-    prompt_embeds / negative_prompt_embeds   precomputed [B, 77*k, dim] instead of text
-    num_inference_steps        sampler steps (img2img runs strength * steps of them)
-    guidance_scale             CFG w (1 = conditional only)
-    guidance_schedule          "constant" | "linear_up" | "linear_down" | "cosine" | "seed" | callable(t/T) -> w
-    guidance_min_scale         w at the far end of the ramps
-    guidance_interval          (sigma_lo, sigma_hi), GuidanceInterval or dict; None = every step
-    guidance_rescale           phi (Lin et al. 2023); None = 0.7 for zero-terminal-SNR schedulers, else 0
-    width / height             pixels, multiples of the VAE factor (8 for SD); default unet size
-    seed                       int (image j gets seed + j), list of ints, or None (random)
-    num_images_per_prompt      images for each prompt
-    image / strength           img2img: init image (PIL, tensor in [-1, 1] or list) and strength in (0, 1]
-    mask_image                 inpainting: white = repaint, black = keep (strength defaults to 1)
-    clip_skip                  diffusers convention: 1 = penultimate CLIP layer
-    output_type                "pil" | "np" | "pt" | "latent"
-    callback                   callable(StepInfo) -> bool | None; True cancels
-    progress_bar               show a tqdm bar
-    """
-
-    prompt: Union[str, list[str], None] = None
-    negative_prompt: Union[str, list[str], None] = None
-    prompt_embeds: torch.Tensor | None = None
-    negative_prompt_embeds: torch.Tensor | None = None
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    guidance_schedule: Union[str, Callable[[float], float]] = "constant"
-    guidance_min_scale: float = 1.0
-    guidance_interval: Any = None
-    guidance_rescale: float | None = None
-    width: int | None = None
-    height: int | None = None
-    seed: Union[int, list[int], None] = None
-    num_images_per_prompt: int = 1
-    image: Any = None
-    strength: float | None = None
-    mask_image: Any = None
-    clip_skip: int | None = None
-    output_type: str = "pil"
-    callback: Callable[[StepInfo], Any] | None = None
-    progress_bar: bool = True
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
-        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TypeError(
-                f"Unknown pipeline option(s) {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(cls))}."
-            )
-        return cls(**kwargs)
-
-
-def image_seeds(seed: int | list[int] | None, count: int) -> list[int]:
-    """One seed per image: seed + j, the given list, or random ones."""
-    if seed is None:
-        seed = random.randrange(2**31)
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != count:
-            raise ValueError(f"Got {len(seed)} seeds for {count} images; give one seed or one per image.")
-        return [int(s) for s in seed]
-    return [int(seed) + j for j in range(count)]
-
-
-@dataclass
 class InpaintBlend:
     """Keeps the unmasked region: after each step it is replaced by the known latents re-noised
-    to the new level (the seed's inpainting loop; diffusers' 4-channel inpainting does the same)."""
+    to the new level (RePaint-style blending, Lugmayr et al. 2022; diffusers' 4-channel inpainting
+    pipelines blend the same way)."""
 
     known: torch.Tensor  # clean latents of the init image
     mask: torch.Tensor  # [B, 1, h, w], 1 = repaint
@@ -188,10 +131,11 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
 
     @torch.no_grad()
     def __call__(self, prompt=None, **options) -> LatentPipelineOutput:
-        opts = GenerationOptions.from_kwargs(prompt=prompt, **options)
+        opts = GenerationOptions.from_kwargs(prompt=prompt, **options).with_defaults(self.recommended)
+        opts.check(self.limits())
         self._call_device = self._execution_device  # walks every module (~10 ms): once per call
-        # 1. Check inputs
-        prompts = self._check_inputs(opts)
+        # 1. Check inputs (done above), prompts and size
+        prompts = opts.prompt_list()
         width, height = self._size(opts)
         count = len(prompts) * opts.num_images_per_prompt
         # 2. Seeds, guidance, timesteps
@@ -207,6 +151,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         latents, blend = self._initial_latents(opts, (count, width, height), timesteps, generators, embeds.cond.dtype)
         # 5. Denoising loop
         latents, evaluations = self._denoise(latents, timesteps, scales, embeds, guidance, blend, generators, opts)
+        check_finite(latents)
         # 6. Decode
         images = self._decode(latents, opts.output_type)
         recipes = self._recipes(opts, guidance, prompts, seeds, (width, height))
@@ -244,11 +189,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         negatives = as_prompt_list(opts.negative_prompt, "negative_prompt") or [""]
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         n = opts.num_images_per_prompt
-        settings = {
-            "steps": opts.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": opts.clip_skip,
-            "strength": self._strength(opts) if opts.image is not None else None,
-            "inpainting": opts.mask_image is not None, "guidance": guidance.describe(),
-        }
+        strength = self._strength(opts) if opts.image is not None else None
+        settings = opts.recipe_settings(size, strength, guidance.describe())
         return [
             metadata.make_recipe(self, {"prompt": prompts[j // n], "negative_prompt": negatives[j // n],
                                         "seed": seed, **settings})
@@ -261,38 +203,20 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
     def _device(self) -> torch.device:
         return self._call_device or self._execution_device
 
-    def _check_inputs(self, opts: GenerationOptions) -> list[str]:
-        """The prompt list (placeholders when embeddings are given); errors name the bad option."""
-        prompts = as_prompt_list(opts.prompt)
-        if opts.prompt_embeds is not None:
-            if prompts:
-                raise ValueError("Give either `prompt` or `prompt_embeds`, not both.")
-            prompts = ["<prompt_embeds>"] * opts.prompt_embeds.shape[0]
-        if not prompts:
-            raise ValueError("No prompt: pass `prompt` (a string or list) or `prompt_embeds`.")
-        if opts.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {opts.num_inference_steps}.")
-        if opts.num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {opts.num_images_per_prompt}.")
-        if opts.output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {opts.output_type!r}.")
-        if opts.mask_image is not None and opts.image is None:
-            raise ValueError("Inpainting needs `image` as well as `mask_image`.")
-        if opts.strength is not None and not 0.0 < opts.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {opts.strength}.")
-        return prompts
+    def limits(self) -> ModelLimits:
+        """What this model can do: the size multiple, the most steps, the CLIP depth (see `options`)."""
+        return ModelLimits.of(self)
 
     def _size(self, opts: GenerationOptions) -> tuple[int, int]:
+        """The checked width and height, else the init image's (rounded down to the size multiple), else native."""
         default = self.unet.config.sample_size * self.vae_scale_factor
         width, height = opts.width, opts.height
         if opts.image is not None and (width is None or height is None):
-            w0, h0 = self.image_processor.get_default_height_width(opts.image)[::-1]
+            m = self.limits().size_multiple
+            w0, h0 = (side - side % m for side in self.image_processor.get_default_height_width(opts.image)[::-1])
             width, height = width or w0, height or h0
-        width, height = width or default, height or default
-        f = self.vae_scale_factor
-        if width % f or height % f or width <= 0 or height <= 0:
-            raise ValueError(f"width and height must be positive multiples of {f}, got {width}x{height}.")
-        return width, height
+            GenerationOptions(prompt="-", width=width, height=height).check(self.limits())  # the image's own size
+        return width or default, height or default
 
     def _guidance(self, opts: GenerationOptions) -> Guidance:
         rescale = opts.guidance_rescale
@@ -332,7 +256,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         if opts.prompt_embeds is None:
             negative = as_prompt_list(opts.negative_prompt, "negative_prompt")
             return encode_pair(self.text_encoder, self.tokenizer, prompts, negative, with_uncond=with_uncond,
-                               clip_skip=opts.clip_skip)
+                               clip_skip=opts.clip_skip, emphasis=opts.emphasis)
         cond = opts.prompt_embeds.to(self._device, self.text_encoder.dtype)
         uncond = opts.negative_prompt_embeds
         if uncond is None and with_uncond:
@@ -361,7 +285,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
 
     def _encode_image(self, image, count: int, width: int, height: int) -> torch.Tensor:
         """Init image(s) -> scaled latents, one per output image (the posterior mean: deterministic)."""
-        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        pixels = self.image_processor.preprocess(as_rgb(image), height=height, width=width)
         pixels = _broadcast(pixels, count, "image").to(self._device, self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
         shift = self.vae.config.shift_factor or 0.0
@@ -378,6 +302,15 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         shift = self.vae.config.shift_factor or 0.0
         image = self.vae.decode(latents / self.vae.config.scaling_factor + shift, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
+
+
+def check_finite(latents: torch.Tensor) -> None:
+    """Refuse NaN/inf latents before anything is decoded or written (a diverging sampler or guidance)."""
+    if not torch.isfinite(latents).all():
+        raise NonFiniteLatents(
+            "The sampler produced NaN or infinite latents, so no image was made: lower the guidance scale, "
+            "use another sampler, or run in fp32."
+        )
 
 
 def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:

@@ -10,6 +10,9 @@ UNet's cross-attention takes any sequence length. Nothing is truncated. A prompt
 Positive and negative prompts of a batch are padded with empty windows to the same
 number of windows, so they stack into one tensor.
 
+A1111's emphasis syntax (`(word)`, `[word]`, `(word:1.5)`, `BREAK`; see `prompt_weights`) is
+read by default (`emphasis="original"`); a prompt without it encodes exactly as before.
+
 `clip_skip` follows diffusers: None or 0 uses the last layer, 1 the penultimate
 layer (AUTOMATIC1111's "Clip skip: 2"), and so on; the skipped output still goes
 through the final layer norm.
@@ -20,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from ldm_pipeline.prompt_weights import apply_emphasis, weighted_windows
 
 
 @dataclass
@@ -52,11 +57,9 @@ def as_prompt_list(prompt: str | list[str] | None, name: str = "prompt") -> list
     return prompts
 
 
-def token_windows(tokenizer, text: str) -> list[list[int]]:
+def token_windows(tokenizer, text: str, emphasis: str = "original") -> list[list[int]]:
     """The prompt's token ids (no BOS/EOS) in windows of model_max_length - 2; at least one window."""
-    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    width = tokenizer.model_max_length - 2
-    return [ids[i : i + width] for i in range(0, len(ids), width)] or [[]]
+    return [ids for ids, _ in weighted_windows(tokenizer, text, emphasis)]
 
 
 def frame_window(tokenizer, window: list[int]) -> list[int]:
@@ -87,26 +90,34 @@ def _encode_ids(text_encoder, ids: torch.Tensor, lengths: list[int], clip_skip: 
     return final_layer_norm(hidden[-(clip_skip + 1)])
 
 
+def frame_weights(tokenizer, weights: list[float]) -> list[float]:
+    """A window's token weights with 1.0 for BOS, EOS and padding (aligned with `frame_window`)."""
+    return [1.0, *weights] + [1.0] * (tokenizer.model_max_length - 1 - len(weights))
+
+
 def encode_prompts(
-    text_encoder, tokenizer, prompts: list[str], *, windows: int | None = None, clip_skip: int | None = None
+    text_encoder, tokenizer, prompts: list[str], *, windows: int | None = None, clip_skip: int | None = None,
+    emphasis: str = "original",
 ) -> torch.Tensor:
     """[len(prompts), 77 * windows, dim]; `windows` pads every prompt to that many windows."""
-    per_prompt = [token_windows(tokenizer, p) for p in prompts]
+    per_prompt = [weighted_windows(tokenizer, p, emphasis) for p in prompts]
     windows = windows or max(len(w) for w in per_prompt)
-    padded = [w for ws in per_prompt for w in ws + [[]] * (windows - len(ws))]
-    ids = torch.tensor([frame_window(tokenizer, w) for w in padded], dtype=torch.long, device=text_encoder.device)
-    hidden = _encode_ids(text_encoder, ids, [len(w) + 2 for w in padded], clip_skip)
+    padded = [w for ws in per_prompt for w in ws + [([], [])] * (windows - len(ws))]
+    ids = torch.tensor([frame_window(tokenizer, w) for w, _ in padded], dtype=torch.long, device=text_encoder.device)
+    hidden = _encode_ids(text_encoder, ids, [len(w) + 2 for w, _ in padded], clip_skip)
+    weights = torch.tensor([frame_weights(tokenizer, ws) for _, ws in padded], device=hidden.device)
+    hidden = torch.stack([apply_emphasis(h, w, emphasis) for h, w in zip(hidden, weights)])
     return hidden.reshape(len(prompts), windows * hidden.shape[1], hidden.shape[2])
 
 
-def window_count(tokenizer, prompts: list[str]) -> int:
-    return max(len(token_windows(tokenizer, p)) for p in prompts)
+def window_count(tokenizer, prompts: list[str], emphasis: str = "original") -> int:
+    return max(len(token_windows(tokenizer, p, emphasis)) for p in prompts)
 
 
 @torch.no_grad()
 def encode_pair(
     text_encoder, tokenizer, prompts: list[str], negative: list[str] | None, *, with_uncond: bool,
-    clip_skip: int | None = None,
+    clip_skip: int | None = None, emphasis: str = "original",
 ) -> PromptEmbeddings:
     """Embeddings of the prompts and (if `with_uncond`) of the negative prompts ("" when None)."""
     negative = negative if negative else [""] * len(prompts)
@@ -114,9 +125,10 @@ def encode_pair(
         negative = negative * len(prompts)
     if len(negative) != len(prompts):
         raise ValueError(f"Got {len(negative)} negative prompts for {len(prompts)} prompts; give one or one each.")
-    windows = window_count(tokenizer, prompts + (negative if with_uncond else []))
-    cond = encode_prompts(text_encoder, tokenizer, prompts, windows=windows, clip_skip=clip_skip)
-    uncond = encode_prompts(text_encoder, tokenizer, negative, windows=windows, clip_skip=clip_skip) if with_uncond else None
+    windows = window_count(tokenizer, prompts + (negative if with_uncond else []), emphasis)
+    options = dict(windows=windows, clip_skip=clip_skip, emphasis=emphasis)
+    cond = encode_prompts(text_encoder, tokenizer, prompts, **options)
+    uncond = encode_prompts(text_encoder, tokenizer, negative, **options) if with_uncond else None
     return PromptEmbeddings(cond, uncond)
 
 

@@ -34,7 +34,9 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from custom_schedulers import registry
 from custom_schedulers.base import translate_sigma_flags
+from custom_schedulers.parameterization import check_zero_terminal_snr
 from ldm_pipeline.guidance import recommended_guidance_rescale
 
 logger = logging.getLogger(__name__)
@@ -75,24 +77,9 @@ class SwapReport:
         return "\n".join(lines)
 
 
-def _registry():
-    try:
-        from custom_schedulers import registry
-    except ImportError:  # the registry lands with the schedulers issue; stock classes work without it
-        return None
-    return registry
-
-
 def available_schedulers() -> list[str]:
-    """Names `swap_scheduler` accepts: our registry's, then diffusers' scheduler classes."""
-    registry = _registry()
-    if registry is not None:
-        return list(registry.available())
-    return sorted(
-        n for n in dir(diffusers)
-        if n.endswith("Scheduler") and isinstance(getattr(diffusers, n, None), type)
-        and issubclass(getattr(diffusers, n), SchedulerMixin)
-    )
+    """Names `swap_scheduler` accepts: our registry's short names, then diffusers' scheduler classes."""
+    return list(registry.available())
 
 
 def init_keys(cls: type) -> set[str]:
@@ -103,8 +90,7 @@ def init_keys(cls: type) -> set[str]:
 
 def scheduler_class(name: str) -> tuple[type, bool]:
     """(class, built by our registry?) for a registry name or a diffusers scheduler class name."""
-    registry = _registry()
-    if registry is not None and registry.is_ours(name):
+    if registry.is_ours(name):
         return type(registry.build(name, {})), True
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
@@ -112,27 +98,26 @@ def scheduler_class(name: str) -> tuple[type, bool]:
     return cls, False
 
 
-def build_scheduler(name: str, config: dict) -> SchedulerMixin:
-    """Instantiate `name` from the keys of `config` its class takes, after checking no model key is lost."""
+def build_scheduler(name: str, config: dict, overrides: dict) -> SchedulerMixin:
+    """Instantiate `name` from the keys of `config` its class takes, after checking no model key is lost.
+
+    Ours are built by `registry.build` with the overrides passed as overrides, so they win over the
+    options a preset name implies (dpmpp-2m-pc's exponential sigma_schedule), exactly as `build` does."""
     cls, ours = scheduler_class(name)
     accepted = init_keys(cls)
     check_model_keys_accepted(config, accepted, name)
     config = {k: v for k, v in config.items() if k in accepted}
-    return _registry().build(name, config) if ours else cls.from_config(config)
+    return registry.build(name, config, **overrides) if ours else cls.from_config(config)
 
 
 def checked_overrides(name: str, overrides: dict) -> dict:
     """The user's sampler options in the class's own terms; an option the class lacks is an error, not dropped."""
     cls, ours = scheduler_class(name)
-    if ours:
-        overrides = translate_sigma_flags(overrides)  # use_karras_sigmas=True -> sigma_schedule="karras"
-    unknown = sorted(set(overrides) - init_keys(cls))
-    if unknown:
-        raise SchedulerSwapError(
-            f"{name} has no option {', '.join(map(repr, unknown))}; its options are: "
-            f"{', '.join(sorted(init_keys(cls) - {'self', 'kwargs'}))}."
-        )
-    return overrides
+    try:
+        registry.check_options(name, cls, overrides)
+        return translate_sigma_flags(overrides) if ours else overrides  # use_karras_sigmas -> sigma_schedule
+    except ValueError as error:
+        raise SchedulerSwapError(str(error)) from None
 
 
 def is_zero_terminal_snr(config) -> bool:
@@ -207,11 +192,10 @@ def probe_step(scheduler: SchedulerMixin, name: str) -> None:
 
 
 def check_singular(config: dict) -> None:
-    if is_zero_terminal_snr(config) and config.get("prediction_type", "epsilon") == "epsilon":
-        raise SchedulerSwapError(
-            "epsilon prediction at zero terminal SNR is singular (alpha = 0 at the last training step, so x_0 "
-            "cannot be recovered from eps); zero-terminal-SNR models are trained with v_prediction (Lin et al. 2023)."
-        )
+    try:
+        check_zero_terminal_snr(config.get("prediction_type", "epsilon"), is_zero_terminal_snr(config))
+    except ValueError as error:
+        raise SchedulerSwapError(str(error)) from None
 
 
 def swap_scheduler(pipe, name: str, **overrides) -> SwapReport:
@@ -220,7 +204,7 @@ def swap_scheduler(pipe, name: str, **overrides) -> SwapReport:
     overrides = checked_overrides(name, overrides)
     config, notes = new_config(old, overrides)
     check_singular(config)
-    scheduler = build_scheduler(name, config)
+    scheduler = build_scheduler(name, config, overrides)
     kept = check_model_keys_kept(old, scheduler, name)
     probe_step(scheduler, name)
     changed = {
@@ -231,6 +215,15 @@ def swap_scheduler(pipe, name: str, **overrides) -> SwapReport:
     pipe.scheduler = scheduler
     logger.info("%s", report)
     return report
+
+
+def scheduler_from_recipe(recipe: dict) -> SchedulerMixin:
+    """The scheduler a PNG recipe recorded: its class (ours or diffusers') built from the stored config."""
+    stored = recipe.get("scheduler") or {}
+    if "class" not in stored:
+        raise SchedulerSwapError("The recipe names no scheduler class; choose a sampler by name instead.")
+    cls, _ = scheduler_class(stored["class"])
+    return cls.from_config(stored.get("config") or {})
 
 
 def use_trailing_spacing_if_zero_terminal_snr(pipe) -> SwapReport | None:

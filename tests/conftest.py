@@ -64,22 +64,29 @@ def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout: 
 def app_server(tiny_model_dir, tmp_path_factory):
     """`python app.py --model <tiny model>` as a real subprocess on a free 127.0.0.1 port.
 
-    Yields a namespace with `url` and `outputs` (the folder the server writes PNGs to).
+    Yields a namespace with `url`, `outputs` (the folder the server writes PNGs to) and `cache`
+    (Gradio's upload and cache folder, GRADIO_TEMP_DIR).
     """
     workdir = tmp_path_factory.mktemp("app-server")
     outputs = workdir / "outputs"
+    cache = workdir / "gradio-cache"
     log_path = workdir / "server.log"
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+               LDM_CACHE_DIR=str(workdir / "onnx-cache"),  # the app's ONNX export of the tiny model
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
+               GRADIO_TEMP_DIR=str(cache), TMPDIR=str(workdir / "server-tmp"))  # --outputs outside cwd and TMPDIR
     command = [sys.executable, str(REPO_DIR / "app.py"), "--model", str(tiny_model_dir),
                "--port", str(port), "--outputs", str(outputs), "--concurrency", "2"]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        (workdir / "server-tmp").mkdir()
+        (workdir / "server-cwd").mkdir()
+        process = subprocess.Popen(command, cwd=workdir / "server-cwd", env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_http(url, process, log_path)
-        yield type("AppServer", (), {"url": url, "outputs": outputs, "log": log_path, "process": process})
+        yield type("AppServer", (), {"url": url, "outputs": outputs, "cache": cache, "log": log_path,
+                                     "process": process})
     finally:
         process.terminate()
         try:

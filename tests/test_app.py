@@ -1,23 +1,30 @@
-"""The UI module's own pieces, without a server: command line, validation, Schedules tab."""
+"""The UI module's own pieces, without a server: command line, form -> request, checks, PNG info."""
 
 from __future__ import annotations
 
-import math
+import re
 
-import numpy as np
 import pytest
 
 import app
-from custom_schedulers.schedules import named_schedules
+from ldm_pipeline.options import MAX_SIDE
+from ldm_pipeline.service import GenerationService
 
-SAMPLERS = ["ddim", "euler"]
+FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
+    prompt="a red circle", negative_prompt="", sampler="ddim", steps=4, guidance_scale=7.5,
+    guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
+    guidance_rescale=-1.0, width=32.0, height=32.0, seed=-1.0, batch_count=1.0, batch_size=1.0,
+)
 
 
-def valid_request(**changes) -> dict:
-    request = dict(prompt="a red circle", sampler="ddim", samplers=SAMPLERS, steps=4, width=32, height=32,
-                   batch_size=1, batch_count=1, seed=-1)
-    request.update(changes)
-    return request
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, tmp_path_factory):
+    return GenerationService.load(tiny_model_dir, tmp_path_factory.mktemp("app-outputs"), device="cpu")
+
+
+def check_form(service, **changes) -> None:
+    """What a Generate click checks before the model runs: the form's own limits, then the record's check."""
+    service.check(app.request_from_form({**FORM, **changes}))
 
 
 def test_cli_binds_localhost_by_default_and_share_is_opt_in():
@@ -35,58 +42,34 @@ def test_cli_rejects_zero_concurrency(capsys):
     assert "--concurrency must be at least 1" in capsys.readouterr().err
 
 
-def test_valid_request_passes():
-    app.validate_request(**valid_request())
-    app.validate_request(**valid_request(seed=0, width=64, height=2048, batch_size=app.MAX_BATCH_SIZE))
+def test_valid_request_passes(service):
+    check_form(service)
+    check_form(service, seed=0, width=64, height=2048, batch_size=app.MAX_BATCH_SIZE)
 
 
 @pytest.mark.parametrize(
     "changes, message",
     [
         ({"width": 30}, "Width must be a multiple of 8"),
-        ({"height": app.MAX_SIDE + 8}, "Height must be a multiple of 8"),
-        ({"steps": 0}, "Steps must be a whole number from 1"),
-        ({"steps": 2.5}, "Steps must be a whole number from 1"),
+        ({"height": MAX_SIDE + 8}, "Height must be a multiple of 8"),
+        ({"steps": 0}, "Steps (num_inference_steps) must be a whole number from 1"),
+        ({"steps": 2.5}, "Steps (num_inference_steps) must be a whole number from 1"),
         ({"batch_size": app.MAX_BATCH_SIZE + 1}, "Batch size must be from 1"),
         ({"batch_count": 0}, "Batch count must be from 1"),
-        ({"sampler": "nope"}, "Unknown sampler 'nope': choose one of ddim, euler"),
+        ({"sampler": "nope"}, "Unknown sampler 'nope': choose one of ddim, ddpm"),
         ({"prompt": "   "}, "The prompt is empty"),
         ({"seed": -2}, "Seed must be -1 (random)"),
     ],
 )
-def test_invalid_request_names_the_problem(changes, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        app.validate_request(**valid_request(**changes))
+def test_invalid_request_names_the_problem(service, changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_form(service, **changes)
 
 
-def test_all_problems_reported_at_once():
+def test_all_problems_reported_at_once(service):
     with pytest.raises(ValueError) as error:
-        app.validate_request(**valid_request(width=31, steps=0))
+        check_form(service, width=31, steps=0)
     assert "Width" in str(error.value) and "Steps" in str(error.value)
-
-
-def test_schedule_figures_plot_every_named_schedule():
-    figures = app.schedule_figures(num_train_timesteps=200)
-    assert set(figures) == {"log-SNR(t)", "alpha-bar(t)", "beta(t)"}
-    schedules = named_schedules(200)
-    for title, figure in figures.items():
-        lines = figure.axes[0].get_lines()
-        assert [line.get_label() for line in lines] == list(schedules), title
-    # The plotted log-SNR of the SD schedule is the schedule's own, point for point.
-    sd_line = figures["log-SNR(t)"].axes[0].get_lines()[1]
-    np.testing.assert_allclose(sd_line.get_ydata(), schedules["scaled_linear (SD)"].log_snr.numpy())
-
-
-def test_vp_equivalent_alpha_bar_is_alpha_squared_for_vp_and_matches_snr_for_flow():
-    schedules = named_schedules(100)
-    sd, flow = schedules["scaled_linear (SD)"], schedules["rectified flow"]
-    np.testing.assert_allclose(app.vp_equivalent_alpha_bar(sd).numpy(), sd.alphas_cumprod.numpy(), rtol=1e-12)
-    abar = app.vp_equivalent_alpha_bar(flow)
-    # A VP schedule with this alpha-bar has the flow schedule's SNR: abar / (1 - abar) = ((1-s)/s)^2.
-    s = flow.sigma
-    mid = slice(1, -1)
-    np.testing.assert_allclose((abar / (1 - abar))[mid].numpy(), (((1 - s) / s) ** 2)[mid].numpy(), rtol=1e-9)
-    assert math.isclose(float(abar[-1]), 0.0, abs_tol=1e-12)
 
 
 def test_accuracy_table_shown_when_present_and_explained_when_missing(tmp_path):
@@ -129,11 +112,33 @@ def test_form_values_become_a_request():
     form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
                                         32.0, 48.0, -1.0, 2.0, 3.0]))
     request = app.request_from_form(form)
-    assert (request.steps, request.width, request.height, request.batch_count, request.batch_size) == (3, 32, 48, 2, 3)
-    assert request.guidance_interval == (0.5, 9.0) and request.guidance_rescale is None
+    options = request.options
+    assert (options.num_inference_steps, options.width, options.height, request.batch_count,
+            options.num_images_per_prompt) == (3, 32, 48, 2, 3)
+    assert options.guidance_interval == (0.5, 9.0) and options.guidance_rescale is None
     seeds = request.seeds()
     assert len(seeds) == 2 and seeds[1] == [seeds[0][0] + 3 + j for j in range(3)]
     form.update(use_interval=False, guidance_rescale=0.7, seed=5.0)
     request = app.request_from_form(form)
-    assert request.guidance_interval is None and request.guidance_rescale == 0.7
+    assert request.options.guidance_interval is None and request.options.guidance_rescale == 0.7
     assert request.seeds() == [[5, 6, 7], [8, 9, 10]]
+
+
+def test_init_images_of_any_mode_become_8_bit_rgb():
+    from PIL import Image
+
+    import numpy as np
+
+    from ldm_pipeline.options import as_rgb
+
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1))
+    deep = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit PNG greyscale, mode I;16
+    assert deep.mode == "I;16"
+    np.testing.assert_array_equal(np.asarray(as_rgb(deep)), np.repeat(grey[..., None], 3, axis=2))  # not clipped
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red; the rest transparent
+    flat = np.asarray(as_rgb(Image.fromarray(rgba, "RGBA")))
+    assert tuple(flat[0, 0]) == (255, 0, 0) and tuple(flat[1, 1]) == (255, 255, 255)  # transparency over white
+    for image in (Image.fromarray(grey), Image.fromarray(grey).convert("P"), Image.fromarray(grey).convert("LA")):
+        converted = as_rgb(image)
+        assert converted.mode == "RGB" and converted.size == (16, 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import time
 
 import numpy as np
@@ -63,6 +64,7 @@ def test_txt2img_png_carries_the_requested_parameters(client, app_server):
         assert recipe["guidance"] == {"scale": 5.0, "schedule": "linear_up", "min_scale": 1.0, "rescale": 0.3,
                                       "interval": {"sigma_lo": 0.5, "sigma_hi": 20.0}}
         assert recipe["scheduler"]["class"] == "DDIMSampler"  # our "ddim" from the registry
+        assert recipe["backend"] == ("onnx" if importlib.util.find_spec("onnxruntime") else "pytorch")  # --backend auto
         assert params["Prompt"] == request["prompt"] and params["Negative prompt"] == "blurry"
         assert (params["Seed"], params["Steps"], params["Size"]) == (str(1234 + k), "3", "40x32")
         assert Image.open(path).size == (40, 32)
@@ -86,7 +88,7 @@ def test_random_seed_is_reported_and_reproducible(client):
 
 @pytest.mark.parametrize("changes, message", [
     ({"width": 36}, "Width must be a multiple of 8"),
-    ({"steps": 0}, "Steps must be a whole number from 1"),
+    ({"steps": 0}, "Steps (num_inference_steps) must be a whole number from 1"),
     ({"batch_size": 17}, "Batch size must be from 1 to 16"),
     ({"sampler": "no-such-sampler"}, "Unknown sampler 'no-such-sampler'"),
     ({"use_interval": True, "sigma_lo": 5.0, "sigma_hi": 1.0}, "Guidance interval needs 0 <= sigma_lo < sigma_hi"),

@@ -15,7 +15,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from ldm_pipeline import metadata
-from ldm_pipeline.generate import SEED_STRIDE, image_seed, main
+from ldm_pipeline.generate import main
+from ldm_pipeline.options import SEED_STRIDE, image_seeds, line_seed
 from training.tiny_models import tiny_sd_components
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_outputs_seeds_and_manifest(reference):
     manifest = [json.loads(line) for line in (reference / "manifest.jsonl").read_text().splitlines()]
     assert [m["file"] for m in manifest] == names
     seeds = {m["file"]: m["seed"] for m in manifest}
-    assert seeds["00000_001.png"] == image_seed(0, 0, 1, None) == 1
+    assert seeds["00000_001.png"] == image_seeds(line_seed(0, 0), 2)[1] == 1
     assert seeds["00002_002.png"] == 2 * SEED_STRIDE + 2 and seeds["00001_000.png"] == 7
     recipe = metadata.read_png(reference / "00001_000.png").recipe
     assert recipe["scheduler"]["class"] == "EulerDiscreteScheduler" and recipe["seed"] == 7
@@ -116,7 +117,7 @@ def test_bad_lines_are_reported_and_skipped(model, tmp_path, capsys):
     code = main(["--prompts", str(file), "--model", str(model), "--out", str(tmp_path / "out"), "--steps", "1", *SIZE])
     err = capsys.readouterr().err
     assert code == 1
-    for expected in ("line 2: empty prompt", "line 3: size 36x32 is not a positive multiple of 8",
+    for expected in ("line 2: The prompt is empty", "line 3: Width must be a multiple of 8",
                      "line 4: Unknown scheduler 'warp-drive'", "line 5: invalid JSON", "line 6: unknown key(s) colour"):
         assert expected in err
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000_000.png", "00006_000.png"]

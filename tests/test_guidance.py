@@ -55,11 +55,18 @@ def test_rescale_matches_formula_and_diffusers():
     [
         ("constant", 0.3, 7.0), ("linear_up", 1.0, 1.0), ("linear_up", 0.0, 7.0), ("linear_up", 0.5, 4.0),
         ("linear_down", 1.0, 7.0), ("linear_down", 0.25, 2.5), ("cosine", 1.0, 1.0), ("cosine", 0.0, 7.0),
-        ("cosine", 0.5, 4.0), ("seed", 1.0, 7.0), ("seed", 0.0, 3.5), ("seed", 0.5, 5.25),
+        ("cosine", 0.5, 4.0), ("linear_down_to_half", 1.0, 7.0), ("linear_down_to_half", 0.0, 3.5),
+        ("linear_down_to_half", 0.5, 5.25),
     ],
 )
 def test_schedule_values(schedule, tau, expected):
     assert guidance_scale_at(7.0, schedule, tau, min_scale=1.0) == pytest.approx(expected)
+
+
+def test_old_schedule_name_seed_is_read_as_linear_down_to_half():
+    old = Guidance(scale=7.0, schedule="seed")
+    assert old == Guidance(scale=7.0, schedule="linear_down_to_half")
+    assert old.describe()["schedule"] == "linear_down_to_half" and old.scale_at(500) == pytest.approx(5.25)
 
 
 def test_callable_schedule_gets_t_over_T():

@@ -119,3 +119,20 @@ def test_swap_refuses_an_option_the_sampler_lacks_and_translates_karras_flag():
         swap_scheduler(pipe, "dpmpp-2m", eta=0.5)
     swap_scheduler(pipe, "dpmpp-2m", use_karras_sigmas=True)
     assert pipe.scheduler.config.sigma_schedule == "karras"
+
+
+@pytest.mark.parametrize("overrides", [{"sigma_schedule": "karras"}, {"use_karras_sigmas": True},
+                                       {"final_step": "denoise", "sigma_min": None}])
+def test_a_presets_options_yield_to_overrides_as_in_registry_build(overrides):
+    """dpmpp-2m-pc implies exponential sigmas: an override wins in swap_scheduler exactly as in registry.build."""
+    from custom_schedulers import registry
+
+    pipe = ours()
+    base = dict(pipe.scheduler.config)
+    report = swap_scheduler(pipe, "dpmpp-2m-pc", **overrides)
+    built = registry.build("dpmpp-2m-pc", base, **overrides)
+    for key in ("sigma_schedule", "final_step", "sigma_min", "corrector", "solver_order"):
+        assert pipe.scheduler.config[key] == built.config[key], key
+    if "sigma_schedule" in overrides or "use_karras_sigmas" in overrides:
+        assert pipe.scheduler.config["sigma_schedule"] == "karras"
+        assert report.changed.get("sigma_schedule", (None, None))[1] == "karras"

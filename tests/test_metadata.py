@@ -39,7 +39,23 @@ def test_parse_a1111_written_text():
     assert options == {
         "prompt": p["Prompt"], "negative_prompt": "lowres, bad anatomy", "num_inference_steps": 20,
         "guidance_scale": 7.0, "seed": 1234567890, "width": 512, "height": 768, "strength": 0.5, "clip_skip": 1,
+        "scheduler": "dpmpp-2m", "scheduler_options": {"sigma_schedule": "karras"},
     }
+
+
+@pytest.mark.parametrize("sampler, schedule_type, expected", [
+    ("DPM++ 2M", "Karras", ("dpmpp-2m", {"sigma_schedule": "karras"})),
+    ("Euler a", "Automatic", ("euler-a", {})),
+    ("DDIM", "Uniform", ("ddim", {"sigma_schedule": "default", "timestep_spacing": "linspace"})),
+    ("UniPC", "Exponential", ("unipc", {"sigma_schedule": "exponential"})),
+    ("DPM2 a", "Karras", ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True})),
+    ("Restart", "Karras", None),  # no sampler of ours or diffusers': the other fields still fill
+])
+def test_a1111_19_sampler_and_schedule_type_fill_the_options(sampler, schedule_type, expected):
+    text = f"a cat\nSteps: 20, Sampler: {sampler}, Schedule type: {schedule_type}, CFG scale: 7, Seed: 1"
+    options = metadata.parameters_to_options(metadata.parse_parameters(text))
+    assert options["seed"] == 1
+    assert (options.get("scheduler"), options.get("scheduler_options")) == (expected or (None, None))
 
 
 def test_prompt_only_text_has_no_parameters():
@@ -66,6 +82,7 @@ def test_png_round_trip_and_regeneration(pipe, tmp_path):
     p = meta.parameters
     assert p["Prompt"] == "a red circle, big" and p["Negative prompt"] == "blurry"
     assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"], p["Size"]) == ("3", "Euler", "5.0", "77", "32x32")
+    assert p["Schedule type"] == "Uniform"  # stock Euler, linspace spacing
     assert p["Model hash"] == "ab" * 5 and p["Model"] == "tiny" and p["Clip skip"] == "2"
     assert p["Guidance schedule"] == "cosine" and '"sigma_lo": 0.5' in p["Guidance interval"]
     assert meta.recipe["scheduler"]["config"]["prediction_type"] == "epsilon"

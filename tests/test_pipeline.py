@@ -94,7 +94,7 @@ def test_callback_sees_every_step_and_can_cancel(pair):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"width": 31}, "multiples of 2"),
+        ({"width": 31}, "Width must be a multiple of 8"),
         ({"bogus": 1}, "Unknown pipeline option"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"seed": [1, 2]}, "2 seeds for 1 images"),

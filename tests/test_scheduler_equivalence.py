@@ -14,8 +14,8 @@ import torch
 from scheduler_helpers import BASE_CONFIG, load_k_diffusion_sampling, sample_loop, seeded
 
 from custom_schedulers import (
-    DDIMSampler, DDPMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
-    LCMSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler,
+    DDIMSampler, DDPMSampler, EulerAncestralSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
+    LCMSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, UniPCSampler,
 )
 
 # (ours, our options, diffusers class, its options, its step() kwargs, spacings where diffusers spaces as we do)
@@ -30,6 +30,7 @@ PAIRS = {
     "SDE-DPM-Solver++ 2M": (DPMSolverPlusPlusSDESampler, {}, diffusers.DPMSolverMultistepScheduler,
                             {"algorithm_type": "sde-dpmsolver++"}, {}, ("trailing",)),
     "Euler": (EulerSampler, {}, diffusers.EulerDiscreteScheduler, {}, {}, ("trailing", "leading")),
+    "Euler a": (EulerAncestralSampler, {}, diffusers.EulerAncestralDiscreteScheduler, {}, {}, ("trailing", "leading")),
     "LCM": (LCMSampler, {}, diffusers.LCMScheduler, {}, {}, ("trailing", "leading")),  # both: LCM's own grid
 }
 CASES = [
@@ -65,6 +66,26 @@ def test_matches_diffusers(name, spacing, prediction_type):
     _compare_with_diffusers(ours, theirs, 10, step_kwargs)
 
 
+@pytest.mark.parametrize("solver_type", ["bh1", "bh2"])
+@pytest.mark.parametrize("solver_order", [1, 2, 3])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unipc_matches_diffusers(solver_type, solver_order, prediction_type):
+    config = dict(BASE_CONFIG, timestep_spacing="trailing", prediction_type=prediction_type)
+    options = {"solver_type": solver_type, "solver_order": solver_order}
+    theirs = diffusers.UniPCMultistepScheduler.from_config(config, **options)
+    theirs.set_timesteps(10)
+    their_inputs, their_final = sample_loop(theirs, _x_T(), step_kwargs={})  # its step takes no generator
+    ours = UniPCSampler.from_config(config, **options)
+    ours.set_timesteps(10)
+    our_inputs, our_final = sample_loop(ours, _x_T())
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps)
+    torch.testing.assert_close(our_inputs, their_inputs, rtol=1e-5, atol=1e-5)
+    if solver_type == "bh1":  # diffusers' bh1 step into sigma = 0 is B(h) * 0 = -inf * 0 = nan
+        assert torch.isnan(their_final).all() and torch.isfinite(our_final).all()
+    else:
+        torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_steps, original_steps", [(4, 50), (6, 50), (3, 8)])
 def test_lcm_picks_the_distillation_grid_like_diffusers(num_steps, original_steps):
     """Step counts that do not divide original_inference_steps: nodes of the skipping-step grid, not a spacing."""
@@ -90,13 +111,40 @@ def test_rectified_flow_euler_matches_flow_match_euler(shift):
     theirs = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow_config)
     ours = RectifiedFlowEulerSampler.from_config(flow_config)  # -> beta_schedule "flow", prediction_type "flow"
     s = torch.linspace(1.0, 0.05, 8, dtype=torch.float64)
-    theirs.set_timesteps(sigmas=s.tolist())  # diffusers shifts custom sigmas; ours takes them literally
+    theirs.set_timesteps(sigmas=s.tolist())  # both shift custom sigmas (a FlowMatch config -> "flow-match" levels)
     their_inputs, their_final = sample_loop(theirs, _x_T(), scales_input=False)
-    ours.set_timesteps(sigmas=(shift * s / (1 + (shift - 1) * s)).tolist())
+    ours.set_timesteps(sigmas=s.tolist())
     our_inputs, our_final = sample_loop(ours, _x_T())
     torch.testing.assert_close(ours.timesteps.double(), theirs.timesteps.double(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(our_inputs, their_inputs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_steps", [4, 10])
+def test_rectified_flow_default_grid_is_flow_match_euler(num_steps):
+    """SD3-style config (shift 3): the default grid is the stock one ([1000, 858, 602, 9] at 4 steps)."""
+    sd3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler.from_config(sd3)
+    theirs.set_timesteps(num_steps)
+    their_inputs, their_final = sample_loop(theirs, _x_T(), scales_input=False)
+    ours = RectifiedFlowEulerSampler.from_config(sd3)
+    ours.set_timesteps(num_steps)
+    our_inputs, our_final = sample_loop(ours, _x_T())
+    torch.testing.assert_close(ours.timesteps.double(), theirs.timesteps.double(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(our_final, their_final, rtol=1e-5, atol=1e-5)
+    ours_grid = RectifiedFlowEulerSampler.from_config(sd3, sigma_schedule="default")  # our training-grid option
+    ours_grid.set_timesteps(4)
+    assert ours_grid.timesteps.tolist() == [1000, 900, 750, 500]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_rectified_flow_spacings_on_a_flow_schedule(spacing):
+    ours = RectifiedFlowEulerSampler.from_config(
+        {"num_train_timesteps": 1000, "shift": 3.0}, sigma_schedule="default", timestep_spacing=spacing
+    )
+    ours.set_timesteps(5)
+    assert ours.num_inference_steps == 5 and torch.isfinite(sample_loop(ours, _x_T())[1]).all()
 
 
 def test_rectified_flow_heun_matches_flow_match_heun():
@@ -142,4 +190,30 @@ def test_matches_k_diffusion(name, sigma_schedule):
     for i, t in enumerate(ours.timesteps):
         alpha, sigma = ours.noise_level_at(i)
         x = ours.step(_denoiser(x / alpha, sigma / alpha), t, x).prev_sample
+    torch.testing.assert_close(x, k_final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, k_function", [("dpmpp-2s-a", "sample_dpmpp_2s_ancestral"),
+                                              ("dpmpp-sde", "sample_dpmpp_sde"), ("dpmpp-3m-sde", "sample_dpmpp_3m_sde")])
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+def test_stochastic_samplers_match_k_diffusion(name, k_function, sigma_schedule):
+    """Same grid, same denoiser, the same noise (k-diffusion's noise_sampler draws from a generator seeded as ours)."""
+    from custom_schedulers import registry
+
+    k_sampling = load_k_diffusion_sampling()
+    ours = registry.build(name, dict(BASE_CONFIG, prediction_type="sample"), sigma_schedule=sigma_schedule)
+    ours.set_timesteps(8)
+    starts = (ours.grid.sigma / ours.grid.alpha)[:-1:ours.order]  # the step starts (midpoints sit between them)
+    sigmas_ve = torch.cat([starts, starts.new_zeros(1)]).float()
+    x_T = _x_T(seed=3)
+    k_generator = torch.Generator().manual_seed(5)
+    k_final = getattr(k_sampling, k_function)(
+        _denoiser, x_T * sigmas_ve[0], sigmas_ve, disable=True,
+        noise_sampler=lambda sigma, sigma_next: torch.randn(x_T.shape, generator=k_generator),
+    )
+    x = x_T * sigmas_ve[0] / (1 + sigmas_ve[0] ** 2).sqrt()
+    generator = torch.Generator().manual_seed(5)
+    for i, t in enumerate(ours.timesteps):
+        alpha, sigma = ours.noise_level_at(i)
+        x = ours.step(_denoiser(x / alpha, sigma / alpha), t, x, generator=generator).prev_sample
     torch.testing.assert_close(x, k_final, rtol=1e-5, atol=1e-5)

@@ -50,13 +50,14 @@ def dpmpp_error(order: int, h: float) -> float:
     levels = [vp(lam) for lam in lams]
     states = trajectory(levels)
     history = [MIXTURE.denoise(x, *lv) for x, lv in zip(states[:-1], levels[:-1])][::-1]  # newest first
-    x, (_, sigma), (alpha_next, sigma_next) = states[-2], levels[-2], levels[-1]
+    x, (alpha, sigma), (alpha_next, sigma_next) = states[-2], levels[-2], levels[-1]
+    step = solvers.Step(alpha, sigma, alpha_next, sigma_next, h)
     if order == 1:
-        x_next = solvers.dpmpp_1_step(x, history[0], sigma, alpha_next, sigma_next, h)
+        x_next = solvers.dpmpp_1_step(x, history[0], step)
     elif order == 2:
-        x_next = solvers.dpmpp_2m_step(x, history[0], history[1], sigma, alpha_next, sigma_next, h, h)
+        x_next = solvers.dpmpp_2m_step(x, history[0], history[1], step, h_last=h)
     else:
-        x_next = solvers.dpmpp_3m_step(x, history, sigma, alpha_next, sigma_next, h, h, h)
+        x_next = solvers.dpmpp_3m_step(x, history, step, h_last=h, h_last2=h)
     return float((x_next - states[-1]).abs().max())
 
 
@@ -93,7 +94,7 @@ def test_first_order_rules_coincide():
     (a, s), (a2, s2) = vp(-0.7), vp(0.4)
     x0, eps = MIXTURE.posterior_means(x, a, s)
     ddim = solvers.ddim_step(x0, eps, a2, s2)
-    dpm = solvers.dpmpp_1_step(x, x0, s, a2, s2, math.log(a2 / s2) - math.log(a / s))
+    dpm = solvers.dpmpp_1_step(x, x0, solvers.Step(a, s, a2, s2, math.log(a2 / s2) - math.log(a / s)))
     for variable in ("ve", "flow"):
         y, tau = solvers.to_ode_coordinates(x, a, s, variable)
         _, tau_next = solvers.to_ode_coordinates(x, a2, s2, variable)
@@ -108,9 +109,9 @@ def test_ddpm_step_is_ddim_with_eta_one():
     x, z = (torch.randn(8, 4, generator=generator, dtype=torch.float64) for _ in range(2))
     (a, s), (a2, s2) = vp(-0.3), vp(0.2)
     x0, eps = MIXTURE.posterior_means(x, a, s)
-    c = solvers.ddim_noise_std(a, s, a2, s2, eta=1.0)
+    c = solvers.ddim_noise_std(solvers.Step.between(a, s, a2, s2), eta=1.0)
     torch.testing.assert_close(
-        solvers.ddpm_step(x, x0, a, s, a2, s2, z), solvers.ddim_step(x0, eps, a2, s2, c, z), rtol=1e-12, atol=1e-12
+        solvers.ddpm_step(x, x0, solvers.Step.between(a, s, a2, s2), z), solvers.ddim_step(x0, eps, a2, s2, c, z), rtol=1e-12, atol=1e-12
     )
 
 
@@ -120,7 +121,7 @@ def test_steps_from_zero_terminal_snr_are_finite():
     x0, eps = MIXTURE.posterior_means(x, 0.0, 1.0)
     a2, s2 = vp(-2.0)
     expected = a2 * x0 + s2 * eps
-    torch.testing.assert_close(solvers.dpmpp_1_step(x, x0, 1.0, a2, s2, math.inf), expected)
+    torch.testing.assert_close(solvers.dpmpp_1_step(x, x0, solvers.Step(0.0, 1.0, a2, s2, math.inf)), expected)
     torch.testing.assert_close(solvers.ddim_step(x0, eps, a2, s2), expected)
     y, tau = solvers.to_ode_coordinates(x, 0.0, 1.0, "flow")
     _, tau_next = solvers.to_ode_coordinates(x, a2, s2, "flow")

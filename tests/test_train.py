@@ -42,8 +42,12 @@ def summary(out: Path) -> dict:
 
 def recomputed_validation_loss(model_dir: Path, run_dir: Path) -> float:
     """The validation loss of a saved pipeline folder, computed from the files alone."""
+    return validation_loss_of(StableDiffusionPipeline.from_pretrained(model_dir), run_dir)
+
+
+def validation_loss_of(pipe, run_dir: Path) -> float:
+    """The validation loss of a pipeline's models, as the run `run_dir` computes it."""
     config = parse_config(["--config", str(run_dir / "config.json")])
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     components = Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
     objective, _ = build_objective(config, components)
     sources = data.shapes_validation_sources(config.data.num_validation_samples)

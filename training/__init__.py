@@ -7,4 +7,11 @@ micro-batch), `train_loop.py` (the step loop), `checkpointing.py` (atomic accele
 checkpoints), `load_and_save.py` (models in, pipeline folders out), `lora.py`,
 `validation.py` and `sampling.py` (validation loss and images), `shapes.py` (the dataset
 generator), `tokenizer.py` (the local word-level CLIP tokenizer).
+
+Fine-tuning as kohya users do: `buckets.py` (aspect-ratio buckets), `captions.py` (kohya
+folders, tag shuffle/dropout), `hf_data.py` (local Hugging Face datasets), `shards.py`
+(WebDataset shards), `lora.py` + `lora_export.py` (LoRA/DoRA/LoHa/LoKr; diffusers, kohya and
+peft files), `optimizers.py` (optimizers by name), `loss_options.py` (masked loss, debiased
+estimation, multi-resolution noise), `dreambooth.py` (prior preservation),
+`textual_inversion.py`.
 """

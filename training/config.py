@@ -158,12 +158,103 @@ class RunOptions:
     test_run: bool = option(False, "Build everything, run one step, save the output, exit.")
 
 
+# ---------------------------------------------------------------- fine-tuning as kohya users do (issue 20)
+
+
+@dataclass
+class FineTuneDataOptions:
+    enable_bucket: bool = option(
+        False, "Aspect-ratio bucketing (kohya): batches of one bucket each, buckets of about resolution^2 pixels."
+    )
+    bucket_reso_steps: int = option(64, "Bucket sides are multiples of this (a multiple of the latent downsampling).")
+    min_bucket_reso: int | None = option(None, "Smallest bucket side (default: resolution/2, rounded to the step).")
+    max_bucket_reso: int | None = option(None, "Largest bucket side (default: 2 * resolution).")
+    hf_dataset: str | None = option(
+        None, "A local Hugging Face dataset to train on: a folder saved with save_to_disk, or an image folder read "
+        "by load_dataset('imagefolder') (--image_column defaults to its image column, --caption_column 'text')."
+    )
+    webdataset_shards: list[str] = option(
+        [], "WebDataset tar shards (paths or glob patterns; <key>.png/jpg + <key>.txt), streamed; processes read "
+        "disjoint shards (at least one shard per process)."
+    )
+    shuffle_caption: bool = option(False, "Shuffle the comma-separated tags of each caption every time it is seen.")
+    keep_tokens: int = option(0, "Keep the first N tags of each caption in place (not shuffled, never dropped).")
+    caption_tag_dropout_rate: float = option(0.0, "Drop each (not kept) tag of a caption with this probability.")
+    record_data_order: bool = option(
+        False, "Write the (dataset index, stream position) pairs each process trains on, one line per micro-batch, "
+        "to data_order-rank<R>.jsonl in the run directory (an audit of the data order)."
+    )
+
+
+@dataclass
+class FineTuneModelOptions:
+    lora_type: Literal["lora", "loha", "lokr"] = option(
+        "lora", "Adapter kind with --lora_rank (peft): LoRA, LoHa (Hadamard product) or LoKr (Kronecker product)."
+    )
+    use_dora: bool = option(False, "DoRA: weight-decomposed LoRA (Liu et al. 2024); --lora_type lora only.")
+    lora_format: Literal["diffusers", "kohya", "both", "peft"] = option(
+        "both", "Adapter file format(s) in output_dir/lora: diffusers (pytorch_lora_weights.safetensors), kohya "
+        "(A1111/ComfyUI keys, pytorch_lora_weights_kohya.safetensors), both, or peft (adapter folders; LoHa/LoKr)."
+    )
+    text_encoder_lr: float | None = option(
+        None, "Learning rate of the text encoder (or its LoRA) with --train_text_encoder (default: --learning_rate)."
+    )
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "schedulefree_adamw"] = option(
+        "adamw", "Optimizer by name (see training/optimizers.py)."
+    )
+    optimizer_args: list[str] = option(
+        [], "Extra optimizer options as key=value (e.g. d_coef=0.5; values read as YAML)."
+    )
+
+
+@dataclass
+class FineTuneLossOptions:
+    masked_loss: bool = option(
+        False, "Weight each latent pixel's loss by a mask (white = learn, black = ignore) from --conditioning_data_dir."
+    )
+    conditioning_data_dir: str | None = option(
+        None, "--masked_loss: folder of grayscale masks, one per training image with the same file stem."
+    )
+    debiased_estimation_loss: bool = option(
+        False, "Debiased estimation (Yu et al. 2024): weight the epsilon-space loss by 1/sqrt(SNR)."
+    )
+    multires_noise_iterations: int = option(0, "Multi-resolution noise (Whitaker 2023): levels added (6-10 typical).")
+    multires_noise_discount: float = option(0.3, "Multi-resolution noise: weight of level i is discount^i.")
+
+
+@dataclass
+class DreamBoothOptions:
+    instance_prompt: str | None = option(None, "Caption of every training image, e.g. 'a photo of sks dog' (DreamBooth).")
+    with_prior_preservation: bool = option(
+        False, "DreamBooth prior preservation (Ruiz et al. 2023): also train on generated class images."
+    )
+    class_prompt: str | None = option(None, "Prompt of the class images, e.g. 'a photo of a dog'.")
+    num_class_images: int = option(100, "Class images generated (once, cached) and trained on.")
+    prior_loss_weight: float = option(1.0, "Weight of the class-image loss.")
+    class_data_dir: str | None = option(None, "Where class images are cached (default: output_dir/class_images).")
+
+
+@dataclass
+class TextualInversionOptions:
+    placeholder_token: str | None = option(
+        None, "Textual inversion (Gal et al. 2023): train only the embedding of this new token, e.g. '<sks>' "
+        "(use it in the captions or --instance_prompt)."
+    )
+    initializer_token: str | None = option(None, "A one-token word whose embedding starts the new token's, e.g. 'dog'.")
+    num_vectors: int = option(1, "Embedding vectors of the new token.")
+
+
 GROUPS = {
     "data": DataOptions,
     "model": ModelOptions,
     "objective": ObjectiveOptions,
     "optimization": OptimizationOptions,
     "run": RunOptions,
+    "finetune_data": FineTuneDataOptions,
+    "finetune_model": FineTuneModelOptions,
+    "finetune_loss": FineTuneLossOptions,
+    "dreambooth": DreamBoothOptions,
+    "textual_inversion": TextualInversionOptions,
 }
 
 
@@ -174,6 +265,11 @@ class TrainConfig:
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     optimization: OptimizationOptions = field(default_factory=OptimizationOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    finetune_data: FineTuneDataOptions = field(default_factory=FineTuneDataOptions)
+    finetune_model: FineTuneModelOptions = field(default_factory=FineTuneModelOptions)
+    finetune_loss: FineTuneLossOptions = field(default_factory=FineTuneLossOptions)
+    dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
+    textual_inversion: TextualInversionOptions = field(default_factory=TextualInversionOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -266,7 +362,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     file_values = load_config_file(args.pop("config")) if "config" in args else {}
     config = config_from_flat({**file_values, **args})
-    if config.data.train_data_dir is not None and "dataset" not in {**file_values, **args}:
+    f = config.finetune_data
+    given_data = config.data.train_data_dir is not None or f.hf_dataset is not None or bool(f.webdataset_shards)
+    if given_data and "dataset" not in {**file_values, **args}:
         config.data.dataset = "folder"
     return config
 

@@ -16,13 +16,14 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from training import shapes
+from training.captions import caption_of, folder_repeats
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,21 @@ class ImageSource:
     caption: str
     path: Path | None = None
     image: Image.Image | None = None
+    repeats: int = 1  # times the image is seen per epoch (kohya's `N_name` folders)
+    mask_path: Path | None = None  # grayscale loss mask (white = learn), for the masked loss
+    loader: Callable[[], Image.Image] | None = None  # decodes the image on demand (e.g. a `datasets` row)
 
     def load(self) -> Image.Image:
+        if self.loader is not None:
+            return self.loader()
         return self.image if self.image is not None else Image.open(self.path).convert("RGB")
+
+    def size(self) -> tuple[int, int]:
+        """(width, height), read from the file header only when the image is a file."""
+        if self.path is None:
+            return self.load().size
+        with Image.open(self.path) as image:
+            return image.size
 
 
 def shapes_sources(
@@ -111,18 +124,15 @@ def _folder_captions(root: Path, image_column: str, caption_column: str) -> dict
                    for number, line in enumerate(lines, 1) if line.strip()]
         return {root / name: caption for name, caption in records}
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return {p: _caption_file(p.with_suffix(".txt")) for p in images}
-
-
-def _caption_file(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
-    except UnicodeDecodeError as error:
-        raise ValueError(f"Caption file {path} is not UTF-8 text ({error}).") from None
+    return {p: caption_of(p, root) for p in images}
 
 
 def folder_sources(train_data_dir: str, image_column: str = "file_name", caption_column: str = "text"):
-    """(sources, skipped): every readable image of an ImageFolder-style directory with its caption."""
+    """(sources, skipped): every readable image of an ImageFolder-style directory with its caption.
+
+    Captions: metadata.jsonl, else a .txt/.caption file beside each image, else a kohya `N_name` folder's name;
+    images in `N_name` folders are repeated N times per epoch (`training.captions`).
+    """
     root = Path(train_data_dir)
     if not root.is_dir():
         raise FileNotFoundError(
@@ -132,7 +142,7 @@ def folder_sources(train_data_dir: str, image_column: str = "file_name", caption
     captions = sorted(_folder_captions(root, image_column, caption_column).items())
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         readable = list(pool.map(_readable, [p for p, _ in captions]))
-    sources = [ImageSource(caption=c, path=p) for (p, c), ok in zip(captions, readable) if ok]
+    sources = [ImageSource(c, p, repeats=folder_repeats(p, root)) for (p, c), ok in zip(captions, readable) if ok]
     skipped = len(captions) - len(sources)
     if not sources:
         raise ValueError(f"--train_data_dir {root} has no readable images ({skipped} skipped); "
@@ -151,45 +161,78 @@ def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(array.transpose(0, 3, 1, 2).copy()) / 127.5 - 1.0
 
 
+class Item(NamedTuple):
+    """One training image, transformed, with what SDXL's size conditioning needs (Podell et al. 2023, Sec. 2.2)."""
+
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
+    index: int  # dataset index
+    position: int  # stream position (seeds the crop, flip and caption processing)
+    original_size: tuple[int, int]  # (height, width) of the image file
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    mask: torch.Tensor | None = None  # (1, H, W) in [0, 1], cropped like the pixels (masked loss)
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize the short side, crop to a square, optionally flip; to a CHW float tensor in [-1, 1]."""
+    """Resize to cover the target size (default: the square resolution), crop, optionally flip; to CHW in [-1, 1]."""
 
     resolution: int
     center_crop: bool = False
     random_flip: bool = False
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        return self.apply(image, rng)[0]
+
+    def apply(self, image: Image.Image, rng: np.random.Generator, size: tuple[int, int] | None = None,
+              mask: Image.Image | None = None):
+        """(pixels, crop (top, left), mask or None) for a target (width, height); the mask gets the same geometry."""
+        target_w, target_h = size or (self.resolution, self.resolution)
         width, height = image.size
-        scale = self.resolution / min(width, height)
-        if scale != 1:
-            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
-        width, height = image.size
+        scale = max(target_w / width, target_h / height)
+        resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale))) if scale != 1 else image.size
         if self.center_crop:
-            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
+            left, top = (resized[0] - target_w) // 2, (resized[1] - target_h) // 2
         else:
-            left, top = int(rng.integers(width - self.resolution + 1)), int(rng.integers(height - self.resolution + 1))
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        array = np.asarray(image, dtype=np.float32)
-        if self.random_flip and rng.random() < 0.5:
-            array = array[:, ::-1]
-        return torch.from_numpy(array.transpose(2, 0, 1).copy()) / 127.5 - 1.0
+            left, top = int(rng.integers(resized[0] - target_w + 1)), int(rng.integers(resized[1] - target_h + 1))
+        box, flip = (left, top, left + target_w, top + target_h), self.random_flip and rng.random() < 0.5
+        pixels = _resize_crop(image, resized, box, flip) / 127.5 - 1.0
+        if mask is None:
+            return pixels, (top, left), None
+        return pixels, (top, left), _resize_crop(mask.convert("L").resize(image.size), resized, box, flip) / 255.0
+
+
+def _resize_crop(image: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+    """(C, H, W) float values 0..255 of `image` resized (bicubic), cropped to `box`, optionally mirrored."""
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    array = np.asarray(image.crop(box), dtype=np.float32)
+    array = array[:, :, None] if array.ndim == 2 else array
+    if flip:
+        array = array[:, ::-1]
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Map-style dataset of (pixel tensor, index); item (index, position) uses an rng seeded by both."""
+    """Map-style dataset of `Item`s; item (index, position) uses an rng seeded by (seed, position).
 
-    def __init__(self, sources: Sequence[ImageSource], transform: ImageTransform, seed: int):
-        self.sources, self.transform, self.seed = list(sources), transform, seed
+    `sizes` gives each image's target (width, height) (its aspect-ratio bucket); default: the square resolution.
+    """
+
+    def __init__(self, sources: Sequence[ImageSource], transform: ImageTransform, seed: int,
+                 sizes: Sequence[tuple[int, int]] | None = None):
+        self.sources, self.transform, self.seed, self.sizes = list(sources), transform, seed, sizes
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> Item:
         index, position = key
         rng = np.random.default_rng((self.seed, position))
-        return self.transform(self.sources[index].load(), rng), index
+        source = self.sources[index]
+        image = source.load()
+        mask = Image.open(source.mask_path) if source.mask_path else None
+        pixels, crop, mask = self.transform.apply(image, rng, self.sizes[index] if self.sizes else None, mask)
+        return Item(pixels, index, position, (image.height, image.width), crop, mask)
 
 
 # ---------------------------------------------------------------- batch order
@@ -208,29 +251,36 @@ class BatchOrder:
     seed: int
     rank: int = 0
     world_size: int = 1
+    repeats: tuple[int, ...] | None = None  # times each sample appears per epoch (default: once)
 
     def positions(self, micro_step: int) -> range:
         start = (micro_step * self.world_size + self.rank) * self.batch_size
         return range(start, start + self.batch_size)
 
+    @property
+    def epoch_size(self) -> int:
+        return sum(self.repeats) if self.repeats else self.num_samples
+
     def permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        """Dataset indices of one epoch in their shuffled order (an index `repeats` times)."""
+        perm = torch.randperm(self.epoch_size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return torch.from_numpy(np.repeat(np.arange(self.num_samples), self.repeats))[perm] if self.repeats else perm
 
     def keys(self, micro_step: int) -> list[tuple[int, int]]:
         """(dataset index, stream position) pairs for one micro-batch of this process."""
         keys, cached_epoch, perm = [], None, None
         for position in self.positions(micro_step):
-            epoch = position // self.num_samples
+            epoch = position // self.epoch_size
             if epoch != cached_epoch:
                 cached_epoch, perm = epoch, self.permutation(epoch)
-            keys.append((int(perm[position % self.num_samples]), position))
+            keys.append((int(perm[position % self.epoch_size]), position))
         return keys
 
 
 class MicroBatchSampler(torch.utils.data.Sampler):
     """Yields the keys of micro-batches start, start+1, ... (endless) for a DataLoader."""
 
-    def __init__(self, order: BatchOrder, start_micro_step: int):
+    def __init__(self, order, start_micro_step: int):  # a BatchOrder or buckets.BucketBatchOrder
         self.order, self.start = order, start_micro_step
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -240,11 +290,17 @@ class MicroBatchSampler(torch.utils.data.Sampler):
             step += 1
 
 
-def collate(items: list[tuple[torch.Tensor, int]]) -> dict:
-    return {"pixel_values": torch.stack([p for p, _ in items]), "index": torch.tensor([i for _, i in items])}
+def collate(items: list[Item]) -> dict:
+    """A batch dict: pixel_values (B, 3, H, W) and index, position, original_size, crop_top_left per item."""
+    batch = {"pixel_values": torch.stack([item.pixels for item in items])}
+    for name in ("index", "position", "original_size", "crop_top_left"):
+        batch[name] = torch.tensor([getattr(item, name) for item in items])
+    if items[0].mask is not None:
+        batch["mask"] = torch.stack([item.mask for item in items])
+    return batch
 
 
-def image_batches(dataset: ImageDataset, order: BatchOrder, start_micro_step: int, num_workers: int) -> Iterator[dict]:
+def image_batches(dataset: ImageDataset, order, start_micro_step: int, num_workers: int) -> Iterator[dict]:
     """Endless micro-batches of pixels starting at `start_micro_step`."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=MicroBatchSampler(order, start_micro_step), collate_fn=collate,
@@ -257,9 +313,19 @@ def tensor_batches(tensors: dict[str, torch.Tensor], order: BatchOrder, start_mi
     """Endless micro-batches gathered from in-memory tensors (cached latents)."""
     step = start_micro_step
     while True:
-        index = torch.tensor([i for i, _ in order.keys(step)])
-        yield {**{k: v[index] for k, v in tensors.items()}, "index": index}
+        keys = order.keys(step)
+        index = torch.tensor([i for i, _ in keys])
+        yield {**{k: v[index] for k, v in tensors.items()}, "index": index, "position": torch.tensor([p for _, p in keys])}
         step += 1
+
+
+def recorded(batches: Iterator[dict], path: Path) -> Iterator[dict]:
+    """The same batches; each one's (dataset index, stream position) pairs appended to `path` as it is consumed."""
+    with open(path, "a") as log:
+        for batch in batches:
+            log.write(json.dumps({"index": batch["index"].tolist(), "position": batch["position"].tolist()}) + "\n")
+            log.flush()
+            yield batch
 
 
 # ---------------------------------------------------------------- captions and latents
@@ -300,10 +366,14 @@ def all_pixels(dataset: ImageDataset, batch_size: int, num_workers: int = 0) -> 
     return (batch["pixel_values"] for batch in loader)
 
 
+def posterior_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z = mean + std * eps, eps ~ N(0, I) drawn on the CPU: a sample of the VAE posterior (Kingma & Welling 2014)."""
+    return mean + std * torch.randn(mean.shape, generator=generator).to(mean)
+
+
 def latent_sample(batch: dict, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
-    """x_0 = scaling_factor * (mean + std * N(0, I)) from cached posterior moments."""
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    return scaling_factor * (mean + std * torch.randn(mean.shape, generator=generator))
+    """x_0 = scaling_factor * posterior sample, from cached posterior moments."""
+    return scaling_factor * posterior_sample(batch["latent_mean"], batch["latent_std"], generator)
 
 
 def check_resolution(resolution: int, vae_factor: int) -> None:

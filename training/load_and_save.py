@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm_pipeline.atomic import atomic_directory
 from training.config import ModelOptions, ObjectiveOptions
 from training.objectives import BETA_SCHEDULE_NAMES
 from training.tokenizer import build_clip_tokenizer
@@ -202,24 +198,6 @@ def output_scheduler(objective: dict):
 
 
 # ---------------------------------------------------------------- saving
-
-
-@contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Write into a temporary sibling folder, then rename it over `final` (readers never see a partial one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_pipeline(directory: Path, components: Components, scheduler) -> Path:

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.data import drop_captions, latent_sample
+from training.captions import CaptionVariation
+from training.data import drop_captions, latent_sample, posterior_sample
+from training.dreambooth import prior_weights
+from training.loss_options import latent_mask
 from training.objectives import Objective
 
 
@@ -29,30 +32,49 @@ class DiffusionLoss:
     empty_ids: torch.Tensor  # token ids of the empty caption
     caption_dropout: float
     scaling_factor: float
+    variation: CaptionVariation | None = None  # per-step tag shuffle/dropout; None: the fixed input_ids
+    num_instance: int | None = None  # DreamBooth: dataset indices >= this are class images (prior preservation)
+    prior_loss_weight: float = 1.0
+
+    def sample_weights(self, batch: dict, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
+        """The objective's per-sample weights (Min-SNR, debiased), times the prior-preservation split."""
+        weights = self.objective.loss_weights(alpha, sigma)
+        if self.num_instance is None:
+            return weights
+        split = prior_weights(batch["index"] >= self.num_instance, self.prior_loss_weight)
+        return split if weights is None else weights * split
+
+    def caption_ids(self, batch: dict) -> torch.Tensor:
+        if "input_ids" in batch:  # streamed data (WebDataset shards) carries its own tokens
+            return batch["input_ids"]
+        if self.variation is None or not self.variation.active:
+            return self.input_ids[batch["index"]]
+        return self.variation.ids(batch["index"], batch["position"])
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         if "latent_mean" in batch:
             return latent_sample(batch, self.scaling_factor, generator)
         with torch.no_grad():
             dist = self.vae.encode(batch["pixel_values"].to(self.vae.device, self.vae.dtype)).latent_dist
-            return self.scaling_factor * (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean))
+            return self.scaling_factor * posterior_sample(dist.mean, dist.std, generator)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         device = next(self.unet.parameters()).device
         x0 = self.latents(batch, generator).to(device, torch.float32)
-        ids = drop_captions(self.input_ids[batch["index"]], self.empty_ids, self.caption_dropout, generator)
+        ids = drop_captions(self.caption_ids(batch), self.empty_ids, self.caption_dropout, generator)
         timesteps, alpha, sigma = self.objective.sample_levels(x0.shape[0], generator)
         noise = self.objective.sample_noise(x0, generator)
         x_t = self.objective.noisy_input(x0, noise, alpha, sigma, generator)
         target = self.objective.target(x0, noise, alpha, sigma)
-        weights = self.objective.loss_weights(alpha, sigma)
-        return self.loss(x_t, timesteps, ids.to(device), target, weights), {}
+        weights = self.sample_weights(batch, alpha, sigma)
+        mask = latent_mask(batch["mask"], x0.shape).to(device) if "mask" in batch else None
+        return self.loss(x_t, timesteps, ids.to(device), target, weights, mask), {}
 
-    def loss(self, x_t, timesteps, ids, target, weights) -> torch.Tensor:
+    def loss(self, x_t, timesteps, ids, target, weights, mask=None) -> torch.Tensor:
         encoder_hidden_states = self.text_encoder(ids, return_dict=False)[0]
         timesteps = timesteps.to(x_t.device, torch.float32 if self.objective.is_flow else torch.long)
         prediction = self.unet(x_t, timesteps, encoder_hidden_states, return_dict=False)[0]
-        return self.objective.loss(prediction, target, weights)
+        return self.objective.loss(prediction, target, weights, mask)
 
     @torch.no_grad()
     def fixed_loss(self, batch: dict, seed: int) -> float:
@@ -62,7 +84,7 @@ class DiffusionLoss:
         x0 = self.latents(batch, generator).to(device, torch.float32)
         timesteps, alpha, sigma = self.objective.fixed_levels(x0.shape[0])
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        x_t = alpha.to(x0).view(-1, 1, 1, 1) * x0 + sigma.to(x0).view(-1, 1, 1, 1) * noise
+        x_t = self.objective.diffuse(x0, noise, alpha, sigma)
         target = self.objective.target(x0, noise, alpha, sigma)
         ids = self.input_ids[batch["index"]].to(device)
         return float(self.loss(x_t, timesteps, ids, target, self.objective.loss_weights(alpha, sigma)))

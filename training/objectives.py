@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from custom_schedulers import parameterization
 from custom_schedulers.schedules import NoiseSchedule, flow_schedule, make_schedule, shift_sigmas
+from training.loss_options import debiased_weights, pyramid_noise
 
 BETA_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}  # our name -> diffusers' config name
 
@@ -52,13 +53,10 @@ BETA_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}  # our name -> diffusers' 
 def check_objective(prediction_type: str, zero_terminal_snr: bool) -> None:
     """Refuse mathematically singular combinations before any work is done."""
     parameterization.check_prediction_type(prediction_type)
-    if zero_terminal_snr and prediction_type == "epsilon":
-        raise ValueError(
-            "--zero_terminal_snr with --prediction_type epsilon is singular: at SNR = 0 the noise is "
-            "the input itself, so an epsilon model learns nothing about the image there and sampling "
-            "from the terminal step divides by alpha = 0 (Lin et al. 2023, Sec. 3.2). Use "
-            "--prediction_type v_prediction (recommended with trailing timestep spacing)."
-        )
+    try:
+        parameterization.check_zero_terminal_snr(prediction_type, zero_terminal_snr)
+    except ValueError as error:
+        raise ValueError(f"--zero_terminal_snr with --prediction_type epsilon: {error}") from None
     if zero_terminal_snr and prediction_type == "flow":
         raise ValueError(
             "--zero_terminal_snr applies to VP schedules; rectified flow already reaches pure noise "
@@ -101,6 +99,9 @@ class Objective:
     flow_shift: float = 1.0
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
+    debiased_estimation: bool = False  # training.loss_options (Yu et al. 2024)
+    multires_noise_iterations: int = 0  # training.loss_options (Whitaker 2023); 0 = white noise
+    multires_noise_discount: float = 0.3
 
     @property
     def is_flow(self) -> bool:
@@ -146,6 +147,8 @@ class Objective:
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        if self.multires_noise_iterations:
+            noise = pyramid_noise(noise, generator, self.multires_noise_iterations, self.multires_noise_discount)
         if self.noise_offset:
             # Offset noise (Guttenberg 2023, "Diffusion with offset noise"): a per-channel constant shift.
             noise = noise + self.noise_offset * torch.randn(x0.shape[:2] + (1, 1), generator=generator, dtype=x0.dtype)
@@ -157,22 +160,35 @@ class Objective:
         if self.input_perturbation:
             xi = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
             model_noise = noise + self.input_perturbation * xi
-        a, s = _per_sample(alpha, x0), _per_sample(sigma, x0)
-        return a * x0 + s * model_noise
+        return self.diffuse(x0, model_noise, alpha, sigma)
+
+    @staticmethod
+    def diffuse(x0: torch.Tensor, noise: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        """The forward process x_t = alpha*x0 + sigma*noise, per-sample alpha and sigma (DESIGN.md)."""
+        return _per_sample(alpha, x0) * x0 + _per_sample(sigma, x0) * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, alpha, sigma) -> torch.Tensor:
         return parameterization.target(self.prediction_type, x0, noise, alpha.to(x0), sigma.to(x0))
 
     def loss_weights(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
-        """Min-SNR weights per sample, or None for the plain MSE."""
-        if self.snr_gamma is None:
-            return None
+        """Min-SNR and/or debiased-estimation weights per sample (their product), or None for the plain MSE."""
         snr = (alpha.to(torch.float64) / sigma.to(torch.float64)) ** 2
-        return min_snr_weights(snr, self.snr_gamma, self.prediction_type, self.snr_floor)
+        weights = None
+        if self.snr_gamma is not None:
+            weights = min_snr_weights(snr, self.snr_gamma, self.prediction_type, self.snr_floor)
+        if self.debiased_estimation:
+            debiased = debiased_weights(snr, self.prediction_type)
+            weights = debiased if weights is None else weights * debiased
+        return weights
 
-    def loss(self, model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """Mean squared error, per-sample weighted by Min-SNR (diffusers' train_text_to_image loss)."""
-        per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    def loss(self, model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared error, per-sample weighted (diffusers' train_text_to_image loss); `mask` (B, 1, H, W) at the
+        latent size weights each latent pixel (masked loss)."""
+        squared = F.mse_loss(model_output.float(), target.float(), reduction="none")
+        if mask is not None:
+            squared = squared * mask.to(squared)
+        per_sample = squared.mean(dim=(1, 2, 3))
         if weights is not None:
             per_sample = per_sample * weights.to(per_sample)
         return per_sample.mean()

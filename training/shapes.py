@@ -1,7 +1,6 @@
 """The `shapes` dataset: one filled shape on a plain background, 64x64, seeded.
 
-Implements `shared/specs/shapes-dataset.md`: five attributes (shape, color,
-background, size, position), the canonical caption
+Five attributes (shape, color, background, size, position), the canonical caption
 ``a {size} {color} {shape} on a {background} background at the {position}``,
 optional paraphrases for training, and a fixed held-out list of attribute
 combinations that the training split never yields.
@@ -56,7 +55,7 @@ class Attributes:
     position: str
 
     def caption(self) -> str:
-        """The canonical caption, exactly as the spec writes it."""
+        """The canonical caption (the template in the module docstring)."""
         return (
             f"a {self.size} {self.color} {self.shape} on a {self.background} background "
             f"at the {self.position}"
@@ -197,8 +196,3 @@ def generate(
     return list(itertools.islice(iter_samples(seed, split, paraphrases, colors, backgrounds), count))
 
 
-def render_caption_for(attributes: Attributes, seed: int) -> Sample:
-    """One sample of a given combination (used by the judge's validation and by tests)."""
-    rng = np.random.default_rng(seed)
-    image, bbox = render(attributes, rng)
-    return Sample(image=image, attributes=attributes, caption=attributes.caption(), bbox=bbox)

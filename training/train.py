@@ -20,13 +20,19 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from training import checkpointing, data, shapes
+from training import checkpointing, data, shapes, shards, textual_inversion
+from training.buckets import BucketBatchOrder, assign_buckets, describe, per_image_batches
+from training.captions import CaptionVariation
 from training.config import TrainConfig, check_option_values, check_paths, parse_config
+from training.dreambooth import PairedOrder, class_sources, with_instance_prompt
+from training.dreambooth import check_options as check_dreambooth_options
 from training.load_and_save import (
     Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
 )
+from training.loss_options import attach_masks
 from training.losses import DiffusionLoss, VaeLoss, VaeReconstruction
 from training.objectives import Objective, build_schedule, check_objective
+from training.optimizers import build_optimizer
 from training.train_loop import LoopParts, LoopSchedule, train_loop
 from training.validation import VALIDATION_SEED, Validator, latent_cache, scaling_factor_of
 
@@ -59,13 +65,55 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("--lora_alpha needs --lora_rank (LoRA is off without a rank).")
     if o.snr_floor is not None and o.snr_gamma is None:
         raise ValueError("--snr_floor bounds the Min-SNR weights: it needs --snr_gamma (e.g. --snr_gamma 5).")
-    if d.dataset == "folder" and d.train_data_dir is None:
-        raise ValueError("--dataset folder needs --train_data_dir (a folder of images with captions).")
+    streamed = config.finetune_data.hf_dataset or config.finetune_data.webdataset_shards
+    if d.dataset == "folder" and d.train_data_dir is None and not streamed:
+        raise ValueError("--dataset folder needs --train_data_dir (a folder of images with captions), "
+                         "--hf_dataset or --webdataset_shards.")
     if d.dataset == "shapes" and d.train_data_dir is not None:
         raise ValueError("--train_data_dir is an image folder: drop --dataset shapes (or the folder).")
     for name in ("shapes_colors", "shapes_backgrounds"):
         if unknown := sorted(set(getattr(d, name) or ()) - set(shapes.COLORS)):
             raise ValueError(f"--{name} {unknown} unknown; valid colours: {', '.join(shapes.COLORS)}.")
+    check_finetune_options(config)
+    check_dreambooth_options(config)
+
+
+def check_finetune_options(config: TrainConfig) -> None:
+    """The issue-20 options (buckets, adapters, optimizers) against each other and the rest."""
+    m, f = config.model, config.finetune_model
+    if config.finetune_data.enable_bucket and m.train_vae:
+        raise ValueError("--enable_bucket trains the diffusion model; --train_vae trains on square crops: drop one.")
+    loss = config.finetune_loss
+    if loss.masked_loss and (not loss.conditioning_data_dir or not config.data.train_data_dir or
+                             config.data.cache_latents or m.train_vae):
+        raise ValueError("--masked_loss needs an image folder (--train_data_dir), its masks in "
+                         "--conditioning_data_dir, and pixels (not --cache_latents or --train_vae).")
+    if config.finetune_data.webdataset_shards and (config.data.cache_latents or loss.masked_loss or m.train_vae or
+                                                   config.dreambooth.with_prior_preservation or
+                                                   config.data.dataloader_num_workers):
+        raise ValueError("--webdataset_shards streams pixels in the main process: drop --cache_latents, "
+                         "--masked_loss, --train_vae, --with_prior_preservation and --dataloader_num_workers.")
+    ti = config.textual_inversion
+    if ti.placeholder_token and (not ti.initializer_token or m.lora_rank or m.train_text_encoder or m.train_vae
+                                 or ti.num_vectors < 1):
+        raise ValueError("--placeholder_token (textual inversion) needs --initializer_token and --num_vectors >= 1, "
+                         "and trains only the new embedding: drop --lora_rank/--train_text_encoder/--train_vae.")
+    if loss.multires_noise_iterations < 0 or not 0 < loss.multires_noise_discount <= 1:
+        raise ValueError("--multires_noise_iterations must be >= 0 and --multires_noise_discount in (0, 1].")
+    if f.lora_type != "lora" and f.lora_format != "peft":
+        raise ValueError(f"--lora_type {f.lora_type} adapters have no diffusers or kohya LoRA file format: add "
+                         "--lora_format peft (adapter folders that peft loads).")
+    if f.use_dora and f.lora_format in ("kohya", "both"):
+        raise ValueError("--use_dora: diffusers' kohya converter does not write DoRA magnitudes; use --lora_format "
+                         "diffusers (loaded by `pipe.load_lora_weights`) or peft.")
+    if f.use_dora and m.train_text_encoder:
+        raise ValueError("--use_dora with --train_text_encoder: stock `load_lora_weights` (transformers 5) drops a "
+                         "text encoder's DoRA magnitudes, so the file would not reproduce training; train DoRA on "
+                         "the UNet only (drop --train_text_encoder) or use plain LoRA.")
+    if f.use_dora and f.lora_type != "lora":
+        raise ValueError(f"--use_dora applies to --lora_type lora only, not {f.lora_type}.")
+    if f.text_encoder_lr is not None and not m.train_text_encoder:
+        raise ValueError("--text_encoder_lr needs --train_text_encoder (the text encoder is frozen otherwise).")
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -94,12 +142,32 @@ def load_dataset(config: TrainConfig) -> Dataset:
             data.shapes_validation_sources(d.num_validation_samples),
             data.shapes_vocabulary(),
         )
-    sources, skipped = data.folder_sources(d.train_data_dir, d.image_column, d.caption_column)
+    if config.finetune_data.webdataset_shards:
+        return shard_dataset(config)
+    if config.finetune_data.hf_dataset:
+        from training.hf_data import hf_sources
+
+        sources, skipped = hf_sources(config.finetune_data.hf_dataset, d.image_column, d.caption_column), 0
+    else:
+        sources, skipped = data.folder_sources(d.train_data_dir, d.image_column, d.caption_column)
+    if config.finetune_loss.masked_loss:
+        sources = attach_masks(sources, config.finetune_loss.conditioning_data_dir)
+    sources = with_instance_prompt(sources, config.dreambooth.instance_prompt)
     held = d.num_validation_samples if len(sources) >= 2 * d.num_validation_samples else 0
     if not held:
         logger.warning("Only %d images: the validation loss uses training images.", len(sources))
     train, validation = (sources[:-held], sources[-held:]) if held else (sources, sources[: d.num_validation_samples])
-    return Dataset(train, validation, data.caption_vocabulary([s.caption for s in sources]), skipped)
+    captions = [s.caption for s in sources] + [config.dreambooth.class_prompt or ""]
+    return Dataset(train, validation, data.caption_vocabulary(captions), skipped)
+
+
+def shard_dataset(config: TrainConfig) -> Dataset:
+    """Streamed shards: no training list (batches come from `training.shards`), the first samples validate."""
+    paths = shards.shard_paths(config.finetune_data.webdataset_shards)
+    validation = shards.first_samples(paths, config.data.num_validation_samples)
+    captions = shards.all_captions(paths) if config.model.from_scratch else [s.caption for s in validation]
+    logger.warning("Streaming %d shards: the validation loss uses their first %d samples.", len(paths), len(validation))
+    return Dataset([], validation, data.caption_vocabulary(captions))
 
 
 def load_components(config: TrainConfig, words: list[str]) -> Components:
@@ -116,12 +184,10 @@ def load_components(config: TrainConfig, words: list[str]) -> Components:
     return load_pretrained(m)
 
 
-def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
-    o = config.optimization
-    optimizer = torch.optim.AdamW(
-        params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay,
-        eps=o.adam_epsilon,
-    )
+def make_optimizer(config: TrainConfig, groups: list[dict]):
+    """The --optimizer over parameter groups, and the learning-rate schedule."""
+    o, f = config.optimization, config.finetune_model
+    optimizer = build_optimizer(f.optimizer, groups, o, f.optimizer_args)
     lr_scheduler = get_scheduler(
         o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=o.max_train_steps
     )
@@ -138,6 +204,20 @@ def make_ema(config: TrainConfig, params: list[torch.nn.Parameter]):
 
 def trainable_parameters(models: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     return [p for model in models for p in model.parameters() if p.requires_grad]
+
+
+def parameter_groups(config: TrainConfig, trained: list[torch.nn.Module]) -> list[dict]:
+    """The UNet (or VAE) at --learning_rate; a trained text encoder at --text_encoder_lr when given.
+
+    Textual inversion trains an embedding table without weight decay (the old rows must not decay).
+    """
+    if config.textual_inversion.placeholder_token:
+        return [{"params": trainable_parameters(trained), "weight_decay": 0.0}]
+    groups = [{"params": trainable_parameters(trained[:1])}]
+    if len(trained) > 1:
+        lr = config.finetune_model.text_encoder_lr
+        groups.append({"params": trainable_parameters(trained[1:]), **({"lr": lr} if lr is not None else {})})
+    return groups
 
 
 def resume(state: checkpointing.TrainingState, config: TrainConfig) -> int:
@@ -179,17 +259,51 @@ def loop_schedule(config: TrainConfig, start_step: int) -> LoopSchedule:
     )
 
 
-def batch_order(config: TrainConfig, accelerator: Accelerator, num_samples: int) -> data.BatchOrder:
-    return data.BatchOrder(
-        num_samples, config.optimization.train_batch_size, config.optimization.seed,
-        accelerator.process_index, accelerator.num_processes,
-    )
+def batch_order(config: TrainConfig, accelerator: Accelerator, sources: list[data.ImageSource], buckets=None):
+    """Square batches (data.BatchOrder) or, with bucketing, one-bucket batches (buckets.BucketBatchOrder)."""
+    o = config.optimization
+    repeats = tuple(s.repeats for s in sources)
+    if buckets is not None:
+        return BucketBatchOrder(buckets, repeats, o.train_batch_size, o.seed, accelerator.process_index,
+                                accelerator.num_processes)
+    return data.BatchOrder(len(sources), o.train_batch_size, o.seed, accelerator.process_index,
+                           accelerator.num_processes, repeats if set(repeats) != {1} else None)
 
 
-def image_dataset(config: TrainConfig, sources: list[data.ImageSource]) -> data.ImageDataset:
+def image_dataset(config: TrainConfig, sources: list[data.ImageSource], sizes=None) -> data.ImageDataset:
     d = config.data
     transform = data.ImageTransform(d.resolution, d.center_crop, d.random_flip)
-    return data.ImageDataset(sources, transform, config.optimization.seed)
+    return data.ImageDataset(sources, transform, config.optimization.seed, sizes)
+
+
+def training_buckets(config: TrainConfig, accelerator: Accelerator, components: Components, sources) -> tuple:
+    """(bucket size of each image, bucket of each image) with --enable_bucket (table logged), else (None, None)."""
+    if not config.finetune_data.enable_bucket:
+        return None, None
+    factor = components.vae_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    table, buckets = assign_buckets(config.finetune_data, config.data.resolution, factor, [s.size() for s in sources])
+    if accelerator.is_main_process:
+        logger.info("Aspect-ratio buckets:\n%s", describe(table, buckets, [s.repeats for s in sources]))
+    return [table[b] for b in buckets], buckets
+
+
+def caption_variation(config: TrainConfig, components: Components, sources) -> CaptionVariation:
+    f = config.finetune_data
+    return CaptionVariation([s.caption for s in sources], components.tokenizer, config.optimization.seed,
+                            f.keep_tokens, f.shuffle_caption, f.caption_tag_dropout_rate)
+
+
+def validate_fn(validator: Validator, optimizer):
+    """Validation at a schedule-free optimizer's averaged weights (train mode again afterwards)."""
+
+    def validate(step: int) -> dict:
+        optimizer.eval()
+        try:
+            return validator.validate(step)
+        finally:
+            optimizer.train()
+
+    return validate
 
 
 def checkpoint_fn(state: checkpointing.TrainingState, config: TrainConfig):
@@ -209,7 +323,8 @@ def build_objective(config: TrainConfig, components: Components) -> tuple[Object
     )
     objective = Objective(
         schedule, scheduler_keys["prediction_type"], o.snr_gamma, o.snr_floor, o.timestep_sampling, o.logit_mean,
-        o.logit_std, o.flow_shift, o.noise_offset, o.input_perturbation,
+        o.logit_std, o.flow_shift, o.noise_offset, o.input_perturbation, config.finetune_loss.debiased_estimation_loss,
+        config.finetune_loss.multires_noise_iterations, config.finetune_loss.multires_noise_discount,
     )
     if o.snr_gamma is not None and o.snr_floor is None and bool(schedule.snr.min() == 0):
         logger.warning("Min-SNR weights are 0 at the zero-SNR step, which then is never trained; consider "
@@ -217,14 +332,23 @@ def build_objective(config: TrainConfig, components: Components) -> tuple[Object
     return objective, scheduler_keys
 
 
-def prepare_diffusion_models(config: TrainConfig, components: Components) -> list[torch.nn.Module]:
+def prepare_diffusion_models(config: TrainConfig, components: Components, new_token_ids=None) -> list[torch.nn.Module]:
     """Freeze what is not trained; returns the modules with trainable parameters."""
+    m, f = config.model, config.finetune_model
     components.vae.requires_grad_(False).eval()
-    components.text_encoder.requires_grad_(config.model.train_text_encoder).train(config.model.train_text_encoder)
-    if config.model.lora_rank:
-        from training.lora import add_unet_lora
+    if new_token_ids:  # textual inversion: only the new rows of the text encoder's embedding table
+        from training.textual_inversion import train_only_rows
 
-        add_unet_lora(components.unet, config.model.lora_rank, config.model.lora_alpha)
+        components.unet.requires_grad_(False)
+        train_only_rows(components.text_encoder, new_token_ids)
+        return [components.text_encoder]
+    components.text_encoder.requires_grad_(m.train_text_encoder).train(m.train_text_encoder)
+    if m.lora_rank:
+        from training.lora import add_text_encoder_lora, add_unet_lora
+
+        add_unet_lora(components.unet, m.lora_rank, m.lora_alpha, f.lora_type, f.use_dora)
+        if m.train_text_encoder:
+            add_text_encoder_lora(components.text_encoder, m.lora_rank, m.lora_alpha, f.lora_type, f.use_dora)
     if config.optimization.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if config.model.train_text_encoder:
@@ -233,42 +357,84 @@ def prepare_diffusion_models(config: TrainConfig, components: Components) -> lis
     return [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
 
 
-def diffusion_batches(config, accelerator, components, dataset, start_micro):
-    """Micro-batches of cached latents or of pixels, from `start_micro` on."""
-    order = batch_order(config, accelerator, len(dataset.train))
+def diffusion_batches(config, accelerator, components, train, prior, start_micro):
+    """Micro-batches from `start_micro` on: streamed from shards, or from the image list (`listed_batches`)."""
+    if config.finetune_data.webdataset_shards:
+        batches = shard_batches(config, accelerator, components).skip(start_micro)
+    else:
+        batches = listed_batches(config, accelerator, components, train, prior, start_micro)
+    if config.finetune_data.record_data_order:
+        path = Path(config.run.output_dir) / f"data_order-rank{accelerator.process_index}.jsonl"
+        return data.recorded(batches, path)
+    return batches
+
+
+def listed_batches(config, accelerator, components, train, prior, start_micro):
+    """Micro-batches of cached latents or of pixels (with class images: paired)."""
+    sizes, buckets = training_buckets(config, accelerator, components, train)
+    order = batch_order(config, accelerator, train, buckets)
+    if prior:
+        order = PairedOrder(order, batch_order(config, accelerator, prior), len(train))
     if config.data.cache_latents:
-        cached = latent_cache(accelerator, components.vae, image_dataset(config, dataset.train), config, "train")
-        return data.tensor_batches(cached, order, start_micro)
-    return data.image_batches(image_dataset(config, dataset.train), order, start_micro, config.data.dataloader_num_workers)
+        name = f"train-{prior[0].path.parent.name}" if prior else "train"
+        cached = latent_cache(accelerator, components.vae, image_dataset(config, train + prior, sizes), config, name)
+        return (per_image_batches if sizes else data.tensor_batches)(cached, order, start_micro)
+    return data.image_batches(image_dataset(config, train + prior, sizes), order, start_micro,
+                              config.data.dataloader_num_workers)
+
+
+def shard_batches(config: TrainConfig, accelerator: Accelerator, components: Components) -> shards.ShardBatches:
+    d, f = config.data, config.finetune_data
+    table = None
+    if f.enable_bucket:
+        factor = components.vae_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+        table, _ = assign_buckets(f, d.resolution, factor, [])
+    return shards.ShardBatches(
+        shards.shard_paths(f.webdataset_shards), data.ImageTransform(d.resolution, d.center_crop, d.random_flip),
+        caption_variation(config, components, []), config.optimization.train_batch_size, config.optimization.seed,
+        accelerator.process_index, accelerator.num_processes, table,
+    )
 
 
 def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: Components, dataset: Dataset) -> Path:
     objective, scheduler_keys = build_objective(config, components)
     data.check_resolution(config.data.resolution, components.vae_factor)
-    trained = prepare_diffusion_models(config, components)
+    db = config.dreambooth
+    prior = class_sources(config, accelerator, components, scheduler_keys) if db.with_prior_preservation else []
+    ti = config.textual_inversion
+    new_ids = textual_inversion.setup(ti, components.tokenizer, components.text_encoder, dataset) if ti.placeholder_token else None
+    trained = prepare_diffusion_models(config, components, new_ids)
     params = trainable_parameters(trained)
-    optimizer, lr_scheduler = make_optimizer(config, params)
+    optimizer, lr_scheduler = make_optimizer(config, parameter_groups(config, trained))
     ema = make_ema(config, params)
     *prepared, optimizer = accelerator.prepare(*trained, optimizer)
+    optimizer.train()  # schedule-free optimizers step in train mode (a no-op for the others)
     state = checkpointing.TrainingState(accelerator, prepared, optimizer, lr_scheduler, ema)
     start = resume(state, config)
     open_run_directory(config, accelerator, dataset)
     tokenize = lambda sources: data.tokenize(components.tokenizer, [s.caption for s in sources])
     shared = dict(vae=components.vae, objective=objective, empty_ids=data.tokenize(components.tokenizer, [""])[0],
                   caption_dropout=config.data.proportion_empty_prompts, scaling_factor=components.vae.config.scaling_factor)
-    text_encoder = prepared[1] if config.model.train_text_encoder else components.text_encoder
-    loss_fn = DiffusionLoss(prepared[0], text_encoder, input_ids=tokenize(dataset.train), **shared)
+    swap = {id(module): wrapped for module, wrapped in zip(trained, prepared)}  # the DDP-wrapped trained modules
+    unet, text_encoder = (swap.get(id(m), m) for m in (components.unet, components.text_encoder))
+    loss_fn = DiffusionLoss(unet, text_encoder, input_ids=tokenize(dataset.train + prior) if dataset.train else None,
+                            variation=caption_variation(config, components, dataset.train + prior),
+                            num_instance=len(dataset.train) if prior else None, prior_loss_weight=db.prior_loss_weight,
+                            **shared)
     validator = Validator(accelerator, config, components, scheduler_keys, ema, params,
                           DiffusionLoss(components.unet, components.text_encoder, input_ids=tokenize(dataset.validation), **shared),
                           dataset.validation)
     parts = LoopParts(
         accelerator, loss_fn, prepared, params, optimizer, lr_scheduler,
-        diffusion_batches(config, accelerator, components, dataset, start * config.optimization.gradient_accumulation_steps),
-        ema, validator.validate, checkpoint_fn(state, config), accelerator.log,
+        diffusion_batches(config, accelerator, components, dataset.train, prior,
+                          start * config.optimization.gradient_accumulation_steps),
+        ema, validate_fn(validator, optimizer), checkpoint_fn(state, config), accelerator.log,
     )
     history = train_loop(parts, loop_schedule(config, start))
-    finish(config, accelerator, validator, ema, params, lambda: save_diffusion_output(config, components, scheduler_keys), history)
-    return Path(config.run.output_dir) / ("lora" if config.model.lora_rank else "model")
+    optimizer.eval()  # a schedule-free optimizer's averaged weights are the trained model
+    finish(config, accelerator, validator, ema, params,
+           lambda: save_diffusion_output(config, components, scheduler_keys, new_ids), history)
+    return output_path(config)
 
 
 def check_replicas_agree(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -296,12 +462,22 @@ def finish(config: TrainConfig, accelerator: Accelerator, validator: Validator, 
     accelerator.wait_for_everyone()
 
 
-def save_diffusion_output(config: TrainConfig, components: Components, scheduler_keys: dict) -> Path:
-    out = Path(config.run.output_dir)
-    if config.model.lora_rank:
-        from training.lora import save_lora
+def output_path(config: TrainConfig) -> Path:
+    """What a diffusion run writes: textual_inversion/, lora/ or model/ in output_dir."""
+    kind = "textual_inversion" if config.textual_inversion.placeholder_token else "lora" if config.model.lora_rank else "model"
+    return Path(config.run.output_dir) / kind
 
-        return save_lora(out / "lora", components.unet)
+
+def save_diffusion_output(config: TrainConfig, components: Components, scheduler_keys: dict, new_ids=None) -> Path:
+    out = Path(config.run.output_dir)
+    if new_ids:
+        return textual_inversion.save_embeddings(output_path(config), components.text_encoder,
+                                                 config.textual_inversion.placeholder_token, new_ids)
+    if config.model.lora_rank:
+        from training.lora_export import save_adapters
+
+        text_encoder = components.text_encoder if config.model.train_text_encoder else None
+        return save_adapters(out / "lora", components.unet, text_encoder, config.finetune_model.lora_format)
     return save_pipeline(out / "model", components, output_scheduler(scheduler_keys))
 
 
@@ -310,9 +486,10 @@ def train_vae(config: TrainConfig, accelerator: Accelerator, components: Compone
     data.check_resolution(config.data.resolution, components.vae_factor)
     wrapper = VaeReconstruction(vae.train())
     params = trainable_parameters([wrapper])
-    optimizer, lr_scheduler = make_optimizer(config, params)
+    optimizer, lr_scheduler = make_optimizer(config, [{"params": params}])
     ema = make_ema(config, params)
     prepared, optimizer = accelerator.prepare(wrapper, optimizer)
+    optimizer.train()
     state = checkpointing.TrainingState(accelerator, [prepared], optimizer, lr_scheduler, ema)
     start = resume(state, config)
     open_run_directory(config, accelerator, dataset)
@@ -320,12 +497,14 @@ def train_vae(config: TrainConfig, accelerator: Accelerator, components: Compone
     latent_shape = (vae.config.latent_channels, latent, latent)
     validator = Validator(accelerator, config, components, {}, ema, params, VaeLoss(wrapper, config.model.vae_kl_weight, latent_shape),
                           dataset.validation)
-    order = batch_order(config, accelerator, len(dataset.train))
+    order = batch_order(config, accelerator, dataset.train)
     batches = data.image_batches(image_dataset(config, dataset.train), order,
                                  start * config.optimization.gradient_accumulation_steps, config.data.dataloader_num_workers)
     parts = LoopParts(accelerator, VaeLoss(prepared, config.model.vae_kl_weight, latent_shape), [prepared], params,
-                      optimizer, lr_scheduler, batches, ema, validator.validate, checkpoint_fn(state, config), accelerator.log)
+                      optimizer, lr_scheduler, batches, ema, validate_fn(validator, optimizer), checkpoint_fn(state, config),
+                      accelerator.log)
     history = train_loop(parts, loop_schedule(config, start))
+    optimizer.eval()
 
     def save():
         vae.eval().register_to_config(scaling_factor=scaling_factor_of(vae, image_dataset(config, dataset.train)))

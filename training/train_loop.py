@@ -1,8 +1,9 @@
-"""The training loop: evaluate/checkpoint -> accumulate -> clip -> step -> EMA -> log (nanoGPT's order).
+"""The training loop: accumulate -> clip -> step (lr schedule, EMA) -> log -> validate/checkpoint.
 
 Everything the loop needs is built by `training.train`; this module only runs
-steps. Step k's randomness comes from a generator seeded by (seed, k, micro-batch,
-rank), so the loss trajectory of a resumed run equals the uninterrupted one.
+steps. Steps are numbered from 1, as in checkpoint names; step k's randomness comes
+from a generator seeded by (seed, k - 1, micro-batch, rank), so the loss trajectory of
+a resumed run equals the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -62,17 +63,19 @@ def _no_sync(parts: LoopParts, last_micro: bool):
     return stack
 
 
-def accumulate(parts: LoopParts, schedule: LoopSchedule, step: int) -> tuple[float, dict]:
-    """Forward/backward over the micro-batches of one optimizer step; returns the mean loss."""
+def accumulate(parts: LoopParts, schedule: LoopSchedule, index: int) -> tuple[float, dict]:
+    """Forward/backward over the micro-batches of step `index + 1` (0-based `index` seeds the noise);
+    returns the mean loss."""
     n = schedule.gradient_accumulation_steps
     total, logs = 0.0, {}
     for micro in range(n):
         batch = next(parts.batches)
-        generator = step_generator(schedule.seed, step, micro, parts.accelerator.process_index)
+        generator = step_generator(schedule.seed, index, micro, parts.accelerator.process_index)
         with _no_sync(parts, micro == n - 1), parts.accelerator.autocast():
             loss, logs = parts.loss_fn(batch, generator)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"Non-finite loss {loss.item()} at step {step}; lower --learning_rate or check the data.")
+            raise FloatingPointError(
+                f"Non-finite loss {loss.item()} at step {index + 1}; lower --learning_rate or check the data.")
         parts.accelerator.backward(loss / n)
         total += loss.item() / n
     return total, logs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ldm_pipeline.atomic import atomic_file
 from training import data
+from training.buckets import encode_per_image
 
 logger = logging.getLogger(__name__)
 VALIDATION_SEED = 1234  # fixed noise and posterior samples for the validation loss, in every run
@@ -24,9 +25,9 @@ def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str
     """Posterior moments of every item, computed once by the main process and stored as safetensors."""
     d = config.data
     key = data.cache_key({
-        "name": name, "n": len(dataset), "dataset": d.dataset, "dir": d.train_data_dir, "res": d.resolution,
+        "name": name, "n": len(dataset), "dataset": d.dataset, "dir": d.train_data_dir, "hf": config.finetune_data.hf_dataset, "res": d.resolution,
         "crop": d.center_crop, "seed": config.optimization.seed, "samples": d.num_train_samples,
-        "colors": d.shapes_colors, "backgrounds": d.shapes_backgrounds,
+        "colors": d.shapes_colors, "backgrounds": d.shapes_backgrounds, "buckets": dataset.sizes,
         "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")},
         "vae_weights": float(sum(p.double().sum() for p in vae.parameters())),
     })
@@ -35,11 +36,13 @@ def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str
         if d.random_flip:
             logger.warning("--cache_latents encodes each image once: random flips are fixed per image.")
         logger.info("Encoding %d images into %s ...", len(dataset), path)
-        moments = data.encode_latent_moments(vae, data.all_pixels(dataset, 64, d.dataloader_num_workers), accelerator.device)
+        if dataset.sizes:  # bucketed: shapes differ, one tensor per image
+            moments = encode_per_image(vae, dataset, accelerator.device, 64, d.dataloader_num_workers)
+        else:
+            moments = data.encode_latent_moments(vae, data.all_pixels(dataset, 64, d.dataloader_num_workers), accelerator.device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file(moments, str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(moments, str(tmp))
     accelerator.wait_for_everyone()
     return load_file(str(path))
 
@@ -55,7 +58,7 @@ def scaling_factor_of(vae, dataset: data.ImageDataset, max_samples: int = 2048) 
     for batch in batches:
         pixels = torch.stack([dataset[k][0] for k in batch]).to(vae.device, vae.dtype)
         dist = vae.encode(pixels).latent_dist
-        samples.append((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)).float().cpu())
+        samples.append(data.posterior_sample(dist.mean, dist.std, generator).float().cpu())
     return float(1.0 / torch.cat(samples).std())
 
 
@@ -73,9 +76,8 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

@@ -22,11 +22,9 @@ from diffusers import StableDiffusionPipeline
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from ldm_pipeline.loading import DEFAULT_MODEL_DIR  # noqa: E402
-from training.load_and_save import atomic_directory  # noqa: E402
+from ldm_pipeline.atomic import atomic_directory  # noqa: E402
 
-# What the model was trained with; a sampler swap must never change these.
-MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-              "prediction_type", "rescale_betas_zero_snr")
+from ldm_pipeline.scheduler_swap import MODEL_KEYS  # noqa: E402  (what the model was trained with)
 
 
 def default_scheduler(trained_config: dict, sampler: str):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from training import shapes  # noqa: E402
 from training.data import to_pixels  # noqa: E402
-from training.load_and_save import atomic_directory  # noqa: E402
+from ldm_pipeline.atomic import atomic_directory  # noqa: E402
 
 
 def batches(seed: int, batch_size: int, small_fraction: float | None):

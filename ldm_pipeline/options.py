@@ -1,0 +1,328 @@
+"""`GenerationOptions`: the one description of a generation, from form or command line to the pipeline.
+
+The pipeline call, a prompt line of `ldm-generate` and the web UI's form all become a
+`GenerationOptions`; it
+
+* knows its defaults: `with_defaults(pipe.recommended)` fills what the caller left out with
+  the model's recommended settings (its `record.json`), then Stable Diffusion's 30 steps at 7.5;
+* checks itself: `check(limits)` raises `InvalidOptions` (a `ValueError` and a `TypeError`)
+  listing every problem, each naming the option and the fix, the same text on every surface;
+* turns into the recipe stored in PNGs (`recipe_settings`) and back (`from_recipe`).
+
+Limits (`ModelLimits`): width and height are multiples of 8 (or of the VAE factor, if larger)
+up to `MAX_SIDE` pixels per side (2048, or the `LDM_MAX_SIDE` environment variable); steps go up
+to the scheduler's `num_train_timesteps`; guidance scales are finite and at most `MAX_GUIDANCE`;
+seeds are whole numbers from 0 to 2**63 - 1.
+
+Seeds (`image_seeds`, `line_seed`): image j of a request gets seed + j; prompt line i of a batch
+file gets base + 10000 * i; so an image depends only on its own seed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import random
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_pipeline import metadata
+from ldm_pipeline.guidance import SCHEDULE_ALIASES, SCHEDULE_NAMES, as_interval
+from ldm_pipeline.prompt_weights import check_emphasis
+
+MAX_SIDE = int(os.environ.get("LDM_MAX_SIDE", "2048"))  # pixels per side, everywhere (pipeline, CLI, app)
+MAX_GUIDANCE = 100.0  # far above any useful CFG scale; refuses typos such as 1e30
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+SEED_STRIDE = 10_000  # images per prompt line before the seeds of neighbouring lines meet
+SD_DEFAULTS = {"num_inference_steps": 30, "guidance_scale": 7.5}  # when the model recommends nothing
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+LABELS = {  # option -> the name users see in the app and the CLI help
+    "num_inference_steps": "Steps", "guidance_scale": "Guidance scale", "guidance_min_scale": "Guidance minimum scale",
+    "guidance_rescale": "Guidance rescale", "guidance_schedule": "Guidance schedule",
+    "guidance_interval": "Guidance interval", "num_images_per_prompt": "Images per prompt", "clip_skip": "Clip skip",
+}
+
+
+class InvalidOptions(ValueError, TypeError):
+    """Settings that cannot run; the message lists every problem, each naming the option and the fix."""
+
+
+def label(name: str) -> str:
+    """'Steps (num_inference_steps)' or 'Width': what users see, and the option's name."""
+    return f"{LABELS[name]} ({name})" if name in LABELS else name.capitalize()
+
+
+def is_whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a loaded model can do: the size multiple, the most steps, the largest side, the CLIP depth."""
+
+    size_multiple: int = 8
+    max_steps: int = 1000
+    max_side: int = MAX_SIDE
+    clip_layers: int | None = None
+
+    @classmethod
+    def of(cls, pipe) -> "ModelLimits":
+        encoder = getattr(pipe.text_encoder, "config", None)
+        return cls(size_multiple=max(8, pipe.vae_scale_factor), max_steps=pipe.scheduler.config.num_train_timesteps,
+                   clip_layers=getattr(encoder, "num_hidden_layers", None))
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def image_seeds(seed: int | list[int] | None, count: int) -> list[int]:
+    """One seed per image of a request: seed + j, the given list, or random ones (seed None)."""
+    if seed is None:
+        seed = random.randrange(2**31)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise InvalidOptions(f"Got {len(seed)} seeds for {count} images; give one seed or one per image.")
+        return [int(s) for s in seed]
+    return [int(seed) + j for j in range(count)]
+
+
+def line_seed(base: int, index: int) -> int:
+    """The first seed of prompt line `index` (0-based) of a batch file."""
+    return base + SEED_STRIDE * index
+
+
+# ---------------------------------------------------------------- the record
+
+
+@dataclass
+class GenerationOptions:
+    """Everything one generation takes (the pipeline's keyword arguments).
+
+    prompt / negative_prompt   str or list (one negative, or one per prompt; None = "")
+    prompt_embeds / negative_prompt_embeds   precomputed [B, 77*k, dim] instead of text
+    num_inference_steps        sampler steps (img2img runs strength * steps of them); None = the model's default
+    guidance_scale             CFG w (1 = conditional only); None = the model's default
+    guidance_schedule          "constant" | "linear_up" | "linear_down" | "cosine" | "linear_down_to_half"
+                               | callable(t/T) -> w  (see `guidance`)
+    guidance_min_scale         w at the far end of the ramps
+    guidance_interval          (sigma_lo, sigma_hi), GuidanceInterval or dict; None = every step
+    guidance_rescale           phi (Lin et al. 2023); None = 0.7 for zero-terminal-SNR schedulers, else 0
+    width / height             pixels, multiples of 8; None = the init image's size, else the UNet's native size
+    seed                       int (image j gets seed + j), list of ints, or None (random)
+    num_images_per_prompt      images for each prompt
+    image / strength           img2img: init image (PIL, tensor in [-1, 1] or list) and strength in (0, 1]
+    mask_image                 inpainting: white = repaint, black = keep (strength defaults to 1)
+    clip_skip                  diffusers convention: 1 = penultimate CLIP layer
+    emphasis                   A1111 prompt emphasis `(word:1.2)`, `[word]`, `BREAK`: "original" (scale, then
+                               restore the mean), "no_norm", or "off" (plain text); see `prompt_weights`
+    output_type                "pil" | "np" | "pt" | "latent"
+    callback                   callable(StepInfo) -> bool | None; True cancels
+    progress_bar               show a tqdm bar
+
+    A new option is one field here (with its default), its check in `problems`, and, if it
+    changes the image, one key in `recipe_settings` / `metadata.recipe_to_options`.
+    """
+
+    prompt: Union[str, list[str], None] = None
+    negative_prompt: Union[str, list[str], None] = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_schedule: Union[str, Callable[[float], float]] = "constant"
+    guidance_min_scale: float = 1.0
+    guidance_interval: Any = None
+    guidance_rescale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: Union[int, list[int], None] = None
+    num_images_per_prompt: int = 1
+    image: Any = None
+    strength: float | None = None
+    mask_image: Any = None
+    clip_skip: int | None = None
+    emphasis: str = "original"
+    output_type: str = "pil"
+    callback: Callable[..., Any] | None = None
+    progress_bar: bool = True
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InvalidOptions(
+                f"Unknown pipeline option(s) {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(cls))}."
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def from_recipe(cls, recipe: dict, **extra) -> "GenerationOptions":
+        """The options that regenerate a recipe's image (its scheduler: `scheduler_swap.scheduler_from_recipe`)."""
+        return cls.from_kwargs(**{**metadata.recipe_to_options(recipe), **extra})
+
+    def kwargs(self) -> dict:
+        """The pipeline keyword arguments (`pipe(**options.kwargs())`), values shared, not copied."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def with_defaults(self, recommended: dict | None = None) -> "GenerationOptions":
+        """Steps and guidance the caller left out: the model's recommended settings, then SD's."""
+        defaults = {**SD_DEFAULTS, **{k: v for k, v in (recommended or {}).items() if k in SD_DEFAULTS}}
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def check(self, limits: ModelLimits = ModelLimits()) -> "GenerationOptions":
+        """Raise `InvalidOptions` listing every problem; returns self when all is well."""
+        problems = self.problems(limits)
+        if problems:
+            raise InvalidOptions(" ".join(problems))
+        return self
+
+    def problems(self, limits: ModelLimits = ModelLimits()) -> list[str]:
+        return [*self._prompt_problems(), *self._count_problems(limits), *self._size_problems(limits),
+                *self._guidance_problems(), *self._image_problems(), *self._seed_problems()]
+
+    # ------------------------------------------------------------ the checks
+
+    def prompt_list(self) -> list[str]:
+        """The prompts (placeholders when embeddings are given)."""
+        if self.prompt_embeds is not None:
+            return ["<prompt_embeds>"] * self.prompt_embeds.shape[0]
+        if not _is_text(self.prompt):
+            return []
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or [])
+
+    def _prompt_problems(self) -> list[str]:
+        problems = [f"{name} must be a string or a list of strings, got {type(value).__name__}."
+                    for name, value in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt))
+                    if not _is_text(value)]
+        if problems:
+            return problems
+        if self.prompt_embeds is not None and self.prompt is not None:
+            return ["Give either `prompt` or `prompt_embeds`, not both."]
+        if self.prompt_embeds is None and not self.prompt_list():
+            return ["No prompt: pass `prompt` (a string or list) or `prompt_embeds`."]
+        if self.prompt_embeds is None and not all(p.strip() for p in self.prompt_list()):
+            return ["The prompt is empty: type what the image should show."]
+        return []
+
+    def _count_problems(self, limits: ModelLimits) -> list[str]:
+        problems = []
+        steps = self.num_inference_steps
+        if steps is not None and not (is_whole(steps) and 1 <= steps <= limits.max_steps):
+            problems.append(f"{label('num_inference_steps')} must be a whole number from 1 to {limits.max_steps} "
+                            f"(the scheduler's training timesteps), got {steps!r}.")
+        if not (is_whole(self.num_images_per_prompt) and self.num_images_per_prompt >= 1):
+            problems.append(f"{label('num_images_per_prompt')} must be a whole number >= 1, "
+                            f"got {self.num_images_per_prompt!r}.")
+        layers = limits.clip_layers
+        if self.clip_skip is not None and not (is_whole(self.clip_skip) and 0 <= self.clip_skip < (layers or 2**31)):
+            top = f" to {layers - 1}" if layers else " or more"
+            problems.append(f"{label('clip_skip')} must be a whole number from 0{top} (layers skipped from the end "
+                            f"of the text encoder), got {self.clip_skip!r}.")
+        if check_emphasis(self.emphasis):
+            problems.append(check_emphasis(self.emphasis))
+        if self.output_type not in OUTPUT_TYPES:
+            problems.append(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {self.output_type!r}.")
+        return problems
+
+    def _size_problems(self, limits: ModelLimits) -> list[str]:
+        f, top = limits.size_multiple, limits.max_side
+        return [f"{label(name)} must be a multiple of {f} (a whole number) from {f} to {top} pixels (LDM_MAX_SIDE "
+                f"sets the maximum), "
+                f"got {value!r}."
+                for name, value in (("width", self.width), ("height", self.height))
+                if value is not None and not (is_whole(value) and value % f == 0 and f <= value <= top)]
+
+    def _guidance_problems(self) -> list[str]:
+        problems = []
+        for name in ("guidance_scale", "guidance_min_scale"):
+            value = getattr(self, name)
+            if value is not None and not (is_finite_number(value) and 0.0 <= value <= MAX_GUIDANCE):
+                problems.append(f"{label(name)} must be a finite number from 0 to {MAX_GUIDANCE:g}, got {value!r}.")
+        rescale = self.guidance_rescale
+        if rescale is not None and not (is_finite_number(rescale) and 0.0 <= rescale <= 1.0):
+            problems.append(f"{label('guidance_rescale')} must be from 0 to 1 (None = automatic), got {rescale!r}.")
+        schedule = self.guidance_schedule
+        if not callable(schedule) and schedule not in SCHEDULE_NAMES and schedule not in SCHEDULE_ALIASES:
+            problems.append(f"Unknown guidance schedule {schedule!r}: choose one of {', '.join(SCHEDULE_NAMES)} "
+                            "(or pass a callable t/T -> w).")
+        try:
+            as_interval(self.guidance_interval)
+        except (ValueError, TypeError) as error:
+            problems.append(str(error))
+        return problems
+
+    def _image_problems(self) -> list[str]:
+        problems = []
+        if self.mask_image is not None and self.image is None:
+            problems.append("Inpainting needs `image` as well as `mask_image`.")
+        if self.strength is not None and not (is_finite_number(self.strength) and 0.0 < self.strength <= 1.0):
+            problems.append(f"Strength (strength) must be above 0 and at most 1, got {self.strength!r}.")
+        for name in ("image", "mask_image"):
+            value = getattr(self, name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(isinstance(v, (Image.Image, torch.Tensor, np.ndarray)) for v in items):
+                problems.append(f"{name} must be a PIL image, a tensor, an array or a list of them, "
+                                f"got {type(value).__name__}.")
+        if self.callback is not None and not callable(self.callback):
+            problems.append(f"callback must be callable, got {type(self.callback).__name__}.")
+        return problems
+
+    def _seed_problems(self) -> list[str]:
+        seeds = self.seed if isinstance(self.seed, (list, tuple)) else [self.seed]
+        bad = [s for s in seeds if s is not None and not (is_whole(s) and 0 <= s <= MAX_SEED)]
+        if not bad and self.seed is not None and not isinstance(self.seed, (list, tuple)):
+            count = len(self.prompt_list()) * (self.num_images_per_prompt if is_whole(self.num_images_per_prompt) else 1)
+            bad = [self.seed] if self.seed + count - 1 > MAX_SEED else []
+        if not bad:
+            return []
+        return [f"Seed (seed) must be a whole number from 0 to 2**63 - 1 (image j gets seed + j), got {bad[0]!r}."]
+
+    # ------------------------------------------------------------ recipes
+
+    def settings(self) -> dict:
+        """The JSON-ready settings that decide the image (no images, embeddings or callbacks)."""
+        skip = {"prompt_embeds", "negative_prompt_embeds", "image", "mask_image", "callback", "progress_bar",
+                "output_type"}
+        values = {k: v for k, v in asdict(self).items() if k not in skip}
+        interval = as_interval(self.guidance_interval)
+        values["guidance_interval"] = interval.as_dict() if interval else None
+        return values
+
+    def recipe_settings(self, size: tuple[int, int], strength: float | None, guidance: dict) -> dict:
+        """The per-request part of a PNG recipe (prompt, negative and seed are per image)."""
+        return {"steps": self.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": self.clip_skip,
+                "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None, "guidance": guidance}
+
+
+def _is_text(value) -> bool:
+    return value is None or isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+
+
+# ---------------------------------------------------------------- init images
+
+
+def as_rgb(image):
+    """An init image as 8-bit RGB: transparency over white (as A1111 flattens), greyscale gains channels,
+    16-bit/float is scaled to 8 bits."""
+    if isinstance(image, (list, tuple)):
+        return [as_rgb(i) for i in image]
+    if not isinstance(image, Image.Image) or image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        top = 1.0 if image.mode == "F" and pixels.max() <= 1.0 else top
+        image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return image.convert("RGB")
