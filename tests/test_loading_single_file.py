@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from ldm_pipeline import ModelLoadError, load_pipeline
-from tests.tiny_models import tiny_sd_components
+from training.tiny_models import tiny_sd_components
 
 SMALL = {"width": 32, "height": 32, "num_inference_steps": 2, "progress_bar": False, "output_type": "np", "seed": 3}
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",

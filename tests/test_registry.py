@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import diffusers
 import pytest
-from tiny_models import SD15_SCHEDULER_CONFIG
+from training.tiny_models import SD15_SCHEDULER_CONFIG
 
 from custom_schedulers import (
     DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, RectifiedFlowEulerSampler,

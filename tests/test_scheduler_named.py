@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import SD15_SCHEDULER_CONFIG
+from training.tiny_models import SD15_SCHEDULER_CONFIG
 
 from custom_schedulers import (
     CosineScheduler, DPMSolverPlusPlusSampler, RectifiedFlowEulerSampler, RectifiedFlowScheduler,
