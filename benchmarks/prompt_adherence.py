@@ -29,7 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation import judge  # noqa: E402
 from evaluation.adherence import (  # noqa: E402
-    Cell, best_cells, evaluate, evaluation_combinations, grid, results_table, roundtrip_scores, scores_table,
+    Cell,
+    best_cells,
+    evaluate,
+    evaluation_combinations,
+    grid,
+    results_table,
+    roundtrip_scores,
+    scores_table,
 )
 from ldm_pipeline import load_pipeline  # noqa: E402
 from training import shapes  # noqa: E402
