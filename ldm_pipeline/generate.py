@@ -55,10 +55,17 @@ import torch
 from accelerate import PartialState
 
 from ldm_pipeline import metadata
+from ldm_pipeline.adapters import (
+    LoraFile,
+    activate_loras,
+    load_embeddings,
+    lora_hash,
+    parse_lora_arg,
+    pickle_free_kwargs,
+    prompt_loras,
+)
 from ldm_pipeline.atomic import atomic_write_bytes
 from ldm_pipeline.guidance import SCHEDULE_NAMES
-from ldm_pipeline.adapters import (LoraFile, activate_loras, load_embeddings, lora_hash, parse_lora_arg,
-                                   pickle_free_kwargs, prompt_loras)
 from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES

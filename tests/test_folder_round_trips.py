@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from custom_schedulers import registry
 from ldm_pipeline import LatentTextToImagePipeline, load_pipeline
-from tests.tiny_models import tiny_sd_components
+from training.tiny_models import tiny_sd_components
 
 PIPE_KEYS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 REPO = Path(__file__).resolve().parents[1]

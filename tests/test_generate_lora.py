@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from ldm_pipeline import load_pipeline, metadata
 from ldm_pipeline.generate import main
 from tests.test_lora_loading import write_lora
-from tests.tiny_models import tiny_sd_components
 from training.lora_export import KOHYA_FILE
+from training.tiny_models import tiny_sd_components
 
 RUN = ["--width", "32", "--height", "32", "--steps", "2", "--seed", "3"]
 

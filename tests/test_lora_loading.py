@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from ldm_pipeline import LatentTextToImagePipeline
 from ldm_pipeline.adapters import PickleRefused
-from tests.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
 from training.lora import add_text_encoder_lora, add_unet_lora
 from training.lora_export import DIFFUSERS_FILE, KOHYA_FILE, save_adapters
+from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
 
 PIPE_KEYS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 PROMPT = "a red circle on a blue background"
