@@ -17,8 +17,10 @@ uncond embeddings are zeros when the model says `force_zeros_for_empty_prompt` (
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -27,11 +29,9 @@ from ldm_pipeline.pipeline import LatentTextToImagePipeline
 from ldm_pipeline.prompt_weights import apply_emphasis, weighted_windows
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, frame_weights, frame_window
 
-__all__ = ["LatentSDXLPipeline", "is_sdxl_unet"]
+__all__ = ["LatentSDXLPipeline"]
 
-
-def is_sdxl_unet(unet) -> bool:
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+logger = logging.getLogger(__name__)
 
 
 class LatentSDXLPipeline(LatentTextToImagePipeline):
@@ -39,13 +39,21 @@ class LatentSDXLPipeline(LatentTextToImagePipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     family = "sdxl"
+    _optional_components = ["feature_extractor", "image_encoder"]
+    STOCK_CLASS = "StableDiffusionXLPipeline"
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection,
                  tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer, unet: UNet2DConditionModel,
-                 scheduler: SchedulerMixin, force_zeros_for_empty_prompt: bool = True):
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                 scheduler: SchedulerMixin, image_encoder: None = None, feature_extractor: None = None,
+                 force_zeros_for_empty_prompt: bool = True):
+        DiffusionPipeline.__init__(self)  # stock SDXL's slots (the SD safety checker slots do not exist here)
+        if image_encoder is not None or feature_extractor is not None:
+            logger.warning("LatentSDXLPipeline does not use an image encoder (IP-Adapter); dropped.")
+        self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=None,
+                              feature_extractor=None)
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self._init_state()
 
     def _embeddings(self, opts: GenerationOptions, prompts: list[str], with_uncond: bool) -> PromptEmbeddings:
         if opts.prompt_embeds is not None:

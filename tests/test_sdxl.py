@@ -9,7 +9,7 @@ from PIL import Image
 from ldm_pipeline.options import InvalidOptions
 from ldm_pipeline.pipeline import LatentTextToImagePipeline
 from ldm_pipeline.sdxl import LatentSDXLPipeline
-from tests.tiny_models import tiny_sd_components, tiny_sdxl_components
+from training.tiny_models import tiny_sd_components, tiny_sdxl_components
 
 SIZE = 32
 CONDITIONING = dict(original_size=(48, 40), crops_coords_top_left=(4, 8), target_size=(32, 32),
