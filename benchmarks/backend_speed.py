@@ -122,7 +122,7 @@ def tiny_sd15_folder(folder: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, str(REPO))
-    from tests.tiny_models import SD15_SCHEDULER_CONFIG, tiny_tokenizer
+    from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_tokenizer
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()

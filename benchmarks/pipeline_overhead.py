@@ -2,7 +2,7 @@
 
 Two model shapes, random weights, same scheduler (DDIM, SD 1.5 betas), same seed, constant CFG:
 
-* tiny:   the test components (tests/tiny_models.py), 32x32 pixels;
+* tiny:   the test components (training/tiny_models.py), 32x32 pixels;
 * sd15:   a UNet with Stable Diffusion 1.5's config (860M parameters), SD's VAE shape and a
           CLIP-L-shaped text encoder (tiny vocabulary), at --sd15-size pixels.
 
@@ -35,7 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from ldm_pipeline import LatentTextToImagePipeline  # noqa: E402
 from ldm_pipeline.guidance import recommended_guidance_rescale  # noqa: E402
-from tests.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components, tiny_tokenizer  # noqa: E402
+from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components, tiny_tokenizer  # noqa: E402
 
 INTERVALS = {"ours + interval (0.28, 5.42]": (0.28, 5.42), "ours + interval (0.28, 2.9]": (0.28, 2.9)}
 PROMPT = "a large red circle on a blue background at the top left"

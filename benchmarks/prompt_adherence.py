@@ -7,7 +7,7 @@
     python benchmarks/prompt_adherence.py speed [--model DIR] [--repeats 10] [--python VENV/bin/python]
 
 `validate-judge` reads generator images (whose attributes are known) and prints how often the
-judge (`training.judge`: classical vision, no model) reads each attribute right. `vae-roundtrip`
+judge (`evaluation.judge`: classical vision, no model) reads each attribute right. `vae-roundtrip`
 judges generator images after the model's VAE encodes and decodes them: the ceiling the VAE
 puts on every generated image. `evaluate`
 generates images for canonical prompts of seen (training-split) and held-out combinations with
@@ -19,35 +19,27 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import judge, shapes  # noqa: E402
-from training.data import to_pixels  # noqa: E402
-from training.shapes import Attributes  # noqa: E402
-from training.validation import to_pil  # noqa: E402
-
-SPLITS = ("seen", "held_out")
-PROMPT_SEED = 5  # which combinations are evaluated
-IMAGE_SEED = 1234  # image k of a cell starts from the noise of seed IMAGE_SEED + k
-
-
-def evaluation_combinations(per_split: int) -> dict[str, list[Attributes]]:
-    """`per_split` distinct combinations of each split, drawn with a fixed seed (seen = training split)."""
-    rng = random.Random(PROMPT_SEED)
-    return {
-        "seen": rng.sample(shapes.combinations("train"), per_split),
-        "held_out": rng.sample(shapes.combinations("held_out"), per_split),
-    }
-
+from evaluation import judge  # noqa: E402
+from evaluation.adherence import (  # noqa: E402
+    Cell,
+    best_cells,
+    evaluate,
+    evaluation_combinations,
+    grid,
+    results_table,
+    roundtrip_scores,
+    scores_table,
+)
+from ldm_pipeline import load_pipeline  # noqa: E402
+from training import shapes  # noqa: E402
 
 # ---------------------------------------------------------------- judge validation
 
@@ -57,127 +49,14 @@ def validate_judge(count: int, seed: int = 2026) -> str:
     rows = []
     for split in ("train", "held_out"):
         samples = shapes.generate(seed, count, split)
-        result = judge.score((s.image, s.attributes) for s in samples)
-        rows.append((split, result))
-    return _table(["split"], [((split,), result) for split, result in rows])
-
-
-@torch.no_grad()
-def roundtrip_scores(vae, samples: list[shapes.Sample], batch_size: int = 200) -> judge.Scores:
-    """The judge on generator samples after `vae` encodes (posterior mode) and decodes them."""
-    pixels = to_pixels([s.image for s in samples])
-    decoded = [vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in pixels.split(batch_size)]
-    return judge.score(zip(to_pil(torch.cat(decoded)), (s.attributes for s in samples)))
+        rows.append(((split,), judge.score((s.image, s.attributes) for s in samples)))
+    return scores_table(["split"], rows)
 
 
 def vae_roundtrip(model: str | None, count: int, seed: int = 11) -> str:
     """Markdown table: the judge on `count` training-split generator images after a VAE round trip."""
-    scores = roundtrip_scores(load(model).vae, shapes.generate(seed, count, "train"))
-    return _table(["images"], [(("VAE round trip",), scores)])
-
-
-# ---------------------------------------------------------------- generation
-
-
-def load(model: str | None, device: str = "cpu", trace: bool = False):
-    """Our pipeline (`ldm_pipeline.load_pipeline`; the embedded default model when `model` is None)."""
-    from ldm_pipeline import load_pipeline
-
-    return load_pipeline(model, device=device, trace=trace)
-
-
-def set_sampler(pipe, name: str) -> None:
-    from ldm_pipeline import swap_scheduler
-
-    swap_scheduler(pipe, name)
-
-
-@torch.no_grad()
-def generate(pipe, prompts: list[str], steps: int, guidance: float, batch_size: int) -> list[Image.Image]:
-    """One image per prompt; image k uses seed IMAGE_SEED + k whatever the batching."""
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        out = pipe(
-            chunk, num_inference_steps=steps, guidance_scale=guidance,
-            seed=[IMAGE_SEED + start + k for k in range(len(chunk))],
-            height=shapes.IMAGE_SIZE, width=shapes.IMAGE_SIZE, output_type="pil", progress_bar=False,
-        )
-        images.extend(out.images)
-    return images
-
-
-@dataclass(frozen=True)
-class Cell:
-    sampler: str
-    steps: int
-    guidance: float
-
-
-def evaluate(pipe, cells: list[Cell], combos: dict[str, list[Attributes]], batch_size: int, log=print):
-    """{(split, cell): (Scores, images)} for every cell; prompts of both splits go in one batch."""
-    prompts = [a.caption() for split in SPLITS for a in combos[split]]
-    results = {}
-    for cell in cells:
-        started = time.perf_counter()
-        set_sampler(pipe, cell.sampler)
-        images = generate(pipe, prompts, cell.steps, cell.guidance, batch_size)
-        offset = 0
-        for split in SPLITS:
-            part = images[offset : offset + len(combos[split])]
-            offset += len(part)
-            results[(split, cell)] = (judge.score(zip(part, combos[split])), part)
-        seen, held = results[("seen", cell)][0], results[("held_out", cell)][0]
-        log(
-            f"{cell.sampler:>10} steps={cell.steps:<3} cfg={cell.guidance:<4} seen={seen.all_correct:.3f} "
-            f"held_out={held.all_correct:.3f} ({time.perf_counter() - started:.1f}s)"
-        )
-    return results
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def _table(keys: list[str], rows) -> str:
-    header = [*keys, "n", *judge.ATTRIBUTES, "all correct"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, result in rows:
-        values = [f"{result.per_attribute[a]:.1%}" for a in judge.ATTRIBUTES]
-        lines.append("| " + " | ".join([*map(str, key), str(result.count), *values, f"**{result.all_correct:.1%}**"]) + " |")
-    return "\n".join(lines)
-
-
-def results_table(results) -> str:
-    rows = [
-        ((split, cell.sampler, cell.steps, cell.guidance), scores)
-        for (split, cell), (scores, _) in sorted(
-            results.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1].sampler, kv[0][1].steps, kv[0][1].guidance)
-        )
-    ]
-    return _table(["split", "sampler", "steps", "guidance"], rows)
-
-
-def best_cells(results, max_steps: int = 20) -> dict[str, tuple[Cell, judge.Scores]]:
-    """Per split, the cell with the highest all-correct accuracy among those with <= max_steps."""
-    best = {}
-    for (split, cell), (scores, _) in results.items():
-        if cell.steps <= max_steps and (split not in best or scores.all_correct > best[split][1].all_correct):
-            best[split] = (cell, scores)
-    return best
-
-
-def grid(images: list[Image.Image], combos: list[Attributes], columns: int = 8, scale: int = 2) -> Image.Image:
-    """Images in a grid, each framed green if the judge passes it, red if not."""
-    size, border = shapes.IMAGE_SIZE * scale, 3
-    rows = (len(images) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * (size + 2 * border), rows * (size + 2 * border)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for k, (image, expected) in enumerate(zip(images, combos)):
-        x, y = (k % columns) * (size + 2 * border), (k // columns) * (size + 2 * border)
-        ok = all(judge.read_attributes(image).matches(expected).values())
-        draw.rectangle((x, y, x + size + 2 * border - 1, y + size + 2 * border - 1), fill=(40, 170, 60) if ok else (210, 30, 30))
-        canvas.paste(image.resize((size, size), Image.Resampling.NEAREST), (x + border, y + border))
-    return canvas
+    scores = roundtrip_scores(load_pipeline(model).vae, shapes.generate(seed, count, "train"))
+    return scores_table(["images"], [(("VAE round trip",), scores)])
 
 
 def save_grid(path: Path, images, combos) -> None:
@@ -198,7 +77,7 @@ def speed(model: str | None, repeats: int, steps: int = 20, guidance: float = 3.
     import tempfile
 
     prompt = "a large red circle on a blue background at the top left"
-    pipes = {"eager UNet": load(model), "traced UNet (`trace=True`)": load(model, trace=True)}
+    pipes = {"eager UNet": load_pipeline(model), "traced UNet (`trace=True`)": load_pipeline(model, trace=True)}
     call = lambda pipe, seed: pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                                    height=64, width=64, progress_bar=False)
     for pipe in pipes.values():
@@ -271,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(vae_roundtrip(args.model, args.count))
         return 0
     torch.set_grad_enabled(False)
-    pipe = load(args.model, trace=args.trace)
+    pipe = load_pipeline(args.model, trace=args.trace)
     combos = evaluation_combinations(args.per_split)
     cells = [Cell(*c) for c in itertools.product(args.samplers, args.steps, args.guidance)]
     results = evaluate(pipe, cells, combos, args.batch_size, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -5,7 +5,7 @@ levels a sampler visits), `solvers` (update rules), `base` (the shared Scheduler
 `scheduling_*` (one thin class per algorithm) and `registry` (names -> schedulers).
 """
 
-from diffusers import SchedulerMixin  # stock `from_pretrained` checks components against <library>.SchedulerMixin
+from diffusers import SchedulerMixin  # noqa: F401 (stock `from_pretrained` checks components against <library>.SchedulerMixin)
 
 from .base import DiffusionSampler
 from .scheduling_ancestral import EulerAncestralSampler

@@ -55,6 +55,15 @@ import torch
 from accelerate import PartialState
 
 from ldm_pipeline import metadata
+from ldm_pipeline.adapters import (
+    LoraFile,
+    activate_loras,
+    load_embeddings,
+    lora_hash,
+    parse_lora_arg,
+    pickle_free_kwargs,
+    prompt_loras,
+)
 from ldm_pipeline.atomic import atomic_write_bytes
 from ldm_pipeline.guidance import SCHEDULE_NAMES
 from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
@@ -86,6 +95,7 @@ class Job:
     line: int  # 1-based line number (0 for a command-line prompt)
     options: GenerationOptions
     scheduler: str | None = None
+    loras: tuple[LoraFile, ...] = ()  # --lora files, then the prompt's <lora:NAME:W> tags
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,9 @@ class Unit:
         """What this image is: compared on resume to decide whether a file can be kept."""
         settings = self.job.options.settings()
         settings.pop("num_images_per_prompt")
-        return {**settings, "scheduler": self.job.scheduler, "index": self.job.index, "k": self.k, "seed": self.seed}
+        loras = [[str(lora.path), lora_hash(lora.path), lora.scale] for lora in self.job.loras]
+        return {**settings, "scheduler": self.job.scheduler, "loras": loras, "index": self.job.index, "k": self.k,
+                "seed": self.seed}
 
 
 # ---------------------------------------------------------------- reading prompts
@@ -218,8 +230,9 @@ def batches(units: list[Unit], batch_size: int) -> Iterator[list[Unit]]:
         yield current
 
 
-def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path) -> None:
+def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_pickle: bool = False) -> None:
     job = batch[0].job
+    activate_loras(pipe, list(job.loras), allow_pickle)
     scheduler = schedulers[job.scheduler]
     pipe.scheduler = type(scheduler).from_config(scheduler.config)  # fresh state for every batch
     options = replace(job.options, seed=[u.seed for u in batch], num_images_per_prompt=len(batch), progress_bar=False)
@@ -232,7 +245,8 @@ def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path) -> None
             raise OutputError(error.errno, f"cannot write {out / unit.filename}: {error.strerror or error}") from None
 
 
-def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, process: str) -> int:
+def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, process: str,
+              allow_pickle: bool = False) -> int:
     """Make the images of this process' share; returns the number of failed images.
 
     A failing prompt does not stop the rest; an output folder that cannot take a file stops the share."""
@@ -242,7 +256,7 @@ def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, p
     failed = 0
     for batch in batches(todo, batch_size):
         try:
-            generate_batch(pipe, schedulers, batch, out)
+            generate_batch(pipe, schedulers, batch, out, allow_pickle)
         except OutputError as error:
             print(f"error: {error.strerror}; stopping (rerun to make the rest)", file=sys.stderr)
             return len(todo) - sum(is_done(out / u.filename, u) for u in todo)
@@ -316,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="PATH", help="diffusers folder or .safetensors (default: embedded)")
     p.add_argument("--config", default=None, metavar="DIR", help="config folder for a single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt weights (can run code)")
+    p.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="PATH[:SCALE]",
+                   help="a LoRA file (diffusers or kohya/A1111) and its weight (default 1); repeatable")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="the folder <lora:NAME:W> in a prompt is looked up in (only there)")
+    p.add_argument("--embedding", action="append", default=[], type=Path, metavar="PATH",
+                   help="a textual-inversion file; its file name is the token to use in prompts; repeatable")
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default %(default)s)")
     p.add_argument("--device", default=None, help="default: the accelerate process' device")
@@ -341,6 +361,28 @@ def default_job(args) -> Job:
         num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis,
     )
     return Job(index=0, line=0, options=options, scheduler=args.scheduler)
+
+
+def with_loras(jobs: list[Job], errors: list[LineError], args) -> tuple[list[Job], list[LineError]]:
+    """Each job with its LoRAs: --lora, then its prompt's <lora:NAME:W> tags (removed from the prompt)."""
+    for lora in args.lora:
+        if not lora.path.is_file():
+            raise FileNotFoundError(f"--lora {lora.path}: no such file.")
+        pickle_free_kwargs(lora.path, {}, args.allow_pickle)
+    good = []
+    lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise FileNotFoundError(f"--lora-dir {lora_dir}: no such folder.")
+    for job in jobs:
+        try:
+            prompt, tagged = prompt_loras(job.options.prompt or "", lora_dir)
+            for lora in tagged:
+                pickle_free_kwargs(lora.path, {}, args.allow_pickle)
+        except ValueError as error:
+            errors.append(LineError(job.line, str(error)))
+            continue
+        good.append(replace(job, options=replace(job.options, prompt=prompt), loras=(*args.lora, *tagged)))
+    return good, errors
 
 
 def checked_jobs(jobs: list[Job], pipe, schedulers: dict) -> tuple[list[Job], list[LineError]]:
@@ -393,15 +435,19 @@ def run(argv: list[str] | None = None) -> int:
         parser.error("give one prompt or --prompts FILE (not both)")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.backend == "onnx" and (args.lora or args.embedding or args.lora_dir):
+        parser.error("--lora, --lora-dir and --embedding need --backend pytorch (an exported ONNX model is fixed)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     state = PartialState(cpu=use_cpu_processes())
     out = Path(args.out)
     try:
-        prepare_output(out)  # every process, before any of them writes (they wait for each other below)
         pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
                              vae_tiling=args.vae_tiling, trace=args.trace, backend=args.backend)
+        load_embeddings(pipe, args.embedding, args.allow_pickle)
         jobs, errors = load_jobs(args, default_job(args))
+        jobs, errors = with_loras(jobs, errors, args)
+        prepare_output(out)  # once the model loads (a refused run leaves no folder); every process, before any writes
     except (ModelLoadError, OutputError, FileNotFoundError, ValueError) as error:
         print(f"error: {error.strerror if isinstance(error, OutputError) else error}", file=sys.stderr)
         return 2
@@ -414,7 +460,8 @@ def run(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()
     units = units_for(jobs)
     with state.split_between_processes(units) as share:
-        failed = run_share(pipe, schedulers, share, out, args.batch_size, f"{state.process_index}/{state.num_processes}")
+        failed = run_share(pipe, schedulers, share, out, args.batch_size, f"{state.process_index}/{state.num_processes}",
+                           args.allow_pickle)
     state.wait_for_everyone()
     if state.is_main_process:
         try:

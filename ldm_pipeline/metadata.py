@@ -83,12 +83,14 @@ def backend_of(pipe) -> str:
 def make_recipe(pipe, generation: dict) -> dict:
     """The full recipe of one image: generation settings + scheduler + model + backend + versions."""
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    adapters = {key: getattr(pipe, f"{key[:-1]}_records", None) for key in ("loras", "embeddings")}
     backend = backend_of(pipe)
     versions = library_versions()
     if backend == "onnx":
         versions["onnxruntime"] = importlib_metadata.version("onnxruntime")
     return _json_safe({
         **generation,
+        **{key: records for key, records in adapters.items() if records},  # set by `adapters`
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": config},
         "model": {"id": getattr(pipe, "model_id", None), "hash": getattr(pipe, "model_hash", None)},
         "backend": backend,
@@ -132,6 +134,8 @@ def format_parameters(recipe: dict) -> str:
         "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
         "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
         "Backend": recipe.get("backend") if recipe.get("backend") not in (None, "pytorch") else None,
+        "Lora hashes": _hashes(recipe.get("loras")),
+        "TI hashes": _hashes(recipe.get("embeddings")),
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
@@ -139,6 +143,13 @@ def format_parameters(recipe: dict) -> str:
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
+
+
+def _hashes(records: list[dict] | None) -> str | None:
+    """A1111's `Lora hashes` / `TI hashes` value: "name: hash, name2: hash2" (':' and ',' dropped from names)."""
+    if not records:
+        return None
+    return ", ".join(f"{r['name'].replace(':', '').replace(',', '')}: {r['hash']}" for r in records)
 
 
 def parse_parameters(text: str) -> dict:

@@ -124,6 +124,8 @@ class GenerationOptions:
     clip_skip                  diffusers convention: 1 = penultimate CLIP layer
     emphasis                   A1111 prompt emphasis `(word:1.2)`, `[word]`, `BREAK`: "original" (scale, then
                                restore the mean), "no_norm", or "off" (plain text); see `prompt_weights`
+    cross_attention_kwargs     dict passed to the UNet's attention, as stock diffusers: {"scale": s} scales the
+                               loaded LoRAs (UNet and text encoder; 0 = the base model)
     output_type                "pil" | "np" | "pt" | "latent"
     callback                   callable(StepInfo) -> bool | None; True cancels
     progress_bar               show a tqdm bar
@@ -151,6 +153,7 @@ class GenerationOptions:
     mask_image: Any = None
     clip_skip: int | None = None
     emphasis: str = "original"
+    cross_attention_kwargs: dict | None = None
     output_type: str = "pil"
     callback: Callable[..., Any] | None = None
     progress_bar: bool = True
@@ -229,6 +232,7 @@ class GenerationOptions:
                             f"of the text encoder), got {self.clip_skip!r}.")
         if check_emphasis(self.emphasis):
             problems.append(check_emphasis(self.emphasis))
+        problems += _attention_kwargs_problems(self.cross_attention_kwargs)
         if self.output_type not in OUTPUT_TYPES:
             problems.append(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {self.output_type!r}.")
         return problems
@@ -301,6 +305,17 @@ class GenerationOptions:
         """The per-request part of a PNG recipe (prompt, negative and seed are per image)."""
         return {"steps": self.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": self.clip_skip,
                 "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None, "guidance": guidance}
+
+
+def _attention_kwargs_problems(kwargs) -> list[str]:
+    if kwargs is None:
+        return []
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        return [f"cross_attention_kwargs must be a dict with string keys (e.g. {{'scale': 0.8}}), got {kwargs!r}."]
+    scale = kwargs.get("scale", 1.0)
+    if not is_finite_number(scale):
+        return [f"cross_attention_kwargs['scale'] (the LoRA scale) must be a finite number, got {scale!r}."]
+    return []
 
 
 def _is_text(value) -> bool:

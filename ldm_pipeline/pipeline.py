@@ -27,24 +27,31 @@ for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it.
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import FromSingleFileMixin
+from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline import metadata
+from ldm_pipeline.adapters import pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
 from ldm_pipeline.options import GenerationOptions, ModelLimits, as_rgb, image_seeds
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImagePipeline",
            "NonFiniteLatents", "StepInfo"]
@@ -101,10 +108,32 @@ def _step_takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
-class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
-    """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring)."""
+class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
+                                FromSingleFileMixin):
+    """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring).
+
+    diffusers' loader mixins give it `load_lora_weights` (diffusers, kohya and A1111 files, as
+    diffusers converts them), `set_adapters`, `fuse_lora` / `unfuse_lora`, `unload_lora_weights`
+    and `load_textual_inversion` (see `ldm_pipeline.adapters` for the pickle guard).
+    """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+    STOCK_CLASS = "StableDiffusionPipeline"  # what saved folders call themselves: stock diffusers opens them
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`, skipping a folder's safety checker, feature extractor and image encoder."""
+        for name in cls._optional_components:
+            kwargs.setdefault(name, None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' `save_pretrained`, as a `StableDiffusionPipeline` folder (empty safety checker slots)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        index.write_text(json.dumps({**config, "_class_name": self.STOCK_CLASS}, indent=2, sort_keys=True) + "\n")
 
     def __init__(
         self,
@@ -113,9 +142,20 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
+        safety_checker: None = None,
+        feature_extractor: None = None,
+        image_encoder: None = None,
+        requires_safety_checker: bool = False,
     ):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        dropped = [name for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor),
+                                            ("image_encoder", image_encoder)) if value is not None]
+        if dropped:
+            logger.warning("LatentTextToImagePipeline does not use %s; dropped.", ", ".join(dropped))
+        # the stock SD slots, kept empty, so that folders and `from_pipe` line up with StableDiffusionPipeline
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              safety_checker=None, feature_extractor=None, image_encoder=None)
+        self.register_to_config(requires_safety_checker=False)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.mask_processor = VaeImageProcessor(
@@ -126,6 +166,24 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         # The model's recommended num_inference_steps / guidance_scale (`record.json` of the folder), if any.
         self.recommended: dict = {}
         self.model_hash: str | None = None
+        # LoRAs and embeddings applied through `ldm_pipeline.adapters` ({"name", "hash", "scale"}); in recipes
+        self.lora_records: list[dict] = []
+        self.embedding_records: list[dict] = []
+
+    # ------------------------------------------------------------ loaders (pickle only when asked for)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, *, allow_pickle=False,
+                          **kwargs):
+        """diffusers' `load_lora_weights`; a `.pt`/`.bin`/`.ckpt` file needs `allow_pickle=True`."""
+        kwargs = pickle_free_kwargs(pretrained_model_name_or_path_or_dict, kwargs, allow_pickle)
+        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
+                               *, allow_pickle=False, **kwargs):
+        """diffusers' `load_textual_inversion`; an A1111 `.pt` embedding needs `allow_pickle=True`."""
+        kwargs = pickle_free_kwargs(pretrained_model_name_or_path, kwargs, allow_pickle)
+        return super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
+                                              text_encoder=text_encoder, **kwargs)
 
     # ------------------------------------------------------------ the call
 
@@ -162,14 +220,14 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
         step_kwargs = {"generator": generators} if _step_takes_generator(self.scheduler) else {}
         evaluations = 0
-        for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), disable=not opts.progress_bar, desc="denoising")):
+        for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), **self._bar_config(opts))):
             x_in = self.scheduler.scale_model_input(latents, t)
             guided = GuidancePlan.needs_uncond(w)
             if guided:
-                pred_uncond, pred_cond = self._predict(torch.cat([x_in, x_in]), t, embeds.pair()).chunk(2)
-                pred = guidance.combine(pred_uncond, pred_cond, w)
+                pair = self._predict(torch.cat([x_in, x_in]), t, embeds.pair(), opts.cross_attention_kwargs)
+                pred = guidance.combine(*pair.chunk(2), w)
             else:
-                pred = self._predict(x_in, t, embeds.cond)
+                pred = self._predict(x_in, t, embeds.cond, opts.cross_attention_kwargs)
             evaluations += 2 if guided else 1
             latents = self.scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
             if blend is not None:
@@ -177,8 +235,14 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
             self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
         return latents, evaluations
 
-    def _predict(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    def _bar_config(self, opts) -> dict:
+        """tqdm settings: `set_progress_bar_config` (as in diffusers), off when the call says progress_bar=False."""
+        config = {"desc": "denoising", **getattr(self, "_progress_bar_config", {})}
+        return {**config, "disable": True} if not opts.progress_bar else config
+
+    def _predict(self, x: torch.Tensor, t, context: torch.Tensor, cross_attention_kwargs=None) -> torch.Tensor:
+        extra = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else {}  # ONNX takes none
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False, **extra)[0]
 
     @staticmethod
     def _report_step(callback, info: StepInfo) -> None:
@@ -255,8 +319,11 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
     def _embeddings(self, opts: GenerationOptions, prompts: list[str], with_uncond: bool) -> PromptEmbeddings:
         if opts.prompt_embeds is None:
             negative = as_prompt_list(opts.negative_prompt, "negative_prompt")
-            return encode_pair(self.text_encoder, self.tokenizer, prompts, negative, with_uncond=with_uncond,
-                               clip_skip=opts.clip_skip, emphasis=opts.emphasis)
+            # multi-vector textual-inversion tokens expand to their vectors' tokens, as stock does
+            prompts, negative = (self.maybe_convert_prompt(p, self.tokenizer) if p else p for p in (prompts, negative))
+            with self._text_encoder_lora_scale(opts.cross_attention_kwargs):
+                return encode_pair(self.text_encoder, self.tokenizer, prompts, negative, with_uncond=with_uncond,
+                                   clip_skip=opts.clip_skip, emphasis=opts.emphasis)
         cond = opts.prompt_embeds.to(self._device, self.text_encoder.dtype)
         uncond = opts.negative_prompt_embeds
         if uncond is None and with_uncond:
@@ -266,6 +333,19 @@ class LatentTextToImagePipeline(DiffusionPipeline, FromSingleFileMixin):
         if uncond is not None and uncond.shape != cond.shape:
             raise ValueError(f"negative_prompt_embeds {tuple(uncond.shape)} must match prompt_embeds {tuple(cond.shape)}.")
         return PromptEmbeddings(cond, None if uncond is None else uncond.to(cond))
+
+    @contextmanager
+    def _text_encoder_lora_scale(self, cross_attention_kwargs):
+        """The LoRA `scale` on the text encoder while prompts are encoded (the UNet takes it per call), as stock."""
+        scale = (cross_attention_kwargs or {}).get("scale")
+        if scale is None:  # scale_lora_layers touches only LoRA layers: a model without any is unchanged
+            yield
+            return
+        scale_lora_layers(self.text_encoder, scale)
+        try:
+            yield
+        finally:
+            unscale_lora_layers(self.text_encoder, scale)
 
     def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generators, dtype):
         count, width, height = batch

@@ -27,10 +27,10 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A Stable-Diffusion-layout folder (safetensors) saved from `tests/tiny_models.py` components."""
+    """A Stable-Diffusion-layout folder (safetensors) saved from `training/tiny_models.py` components."""
     from diffusers import StableDiffusionPipeline
 
-    from tiny_models import tiny_sd_components
+    from training.tiny_models import tiny_sd_components
 
     folder = tmp_path_factory.mktemp("tiny-sd") / "model"
     pipe = StableDiffusionPipeline(**tiny_sd_components(), requires_safety_checker=False)

@@ -125,9 +125,8 @@ def test_form_values_become_a_request():
 
 
 def test_init_images_of_any_mode_become_8_bit_rgb():
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     from ldm_pipeline.options import as_rgb
 

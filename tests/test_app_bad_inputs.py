@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from app_http import call, error_of, upload
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-
-from app_http import call, error_of, upload
-from ldm_pipeline import metadata
 from test_app_server import txt2img_args
+
+from ldm_pipeline import metadata
 
 pytestmark = pytest.mark.slow
 

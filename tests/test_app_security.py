@@ -14,11 +14,10 @@ import re
 import httpx
 import numpy as np
 import pytest
+from app_http import call, endpoints_taking_files, error_of, file_data, upload
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, PngImagePlugin
-
-from app_http import call, endpoints_taking_files, error_of, file_data, upload
 from test_app_server import txt2img_args
 
 pytestmark = pytest.mark.slow

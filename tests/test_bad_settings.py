@@ -21,7 +21,7 @@ from ldm_pipeline import InvalidOptions, load_pipeline
 from ldm_pipeline.generate import LINE_KEYS, main
 from ldm_pipeline.options import MAX_SIDE, GenerationOptions
 from ldm_pipeline.service import GenerationService, ServiceRequest
-from tests.tiny_models import tiny_sd_components
+from training.tiny_models import tiny_sd_components
 
 BASE = dict(prompt="a red circle", num_inference_steps=2, width=32, height=32, seed=1)
 NAN, INF = math.nan, math.inf

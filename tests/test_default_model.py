@@ -1,7 +1,7 @@
 """The embedded default model: it loads in ours and in stock diffusers, and it follows prompts.
 
 The quality test is end to end: 8 fixed canonical prompts of seen combinations, generated with
-the shipped default sampler, read by the independent judge (`training.judge`). A model with
+the shipped default sampler, read by the independent judge (`evaluation.judge`). A model with
 re-initialised (untrained) weights of the same architecture fails the same check.
 """
 
@@ -14,10 +14,11 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors import safe_open
 from transformers import CLIPTextModel
 
-from benchmarks.prompt_adherence import roundtrip_scores
+from evaluation import judge
+from evaluation.adherence import roundtrip_scores
 from ldm_pipeline import load_pipeline
 from ldm_pipeline.loading import DEFAULT_MODEL_DIR
-from training import judge, shapes
+from training import shapes
 from training.shapes import Attributes
 
 # Recorded at export (docs/default_model.md): parameter counts and what the shipped files hold.

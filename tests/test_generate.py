@@ -17,7 +17,7 @@ from PIL import Image
 from ldm_pipeline import metadata
 from ldm_pipeline.generate import main
 from ldm_pipeline.options import SEED_STRIDE, image_seeds, line_seed
-from tests.tiny_models import tiny_sd_components
+from training.tiny_models import tiny_sd_components
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = ["--width", "32", "--height", "32"]

@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 
 from ldm_pipeline import metadata
 from ldm_pipeline.generate import main
-from tests.tiny_models import tiny_sd_components
+from training.tiny_models import tiny_sd_components
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = ["--width", "32", "--height", "32", "--steps", "1"]

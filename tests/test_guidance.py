@@ -19,7 +19,7 @@ from ldm_pipeline.guidance import (
     guidance_scale_at,
     rescale_guidance,
 )
-from tests.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
+from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
 
 SMALL = {"width": 32, "height": 32, "progress_bar": False, "output_type": "np"}
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from training import judge, shapes
+from evaluation import judge
+from training import shapes
 from training.shapes import COLORS, POSITIONS, SIZES, Attributes
 
 
@@ -23,6 +24,24 @@ def test_judge_reads_generator_images_right(split, seed):
     assert result.count == 600
     assert result.all_correct >= 0.998, judge.errors(pairs)[:5]
     assert min(result.per_attribute.values()) >= 0.998
+    assert result.size_strict == 1.0 and result.all_correct_strict >= 0.998  # the generator keeps the spec's widths
+
+
+def _square(width: int) -> Image.Image:
+    image = Image.new("RGB", (64, 64), COLORS["blue"])
+    ImageDraw.Draw(image).rectangle((10, 10, 10 + width - 1, 10 + width - 1), fill=COLORS["red"])
+    return image
+
+
+@pytest.mark.parametrize("width, threshold, strict", [
+    (14, "small", "small"), (18, "small", "small"), (19, "small", None), (22, "small", None),
+    (23, "large", None), (27, "large", None), (28, "large", "large"), (34, "large", "large"), (36, "large", None),
+])
+def test_strict_size_reads_only_the_spec_widths(width, threshold, strict):
+    reading = judge.read_attributes(_square(width))
+    assert (reading.size, reading.strict_size) == (threshold, strict)
+    expected = Attributes("square", "red", "blue", threshold, "top left")
+    assert reading.strict_matches(expected)["size"] == (strict == threshold)
 
 
 def _add_noise(image, sigma, rng):
@@ -101,6 +120,7 @@ def test_score_counts_per_attribute_and_all_correct():
     result = judge.score(pairs)
     assert result.per_attribute == {"shape": 0.75, "color": 1.0, "background": 1.0, "size": 0.75, "position": 0.75}
     assert result.all_correct == 0.5
+    assert (result.size_strict, result.all_correct_strict) == (0.75, 0.5)
     assert [index for index, _, _ in judge.errors(pairs)] == [1, 2]
     with pytest.raises(ValueError, match="at least one"):
         judge.score([])

@@ -10,9 +10,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from ldm_pipeline import LatentTextToImagePipeline, ModelLoadError, load_pipeline
-from ldm_pipeline import loading
-from tests.tiny_models import tiny_sd_components, tiny_unet
+from ldm_pipeline import LatentTextToImagePipeline, ModelLoadError, load_pipeline, loading
+from training.tiny_models import tiny_sd_components, tiny_unet
 
 SMALL = {"width": 32, "height": 32, "num_inference_steps": 2, "progress_bar": False, "output_type": "np", "seed": 3}
 

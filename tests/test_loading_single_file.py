@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from ldm_pipeline import ModelLoadError, load_pipeline
-from tests.tiny_models import tiny_sd_components
+from training.tiny_models import tiny_sd_components
 
 SMALL = {"width": 32, "height": 32, "num_inference_steps": 2, "progress_bar": False, "output_type": "np", "seed": 3}
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -38,8 +38,8 @@ def unet_key(key: str, layers: int) -> str:
         if key.startswith(ours + "."):
             return ldm + key[len(ours):]
     if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        b, kind, l, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = 1 + b * (layers + 1) + l
+        b, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = 1 + b * (layers + 1) + layer
         return f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
     if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
         return f"input_blocks.{(int(m[1]) + 1) * (layers + 1)}.0.op.{m[2]}"
@@ -48,8 +48,8 @@ def unet_key(key: str, layers: int) -> str:
     if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
         return f"middle_block.1.{m[1]}"
     if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        b, kind, l, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = b * (layers + 1) + l
+        b, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = b * (layers + 1) + layer
         return f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
     raise KeyError(key)
 

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 
 from ldm_pipeline import LatentTextToImagePipeline, SchedulerSwapError, swap_scheduler
 from ldm_pipeline.scheduler_swap import available_schedulers
-from tests.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
+from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
 
 ZTSNR_V = {**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
            "timestep_spacing": "leading"}

@@ -5,9 +5,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ldm_pipeline import LatentTextToImagePipeline, swap_scheduler
-from ldm_pipeline import metadata
-from tests.tiny_models import tiny_sd_components
+from ldm_pipeline import LatentTextToImagePipeline, metadata, swap_scheduler
+from training.tiny_models import tiny_sd_components
 
 A1111_TEXT = (
     "masterpiece, best quality, a cat, (red hair:1.2)\n"

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 from PIL import Image
 
 from ldm_pipeline import GenerationCancelled, LatentTextToImagePipeline
-from tests.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
+from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
 
 PIPE_KEYS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 SMALL = {"width": 32, "height": 32, "num_inference_steps": 3, "progress_bar": False}

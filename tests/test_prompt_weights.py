@@ -9,7 +9,7 @@ import torch
 from ldm_pipeline import LatentTextToImagePipeline, metadata
 from ldm_pipeline.prompt_weights import BREAK, parse_attention, weighted_windows
 from ldm_pipeline.prompts import encode_prompts
-from tests.tiny_models import tiny_sd_components
+from training.tiny_models import tiny_sd_components
 
 # The examples in the docstring of A1111's modules/prompt_parser.py::parse_prompt_attention
 A1111_EXAMPLES = [

@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ldm_pipeline.prompts import count_tokens, encode_pair, encode_prompts, token_windows
-from tests.tiny_models import tiny_sd_components
+from training.tiny_models import tiny_sd_components
 
 WORDS = "a red circle on a blue background at the top left".split()
 

@@ -10,9 +10,10 @@ import torch
 from diffusers import AutoencoderKL
 from scipy import ndimage
 
-from tests.tiny_models import tiny_vae
-from training import judge, shapes
+from evaluation import judge
+from training import shapes
 from training.data import to_pixels
+from training.tiny_models import tiny_vae
 from training.validation import to_pil
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training/recipes/shapes/finetune_decoder.py"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import diffusers
 import pytest
-from tiny_models import SD15_SCHEDULER_CONFIG
 
 from custom_schedulers import (
-    DDIMSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, RectifiedFlowEulerSampler,
-    ZeroTerminalSNRScheduler, registry,
+    DDIMSampler,
+    DPMSolverPlusPlusSampler,
+    DPMSolverPlusPlusSDESampler,
+    RectifiedFlowEulerSampler,
+    ZeroTerminalSNRScheduler,
+    registry,
 )
+from training.tiny_models import SD15_SCHEDULER_CONFIG
 
 SHORT_NAMES = ["ddpm", "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "euler", "heun", "rf-euler", "rf-heun", "lcm"]
 STOCK = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",

@@ -227,7 +227,7 @@ def test_img2img_slice_runs_the_last_steps(name, config, strength):
 
 
 def test_stock_pipeline_saves_and_loads_our_scheduler(tmp_path):
-    from tiny_models import tiny_sd_components
+    from training.tiny_models import tiny_sd_components
 
     pipe = diffusers.StableDiffusionPipeline(**tiny_sd_components(), requires_safety_checker=False)
     pipe.scheduler = registry.build("dpmpp-2m", pipe.scheduler.config, sigma_schedule="karras")
@@ -242,7 +242,7 @@ def test_stock_pipeline_saves_and_loads_our_scheduler(tmp_path):
 
 def test_stock_pipeline_eta_reaches_our_ddim():
     """StableDiffusionPipeline(..., eta=1.0) passes eta to `step`: our DDIM gives stock DDIM's image."""
-    from tiny_models import tiny_sd_components
+    from training.tiny_models import tiny_sd_components
 
     components = tiny_sd_components()
     config, spacing = components["scheduler"].config, {"timestep_spacing": "leading", "steps_offset": 1}

@@ -14,8 +14,17 @@ import torch
 from scheduler_helpers import BASE_CONFIG, load_k_diffusion_sampling, sample_loop, seeded
 
 from custom_schedulers import (
-    DDIMSampler, DDPMSampler, EulerAncestralSampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler, EulerSampler, HeunSampler,
-    LCMSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, UniPCSampler,
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPlusPlusSampler,
+    DPMSolverPlusPlusSDESampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    HeunSampler,
+    LCMSampler,
+    RectifiedFlowEulerSampler,
+    RectifiedFlowHeunSampler,
+    UniPCSampler,
 )
 
 # (ours, our options, diffusers class, its options, its step() kwargs, spacings where diffusers spaces as we do)

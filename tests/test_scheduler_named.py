@@ -6,13 +6,16 @@ import math
 
 import pytest
 import torch
-from tiny_models import SD15_SCHEDULER_CONFIG
 
 from custom_schedulers import (
-    CosineScheduler, DPMSolverPlusPlusSampler, RectifiedFlowEulerSampler, RectifiedFlowScheduler,
+    CosineScheduler,
+    DPMSolverPlusPlusSampler,
+    RectifiedFlowEulerSampler,
+    RectifiedFlowScheduler,
     ZeroTerminalSNRScheduler,
 )
 from custom_schedulers.schedules import cosine_alpha_bar
+from training.tiny_models import SD15_SCHEDULER_CONFIG
 
 
 def test_cosine_scheduler_uses_the_cosine_schedule_even_from_an_sd_config():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
 
 from custom_schedulers import CosineScheduler, RectifiedFlowScheduler, ZeroTerminalSNRScheduler, registry
+from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
 
 
 @pytest.fixture(scope="module")

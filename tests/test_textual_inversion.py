@@ -52,11 +52,10 @@ def test_placeholder_expansion_and_errors(base_model, tmp_path):  # noqa: F811
 
 
 def test_training_changes_only_the_new_rows():
-    from tiny_models import tiny_text_encoder, tiny_tokenizer
-
     from training.config import OptimizationOptions
     from training.optimizers import build_optimizer
     from training.textual_inversion import add_placeholder, train_only_rows
+    from training.tiny_models import tiny_text_encoder, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     encoder = tiny_text_encoder(len(tokenizer))

@@ -7,7 +7,7 @@ import torch
 
 from ldm_pipeline import load_pipeline
 from ldm_pipeline.tracing import TracedUNet
-from tests.tiny_models import tiny_unet
+from training.tiny_models import tiny_unet
 
 
 def _inputs(batch: int = 2, size: int = 8, tokens: int = 7):

@@ -349,7 +349,7 @@ def test_fine_tune_from_a_single_safetensors_file(tmp_path):
     from diffusers import StableDiffusionPipeline as Stock
 
     from tests.test_loading_single_file import write_single_file_model
-    from tests.tiny_models import tiny_sd_components
+    from training.tiny_models import tiny_sd_components
 
     components = tiny_sd_components()
     file, config_dir = write_single_file_model(tmp_path, components)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_train import TINY, args
+
 from training.train import cli
 
 

@@ -8,13 +8,12 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from test_train import ENV, REPO, TINY, args, summary
+
 from training import checkpointing
 from training.train import cli, main
 

@@ -305,6 +305,9 @@ def _add_argument(group: argparse._ArgumentGroup, f: dataclasses.Field, hints: d
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Not transformers.HfArgumentParser: it fills every field's default into the namespace, so
+    # `defaults < --config file < flags` could not tell a typed flag from a default. With
+    # argument_default=SUPPRESS only typed flags appear, and they override the file's values.
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
         description="Train a latent text-to-image diffusion model (or its VAE) with accelerate.",

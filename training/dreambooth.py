@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from training import data
 from ldm_pipeline.atomic import atomic_directory
+from training import data
 
 logger = logging.getLogger(__name__)
 CLASS_SEED = 20_230_315  # seed of class image 0; image i uses CLASS_SEED + i

@@ -27,7 +27,13 @@ from training.config import TrainConfig, check_option_values, check_paths, parse
 from training.dreambooth import PairedOrder, class_sources, with_instance_prompt
 from training.dreambooth import check_options as check_dreambooth_options
 from training.load_and_save import (
-    Components, load_from_scratch, load_pretrained, output_scheduler, resolve_objective, save_pipeline, save_vae,
+    Components,
+    load_from_scratch,
+    load_pretrained,
+    output_scheduler,
+    resolve_objective,
+    save_pipeline,
+    save_vae,
 )
 from training.loss_options import attach_masks
 from training.losses import DiffusionLoss, VaeLoss, VaeReconstruction

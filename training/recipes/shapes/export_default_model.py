@@ -21,9 +21,8 @@ from diffusers import StableDiffusionPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from ldm_pipeline.loading import DEFAULT_MODEL_DIR  # noqa: E402
 from ldm_pipeline.atomic import atomic_directory  # noqa: E402
-
+from ldm_pipeline.loading import DEFAULT_MODEL_DIR  # noqa: E402
 from ldm_pipeline.scheduler_swap import MODEL_KEYS  # noqa: E402  (what the model was trained with)
 
 

@@ -26,9 +26,9 @@ from diffusers import AutoencoderKL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from ldm_pipeline.atomic import atomic_directory  # noqa: E402
 from training import shapes  # noqa: E402
 from training.data import to_pixels  # noqa: E402
-from ldm_pipeline.atomic import atomic_directory  # noqa: E402
 
 
 def batches(seed: int, batch_size: int, small_fraction: float | None):

@@ -1,7 +1,7 @@
 """Tiny, seeded Stable-Diffusion-shaped components built from configs (no downloads).
 
-Shared by the scheduler, pipeline, training and UI tests, in the spirit of
-diffusers' `get_dummy_components`.
+Shared by the scheduler, pipeline, training, evaluation and UI tests and by
+`benchmarks/pipeline_overhead.py`, in the spirit of diffusers' `get_dummy_components`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Independent of any model being judged. The reading, for an RGB image:
 4. shape colour = the most common palette colour of the component's interior (eroded once,
    so edge pixels blended with the background do not vote);
 5. size = bounding-box width: small (14-18 px in the spec) below 23 px, large (28-34 px) above;
+   the strict reading (`Reading.strict_size`) takes the spec's ranges literally: small only at
+   14-18 px, large only at 28-34 px, anything else unreadable;
 6. position = the anchor nearest to the bounding-box centre, if it is within 10 px of it
    (the generator's jitter is 4 px; anchors are at least 22 px apart) else unreadable;
 7. shape = the template (disc, square, upward triangle) drawn in the component's bounding box
@@ -27,7 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from training.shapes import COLORS, IMAGE_SIZE, POSITIONS, Attributes
+from training.shapes import COLORS, IMAGE_SIZE, POSITIONS, SIZES, Attributes
 
 ATTRIBUTES = tuple(f.name for f in fields(Attributes))
 PALETTE_NAMES = tuple(COLORS)
@@ -53,6 +55,18 @@ class Reading:
     def matches(self, expected: Attributes) -> dict[str, bool]:
         """Per attribute: does the reading equal the expected value?"""
         return {name: getattr(self, name) == getattr(expected, name) for name in ATTRIBUTES}
+
+    @property
+    def strict_size(self) -> str | None:
+        """The size whose width range in the spec (`shapes.SIZES`) holds the bounding-box width, else None."""
+        if self.bbox is None:
+            return None
+        width = self.bbox[2] - self.bbox[0] + 1
+        return next((name for name, (low, high) in SIZES.items() if low <= width <= high), None)
+
+    def strict_matches(self, expected: Attributes) -> dict[str, bool]:
+        """`matches` with the strict size reading."""
+        return {**self.matches(expected), "size": self.strict_size == expected.size}
 
 
 def quantize(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -139,14 +153,18 @@ def read_attributes(image: Image.Image | np.ndarray) -> Reading:
 
 @dataclass(frozen=True)
 class Scores:
-    """Accuracies over a set of judged images: per attribute and all five at once."""
+    """Accuracies over a set of judged images: per attribute and all five at once, and the same
+    two with the strict size reading."""
 
     count: int
     per_attribute: dict[str, float]
     all_correct: float
+    size_strict: float
+    all_correct_strict: float
 
     def as_row(self) -> dict[str, float]:
-        return {**self.per_attribute, "all": self.all_correct}
+        return {**self.per_attribute, "all": self.all_correct, "size strict": self.size_strict,
+                "all strict": self.all_correct_strict}
 
 
 def score(pairs: Iterable[tuple[Image.Image | np.ndarray, Attributes]]) -> Scores:
@@ -154,12 +172,18 @@ def score(pairs: Iterable[tuple[Image.Image | np.ndarray, Attributes]]) -> Score
 
     An attribute missing from a prompt is not supported here: pass all five expected values.
     """
-    matches = [read_attributes(image).matches(expected) for image, expected in pairs]
-    if not matches:
+    readings = [(read_attributes(image), expected) for image, expected in pairs]
+    if not readings:
         raise ValueError("score() needs at least one (image, attributes) pair.")
-    per_attribute = {name: float(np.mean([m[name] for m in matches])) for name in ATTRIBUTES}
-    all_correct = float(np.mean([all(m.values()) for m in matches]))
-    return Scores(count=len(matches), per_attribute=per_attribute, all_correct=all_correct)
+    matches = [reading.matches(expected) for reading, expected in readings]
+    strict = [reading.strict_matches(expected) for reading, expected in readings]
+    return Scores(
+        count=len(matches),
+        per_attribute={name: float(np.mean([m[name] for m in matches])) for name in ATTRIBUTES},
+        all_correct=float(np.mean([all(m.values()) for m in matches])),
+        size_strict=float(np.mean([m["size"] for m in strict])),
+        all_correct_strict=float(np.mean([all(m.values()) for m in strict])),
+    )
 
 
 def errors(pairs: Sequence[tuple[Image.Image | np.ndarray, Attributes]]) -> list[tuple[int, Attributes, Reading]]:

@@ -1,0 +1,157 @@
+"""LoRA and textual-inversion files: the pickle guard, A1111 `<lora:NAME:W>` tags, A1111 hashes.
+
+The CLI's `--lora PATH[:SCALE]`, `--embedding PATH` and `<lora:NAME:W>` tags (resolved in
+`--lora-dir` only) become `LoraFile`s; `activate_loras` / `load_embeddings` apply them and return
+the records (name, A1111 hash, scale) that recipes and the `Lora hashes:` infotext carry.
+
+Safetensors always, pickle files only when asked for:
+
+diffusers' loaders fall back to `torch.load` for `.pt`, `.bin` and `.ckpt` files (A1111
+embeddings are often `.pt`). `pickle_free_kwargs` checks the sources named in a loader call
+and refuses a pickle file unless the caller passed `allow_pickle=True`; otherwise it adds
+`use_safetensors=True`, which keeps diffusers from falling back to a pickle file by itself.
+Even with the flag, diffusers unpickles with `weights_only=True` (tensors, no code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SAFE_SUFFIX = ".safetensors"
+
+
+class PickleRefused(ValueError):
+    """A pickle file was named without `allow_pickle=True`."""
+
+
+def pickle_free_kwargs(sources, kwargs: dict, allow_pickle: bool) -> dict:
+    """The loader kwargs to use; raise `PickleRefused` for a pickle file when `allow_pickle` is False."""
+    if allow_pickle:
+        return kwargs
+    weight_name = kwargs.get("weight_name")
+    names = [weight_name] if weight_name else []
+    items = sources if isinstance(sources, (list, tuple)) else [sources]
+    names += [str(s) for s in items if isinstance(s, (str, os.PathLike)) and Path(s).is_file()]
+    pickled = [n for n in names if not str(n).endswith(SAFE_SUFFIX)]
+    if pickled:
+        raise PickleRefused(
+            f"{pickled[0]} is a pickle file (.pt/.bin/.ckpt), which can run code when loaded; convert it to "
+            f".safetensors, or pass allow_pickle=True (ldm-generate: --allow-pickle) if you trust its source."
+        )
+    return {**kwargs, "use_safetensors": True}
+
+
+# ---------------------------------------------------------------- files named on the command line or in a prompt
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
+LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^:>]*))?[^>]*>")  # A1111: <lora:NAME>, <lora:NAME:0.8>
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One LoRA to apply: its file and its weight (A1111's multiplier)."""
+
+    path: Path
+    scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def parse_lora_arg(text: str) -> LoraFile:
+    """`PATH` or `PATH:SCALE` (a Windows drive letter is not a scale)."""
+    path, sep, scale = text.rpartition(":")
+    try:
+        return LoraFile(Path(path), float(scale)) if sep and path else LoraFile(Path(text))
+    except ValueError:
+        return LoraFile(Path(text))
+
+
+def prompt_loras(prompt: str, lora_dir: Path | None) -> tuple[str, list[LoraFile]]:
+    """The prompt without its `<lora:NAME:W>` tags, and the files they name in `lora_dir` (only there)."""
+    found = [(m.group(1).strip(), m.group(2)) for m in LORA_TAG.finditer(prompt)]
+    if not found:
+        return prompt, []
+    if lora_dir is None:
+        raise ValueError(f"The prompt names LoRA(s) {', '.join(n for n, _ in found)} with <lora:NAME:W>: pass "
+                         "--lora-dir DIR, the folder they are looked up in.")
+    files = [LoraFile(lora_in_folder(name, lora_dir), _weight(name, weight)) for name, weight in found]
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), files
+
+
+def _weight(name: str, weight: str | None) -> float:
+    try:
+        return 1.0 if weight in (None, "") else float(weight)
+    except ValueError:
+        raise ValueError(f"<lora:{name}:{weight}>: the weight must be a number, e.g. <lora:{name}:0.8>.") from None
+
+
+def lora_in_folder(name: str, folder: Path) -> Path:
+    """The file `folder/NAME.<suffix>`; names are plain file names, never paths."""
+    if not name or "/" in name or "\\" in name or ".." in name:
+        raise ValueError(f"<lora:{name}>: a LoRA name is a file name in --lora-dir, without '/', '\\' or '..'.")
+    available = {p.stem: p for p in sorted(Path(folder).iterdir()) if p.suffix in LORA_SUFFIXES and p.is_file()}
+    if name not in available:
+        known = ", ".join(sorted(available)) or "none"
+        raise ValueError(f"<lora:{name}>: no such LoRA in {folder}; available: {known}.")
+    return available[name]
+
+
+# ---------------------------------------------------------------- hashes as A1111 writes them
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's `Lora hashes` value: the first 12 hex digits of kohya's/AddNet's sha256 of a safetensors
+    file's tensor data (the bytes after the header), or of the whole file otherwise
+    (A1111 extensions-builtin/Lora/network.py, modules/hashes.py: addnet_hash_safetensors)."""
+    with open(path, "rb") as f:
+        if Path(path).suffix == SAFE_SUFFIX:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
+
+
+def file_hash(path: Path) -> str:
+    """A1111's `TI hashes` value: the first 12 hex digits of the file's sha256."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- applying them to a pipeline
+
+
+def load_embeddings(pipe, paths: list[Path], allow_pickle: bool = False) -> list[dict]:
+    """Load textual-inversion files; the trigger token is the file name, as in A1111. Returns their records."""
+    records = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--embedding {path}: no such file.")
+        pipe.load_textual_inversion(str(path), token=Path(path).stem, allow_pickle=allow_pickle)
+        records.append({"name": Path(path).stem, "hash": file_hash(path)})
+    pipe.embedding_records = [*getattr(pipe, "embedding_records", []), *records]
+    return records
+
+
+def activate_loras(pipe, loras: list[LoraFile], allow_pickle: bool = False) -> list[dict]:
+    """Make exactly `loras` active with their weights (loading files not loaded yet); returns their records."""
+    loaded = set(pipe.get_list_adapters().get("unet", [])) if loras or _has_adapters(pipe) else set()
+    records = [{"name": lora.name, "hash": lora_hash(lora.path), "scale": lora.scale} for lora in loras]
+    names = [f"{r['name']}-{r['hash']}" for r in records]
+    for lora, name in zip(loras, names):
+        if name not in loaded:
+            pipe.load_lora_weights(str(lora.path), adapter_name=name, allow_pickle=allow_pickle)
+    if names:
+        pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+    elif loaded:
+        pipe.disable_lora()
+    pipe.lora_records = records
+    return records
+
+
+def _has_adapters(pipe) -> bool:
+    return bool(getattr(pipe.unet, "peft_config", None))
