@@ -12,6 +12,9 @@ into gallery entries.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextvars
+import queue
 from pathlib import Path
 
 import gradio as gr
@@ -19,6 +22,7 @@ from PIL import Image, ImageChops
 
 from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.loading import DEFAULT_MODEL_DIR
 from ldm_pipeline.onnx_backend import long_running_backend
 from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.plots import schedule_figures
@@ -35,6 +39,7 @@ MAX_BATCH_SIZE = 16
 MAX_BATCH_COUNT = 64
 MAX_SEED = 2**32 - 1  # what the seed field offers; -1 = random
 MAX_UPLOAD_PIXELS = 4 * MAX_SIDE**2  # an uploaded init image (it is resized to the requested size)
+DEFAULT_PREVIEW_EVERY = 5  # the result panel shows the image forming every 5 steps (ldm_pipeline.previews)
 MAX_UPLOAD_SIZE = "64mb"  # any uploaded file; Gradio refuses larger uploads
 
 
@@ -97,16 +102,19 @@ def _whole(name: str, value) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
+def prompt_controls() -> dict:
+    return dict(prompt=gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background"),
+                negative_prompt=gr.Textbox(label="Negative prompt", lines=1))
+
+
 def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict, max_steps: int) -> dict:
-    """The shared settings widgets (prompt, sampler, guidance, size, seed, batch).
+    """The shared settings widgets below the prompts (sampler, guidance, size, seed, batch).
 
     Counts and sizes are plain numbers, not sliders: out-of-range values then reach
     `GenerationOptions.check`, whose message names the field and the fix. Steps and guidance start from
     `recommended` (the model's record.json defaults, `pipe.recommended`).
     """
     c = {}
-    c["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
-    c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1)
     with gr.Row():
         c["sampler"] = gr.Dropdown(samplers, value=_default_sampler(samplers), label="Sampler",
                                    allow_custom_value=True)  # so an unknown name gets our message
@@ -141,34 +149,76 @@ def _default_sampler(samplers: list[str]) -> str | None:
     return samplers[0] if samplers else None
 
 
-def output_controls(prefix: str) -> dict:
+def action_buttons(prefix: str) -> dict:
     with gr.Row():
         generate = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
         cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
-    gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id=f"{prefix}-gallery")
+        every = gr.Number(value=DEFAULT_PREVIEW_EVERY, precision=0, label="Preview interval (0 = off)",
+                          elem_id=f"{prefix}-preview-every")
+    return dict(generate=generate, cancel=cancel, preview_every=every)
+
+
+def result_controls(prefix: str) -> dict:
+    """The result panel: whole images (contain, never cropped; see CSS), their seeds, the PNG downloads."""
+    gallery = gr.Gallery(label="Images", columns=2, format="png", object_fit="contain", height=600,
+                         elem_id=f"{prefix}-gallery", elem_classes=["result-gallery"])
     info = gr.Markdown(elem_id=f"{prefix}-info")
     files = gr.File(label="Download PNGs (parameters embedded)", file_count="multiple")
     with gr.Row():
         reuse = gr.Button("Reuse seed of the selected image")
-    return dict(generate=generate, cancel=cancel, gallery=gallery, info=info, files=files, reuse=reuse,
-                seeds=gr.State([]), selected=gr.State(0))
+    return dict(gallery=gallery, info=info, files=files, reuse=reuse, seeds=gr.State([]), selected=gr.State(0))
 
 
-def run_request(service: GenerationService, request: ServiceRequest, session: str, progress) -> tuple:
-    """Gallery entries, a Markdown summary, the file paths and the seeds; any failure -> gr.Error."""
+def generation_tab(service: GenerationService, form: dict, prefix: str, extra_inputs, build) -> dict:
+    """Settings on the left (prompts and Generate on top), results on the right; the columns stack on
+    narrow windows (min_width). `extra_inputs()` builds the tab's own inputs (init image, ...) below Generate."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=420):
+            settings = prompt_controls()
+            buttons = action_buttons(prefix)
+            extra = extra_inputs()
+            settings.update(settings_controls(prefix=prefix, **form))
+        with gr.Column(scale=6, min_width=420):
+            outputs = {**buttons, **result_controls(prefix)}
+    wire_outputs(service, settings, outputs, extra, build, prefix)
+    return settings
+
+
+def run_request(service: GenerationService, request: ServiceRequest, session: str, progress, preview_every=None):
+    """Yields (gallery, summary, files, seeds): previews every `preview_every` steps while the run is under
+    way (the generation runs in a worker thread), then the written images; any failure -> gr.Error."""
     try:
         service.check(request)
     except ValueError as error:
         raise gr.Error(str(error), title="Invalid request") from None
-    stop = service.register_stop(session)
+    stop, previews = service.register_stop(session), queue.Queue()
+    worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        results = service.generate(request, on_step=lambda d, t: progress((d, t), unit="steps"), stop=stop)
+        future = worker.submit(contextvars.copy_context().run,  # in the request's context, as gr.Progress needs
+                               service.generate, request, on_step=lambda d, t: progress((d, t), unit="steps"),
+                               stop=stop, on_preview=lambda *shown: previews.put(shown),
+                               preview_every=preview_every or None)
+        while not future.done() or not previews.empty():
+            try:
+                step, total, images = previews.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            yield images, f"Preview: step {step} of {total}", gr.update(), gr.update()
+        results = future.result()
+    except GeneratorExit:  # the page left or the request was cancelled: stop the run after its current step
+        stop.set()
+        raise
     except Exception as error:  # shown to this user only; the server and other requests carry on
         raise gr.Error(f"Generation failed: {type(error).__name__}: {without_paths(str(error))}",
                        title="Generation failed") from None
     finally:
+        worker.shutdown(wait=False)
         service.release_stop(session, stop)
-    if stop.is_set():
+    yield finished_outputs(results, cancelled=stop.is_set())
+
+
+def finished_outputs(results: list, cancelled: bool) -> tuple:
+    if cancelled:
         gr.Warning(f"Cancelled: {len(results)} image(s) finished before the stop.")
     seeds = [recipe["seed"] for _, recipe in results]
     served = [served_copy(path) for path, _ in results]
@@ -189,15 +239,16 @@ def wire_outputs(service: GenerationService, settings: dict, outputs: dict, extr
     `build(values: dict, *extra) -> ServiceRequest` turns the form into a request.
     """
     names = list(SETTING_NAMES)
-    inputs = [settings[n] for n in names] + extra_inputs
+    inputs = [settings[n] for n in names] + extra_inputs + [outputs["preview_every"]]
 
     # Gradio injects gr.Request and gr.Progress only into leading positional parameters.
     def on_generate(request: gr.Request, progress=gr.Progress(), *values):
+        *values, every = values
         try:
             req = build(dict(zip(names, values[: len(names)])), *values[len(names):])
         except ValueError as error:
             raise gr.Error(str(error), title="Invalid request") from None
-        return run_request(service, req, request.session_hash, progress)
+        yield from run_request(service, req, request.session_hash, progress, preview_steps(every))
 
     event = outputs["generate"].click(
         on_generate, inputs=inputs,
@@ -216,6 +267,15 @@ def wire_outputs(service: GenerationService, settings: dict, outputs: dict, extr
     outputs["gallery"].select(on_select, inputs=None, outputs=outputs["selected"], api_name=False)
     outputs["reuse"].click(on_reuse, inputs=[outputs["seeds"], outputs["selected"], settings["seed"]],
                            outputs=settings["seed"], api_name=False)
+
+
+def preview_steps(value) -> int | None:
+    """The form's 'preview every N steps' (0 or empty = off)."""
+    if value in (None, "") or float(value) <= 0:
+        return None
+    if not float(value).is_integer():
+        raise gr.Error(f"Preview every N steps must be a whole number, got {value}.", title="Invalid request")
+    return int(value)
 
 
 def txt2img_request(values: dict) -> ServiceRequest:
@@ -280,37 +340,51 @@ def fields_to_settings(fields: dict) -> list:
     return [gr.update(value=values[n]) if n in values else gr.update() for n in SETTING_NAMES]
 
 
+CSS = """
+.result-gallery img { object-fit: contain !important; image-rendering: pixelated; }
+.result-gallery .thumbnail-item { max-width: 500px; max-height: 500px; margin: auto; }
+"""  # whole images, never cropped; small ones scaled up with visible pixels (nearest neighbour)
+
+
+def model_header(pipe) -> str:
+    """The model's name (its folder's name, never a server path) and recommended settings, once."""
+    path = Path(pipe.model_id)
+    name = "embedded default model" if path.resolve() == DEFAULT_MODEL_DIR.resolve() else path.name
+    recommended = getattr(pipe, "recommended", {}) or {}
+    settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recommended.items())
+    return f"## Latent diffusion\n**Model:** {name}" + (f" · recommended: {settings}" if settings else "")
+
+
 def build_ui(service: GenerationService):
-    samplers = service.sampler_names
     native = service.pipe.unet.config.sample_size * service.pipe.vae_scale_factor
-    recommended = getattr(service.pipe, "recommended", {})  # pipelines not built by load_pipeline have none
-    max_steps = service.pipe.limits().max_steps
-    with gr.Blocks(title="ldm toolkit") as demo:
-        gr.Markdown(f"## Latent diffusion\nModel: `{service.pipe.model_id}`")
+    form = dict(samplers=service.sampler_names, native=native, max_steps=service.pipe.limits().max_steps,
+                recommended=getattr(service.pipe, "recommended", {}))  # pipelines not built by load_pipeline have none
+    with gr.Blocks(title="ldm toolkit", css=CSS) as demo:
+        gr.Markdown(model_header(service.pipe), elem_id="model-header")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
-                txt = settings_controls(samplers, native, "txt2img", recommended, max_steps)
-                txt_out = output_controls("txt2img")
-                wire_outputs(service, txt, txt_out, [], txt2img_request, "txt2img")
+                txt = generation_tab(service, form, "txt2img", lambda: [], txt2img_request)
             with gr.Tab("Image to image", id="img2img"):
-                init = gr.Image(type="pil", label="Init image", image_mode=None)  # options.as_rgb converts any mode
-                strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the image)")
-                img = settings_controls(samplers, native, "img2img", recommended, max_steps)
-                img_out = output_controls("img2img")
-                wire_outputs(service, img, img_out, [init, strength], img2img_request, "img2img")
+                generation_tab(service, form, "img2img", img2img_inputs, img2img_request)
             with gr.Tab("Inpainting", id="inpaint"):
-                editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
-                                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
-                inpaint_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
-                inp = settings_controls(samplers, native, "inpaint", recommended, max_steps)
-                inp_out = output_controls("inpaint")
-                wire_outputs(service, inp, inp_out, [editor, inpaint_strength], inpaint_request, "inpaint")
+                generation_tab(service, form, "inpaint", inpaint_inputs, inpaint_request)
             with gr.Tab("PNG info", id="pnginfo"):
                 png_tab(txt, tabs)
             with gr.Tab("Schedules", id="schedules"):
                 schedules_tab()
     protect_inputs(demo, MAX_UPLOAD_PIXELS)  # every file input: only this session's uploads; values typed
     return demo
+
+
+def img2img_inputs() -> list:
+    init = gr.Image(type="pil", label="Init image", image_mode=None)  # options.as_rgb converts any mode
+    return [init, gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the image)")]
+
+
+def inpaint_inputs() -> list:
+    editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
+                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+    return [editor, gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")]
 
 
 def png_tab(txt_settings: dict, tabs) -> None:

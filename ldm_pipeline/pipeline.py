@@ -225,7 +225,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
         step_kwargs = {"generator": generators} if _step_takes_generator(self.scheduler) else {}
         evaluations = 0
-        for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), disable=not opts.progress_bar, desc="denoising")):
+        for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), **self._bar_config(opts))):
             x_in = self.scheduler.scale_model_input(latents, t)
             guided = GuidancePlan.needs_uncond(w)
             if guided:
@@ -240,6 +240,11 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
                 latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
             self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
         return latents, evaluations
+
+    def _bar_config(self, opts) -> dict:
+        """tqdm settings: `set_progress_bar_config` (as in diffusers), off when the call says progress_bar=False."""
+        config = {"desc": "denoising", **getattr(self, "_progress_bar_config", {})}
+        return {**config, "disable": True} if not opts.progress_bar else config
 
     def _predict(self, x: torch.Tensor, t, context: torch.Tensor, cross_attention_kwargs=None,
                  added: dict | None = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ from ldm_pipeline import metadata
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, image_seeds
 from ldm_pipeline.pipeline import GenerationCancelled
+from ldm_pipeline.previews import LatentPreviewer, preview_callback
 from ldm_pipeline.scheduler_swap import SchedulerSwapError, available_schedulers, swap_scheduler
 
 
@@ -66,6 +67,8 @@ class GenerationService:
     outputs: Path
     schedulers: dict = field(default_factory=dict)  # name -> prepared scheduler, or the error for this model
     stops: dict = field(default_factory=dict)  # session -> set of threading.Events of its running requests
+    preview_map: LatentPreviewer | None = None  # fitted on first use, see previewer()
+    preview_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, model, outputs: Path, **load_options) -> "GenerationService":
@@ -98,11 +101,20 @@ class GenerationService:
         pipe.model_id, pipe.model_hash, pipe.recommended = base.model_id, base.model_hash, base.recommended
         return pipe
 
-    def generate(self, request: ServiceRequest, on_step=None, stop: threading.Event | None = None) -> list:
+    def previewer(self) -> LatentPreviewer:
+        """The latent -> RGB preview map, fitted to this model's VAE on first use (a few decodes)."""
+        with self.preview_lock:
+            if self.preview_map is None:
+                self.preview_map = LatentPreviewer.fit(self.pipe.vae, self.pipe._device)
+            return self.preview_map
+
+    def generate(self, request: ServiceRequest, on_step=None, stop: threading.Event | None = None,
+                 on_preview=None, preview_every: int | None = None) -> list:
         """Make every image of a request; returns (written PNG, recipe) pairs.
 
         `on_step(done, total)` reports progress; setting `stop` ends the run after the current step
-        (the images of the batches already finished are kept).
+        (the images of the batches already finished are kept). With `preview_every` = N, every N steps
+        `on_preview(step, total, images)` gets cheap previews of the batch's current latents (`previews`).
         """
         options = self.check(request)
         pipe = self.request_pipe(request.sampler)
@@ -117,6 +129,9 @@ class GenerationService:
                 on_step(done, info.num_steps * len(batches))
             return stop is not None and stop.is_set()
 
+        if preview_every:
+            callback = preview_callback(self.previewer(), preview_every, on_preview, callback,
+                                        scale=pipe.vae_scale_factor)
         for seeds in batches:
             try:
                 out = pipe(**replace(options, seed=seeds, callback=callback, progress_bar=False).kwargs())

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def fill_number(page, label: str, value: int) -> None:
@@ -150,5 +155,76 @@ def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, a
         assert len(written) == 1
         recipe = metadata.read_png(written[0]).recipe
         assert (recipe["inpainting"], recipe["seed"]) == (True, 9191)
+    finally:
+        page.close()
+
+
+def test_desktop_layout_generate_and_results_visible_and_images_shown_whole(
+    app_server, chromium_context, artifacts_dir, tiny_model_dir
+):
+    """At 1400x900: Generate and the result gallery both in view without scrolling; a 64x64 image is
+    displayed whole (object-fit contain, its box has the picture's aspect ratio, nothing clipped); the
+    header names the model's folder, never its server path."""
+    page = chromium_context.new_page()
+    page.set_viewport_size({"width": 1400, "height": 900})
+    try:
+        open_txt2img(page, app_server.url, "a red circle", {"Steps": 2, "Width": 64, "Height": 64, "Seed": 6464})
+        page.evaluate("() => window.scrollTo(0, 0)")
+        header = page.locator("#model-header").inner_text()
+        assert tiny_model_dir.name in header and str(tiny_model_dir) not in header
+        assert page.locator("#txt2img-generate").is_visible()
+        for element in ("#txt2img-generate", "#txt2img-gallery"):
+            box = page.locator(element).bounding_box()
+            assert box["y"] >= 0 and box["y"] + min(box["height"], 200) <= 900, (element, box)
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 1400, (element, box)
+        generate, gallery = (page.locator(e).bounding_box() for e in ("#txt2img-generate", "#txt2img-gallery"))
+        assert gallery["x"] > generate["x"] + generate["width"] / 2 or gallery["x"] > 600  # results on the right
+        page.locator("#txt2img-generate").click()
+        image = page.locator("#txt2img-gallery img").first
+        image.wait_for(state="visible", timeout=120_000)
+        page.locator("#txt2img-info").get_by_text("6464", exact=True).wait_for(timeout=30_000)
+        shown = image.evaluate("""img => {
+            const r = img.getBoundingClientRect(), s = getComputedStyle(img);
+            let clipped = false;
+            for (let p = img.parentElement; p && p !== document.body; p = p.parentElement) {
+                const q = p.getBoundingClientRect(), o = getComputedStyle(p);
+                if (o.overflow !== 'visible' && (r.left < q.left - 1 || r.right > q.right + 1 ||
+                                                 r.top < q.top - 1 || r.bottom > q.bottom + 1)) clipped = [p.className, o.overflow, q.toJSON(), r.toJSON()];
+            }
+            return {natural: [img.naturalWidth, img.naturalHeight], box: [r.width, r.height],
+                    fit: s.objectFit, rendering: s.imageRendering, clipped};
+        }""")
+        assert shown["natural"] == [64, 64]
+        assert shown["fit"] == "contain" and shown["rendering"] == "pixelated"
+        assert not shown["clipped"]
+        assert shown["box"][0] > 64 and abs(shown["box"][0] / shown["box"][1] - 1.0) < 0.02  # scaled up, square
+        page.screenshot(path=str(artifacts_dir / "layout-1400x900.png"))
+        if os.environ.get("LDM_UPDATE_DOCS"):  # refresh the README's screenshot on request only
+            page.screenshot(path=str(REPO_ROOT / "docs" / "ui.png"))
+    finally:
+        page.close()
+
+
+def test_result_panel_shows_the_image_forming_during_a_30_step_run(app_server, chromium_context, artifacts_dir):
+    page = chromium_context.new_page()
+    try:
+        open_txt2img(page, app_server.url, "a blue square",
+                     {"Steps": 30, "Width": 64, "Height": 64, "Seed": 3030, "Preview interval": 5})
+        page.evaluate("""() => {  // every picture the result panel shows, in order
+            window.shown = [];
+            const gallery = document.querySelector('#txt2img-gallery');
+            const record = () => gallery.querySelectorAll('img').forEach(img => {
+                const info = document.querySelector('#txt2img-info').innerText;
+                if (window.shown.at(-1)?.src !== img.src) window.shown.push({src: img.src, info});
+            });
+            new MutationObserver(record).observe(document.body, {subtree: true, childList: true, attributes: true});
+        }""")
+        page.locator("#txt2img-generate").click()
+        page.locator("#txt2img-info").get_by_text("3030", exact=True).wait_for(timeout=180_000)
+        shown = page.evaluate("() => window.shown")
+        previews = [s["src"] for s in shown if "Preview" in s["info"]]
+        assert len(set(previews)) >= 3, shown  # at least two changes before the final image
+        assert "Preview" not in shown[-1]["info"] or "3030" in page.locator("#txt2img-info").inner_text()
+        page.screenshot(path=str(artifacts_dir / "previews-final.png"))
     finally:
         page.close()

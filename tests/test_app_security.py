@@ -24,11 +24,11 @@ pytestmark = pytest.mark.slow
 
 SECRET = "ldm-secret-7f3a9c0e"  # in every planted file; must never come back
 FILE_ENDPOINTS = {  # api name -> the inputs of one call with `fd` as its file
-    "img2img": lambda fd: [*txt2img_args(seed=1), fd, 0.6],
-    "inpaint": lambda fd: [*txt2img_args(seed=1), {"background": fd, "layers": [], "composite": None}, 1.0],
+    "img2img": lambda fd: [*txt2img_args(seed=1), fd, 0.6, 0],  # 0: no previews
+    "inpaint": lambda fd: [*txt2img_args(seed=1), {"background": fd, "layers": [], "composite": None}, 1.0, 0],
     "png_info": lambda fd: [fd],
 }
-INPAINT_LAYER = lambda fd: [*txt2img_args(seed=1), {"background": None, "layers": [fd], "composite": fd}, 1.0]  # noqa: E731
+INPAINT_LAYER = lambda fd: [*txt2img_args(seed=1), {"background": None, "layers": [fd], "composite": fd}, 1.0, 0]  # noqa: E731
 
 
 def secret_png(path):

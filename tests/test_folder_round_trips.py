@@ -92,3 +92,18 @@ def test_from_pipe_both_ways_shares_the_components_and_gives_the_same_image():
     back = LatentTextToImagePipeline.from_pipe(stock)
     assert back.unet is pipe.unet
     np.testing.assert_allclose(ours_image(back), ours_image(pipe), atol=1e-6)
+
+
+def test_set_progress_bar_config_works_as_in_diffusers(capfd):
+    pipe = ours()
+    small = dict(width=32, height=32, num_inference_steps=2, output_type="np", seed=0)
+    pipe("a circle", **small)
+    assert "denoising" in capfd.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a circle", **small)
+    assert "denoising" not in capfd.readouterr().err
+    pipe.set_progress_bar_config(desc="my steps")
+    pipe("a circle", **small)
+    assert "my steps" in capfd.readouterr().err
+    pipe("a circle", progress_bar=False, **small)
+    assert "my steps" not in capfd.readouterr().err
