@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 4 <= args.per_split <= most:
         raise SystemExit(f"ldm-evaluate: --per-split must be 4..{most} (precision/recall use 3 nearest neighbours; "
                          f"there are {most} held-out combinations), got {args.per_split}.")
-    torch.set_grad_enabled(False)
     try:
-        print(evaluate(args))
+        with torch.no_grad():  # a context, not set_grad_enabled: main() also runs inside other programs and tests
+            print(evaluate(args))
     except (FileNotFoundError, ImportError, ValueError) as error:
         raise SystemExit(f"ldm-evaluate: {error}") from error
     return 0

@@ -377,7 +377,10 @@ def with_loras(jobs: list[Job], errors: list[LineError], args) -> tuple[list[Job
         raise FileNotFoundError(f"--lora-dir {lora_dir}: no such folder.")
     for job in jobs:
         try:
-            prompt, tagged = prompt_loras(job.options.prompt or "", lora_dir)
+            if not isinstance(job.options.prompt, str):  # not text: the options check names the problem
+                good.append(job)
+                continue
+            prompt, tagged = prompt_loras(job.options.prompt, lora_dir)
             for lora in tagged:
                 pickle_free_kwargs(lora.path, {}, args.allow_pickle)
         except ValueError as error:
