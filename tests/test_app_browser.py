@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,19 @@ def fill_number(page, label: str, value: int) -> None:
     field = page.get_by_label(label, exact=False).first
     field.fill(str(value))
     field.press("Tab")
+
+
+def click_until_text(page, button: str, text: str, timeout: float) -> None:
+    """Click `button` until the page shows `text`, waiting a few seconds after each click."""
+    deadline = time.monotonic() + timeout
+    while True:
+        page.locator(button).click()
+        try:
+            page.wait_for_function(f"() => document.body.innerText.includes({text!r})", timeout=8_000)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never appeared after clicking {button} for {timeout} s") from None
 
 
 def open_txt2img(page, url: str, prompt: str, numbers: dict[str, int]) -> None:
@@ -91,8 +105,6 @@ def test_png_info_sends_parameters_to_txt2img_and_schedules_tab_shows_plots(
 
 
 def test_cancel_stops_a_long_run_and_the_form_works_again(app_server, chromium_context):
-    import time
-
     def written() -> int:
         return len(list(app_server.outputs.glob("*.png")))
 
@@ -134,9 +146,9 @@ def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, a
         page.goto(app_server.url, wait_until="domcontentloaded")
         page.get_by_role("tab", name="Inpainting").click()
         page.locator("input[type=file]").first.set_input_files(str(init))
-        # generating before painting is refused with the editor's message
-        page.locator("#inpaint-generate").click()
-        page.wait_for_function("() => document.body.innerText.includes('The mask is empty')", timeout=60_000)
+        # generating before painting is refused with the editor's message (once the upload has reached the
+        # editor: a click while it is still uploading is answered "no image" or "wait", as for a user)
+        click_until_text(page, "#inpaint-generate", "The mask is empty", timeout=120)
         page.get_by_role("button", name="Brush", exact=True).click()
         page.locator("canvas:visible").first.scroll_into_view_if_needed()
         canvas = page.locator("canvas:visible").first.bounding_box()  # viewport coordinates, as the mouse uses
