@@ -136,6 +136,8 @@ def format_parameters(recipe: dict) -> str:
         "Backend": recipe.get("backend") if recipe.get("backend") not in (None, "pytorch") else None,
         "Lora hashes": _hashes(recipe.get("loras")),
         "TI hashes": _hashes(recipe.get("embeddings")),
+        **_hires_fields(recipe.get("hires")),
+        **_xyz_fields(recipe.get("xyz")),
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
@@ -143,6 +145,25 @@ def format_parameters(recipe: dict) -> str:
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
+
+
+def _hires_fields(hires: dict | None) -> dict:
+    """A1111's hires fix infotext: `Denoising strength: 0.5, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent`
+    (steps only when not 0 = the base steps, as A1111 writes them)."""
+    if not hires:
+        return {}
+    return {"Denoising strength": hires["strength"], "Hires upscale": f"{hires['scale']:g}",
+            "Hires steps": hires["steps"] or None, "Hires upscaler": hires["upscaler"]}
+
+
+def _xyz_fields(xyz: list[dict] | None) -> dict:
+    """A1111's X/Y/Z plot grid infotext: `Script: X/Y/Z plot, X Type: Steps, X Values: "10,20", ...`."""
+    if not xyz:
+        return {}
+    fields = {"Script": "X/Y/Z plot"}
+    for letter, axis in zip("XYZ", xyz):
+        fields.update({f"{letter} Type": axis["type"], f"{letter} Values": axis["values"]})
+    return fields
 
 
 def _hashes(records: list[dict] | None) -> str | None:
@@ -186,6 +207,10 @@ def parameters_to_options(params: dict) -> dict:
     if "Clip skip" in params:
         options["clip_skip"] = int(params["Clip skip"]) - 1
     options.update(sampler_options(params))
+    if "Hires upscale" in params:  # A1111 txt2img with hires fix: its denoising strength is the hires pass'
+        options["hires"] = {"scale": float(params["Hires upscale"]), "steps": int(params.get("Hires steps", 0)),
+                            "strength": float(options.pop("strength", 0.7)),
+                            "upscaler": params.get("Hires upscaler", "Latent")}
     if "Emphasis" in params:  # absent: A1111's "Original", which is our default too
         options["emphasis"] = {label: mode for mode, label in A1111_EMPHASIS.items()}.get(params["Emphasis"], "original")
     return options
@@ -222,6 +247,10 @@ def recipe_to_options(recipe: dict) -> dict:
     if schedule.startswith("callable:"):
         raise ValueError(f"The recipe used a custom guidance function ({schedule}); it cannot be restored from JSON.")
     options["guidance_schedule"] = schedule
+    if recipe.get("hires"):
+        options["hires"] = recipe["hires"]
+    if recipe.get("lora_scale") is not None:
+        options["cross_attention_kwargs"] = {"scale": recipe["lora_scale"]}
     return options
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import SCHEDULE_ALIASES, SCHEDULE_NAMES, as_interval
+from ldm_pipeline.hires import hires_problems
 from ldm_pipeline.prompt_weights import check_emphasis
 
 MAX_SIDE = int(os.environ.get("LDM_MAX_SIDE", "2048"))  # pixels per side, everywhere (pipeline, CLI, app)
@@ -131,7 +132,9 @@ class GenerationOptions:
     emphasis                   A1111 prompt emphasis `(word:1.2)`, `[word]`, `BREAK`: "original" (scale, then
                                restore the mean), "no_norm", or "off" (plain text); see `prompt_weights`
     cross_attention_kwargs     dict passed to the UNet's attention, as stock diffusers: {"scale": s} scales the
-                               loaded LoRAs (UNet and text encoder; 0 = the base model)
+                               loaded LoRAs (UNet and text encoder; 0 = the base model; recipes: "lora_scale")
+    hires                      hires fix: `hires.HiresFix(scale, steps, strength, upscaler)` or its dict; text to
+                               image at the base size, upscaled, then an img2img pass (see `hires`)
     output_type                "pil" | "np" | "pt" | "latent"
     prompt_2 / negative_prompt_2   SDXL only: the second text encoder's prompts (None = prompt / negative_prompt)
     original_size / crops_coords_top_left / target_size   SDXL only: size conditioning, (height, width) /
@@ -177,6 +180,7 @@ class GenerationOptions:
     negative_original_size: tuple[int, int] | None = None
     negative_crops_coords_top_left: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
+    hires: Any = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":
@@ -211,7 +215,7 @@ class GenerationOptions:
     def problems(self, limits: ModelLimits = ModelLimits()) -> list[str]:
         return [*self._prompt_problems(), *self._count_problems(limits), *self._size_problems(limits),
                 *self._guidance_problems(), *self._image_problems(), *self._seed_problems(),
-                *self._sdxl_problems(limits)]
+                *self._sdxl_problems(limits), *self._hires_problems()]
 
     # ------------------------------------------------------------ the checks
 
@@ -311,6 +315,11 @@ class GenerationOptions:
             return []
         return [f"Seed (seed) must be a whole number from 0 to 2**63 - 1 (image j gets seed + j), got {bad[0]!r}."]
 
+    def _hires_problems(self) -> list[str]:
+        if self.hires is not None and self.image is not None:
+            return ["Hires fix is for text to image (as in A1111): leave out `hires` or `image`."]
+        return hires_problems(self.hires)
+
     def _sdxl_problems(self, limits: ModelLimits) -> list[str]:
         given = [name for name in SDXL_OPTIONS if getattr(self, name) != SDXL_OPTIONS[name]]
         if given and limits.family != "sdxl":
@@ -340,8 +349,10 @@ class GenerationOptions:
 
     def recipe_settings(self, size: tuple[int, int], strength: float | None, guidance: dict) -> dict:
         """The per-request part of a PNG recipe (prompt, negative and seed are per image)."""
+        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
         return {"steps": self.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": self.clip_skip,
-                "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None, "guidance": guidance}
+                "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None, "guidance": guidance,
+                **({"lora_scale": lora_scale} if lora_scale is not None else {})}
 
 
 def _attention_kwargs_problems(kwargs) -> list[str]:

@@ -45,7 +45,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm_pipeline import metadata
+from ldm_pipeline import hires, metadata
 from ldm_pipeline.adapters import pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
 from ldm_pipeline.options import GenerationOptions, ModelLimits, as_rgb, image_seeds
@@ -196,6 +196,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
     def __call__(self, prompt=None, **options) -> LatentPipelineOutput:
         opts = GenerationOptions.from_kwargs(prompt=prompt, **options).with_defaults(self.recommended)
         opts.check(self.limits())
+        if opts.hires is not None:  # two passes, each a call of this pipeline (`hires`)
+            return hires.generate(self, opts)
         self._call_device = self._execution_device  # walks every module (~10 ms): once per call
         # 1. Check inputs (done above), prompts and size
         prompts = opts.prompt_list()
@@ -286,7 +288,11 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         width, height = opts.width, opts.height
         if opts.image is not None and (width is None or height is None):
             m = self.limits().size_multiple
-            w0, h0 = (side - side % m for side in self.image_processor.get_default_height_width(opts.image)[::-1])
+            if self._is_latents(opts.image):  # latents: their size in pixels
+                h0, w0 = (side * self.vae_scale_factor for side in opts.image.shape[2:])
+            else:
+                h0, w0 = self.image_processor.get_default_height_width(opts.image)
+            w0, h0 = w0 - w0 % m, h0 - h0 % m
             width, height = width or w0, height or h0
             GenerationOptions(prompt="-", width=width, height=height).check(self.limits())  # the image's own size
         return width or default, height or default
@@ -372,8 +378,15 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             return latents, None
         return latents, InpaintBlend(known, self._latent_mask(opts.mask_image, count, width, height).to(dtype), noise)
 
+    def _is_latents(self, image) -> bool:
+        """A tensor with the VAE's latent channels is latents already (stock img2img's convention)."""
+        return isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.vae.config.latent_channels
+
     def _encode_image(self, image, count: int, width: int, height: int) -> torch.Tensor:
-        """Init image(s) -> scaled latents, one per output image (the posterior mean: deterministic)."""
+        """Init image(s) -> scaled latents, one per output image (the posterior mean: deterministic); latents
+        (`_is_latents`, e.g. the hires fix's upscaled ones) are used as they are."""
+        if self._is_latents(image):
+            return _broadcast(image, count, "image").to(self._device)
         pixels = self.image_processor.preprocess(as_rgb(image), height=height, width=width)
         pixels = _broadcast(pixels, count, "image").to(self._device, self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()

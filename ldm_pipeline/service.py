@@ -20,7 +20,9 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
+from custom_schedulers import names, registry
 from ldm_pipeline import metadata
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, image_seeds
@@ -44,6 +46,18 @@ def prepare_schedulers(pipe, names: set[str]) -> dict:
     return prepared
 
 
+def with_schedule(prepared, sampler: str | None, schedule: str):
+    """`prepared` swapped to an A1111 schedule type (checked as every swap is), or the SchedulerSwapError."""
+    name = sampler or type(prepared).__name__
+    holder = SimpleNamespace(scheduler=prepared)  # swap_scheduler only reads and sets `pipe.scheduler`
+    try:
+        overrides = names.schedule_overrides(schedule, stock=not registry.is_ours(name))
+        swap_scheduler(holder, name, **overrides)
+    except (ValueError, SchedulerSwapError) as error:
+        return SchedulerSwapError(f"Schedule type {schedule!r} with sampler {name}: {error}")
+    return holder.scheduler
+
+
 @dataclass
 class ServiceRequest:
     """One request: the settings, the sampler, and how many batches of `num_images_per_prompt` to make."""
@@ -51,6 +65,7 @@ class ServiceRequest:
     options: GenerationOptions
     sampler: str | None = None  # None = the model's own scheduler
     batch_count: int = 1
+    schedule: str | None = None  # an A1111 schedule type ("Karras", "Exponential", ...); None = the sampler's own
 
     def seeds(self) -> list[list[int]]:
         """Seeds per batch: image j of the whole request gets seed + j (a random seed when it is None)."""
@@ -69,6 +84,7 @@ class GenerationService:
     stops: dict = field(default_factory=dict)  # session -> set of threading.Events of its running requests
     preview_map: LatentPreviewer | None = None  # fitted on first use, see previewer()
     preview_lock: threading.Lock = field(default_factory=threading.Lock)
+    scheduled: dict = field(default_factory=dict)  # (sampler, schedule type) -> prepared scheduler, or the error
 
     @classmethod
     def load(cls, model, outputs: Path, **load_options) -> "GenerationService":
@@ -87,18 +103,32 @@ class GenerationService:
         problems = options.problems(self.pipe.limits())
         if request.sampler is not None and request.sampler not in self.sampler_names:
             problems.append(f"Unknown sampler {request.sampler!r}: choose one of {', '.join(self.sampler_names)}.")
+        elif isinstance(self.scheduler_for(request.sampler, request.schedule), Exception):
+            problems.append(str(self.scheduler_for(request.sampler, request.schedule)))
         if problems:
             raise InvalidOptions(" ".join(problems))
         return options
 
-    def request_pipe(self, sampler: str | None):
-        """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
+    def scheduler_for(self, sampler: str | None, schedule: str | None = None):
+        """The prepared scheduler of a sampler name and A1111 schedule type, or the error that makes the pair
+        unusable for this model (checked once, then kept)."""
         prepared = self.schedulers.get(sampler, self.pipe.scheduler)
+        if schedule is None or isinstance(prepared, Exception):
+            return prepared
+        key = (sampler, schedule.strip().lower())
+        if key not in self.scheduled:
+            self.scheduled[key] = with_schedule(prepared, sampler, schedule)
+        return self.scheduled[key]
+
+    def request_pipe(self, sampler: str | None, schedule: str | None = None):
+        """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
+        prepared = self.scheduler_for(sampler, schedule)
         base = self.pipe
         pipe = type(base)(vae=base.vae, text_encoder=base.text_encoder, unet=base.unet,
                           tokenizer=copy.deepcopy(base.tokenizer),  # fast tokenizers are not thread-safe
                           scheduler=type(prepared).from_config(prepared.config))
         pipe.model_id, pipe.model_hash, pipe.recommended = base.model_id, base.model_hash, base.recommended
+        pipe.lora_records, pipe.embedding_records = base.lora_records, base.embedding_records  # for the recipes
         return pipe
 
     def previewer(self) -> LatentPreviewer:
@@ -117,7 +147,7 @@ class GenerationService:
         `on_preview(step, total, images)` gets cheap previews of the batch's current latents (`previews`).
         """
         options = self.check(request)
-        pipe = self.request_pipe(request.sampler)
+        pipe = self.request_pipe(request.sampler, request.schedule)
         self.outputs.mkdir(parents=True, exist_ok=True)
         batches = request.seeds()
         results, done = [], 0
