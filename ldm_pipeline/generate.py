@@ -66,10 +66,12 @@ from ldm_pipeline.adapters import (
 )
 from ldm_pipeline.atomic import atomic_write_bytes
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.hires import UPSCALERS, HiresFix
 from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
-from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
+from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, InvalidOptions, image_seeds, line_seed
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES
-from ldm_pipeline.service import prepare_schedulers
+from ldm_pipeline.service import GenerationService, ServiceRequest, prepare_schedulers
+from ldm_pipeline.xyz import AXES, AxisError, XYZPlot, run_plot
 
 logger = logging.getLogger("ldm_pipeline.generate")
 
@@ -79,7 +81,7 @@ LINE_KEYS = {
     "guidance": "guidance_scale", "guidance_schedule": "guidance_schedule",
     "guidance_min_scale": "guidance_min_scale", "guidance_interval": "guidance_interval",
     "guidance_rescale": "guidance_rescale", "width": "width", "height": "height", "clip_skip": "clip_skip",
-    "emphasis": "emphasis", "scheduler": None, "n": "num_images_per_prompt",
+    "emphasis": "emphasis", "scheduler": None, "n": "num_images_per_prompt", "hires": "hires",
 }
 
 
@@ -328,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=None, help="1 = penultimate CLIP layer (diffusers convention)")
     p.add_argument("--emphasis", default="original", choices=EMPHASIS_MODES,
                    help="A1111 prompt emphasis (word:1.2) [word] BREAK: original (default), no_norm, or off (plain text)")
+    # hires fix and X/Y/Z plot
+    p.add_argument("--hires", type=float, default=None, metavar="FACTOR",
+                   help="hires fix: generate at the size given, upscale by FACTOR, then an img2img pass")
+    p.add_argument("--hires-steps", type=int, default=0, help="steps of the hires pass (default: the base steps)")
+    p.add_argument("--hires-strength", type=float, default=0.7, help="denoising strength of the hires pass "
+                   "(default %(default)s)")
+    p.add_argument("--hires-upscaler", default="Latent", metavar="NAME",
+                   help=f"one of {', '.join(UPSCALERS)} (default %(default)s; also e.g. latent-nearest, lanczos)")
+    p.add_argument("--xyz", action="append", default=[], metavar="'TYPE: VALUES'",
+                   help="an X/Y/Z plot axis, repeatable: X, then Y, then Z (e.g. --xyz 'Sampler: euler, ddim' --xyz "
+                        f"'Steps: 10-30 (+10)'); types: {', '.join(AXES)}; writes the images and one labelled grid")
     # model and run
     p.add_argument("--model", default=None, metavar="PATH", help="diffusers folder or .safetensors (default: embedded)")
     p.add_argument("--config", default=None, metavar="DIR", help="config folder for a single-file checkpoint")
@@ -361,6 +374,7 @@ def default_job(args) -> Job:
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_rescale=args.guidance_rescale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis, prompt_2=args.prompt_2,
+        hires=HiresFix(args.hires, args.hires_steps, args.hires_strength, args.hires_upscaler) if args.hires else None,
     )
     return Job(index=0, line=0, options=options, scheduler=args.scheduler)
 
@@ -424,6 +438,42 @@ def use_cpu_processes() -> bool:
     return forced or (world > 1 and not torch.cuda.is_available())
 
 
+def parse_plot(parser, args) -> XYZPlot | None:
+    """The --xyz axes, checked before the model loads (a bad axis exits 2 naming it)."""
+    if args.hires is None and (args.hires_steps, args.hires_strength, args.hires_upscaler) != (0, 0.7, "Latent"):
+        parser.error("--hires-steps, --hires-strength and --hires-upscaler need --hires FACTOR")
+    if not args.xyz:
+        return None
+    if args.prompts is not None or args.n != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--xyz makes one grid of one prompt in one process: no --prompts, --n 1, no accelerate launch")
+    try:
+        return XYZPlot.parse(args.xyz)
+    except AxisError as error:
+        parser.error(str(error))
+
+
+def run_xyz(pipe, jobs: list[Job], errors: list[LineError], plot: XYZPlot, out: Path, allow_pickle: bool) -> int:
+    """One X/Y/Z plot through a GenerationService writing into `out`: the cells' PNGs and the grid PNG."""
+    if errors:
+        print(f"error: {errors[0]}", file=sys.stderr)
+        return 2
+    job = jobs[0]
+    activate_loras(pipe, list(job.loras), allow_pickle)
+    service = GenerationService(pipe, out, prepare_schedulers(pipe, {job.scheduler, *plot.samplers()} - {None}))
+
+    def report(cell: int, cells: int, step: int, steps: int) -> None:
+        if step == steps:
+            print(f"cell {cell + 1} of {cells} done", file=sys.stderr)
+
+    try:
+        result = run_plot(service, ServiceRequest(job.options, sampler=job.scheduler), plot, on_progress=report)
+    except InvalidOptions as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(result.cells)} images and the grid {result.grid} in {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
@@ -442,6 +492,7 @@ def run(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     if args.backend == "onnx" and (args.lora or args.embedding or args.lora_dir):
         parser.error("--lora, --lora-dir and --embedding need --backend pytorch (an exported ONNX model is fixed)")
+    plot = parse_plot(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     state = PartialState(cpu=use_cpu_processes())
     out = Path(args.out)
@@ -456,6 +507,8 @@ def run(argv: list[str] | None = None) -> int:
     except (ModelLoadError, OutputError, FileNotFoundError, ValueError) as error:
         print(f"error: {error.strerror if isinstance(error, OutputError) else error}", file=sys.stderr)
         return 2
+    if plot is not None:
+        return run_xyz(pipe, jobs, errors, plot, out, args.allow_pickle)
     schedulers = prepare_schedulers(pipe, {job.scheduler for job in jobs if job.scheduler})
     jobs, bad = checked_jobs(jobs, pipe, schedulers)
     errors = sorted(errors + bad, key=lambda e: e.line)

@@ -299,6 +299,10 @@ class XYZPlot:
     def cell_name(self, cell: tuple[int, int, int]) -> str:
         return ", ".join(axis.labels[index] for axis, index in zip(self.axes, cell))
 
+    def samplers(self) -> set[str]:
+        """The registry names a Sampler axis asks for (to prepare only those)."""
+        return {sampler_of(text)[0] for axis in self.axes if axis.type.label == "Sampler" for text in axis.values}
+
     def describe(self) -> list[dict]:
         """The recipe's "xyz" entry: each axis' type and values as typed (A1111's `X Type` / `X Values`)."""
         return [{"type": axis.type.label, "values": axis.text} for axis in self.axes]
