@@ -15,6 +15,7 @@ import argparse
 import concurrent.futures
 import contextvars
 import queue
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -22,12 +23,14 @@ from PIL import Image, ImageChops
 
 from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.hires import UPSCALERS, HiresFix
 from ldm_pipeline.loading import DEFAULT_MODEL_DIR
 from ldm_pipeline.onnx_backend import long_running_backend
 from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.plots import schedule_figures
 from ldm_pipeline.service import GenerationService, ServiceRequest
 from ldm_pipeline.web_inputs import protect_inputs, without_paths
+from ldm_pipeline.xyz import AXES, AxisError, XYZPlot, run_plot
 
 REPO_DIR = Path(__file__).resolve().parent
 ACCURACY_TABLE = REPO_DIR / "docs" / "sampler_accuracy.md"
@@ -41,6 +44,7 @@ MAX_SEED = 2**32 - 1  # what the seed field offers; -1 = random
 MAX_UPLOAD_PIXELS = 4 * MAX_SIDE**2  # an uploaded init image (it is resized to the requested size)
 DEFAULT_PREVIEW_EVERY = 5  # the result panel shows the image forming every 5 steps (ldm_pipeline.previews)
 MAX_UPLOAD_SIZE = "64mb"  # any uploaded file; Gradio refuses larger uploads
+MAX_GRID_CELLS = 100  # images in one X/Y/Z plot
 
 
 def accuracy_table_markdown(path: Path = ACCURACY_TABLE) -> str:
@@ -278,8 +282,29 @@ def preview_steps(value) -> int | None:
     return int(value)
 
 
-def txt2img_request(values: dict) -> ServiceRequest:
-    return request_from_form(values)
+def txt2img_request(values: dict, hires_on=False, scale=2.0, steps=0, strength=0.7, upscaler="Latent") -> ServiceRequest:
+    """The shared settings, with the hires fix when its box is ticked (its values checked by GenerationOptions)."""
+    request = request_from_form(values)
+    if not isinstance(hires_on, bool):
+        raise ValueError(f"Hires fix must be on or off (true or false), got {hires_on!r}.")
+    if not hires_on:
+        return request
+    hires = HiresFix(scale=scale, steps=_whole("hires_steps", steps), strength=strength, upscaler=upscaler)
+    return replace(request, options=replace(request.options, hires=hires))
+
+
+def hires_inputs() -> list:
+    """The txt2img tab's Hires fix accordion (ldm_pipeline.hires): on/off, factor, upscaler, steps, strength."""
+    with gr.Accordion("Hires fix", open=False, elem_id="txt2img-hires"):
+        on = gr.Checkbox(value=False, label="Hires fix: upscale, then refine with an img2img pass",
+                         elem_id="txt2img-hires-on")
+        with gr.Row():
+            scale = gr.Number(value=2.0, label="Upscale by", elem_id="txt2img-hires-scale")
+            upscaler = gr.Dropdown(list(UPSCALERS), value="Latent", label="Upscaler")
+        with gr.Row():
+            steps = gr.Number(value=0, precision=0, label="Hires steps (0 = the base steps)")
+            strength = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Denoising strength")
+    return [on, scale, steps, strength, upscaler]
 
 
 def img2img_request(values: dict, image, strength) -> ServiceRequest:
@@ -363,11 +388,13 @@ def build_ui(service: GenerationService):
         gr.Markdown(model_header(service.pipe), elem_id="model-header")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
-                txt = generation_tab(service, form, "txt2img", lambda: [], txt2img_request)
+                txt = generation_tab(service, form, "txt2img", hires_inputs, txt2img_request)
             with gr.Tab("Image to image", id="img2img"):
                 generation_tab(service, form, "img2img", img2img_inputs, img2img_request)
             with gr.Tab("Inpainting", id="inpaint"):
                 generation_tab(service, form, "inpaint", inpaint_inputs, inpaint_request)
+            with gr.Tab("X/Y/Z plot", id="xyz"):
+                xyz_tab(service, txt)
             with gr.Tab("PNG info", id="pnginfo"):
                 png_tab(txt, tabs)
             with gr.Tab("Schedules", id="schedules"):
@@ -385,6 +412,84 @@ def inpaint_inputs() -> list:
     editor = gr.ImageEditor(type="pil", label="Image: paint over the part to repaint",
                             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
     return [editor, gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")]
+
+
+def xyz_tab(service: GenerationService, txt_settings: dict) -> None:
+    """Up to three axes (types from ldm_pipeline.xyz.AXES) over the Text to image settings; one labelled grid."""
+    gr.Markdown("Uses the **Text to image** settings; each axis sets one of them per cell. Values are comma "
+                "separated; numbers also take ranges: `10-30 (+10)`, `1-10 [4]`. Prompt S/R: the first value is "
+                "the text to replace.")
+    axes = []
+    for letter, kind, values in (("X", "Sampler", "euler, ddim"), ("Y", "Steps", "10, 20"), ("Z", "Nothing", "")):
+        with gr.Row():
+            axes.append(gr.Dropdown(["Nothing", *AXES], value=kind, label=f"{letter} type",
+                                    elem_id=f"xyz-{letter.lower()}-type"))
+            axes.append(gr.Textbox(value=values, label=f"{letter} values", elem_id=f"xyz-{letter.lower()}-values"))
+    with gr.Row():
+        run = gr.Button("Generate grid", variant="primary", elem_id="xyz-generate")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="xyz-cancel")
+    grid = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="xyz-grid",
+                    elem_classes=["result-gallery"])
+    info = gr.Markdown(elem_id="xyz-info")
+    cells = gr.Gallery(label="Images", columns=4, format="png", object_fit="contain", elem_id="xyz-gallery",
+                       elem_classes=["result-gallery"])
+    files = gr.File(label="Download the grid and the images (PNG, parameters embedded)", file_count="multiple",
+                    elem_id="xyz-files")
+
+    def on_grid(request: gr.Request, progress=gr.Progress(), *values):
+        names = list(SETTING_NAMES)
+        try:
+            base = request_from_form(dict(zip(names, values[: len(names)])))
+            plot = XYZPlot.parse(axis_specs(values[len(names):]))
+        except ValueError as error:  # AxisError included
+            raise gr.Error(str(error), title="Invalid request") from None
+        return run_grid(service, base, plot, request.session_hash, progress)
+
+    def on_cancel(request: gr.Request):  # the grid stops within one step and shows the cells already made
+        service.stop_session(request.session_hash)
+
+    run.click(on_grid, inputs=[txt_settings[n] for n in SETTING_NAMES] + axes, outputs=[grid, info, cells, files],
+              api_name="xyz")
+    cancel.click(on_cancel, inputs=None, outputs=None, api_name="xyz_cancel")
+
+
+def axis_specs(fields) -> list[str]:
+    """'TYPE: VALUES' for every axis whose type is not Nothing (type, values, type, values, ...)."""
+    kinds = [kind if kind not in (None, "") else "Nothing" for kind in fields[::2]]
+    used = [kind != "Nothing" for kind in kinds]
+    if used != sorted(used, reverse=True):
+        raise ValueError("Fill the axes in order: X first, then Y, then Z (an axis is set after one set to Nothing).")
+    return [f"{kind}: {values}" for kind, values in zip(kinds, fields[1::2]) if kind != "Nothing"]
+
+
+def run_grid(service: GenerationService, base: ServiceRequest, plot: XYZPlot, session: str, progress) -> tuple:
+    """The plot run with progress (cell i of n) and Cancel; (grid, summary, gallery, downloads)."""
+    if len(plot.cells()) > MAX_GRID_CELLS:
+        raise gr.Error(f"This plot has {len(plot.cells())} cells; at most {MAX_GRID_CELLS}: use fewer values.",
+                       title="Invalid request")
+    stop = service.register_stop(session)
+
+    def report(cell, cells, step, steps):
+        progress((cell * steps + step, cells * steps), desc=f"cell {cell + 1} of {cells}", unit="steps")
+
+    try:
+        result = run_plot(service, base, plot, on_progress=report, stop=stop)
+    except (AxisError, ValueError) as error:
+        raise gr.Error(str(error), title="Invalid request") from None
+    except Exception as error:  # shown to this user only; the server and other requests carry on
+        raise gr.Error(f"Generation failed: {type(error).__name__}: {without_paths(str(error))}",
+                       title="Generation failed") from None
+    finally:
+        service.release_stop(session, stop)
+    served = [served_copy(path) for _, path, _ in result.cells]
+    gallery = [(copy, plot.cell_name(cell)) for copy, (cell, _, _) in zip(served, result.cells)]
+    if result.cancelled:
+        gr.Warning(f"Cancelled: {len(result.cells)} of {len(plot.cells())} cells finished; no grid was made.")
+        return None, f"Cancelled after {len(result.cells)} of {len(plot.cells())} cells.", gallery, served
+    grid = served_copy(result.grid)
+    axes = "; ".join(f"{letter}: {axis['type']} ({axis['values']})" for letter, axis in zip("XYZ", plot.describe()))
+    summary = f"**X/Y/Z plot** of {len(result.cells)} images, grid `{result.grid.name}`. {axes}"
+    return grid, summary, gallery, [grid, *served]
 
 
 def png_tab(txt_settings: dict, tabs) -> None:

@@ -127,6 +127,12 @@ def schedule_steps(run: int, strength: float) -> int:
     return total
 
 
+def steps_run(opts) -> int:
+    """Sampler steps of both passes for checked options with defaults (a progress bar's total)."""
+    hires = as_hires(opts.hires)
+    return opts.num_inference_steps + (hires.steps or opts.num_inference_steps)
+
+
 def upscale(pipe, latents: torch.Tensor, size: tuple[int, int], upscaler: str):
     """The hires pass' init image: interpolated latents, or decoded images resized with PIL."""
     kind, *how = UPSCALERS[upscaler]

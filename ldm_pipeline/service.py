@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from custom_schedulers import names, registry
-from ldm_pipeline import metadata
+from ldm_pipeline import hires, metadata
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, image_seeds
 from ldm_pipeline.pipeline import GenerationCancelled
@@ -151,12 +151,13 @@ class GenerationService:
         self.outputs.mkdir(parents=True, exist_ok=True)
         batches = request.seeds()
         results, done = [], 0
+        per_batch = hires.steps_run(options) if options.hires is not None else None  # both passes
 
         def callback(info) -> bool:
             nonlocal done
             done += 1
             if on_step is not None:
-                on_step(done, info.num_steps * len(batches))
+                on_step(done, (per_batch or info.num_steps) * len(batches))
             return stop is not None and stop.is_set()
 
         if preview_every:

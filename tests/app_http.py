@@ -28,6 +28,16 @@ def fn_index(url: str, api_name: str) -> int:
     raise KeyError(f"no endpoint /{api_name}")
 
 
+def input_defaults(url: str, api_name: str) -> list:
+    """The initial values of an endpoint's inputs, as the page starts with them."""
+    config = httpx.get(f"{url}config", timeout=30).json()
+    values = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
+    for dependency in config["dependencies"]:
+        if dependency.get("api_name") == api_name:
+            return [values.get(i) for i in dependency["inputs"]]
+    raise KeyError(f"no endpoint /{api_name}")
+
+
 def endpoints_taking_files(url: str) -> set[str]:
     """api names of every event with an input that holds files (image, editor, file, gallery, audio, video)."""
     config = httpx.get(f"{url}config", timeout=30).json()

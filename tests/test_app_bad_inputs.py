@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_http import call, error_of, upload
+from app_http import call, error_of, input_defaults, upload
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -121,8 +121,8 @@ def refusal(client, app_server, args: list, api_name: str) -> str:
         return str(refused.value)
     args = [{**a, "path": upload(app_server.url, Path(a["path"]))} if isinstance(a, dict) and "meta" in a else a
             for a in args]
-    if api_name != "/png_info":  # raw calls pass every input: the generation endpoints' last is the preview interval
-        args = [*args, 0]
+    if api_name != "/png_info":  # raw calls pass every input: the form's own values for those not given
+        args = [*args, *input_defaults(app_server.url, api_name.strip("/"))[len(args):]]
     message, raw = call(app_server.url, api_name.strip("/"), args)
     assert "Traceback" not in raw
     return error_of(message) or pytest.fail("the request was not refused")
