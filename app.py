@@ -419,22 +419,27 @@ def xyz_tab(service: GenerationService, txt_settings: dict) -> None:
     gr.Markdown("Uses the **Text to image** settings; each axis sets one of them per cell. Values are comma "
                 "separated; numbers also take ranges: `10-30 (+10)`, `1-10 [4]`. Prompt S/R: the first value is "
                 "the text to replace.")
-    axes = []
-    for letter, kind, values in (("X", "Sampler", "euler, ddim"), ("Y", "Steps", "10, 20"), ("Z", "Nothing", "")):
-        with gr.Row():
-            axes.append(gr.Dropdown(["Nothing", *AXES], value=kind, label=f"{letter} type",
-                                    elem_id=f"xyz-{letter.lower()}-type"))
-            axes.append(gr.Textbox(value=values, label=f"{letter} values", elem_id=f"xyz-{letter.lower()}-values"))
-    with gr.Row():
-        run = gr.Button("Generate grid", variant="primary", elem_id="xyz-generate")
-        cancel = gr.Button("Cancel", variant="stop", elem_id="xyz-cancel")
-    grid = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="xyz-grid",
-                    elem_classes=["result-gallery"])
-    info = gr.Markdown(elem_id="xyz-info")
-    cells = gr.Gallery(label="Images", columns=4, format="png", object_fit="contain", elem_id="xyz-gallery",
-                       elem_classes=["result-gallery"])
-    files = gr.File(label="Download the grid and the images (PNG, parameters embedded)", file_count="multiple",
-                    elem_id="xyz-files")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=420):
+            axes = []
+            for letter, kind, values in (("X", "Sampler", "euler, ddim"), ("Y", "Steps", "10, 20"),
+                                         ("Z", "Nothing", "")):
+                with gr.Row():
+                    axes.append(gr.Dropdown(["Nothing", *AXES], value=kind, label=f"{letter} type",
+                                            elem_id=f"xyz-{letter.lower()}-type"))
+                    axes.append(gr.Textbox(value=values, label=f"{letter} values",
+                                           elem_id=f"xyz-{letter.lower()}-values"))
+            with gr.Row():
+                run = gr.Button("Generate grid", variant="primary", elem_id="xyz-generate")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="xyz-cancel")
+        with gr.Column(scale=6, min_width=420):
+            grid = gr.Image(label="Grid", type="filepath", interactive=False, height=420, elem_id="xyz-grid",
+                            elem_classes=["result-gallery"])
+            info = gr.Markdown(elem_id="xyz-info")
+            cells = gr.Gallery(label="Images", columns=4, format="png", object_fit="contain", height=300,
+                               elem_id="xyz-gallery", elem_classes=["result-gallery"])
+            files = gr.File(label="Download the grid and the images (PNG, parameters embedded)",
+                            file_count="multiple", elem_id="xyz-files")
 
     def on_grid(request: gr.Request, progress=gr.Progress(), *values):
         names = list(SETTING_NAMES)
