@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from gradio_client import Client
@@ -83,3 +85,30 @@ def test_bad_hires_settings_name_the_field(client, hires, message):
     with pytest.raises(AppError) as refused:
         client.predict(*txt2img_args(seed=8), *hires, api_name="/txt2img")
     assert message in str(refused.value)
+
+
+def test_a_grid_reports_its_cells_and_cancel_keeps_only_finished_images(client, app_server):
+    def grids() -> set:
+        return set(app_server.outputs.glob("xyz-*.png"))
+
+    def cells() -> set:
+        return set(app_server.outputs.glob("*.png")) - grids()
+
+    before_grids, before_cells = grids(), cells()
+    job = client.submit(*grid_args("Seed", "1-8", "CFG scale", "3, 5", steps=100), api_name="/xyz")
+    described = set()
+    for _ in range(1200):  # the first cell is written, and the progress names the cell
+        progress = job.status().progress_data or []
+        described |= {unit.desc for unit in progress if unit.desc}
+        if cells() - before_cells and described:
+            break
+        time.sleep(0.25)
+    assert any(d.startswith("cell ") and d.endswith(" of 16") for d in described), described
+    client.predict(api_name="/xyz_cancel")  # the same session: its grid stops within one step
+    grid, info, gallery, files = job.result(timeout=300)
+    assert grid is None and info.startswith("Cancelled after") and len(gallery) < 16
+    made = cells() - before_cells
+    assert len(made) == len(gallery) == len(files) and grids() == before_grids
+    for path in made:  # complete PNGs with their recipes; no temporary file left
+        assert metadata.read_png(path).recipe["steps"] == 100
+    assert not list(app_server.outputs.glob(".*.tmp"))
