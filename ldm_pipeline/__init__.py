@@ -10,6 +10,8 @@ Public entry points (stable names):
   the one settings record, its defaults, `check()`, recipe round trip, seed rule).
 * `GenerationService` / `ServiceRequest`: a loaded model serving many requests (the UI); see `service`.
 * `metadata.write_png / read_png / parse_parameters / format_parameters`: PNG metadata.
+* `hires.HiresFix`: the hires fix (`pipe(..., hires=HiresFix(scale=2, steps=10, strength=0.5))`); see `hires`.
+* `xyz.XYZPlot` / `xyz.run_plot`: A1111's X/Y/Z plot over a `GenerationService`; see `xyz`.
 * `ldm-generate` / `python -m ldm_pipeline`: batch generation; see `generate`.
 """
 

@@ -3,6 +3,8 @@
     ldm-generate "a red circle on a blue background" --n 4 --out images/
     ldm-generate --prompts prompts.jsonl --model path/to/model --scheduler dpmpp-2m --steps 25
     accelerate launch --num_processes 2 -m ldm_pipeline --prompts prompts.txt --out images/
+    ldm-generate "a red circle" --hires 2 --hires-steps 10 --hires-strength 0.5     # hires fix (`hires`)
+    ldm-generate "a red circle" --xyz "Sampler: euler, ddim" --xyz "Steps: 10, 20"  # X/Y/Z plot (`xyz`)
 
 Prompts: one on the command line, or a file: `.txt` (one prompt per line; blank lines and
 lines starting with `#` are skipped) or `.jsonl` (one JSON object per line with `prompt`
