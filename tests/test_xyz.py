@@ -213,3 +213,15 @@ def test_a_random_seed_is_shared_by_every_cell(pipe, tmp_path):
     options = GenerationOptions(**{**SMALL, "seed": None, "num_inference_steps": 2})
     result = run_plot(service, ServiceRequest(options), XYZPlot.parse(["CFG scale: 1, 5"]))
     assert len({recipe["seed"] for _, _, recipe in result.cells}) == 1
+
+
+def test_a_z_axis_puts_one_labelled_grid_per_value_side_by_side(pipe, tmp_path):
+    service = service_in(pipe, tmp_path)
+    plot = XYZPlot.parse(["Steps: 1, 2", "Seed: 3", "CFG scale: 1, 5"])
+    result = run_plot(service, ServiceRequest(GenerationOptions(**SMALL)), plot)
+    images = {cell: Image.open(path) for cell, path, _ in result.cells}
+    layout = GridLayout.of((32, 32), plot.axes[0].labels, plot.axes[1].labels)
+    first, second = (draw_grid([[images[(x, 0, z)] for x in range(2)]], layout) for z in range(2))
+    expected = side_by_side([first, second], ["CFG scale: 1", "CFG scale: 5"], (32, 32))
+    assert np.array_equal(np.asarray(Image.open(result.grid).convert("RGB")), np.asarray(expected))
+    assert metadata.read_png(result.grid).parameters["Z Type"] == "CFG scale"
