@@ -17,6 +17,13 @@ def natural_size(locator) -> list:
     return locator.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
 
 
+def keep_screenshot(page, artifacts_dir, name: str, docs: bool = False) -> None:
+    """The whole page into the test artifacts; with LDM_UPDATE_DOCS set, the window into docs/ for the README."""
+    page.screenshot(path=str(artifacts_dir / name), full_page=True)
+    if docs and os.environ.get("LDM_UPDATE_DOCS"):
+        page.screenshot(path=str(REPO_ROOT / "docs" / name))
+
+
 def test_xyz_plot_of_two_samplers_by_two_step_counts_shows_a_labelled_grid(app_server, chromium_context,
                                                                              artifacts_dir):
     page = chromium_context.new_page()
@@ -42,9 +49,7 @@ def test_xyz_plot_of_two_samplers_by_two_step_counts_shows_a_labelled_grid(app_s
         info = page.locator("#xyz-info").inner_text()
         assert "X: Sampler (euler, ddim); Y: Steps (2, 3)" in info
         assert page.locator("#xyz-gallery img").count() == 4
-        page.screenshot(path=str(artifacts_dir / "xyz-plot.png"), full_page=True)
-        if os.environ.get("LDM_UPDATE_DOCS"):  # refresh the README's screenshot on request only
-            page.screenshot(path=str(REPO_ROOT / "docs" / "xyz-plot.png"))
+        keep_screenshot(page, artifacts_dir, "xyz-plot.png", docs=True)
         written = [p for p in app_server.outputs.glob("xyz-*.png") if metadata.read_png(p).recipe["seed"] == 5150]
         assert len(written) == 1
         assert metadata.read_png(written[0]).parameters["X Values"] == "euler, ddim"
@@ -71,7 +76,7 @@ def test_hires_fix_makes_an_image_of_the_upscaled_size(app_server, chromium_cont
         image.wait_for(state="visible", timeout=30_000)
         page.wait_for_function("() => document.querySelector('#txt2img-gallery img').complete", timeout=30_000)
         assert natural_size(image) == [True, 64, 64]
-        page.screenshot(path=str(artifacts_dir / "hires-fix.png"), full_page=True)
+        keep_screenshot(page, artifacts_dir, "hires-fix.png")
         written = [p for p in app_server.outputs.glob("*seed6160.png")]
         assert len(written) == 1 and metadata.read_png(written[0]).recipe["hires"]["scale"] == 2.0
     finally:
