@@ -146,6 +146,9 @@ def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, a
         page.goto(app_server.url, wait_until="domcontentloaded")
         page.get_by_role("tab", name="Inpainting").click()
         page.locator("input[type=file]").first.set_input_files(str(init))
+        # the editor shows the upload (its "Upload an image" placeholder is gone) before any click: a click while
+        # the file is still in flight loses the upload for good on a loaded machine
+        page.wait_for_function("() => !document.body.innerText.includes('Upload an image')", timeout=120_000)
         # generating before painting is refused with the editor's message (once the upload has reached the
         # editor: a click while it is still uploading is answered "no image" or "wait", as for a user)
         click_until_text(page, "#inpaint-generate", "The mask is empty", timeout=120)
