@@ -310,8 +310,11 @@ def markdown(rows: list[dict], setup: Setup, key: str, title: str) -> str:
 
 
 def best(rows: list[dict], prefix: str, nfe: int, key: str = "error") -> tuple[str, float]:
+    """The best deterministic row at this NFE column; a row that spent more evaluations there (PNDM's warm-up)
+    does not count."""
     finite = [(r["label"], r["cells"][nfe][key]) for r in rows
-              if r["label"].startswith(prefix) and not r["stochastic"] and math.isfinite(r["cells"][nfe][key])]
+              if r["label"].startswith(prefix) and not r["stochastic"] and math.isfinite(r["cells"][nfe][key])
+              and r["cells"][nfe]["nfe"] <= nfe]
     return min(finite, key=lambda item: item[1])
 
 
