@@ -47,6 +47,9 @@ def optimise_levels(
     diffusers' FlowMatch schedulers do, they come unshifted: set_timesteps lands on the optimised ones), chosen from `fine_steps` candidates between the schedule's start level and
     `sigma_min` (default: the scheduler's `sigma_min`, else the training grid's smallest level); `fine_steps` (the
     teacher's model evaluations) defaults to max(40, 2 num_steps)."""
+    if not hasattr(scheduler, "schedule"):
+        raise TypeError(f"optimise_levels needs one of our samplers (`registry.build(name, config)`), got "
+                        f"{type(scheduler).__name__}; the levels it returns also suit diffusers' schedulers' `sigmas=`.")
     fine_steps = fine_steps or max(40, 2 * num_steps)
     if not isinstance(num_steps, int) or not 1 <= num_steps <= fine_steps:
         raise ValueError(f"num_steps must be an integer from 1 to fine_steps ({fine_steps}), got {num_steps!r}.")

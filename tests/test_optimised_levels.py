@@ -112,6 +112,13 @@ def test_bad_step_counts_are_refused(tmp_path):
         optimise_levels(exact_model(scheduler), scheduler, 30, noise(2, 1), fine_steps=20, cache_path=tmp_path / "c")
 
 
+def test_stock_schedulers_are_refused_with_the_fix():
+    import diffusers
+
+    with pytest.raises(TypeError, match="registry.build"):
+        optimise_levels(lambda x, t: x, diffusers.DDIMScheduler(), 4, noise(2, 1))
+
+
 def test_model_fingerprint_tracks_the_weights():
     net = torch.nn.Linear(3, 2)
     before = model_fingerprint(net)
