@@ -5,9 +5,10 @@ sampler against DPM-Solver++ 2M at 10 steps.
 
 Cells (each one image per prompt of the same prompts and seeds, `evaluation.quality.measure`):
 DPM++ 2M at 10 and 5 steps (the model's own scheduler config), our `dpmpp-2m-pc` at 5 steps (DPM++ 2M with
-the Adams-Moulton corrector, log-SNR-uniform levels down to sigma/alpha = 0.1, extrapolated final step), and
-the same with 5 levels optimised for this model by GITS (`custom_schedulers.optimised_levels`: 40 evaluations of
-the guided model on 4 prompts and seeds of its own, not the evaluation's). The pipeline has no custom-sigmas
+the Adams-Moulton corrector, log-SNR-uniform levels down to sigma/alpha = 0.1, extrapolated final step: the
+most accurate at NFE 5 on docs/sampler_accuracy.md with GITS levels), and 5-step cells on levels optimised for
+this model by GITS (`custom_schedulers.optimised_levels`: 40 evaluations of the guided model on 4 prompts and
+seeds of its own, not the evaluation's) with `dpmpp-2m-pc`, DPM++ 2M and UniPC. The pipeline has no custom-sigmas
 option, so the GITS cell pins the scheduler's `set_timesteps` to those levels. Prints a Markdown table in the
 format of `benchmarks/quality_study.py`; progress goes to stderr.
 """
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     net, ref = load_feature_net(), reference(args.per_split)
     pipe = load_pipeline(args.model, trace=args.trace)
-    cells = [("dpmpp-2m", 10, None), ("dpmpp-2m", 5, None), ("dpmpp-2m-pc", 5, None), ("dpmpp-2m-pc + GITS", 5, True)]
+    cells = [("dpmpp-2m", 10, False), ("dpmpp-2m", 5, False), ("dpmpp-2m-pc", 5, False), ("dpmpp-2m-pc + GITS", 5, True),
+             ("dpmpp-2m + GITS", 5, True), ("unipc", 5, False), ("unipc + GITS", 5, True)]
     results = []
     with torch.no_grad():
         for label, steps, optimised in cells:
