@@ -33,6 +33,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from custom_schedulers import names, registry
 from ldm_pipeline.atomic import atomic_file
+from ldm_pipeline.noise import explain_noise
 
 RECIPE_KEY = "ldm_recipe"
 PARAMETERS_KEY = "parameters"
@@ -210,6 +211,11 @@ def sampler_options(params: dict) -> dict:
 def recipe_to_options(recipe: dict) -> dict:
     """Pipeline keyword arguments that regenerate a recipe's image (scheduler: swap separately)."""
     guidance = recipe.get("guidance") or {}
+    if recipe.get("noise"):
+        raise ValueError(f"This recipe's image cannot be regenerated from its seed: {explain_noise(recipe['noise'])}.")
+    if recipe.get("altered_by"):
+        raise ValueError(f"A callback_on_step_end ({recipe['altered_by']}) changed this image's tensors during "
+                         "sampling; the recipe cannot replay it.")
     options = {
         "prompt": recipe["prompt"], "negative_prompt": recipe.get("negative_prompt") or None,
         "num_inference_steps": recipe["steps"], "seed": recipe["seed"],
@@ -217,6 +223,7 @@ def recipe_to_options(recipe: dict) -> dict:
         "guidance_scale": guidance.get("scale", 7.5), "guidance_rescale": guidance.get("rescale", 0.0),
         "guidance_min_scale": guidance.get("min_scale", 1.0), "guidance_interval": guidance.get("interval"),
         "emphasis": recipe.get("emphasis", "off"),  # recipes from before emphasis read prompts as plain text
+        "eta": recipe.get("eta"), "timesteps": recipe.get("timesteps"), "sigmas": recipe.get("sigmas"),
     }
     schedule = guidance.get("schedule", "constant")
     if schedule.startswith("callable:"):
