@@ -140,10 +140,16 @@ def format_parameters(recipe: dict) -> str:
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
-    text = recipe.get("prompt", "")
+    text = recipe.get("prompt", "") + _lora_tags(recipe.get("loras"))
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
+
+
+def _lora_tags(records: list[dict] | None) -> str:
+    """A1111 keeps `<lora:NAME:W>` in the prompt (its `Lora hashes` names those tags); our recipe prompt has
+    them taken out (`adapters.prompt_loras`), so the infotext puts them back: names only, never paths."""
+    return "".join(f" <lora:{r['name']}:{r.get('scale', 1.0):g}>" for r in records or [])
 
 
 def _hashes(records: list[dict] | None) -> str | None:
