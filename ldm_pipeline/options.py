@@ -153,7 +153,8 @@ class GenerationOptions:
     callback_on_step_end       callable(pipe, i, t, callback_kwargs) -> dict (see `step_callbacks`)
     callback_on_step_end_tensor_inputs   the tensors it receives: latents, prompt_embeds, negative_prompt_embeds
     return_dict                False: return the tuple (images, None) (None: no NSFW flags), as stock
-    ip_adapter_image / ip_adapter_image_embeds   refused: this pipeline has no IP-Adapter (see `pipeline`)
+    ip_adapter_image / ip_adapter_image_embeds   after `pipe.load_ip_adapter(...)`: one image (or embeddings)
+                               per loaded adapter, as stock; the recipe records only that one was used
 
     A new option is one field here (with its default), its check in `problems`, and, if it
     changes the image, one key in `recipe_settings` / `metadata.recipe_to_options`.
@@ -396,7 +397,8 @@ class GenerationOptions:
         return {"steps": self.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": self.clip_skip,
                 "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None,
                 "guidance": guidance, "eta": self.eta, "timesteps": grid_list(self.timesteps),
-                "sigmas": grid_list(self.sigmas)}
+                "sigmas": grid_list(self.sigmas),
+                "ip_adapter": self.ip_adapter_image is not None or self.ip_adapter_image_embeds is not None}
 
 
 def _attention_kwargs_problems(kwargs) -> list[str]:

@@ -19,8 +19,9 @@ so an image depends only on its seed, never on the batch it was made in.
 Stock diffusers' call arguments work with `StableDiffusionPipeline`'s (img2img's, inpainting's) meaning:
 `generator` (one or a list; over `seed`; see `noise` for recipes), `latents`, `eta`, `timesteps` /
 `sigmas`, `callback_on_step_end` (`step_callbacks`), `return_dict=False` -> `(images, None)`,
-`cross_attention_kwargs`, `guidance_rescale`, `clip_skip`; an argument that cannot apply (eta or a
-custom grid the sampler does not take, IP-Adapter images) is refused with the reason. As stock,
+`cross_attention_kwargs`, `guidance_rescale`, `clip_skip`, `ip_adapter_image(_embeds)` (after
+`load_ip_adapter`); an argument that cannot apply (eta or a custom grid the sampler does not take,
+IP-Adapter images without an adapter) is refused with the reason. As stock,
 img2img and inpainting start from a sample of the VAE posterior drawn from each image's generator
 before its noise, and 4-channel inpainting blends the known latents re-noised to the next level
 after every step (`InpaintBlend`). tests/test_stock_call_parity.py holds the equalities.
@@ -45,10 +46,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    IPAdapterMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
@@ -120,18 +127,18 @@ def _takes(method, name: str) -> bool:
     return name in inspect.signature(method).parameters
 
 
-NO_IP_ADAPTER = ("ip_adapter_image / ip_adapter_image_embeds cannot apply: this pipeline has no IP-Adapter loader "
-                 "(IPAdapterMixin needs a CLIP image encoder, which no model here ships); run IP-Adapters in stock "
-                 "diffusers: StableDiffusionPipeline.from_pipe(pipe).")
+NO_IP_ADAPTER = ("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter, and none is loaded: "
+                 "pipe.load_ip_adapter(folder, subfolder=..., weight_name=...) first.")
 
 
 class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
-                                FromSingleFileMixin):
+                                IPAdapterMixin, FromSingleFileMixin):
     """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring).
 
     diffusers' loader mixins give it `load_lora_weights` (diffusers, kohya and A1111 files, as
     diffusers converts them), `set_adapters`, `fuse_lora` / `unfuse_lora`, `unload_lora_weights`
-    and `load_textual_inversion` (see `ldm_pipeline.adapters` for the pickle guard).
+    and `load_textual_inversion` (see `ldm_pipeline.adapters` for the pickle guard), and `load_ip_adapter` /
+    `set_ip_adapter_scale` / `unload_ip_adapter` for `ip_adapter_image(_embeds)` (image embeddings as stock's).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -228,6 +235,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         # 3. Encode prompts (the unconditional ones only if some step is guided)
         with_uncond = any(GuidancePlan.needs_uncond(w) for w in scales)
         embeds = self._embeddings(opts, prompts, with_uncond).repeat_each(opts.num_images_per_prompt)
+        embeds = self._with_ip_adapter(opts, embeds, count, with_uncond)
         # 4. Initial latents: noise, or the init image noised to the first timestep
         latents, blend = self._initial_latents(opts, (count, width, height), timesteps, noise.generator,
                                                embeds.cond.dtype)
@@ -283,8 +291,31 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             if getattr(opts, grid) is not None and not _takes(self.scheduler.set_timesteps, grid):
                 raise InvalidOptions(f"Custom {grid} cannot apply: {name}.set_timesteps does not take {grid}=; use a "
                                      "sampler that does (every ldm-toolkit sampler, or e.g. EulerDiscreteScheduler).")
-        if opts.ip_adapter_image is not None or opts.ip_adapter_image_embeds is not None:
-            raise InvalidOptions(NO_IP_ADAPTER)
+        ip_given = opts.ip_adapter_image is not None or opts.ip_adapter_image_embeds is not None
+        if ip_given != self._ip_adapted():
+            raise InvalidOptions(NO_IP_ADAPTER if ip_given else "An IP-Adapter is loaded: give ip_adapter_image (or "
+                                 "ip_adapter_image_embeds), or remove it with pipe.unload_ip_adapter().")
+        if opts.ip_adapter_image is not None and self.image_encoder is None:
+            raise InvalidOptions("ip_adapter_image needs the IP-Adapter's image encoder, and none is loaded: pass "
+                                 "image_encoder_folder to load_ip_adapter, or give ip_adapter_image_embeds.")
+
+    def _ip_adapted(self) -> bool:
+        return isinstance(getattr(self.unet, "encoder_hid_proj", None), MultiIPAdapterImageProjection)
+
+    def _with_ip_adapter(self, opts, embeds: PromptEmbeddings, count: int, with_uncond: bool) -> PromptEmbeddings:
+        """The IP-Adapter image embeddings as added conditioning, computed as stock computes them."""
+        if opts.ip_adapter_image is None and opts.ip_adapter_image_embeds is None:
+            return embeds
+        per_adapter = self.prepare_ip_adapter_image_embeds(opts.ip_adapter_image, opts.ip_adapter_image_embeds,
+                                                           self._device, count, with_uncond)
+        if not with_uncond:
+            return embeds.with_added({"image_embeds": per_adapter}, None)
+        uncond, cond = zip(*(e.chunk(2) for e in per_adapter))
+        return embeds.with_added({"image_embeds": list(cond)}, {"image_embeds": list(uncond)})
+
+    # stock's image encoding for IP-Adapters (CLIP image embeds, zeros for the unconditional pass), reused
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
 
     @property
     def num_timesteps(self) -> int:

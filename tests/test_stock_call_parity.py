@@ -27,7 +27,7 @@ from ldm_pipeline import LatentTextToImagePipeline
 from ldm_pipeline.metadata import recipe_to_options
 from ldm_pipeline.options import GenerationOptions, InvalidOptions
 from ldm_pipeline.prompts import encode_pair
-from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
+from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_ip_adapter, tiny_sd_components
 
 PIPE_KEYS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 PROMPT = "a red circle on a blue background"
@@ -272,6 +272,49 @@ def test_inpainting_with_latents_equals_stock(ddim):
     assert_same(ours(PROMPT, latents=noise.clone(), generator=generators(5), **args).images, expected)
 
 
+# ---------------------------------------------------------------- IP-Adapter
+
+
+@pytest.fixture(scope="module")
+def ip_adapted(tmp_path_factory):
+    """Ours with a tiny IP-Adapter loaded by diffusers' `load_ip_adapter` (offline), and stock sharing its modules."""
+    components = tiny_sd_components(scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG))
+    folder = tmp_path_factory.mktemp("ip-adapter")
+    weight_name = tiny_ip_adapter(components["unet"], folder)
+    ours = LatentTextToImagePipeline(**{k: components[k] for k in PIPE_KEYS})
+    ours.load_ip_adapter(str(folder), subfolder="", weight_name=weight_name, local_files_only=True)
+    stock = StableDiffusionPipeline(**{**components, "image_encoder": ours.image_encoder,
+                                       "feature_extractor": ours.feature_extractor}, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    return ours, stock
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 6.0])
+def test_ip_adapter_image_equals_stock(ip_adapted, guidance_scale):
+    ours, stock = ip_adapted
+    args = dict(COMMON, guidance_scale=guidance_scale, num_images_per_prompt=2, progress_bar=False)
+    del args["progress_bar"]
+    expected = stock(PROMPT, ip_adapter_image=init_image(3), generator=generators(1, 2), **args).images
+    got = ours(PROMPT, ip_adapter_image=init_image(3), generator=generators(1, 2), progress_bar=False, **args)
+    assert_same(got.images, expected)
+    assert got.recipes[0]["ip_adapter"] is True
+    other = ours(PROMPT, ip_adapter_image=init_image(4), generator=generators(1, 2), progress_bar=False, **args)
+    assert np.abs(other.images - got.images).max() > 1e-3  # the adapter's image reaches the UNet
+    with pytest.raises(InvalidOptions, match="An IP-Adapter is loaded: give ip_adapter_image"):
+        ours(PROMPT, **args)
+
+
+def test_ip_adapter_image_embeds_equal_stock(ip_adapted):
+    ours, stock = ip_adapted
+    embeds = stock.prepare_ip_adapter_image_embeds(init_image(4), None, "cpu", 1, True)  # [negative; positive]
+    expected = stock(PROMPT, ip_adapter_image_embeds=embeds, generator=generators(5), **COMMON).images
+    got = ours(PROMPT, ip_adapter_image_embeds=embeds, generator=generators(5), progress_bar=False, **COMMON).images
+    assert_same(got, expected)
+    by_image = ours(PROMPT, ip_adapter_image=init_image(4), generator=generators(5), progress_bar=False,
+                    **COMMON).images
+    assert_same(got, by_image)
+
+
 # ---------------------------------------------------------------- recipes
 
 
@@ -312,7 +355,7 @@ def test_recipes_of_generator_calls(ddim):
     ("stock-ddim", {"latents": torch.zeros(2, 4, 8, 8)}, r"latents have shape \(2, 4, 8, 8\); this call needs "
                                                          r"\(2, 4, 16, 16\)"),
     ("stock-ddim", {"latents": torch.zeros(2, 4, 16, 16), "image": init_image()}, "cannot be combined with an init"),
-    ("stock-ddim", {"ip_adapter_image": init_image()}, "no IP-Adapter loader"),
+    ("stock-ddim", {"ip_adapter_image": init_image()}, "need an IP-Adapter, and none is loaded"),
     ("stock-ddim", {"callback_on_step_end": SDCFGCutoffCallback(cutoff_step_ratio=0.5)}, "use guidance_interval"),
     ("stock-ddim", {"callback_on_step_end": halve_latents_at_step_one,
                     "callback_on_step_end_tensor_inputs": ["mask"]}, "inputs mask do not exist in this pipeline"),
