@@ -191,7 +191,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
         self._call_device: torch.device | None = None
-        self._num_timesteps = 0
+        self._num_timesteps, self._interrupt = 0, False
         self.model_id: str | None = None  # set by `load_pipeline`; recorded in recipes
         # The model's recommended num_inference_steps / guidance_scale (`record.json` of the folder), if any.
         self.recommended: dict = {}
@@ -255,7 +255,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
                  opts, step_end: StepEndCallback | None = None):
         """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
         step_kwargs = self._step_kwargs(generator, opts.eta)
-        self._num_timesteps = len(timesteps)
+        self._num_timesteps, self._interrupt = len(timesteps), False
         evaluations = 0
         for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), **self._bar_config(opts))):
             x_in = self.scheduler.scale_model_input(latents, t)
@@ -273,6 +273,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             if step_end is not None:
                 latents, embeds = step_end(self, i, t, latents, embeds)
             self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
+            if self._interrupt:  # stock's way to stop from callback_on_step_end: the latents so far are decoded
+                break
         return latents, evaluations
 
     def _step_kwargs(self, generator, eta: float | None) -> dict:
@@ -322,6 +324,11 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         """The number of timesteps of the current (or last) call, as stock pipelines expose it to callbacks."""
         return self._num_timesteps
 
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a `callback_on_step_end` to stop after that step, as in stock."""
+        return self._interrupt
+
     def _bar_config(self, opts) -> dict:
         """tqdm settings: `set_progress_bar_config` (as in diffusers), off when the call says progress_bar=False."""
         config = {"desc": "denoising", **getattr(self, "_progress_bar_config", {})}
@@ -346,7 +353,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         n, count = opts.num_images_per_prompt, len(noise.seeds)
         strength = self._strength(opts) if opts.image is not None else None
         settings = opts.recipe_settings(size, strength, guidance.describe())
-        if step_end is not None and step_end.altered:  # a callback replaced tensors: the recipe cannot replay it
+        if step_end is not None and (step_end.altered or step_end.interrupted_after):  # the recipe cannot replay it
             settings["altered_by"] = step_end.describe()
         return [
             metadata.make_recipe(self, {"prompt": prompts[j // n], "negative_prompt": negatives[j // n],

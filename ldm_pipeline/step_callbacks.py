@@ -11,6 +11,7 @@ returns replaces the one the loop holds:
   ``[negative; positive]`` batch: our guidance may skip the unconditional pass on some steps.
 
 Our own `callback(StepInfo)` (progress, cancelling) runs after it and sees the replaced latents.
+Setting `pipe._interrupt = True` stops the loop after that step and decodes the latents so far, as stock.
 A callback that returned a different tensor is remembered (`altered`): the image's recipe then
 says so, since the recipe cannot replay arbitrary code. In-place edits of the passed tensors are
 not detected.
@@ -67,6 +68,7 @@ class StepEndCallback:
     function: Callable
     tensor_inputs: tuple[str, ...] = ("latents",)
     altered: bool = field(default=False, init=False)  # did it ever return a tensor other than the one it got
+    interrupted_after: int | None = field(default=None, init=False)  # the step after which it set `pipe._interrupt`
 
     @classmethod
     def of(cls, opts) -> "StepEndCallback | None":
@@ -82,10 +84,13 @@ class StepEndCallback:
         returned = self.function(pipe, i, t, {name: given[name] for name in self.tensor_inputs}) or {}
         changed = {name: value for name, value in returned.items() if name in given and value is not given[name]}
         self.altered = self.altered or bool(changed)
+        if pipe.interrupt:
+            self.interrupted_after = i + 1
         if "prompt_embeds" in changed or "negative_prompt_embeds" in changed:
             embeds = replace(embeds, cond=changed.get("prompt_embeds", embeds.cond),
                              uncond=changed.get("negative_prompt_embeds", embeds.uncond), _pair=None)
         return changed.get("latents", latents), embeds
 
     def describe(self) -> str:
-        return f"callable:{getattr(self.function, '__qualname__', type(self.function).__name__)}"
+        name = f"callable:{getattr(self.function, '__qualname__', type(self.function).__name__)}"
+        return f"{name} (interrupted after step {self.interrupted_after})" if self.interrupted_after else name

@@ -167,6 +167,24 @@ def test_callback_on_step_end_sees_what_it_asks_for_and_can_replace_embeddings(d
     assert np.abs(swapped - out.images).max() > 1e-3
 
 
+def interrupt_after_step_two(pipe, i, t, callback_kwargs):
+    pipe._interrupt = i == 1
+    return callback_kwargs
+
+
+def test_interrupt_from_callback_on_step_end_equals_stock(ddim):
+    ours, stock = ddim
+    expected = stock["StableDiffusionPipeline"](PROMPT, generator=generators(4), **COMMON,
+                                                callback_on_step_end=interrupt_after_step_two).images
+    steps = []
+    got = ours(PROMPT, generator=generators(4), **COMMON, callback_on_step_end=interrupt_after_step_two,
+               callback=lambda info: steps.append(info.step))
+    assert_same(got.images, expected)
+    assert steps == [1, 2] and got.unet_evaluations == 4
+    assert got.recipes[0]["altered_by"].endswith("interrupt_after_step_two (interrupted after step 2)")
+    assert ours(PROMPT, seed=1, **COMMON).unet_evaluations == 8  # reset by the next call, as stock
+
+
 @pytest.mark.parametrize("scheduler", ["stock-euler", "ours-dpmpp-2m"])
 @pytest.mark.parametrize("grid", [{"timesteps": [999, 700, 400, 100]}, {"sigmas": [14.0, 5.0, 1.5, 0.4]}])
 def test_custom_timesteps_and_sigmas_equal_stock(scheduler, grid):
