@@ -84,7 +84,7 @@ def backend_of(pipe) -> str:
 def make_recipe(pipe, generation: dict) -> dict:
     """The full recipe of one image: generation settings + scheduler + model + backend + versions."""
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
-    adapters = {key: getattr(pipe, f"{key[:-1]}_records", None) for key in ("loras", "embeddings")}
+    adapters = {"loras": pipe.active_lora_records(), "embeddings": pipe.embedding_records}
     backend = backend_of(pipe)
     versions = library_versions()
     if backend == "onnx":
@@ -149,14 +149,16 @@ def format_parameters(recipe: dict) -> str:
 def _lora_tags(records: list[dict] | None) -> str:
     """A1111 keeps `<lora:NAME:W>` in the prompt (its `Lora hashes` names those tags); our recipe prompt has
     them taken out (`adapters.prompt_loras`), so the infotext puts them back: names only, never paths."""
-    return "".join(f" <lora:{r['name']}:{r.get('scale', 1.0):g}>" for r in records or [])
+    scales = [r.get("scale", 1.0) for r in records or []]  # block-wise weights (a dict) have no A1111 tag
+    return "".join(f" <lora:{r['name']}:{w:g}>" for r, w in zip(records or [], scales) if isinstance(w, (int, float)))
 
 
 def _hashes(records: list[dict] | None) -> str | None:
     """A1111's `Lora hashes` / `TI hashes` value: "name: hash, name2: hash2" (':' and ',' dropped from names)."""
-    if not records:
+    known = [r for r in records or [] if r.get("hash")]  # a LoRA loaded from a state dict has no file to hash
+    if not known:
         return None
-    return ", ".join(f"{r['name'].replace(':', '').replace(',', '')}: {r['hash']}" for r in records)
+    return ", ".join(f"{r['name'].replace(':', '').replace(',', '')}: {r['hash']}" for r in known)
 
 
 def parse_parameters(text: str) -> dict:
@@ -230,6 +232,7 @@ def recipe_to_options(recipe: dict) -> dict:
         "guidance_min_scale": guidance.get("min_scale", 1.0), "guidance_interval": guidance.get("interval"),
         "emphasis": recipe.get("emphasis", "off"),  # recipes from before emphasis read prompts as plain text
         "eta": recipe.get("eta"), "timesteps": recipe.get("timesteps"), "sigmas": recipe.get("sigmas"),
+        "cross_attention_kwargs": recipe.get("cross_attention_kwargs"),  # the LoRA scale; the LoRAs: `loras`
     }
     schedule = guidance.get("schedule", "constant")
     if schedule.startswith("callable:"):

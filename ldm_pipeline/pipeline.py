@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline import metadata
-from ldm_pipeline.adapters import pickle_free_kwargs
+from ldm_pipeline.adapters import file_hash, file_record, lora_hash, lora_layers_enabled, named_file, pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
 from ldm_pipeline.noise import NoiseSource
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, ModelLimits, as_rgb, grid_list
@@ -196,9 +196,12 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         # The model's recommended num_inference_steps / guidance_scale (`record.json` of the folder), if any.
         self.recommended: dict = {}
         self.model_hash: str | None = None
-        # LoRAs and embeddings applied through `ldm_pipeline.adapters` ({"name", "hash", "scale"}); in recipes
+        # LoRAs made active by `ldm_pipeline.adapters.activate_loras` ({"name", "hash", "scale"}); in recipes
         self.lora_records: list[dict] = []
-        self.embedding_records: list[dict] = []
+        self.embedding_records: list[dict] = []  # every loaded embedding ({"name", "hash"}); in recipes
+        # LoRAs loaded and weighted directly (load_lora_weights / set_adapters): adapter -> {"name", "hash"} / weight
+        self._lora_files: dict[str, dict] = {}
+        self._lora_weights: dict[str, Any] = {}
 
     # ------------------------------------------------------------ loaders (pickle only when asked for)
 
@@ -206,14 +209,53 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
                           **kwargs):
         """diffusers' `load_lora_weights`; a `.pt`/`.bin`/`.ckpt` file needs `allow_pickle=True`."""
         kwargs = pickle_free_kwargs(pretrained_model_name_or_path_or_dict, kwargs, allow_pickle)
-        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        before = self._adapter_names()
+        result = super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        path = named_file(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"),
+                          "pytorch_lora_weights.safetensors")
+        for name in self._adapter_names() - before:
+            self._lora_files[name] = file_record(path, path.stem if path else name, lora_hash)
+        return result
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """diffusers' `set_adapters`; the weights are remembered for recipes."""
+        super().set_adapters(adapter_names, adapter_weights)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        self._lora_weights = {name: 1.0 if w is None else w for name, w in zip(names, weights)}
+
+    def unload_lora_weights(self, *args, **kwargs):
+        super().unload_lora_weights(*args, **kwargs)
+        self._lora_files, self._lora_weights, self.lora_records = {}, {}, []
+
+    def delete_adapters(self, adapter_names):
+        super().delete_adapters(adapter_names)
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            self._lora_files.pop(name, None)
+
+    def _adapter_names(self) -> set[str]:
+        return {name for names in self.get_list_adapters().values() for name in names}
+
+    def active_lora_records(self) -> list[dict]:
+        """The LoRAs the next image uses ({"name", "hash", "scale"}), for its recipe: those `adapters.activate_loras`
+        set, else the active adapters loaded by `load_lora_weights` with their `set_adapters` weights."""
+        if self.lora_records or not self._lora_files or not lora_layers_enabled(self.unet):
+            return self.lora_records
+        return [{**self._lora_files.get(name, {"name": name, "hash": None}), "scale": self._lora_weights.get(name, 1.0)}
+                for name in self.get_active_adapters()]
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
                                *, allow_pickle=False, **kwargs):
         """diffusers' `load_textual_inversion`; an A1111 `.pt` embedding needs `allow_pickle=True`."""
         kwargs = pickle_free_kwargs(pretrained_model_name_or_path, kwargs, allow_pickle)
-        return super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
-                                              text_encoder=text_encoder, **kwargs)
+        result = super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
+                                                text_encoder=text_encoder, **kwargs)
+        sources, tokens = (pretrained_model_name_or_path, token) if isinstance(pretrained_model_name_or_path, list) \
+            else ([pretrained_model_name_or_path], [token])
+        for source, name in zip(sources, tokens or [None] * len(sources)):
+            path = named_file(source, kwargs.get("weight_name"), "learned_embeds.safetensors")
+            self.embedding_records.append(file_record(path, name or (path.stem if path else "embedding"), file_hash))
+        return result
 
     # ------------------------------------------------------------ the call
 
