@@ -263,7 +263,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
     def __call__(self, prompt=None, **options) -> LatentPipelineOutput | tuple:
         opts = GenerationOptions.from_kwargs(prompt=prompt, **options).with_defaults(self.recommended)
         opts.check(self.limits())
-        self._check_scheduler_takes(opts)
+        self._check_model_takes(opts)
         self._call_device = self._execution_device  # walks every module (~10 ms): once per call
         # 1. Check inputs (done above), prompts and size
         prompts = opts.prompt_list()
@@ -320,12 +320,12 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         return latents, evaluations
 
     def _step_kwargs(self, generator, eta: float | None) -> dict:
-        """The generator(s) for samplers that draw noise, and eta when given (`_check_scheduler_takes`), as stock's
+        """The generator(s) for samplers that draw noise, and eta when given (`_check_model_takes`), as stock's
         `prepare_extra_step_kwargs` (stock passes its default eta=0.0, which is DDIM's own default)."""
         kwargs = {"generator": generator} if _takes(self.scheduler.step, "generator") else {}
         return {**kwargs, "eta": eta} if eta is not None else kwargs
 
-    def _check_scheduler_takes(self, opts: GenerationOptions) -> None:
+    def _check_model_takes(self, opts: GenerationOptions) -> None:
         """Refuse eta / timesteps / sigmas / IP-Adapter images that this model and sampler cannot use."""
         name = type(self.scheduler).__name__
         if opts.eta is not None and not _takes(self.scheduler.step, "eta"):
