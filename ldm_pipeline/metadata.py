@@ -33,7 +33,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from custom_schedulers import names, registry
 from ldm_pipeline.atomic import atomic_file
-from ldm_pipeline.noise import explain_noise
+from ldm_pipeline.noise_source import explain_noise
 
 RECIPE_KEY = "ldm_recipe"
 PARAMETERS_KEY = "parameters"

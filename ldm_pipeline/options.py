@@ -144,7 +144,7 @@ class GenerationOptions:
     callback                   callable(StepInfo) -> bool | None; True cancels
     progress_bar               show a tqdm bar
 
-    Stock diffusers arguments, with `StableDiffusionPipeline`'s meaning (see `noise` for what recipes record):
+    Stock diffusers arguments, with `StableDiffusionPipeline`'s meaning (see `noise_source` for what recipes record):
     generator                  torch.Generator or a list, one per image; takes precedence over `seed`
     latents                    initial noise [images, C, h, w] (scaled by init_noise_sigma); text-to-image and
                                full-strength inpainting only (stock img2img takes none)

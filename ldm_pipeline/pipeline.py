@@ -17,7 +17,7 @@ the call uses seed `seed + j` (or `seed[j]` for a list), drawn from its own gene
 so an image depends only on its seed, never on the batch it was made in.
 
 Stock diffusers' call arguments work with `StableDiffusionPipeline`'s (img2img's, inpainting's) meaning:
-`generator` (one or a list; over `seed`; see `noise` for recipes), `latents`, `eta`, `timesteps` /
+`generator` (one or a list; over `seed`; see `noise_source` for recipes), `latents`, `eta`, `timesteps` /
 `sigmas`, `callback_on_step_end` (`step_callbacks`), `return_dict=False` -> `(images, None)`,
 `cross_attention_kwargs`, `guidance_rescale`, `clip_skip`, `ip_adapter_image(_embeds)` (after
 `load_ip_adapter`); an argument that cannot apply (eta or a custom grid the sampler does not take,
@@ -65,7 +65,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldm_pipeline import metadata
 from ldm_pipeline.adapters import file_hash, file_record, lora_hash, lora_layers_enabled, named_file, pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
-from ldm_pipeline.noise import NoiseSource
+from ldm_pipeline.noise_source import NoiseSource
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, ModelLimits, as_rgb, grid_list
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
 from ldm_pipeline.step_callbacks import StepEndCallback
