@@ -149,7 +149,7 @@ class GenerationOptions:
     latents                    initial noise [images, C, h, w] (scaled by init_noise_sigma); text-to-image and
                                full-strength inpainting only (stock img2img takes none)
     eta                        DDIM's eta (step noise), for samplers whose `step` takes it; None = the sampler's own
-    timesteps / sigmas         a custom grid for samplers whose `set_timesteps` takes one (the step count is its length)
+    timesteps / sigmas         a custom grid for samplers whose `set_timesteps` takes one; it sets the step count
     callback_on_step_end       callable(pipe, i, t, callback_kwargs) -> dict (see `step_callbacks`)
     callback_on_step_end_tensor_inputs   the tensors it receives: latents, prompt_embeds, negative_prompt_embeds
     return_dict                False: return the tuple (images, None) (None: no NSFW flags), as stock
@@ -223,9 +223,8 @@ class GenerationOptions:
     def with_defaults(self, recommended: dict | None = None) -> "GenerationOptions":
         """Steps and guidance the caller left out: the model's recommended settings, then SD's."""
         defaults = {**SD_DEFAULTS, **{k: v for k, v in (recommended or {}).items() if k in SD_DEFAULTS}}
-        grid = grid_list(self.timesteps if self.timesteps is not None else self.sigmas)
-        if isinstance(grid, list):  # a custom grid sets the step count, as in stock `retrieve_timesteps`
-            defaults["num_inference_steps"] = len(grid)
+        if self.timesteps is not None or self.sigmas is not None:  # a custom grid sets the step count (the pipeline)
+            del defaults["num_inference_steps"]
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self, limits: ModelLimits = ModelLimits()) -> "GenerationOptions":
@@ -357,7 +356,7 @@ class GenerationOptions:
 
     def _stock_problems(self) -> list[str]:
         problems = [*_generator_problems(self.generator, self.image_count()), *self._latents_problems(),
-                    *_grid_problems(self.timesteps, self.sigmas, self.num_inference_steps),
+                    *_grid_problems(self.timesteps, self.sigmas),
                     *callback_problems(self.callback_on_step_end, self.callback_on_step_end_tensor_inputs)]
         if self.eta is not None and not (is_finite_number(self.eta) and self.eta >= 0):
             problems.append(f"eta (DDIM's step noise) must be a finite number >= 0, got {self.eta!r}.")
@@ -423,16 +422,13 @@ def _generator_problems(generator, count: int) -> list[str]:
     return []
 
 
-def _grid_problems(timesteps, sigmas, steps) -> list[str]:
+def _grid_problems(timesteps, sigmas) -> list[str]:
     if timesteps is not None and sigmas is not None:
         return ["Give either timesteps or sigmas (a custom sampling grid), not both."]
     for name, grid in (("timesteps", timesteps), ("sigmas", sigmas)):
         values = grid_list(grid)
         if grid is not None and not (isinstance(values, list) and values and all(map(is_finite_number, values))):
             return [f"{name} must be a non-empty list of finite numbers (the sampler's grid), got {grid!r}."]
-        if grid is not None and steps is not None and steps != len(values):
-            return [f"{label('num_inference_steps')} is {steps} but the custom {name} have {len(values)} entries; "
-                    f"leave num_inference_steps out (the grid sets it)."]
     return []
 
 

@@ -40,7 +40,7 @@ import inspect
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ from ldm_pipeline import metadata
 from ldm_pipeline.adapters import file_hash, file_record, lora_hash, lora_layers_enabled, named_file, pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
 from ldm_pipeline.noise_source import NoiseSource
-from ldm_pipeline.options import GenerationOptions, InvalidOptions, ModelLimits, as_rgb, grid_list
+from ldm_pipeline.options import GenerationOptions, InvalidOptions, ModelLimits, as_rgb, grid_list, label
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
 from ldm_pipeline.step_callbacks import StepEndCallback
 
@@ -272,7 +272,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         # 2. Noise source (seeds or generators), guidance, timesteps
         noise = NoiseSource.of(opts, count)
         guidance = self._guidance(opts)
-        timesteps = self._timesteps(opts)
+        timesteps, steps = self._timesteps(opts)
+        opts = replace(opts, num_inference_steps=steps)  # a custom grid's step count, for the recipe
         scales = GuidancePlan(guidance, self.scheduler).scales(timesteps)  # w per step, 1.0 = no uncond pass
         # 3. Encode prompts (the unconditional ones only if some step is guided)
         with_uncond = any(GuidancePlan.needs_uncond(w) for w in scales)
@@ -434,17 +435,12 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             num_train_timesteps=self.scheduler.config.num_train_timesteps,
         )
 
-    def _timesteps(self, opts: GenerationOptions) -> torch.Tensor:
-        """The sampler's timesteps; img2img/inpainting starts `strength` of the way from the clean end."""
-        steps = opts.num_inference_steps  # a custom grid's length (`GenerationOptions.with_defaults`), as stock
-        grid = {name: grid_list(getattr(opts, name)) for name in ("timesteps", "sigmas") if getattr(opts, name) is not None}
-        if grid:
-            self.scheduler.set_timesteps(device=self._device, **grid)
-        else:
-            self.scheduler.set_timesteps(steps, device=self._device)
+    def _timesteps(self, opts: GenerationOptions) -> tuple[torch.Tensor, int]:
+        """The sampler's timesteps and step count; img2img/inpainting starts `strength` of the way from the clean end."""
+        steps = self._set_timesteps(opts)
         strength = self._strength(opts)
         if strength >= 1.0:
-            return self.scheduler.timesteps
+            return self.scheduler.timesteps, steps
         run = min(int(steps * strength), steps)
         if run < 1:
             raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either.")
@@ -452,7 +448,22 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         # diffusers schedulers that index their sigmas need to know where sampling starts
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
-        return self.scheduler.timesteps[start:]
+        return self.scheduler.timesteps[start:], steps
+
+    def _set_timesteps(self, opts: GenerationOptions) -> int:
+        """`set_timesteps` with the step count or a custom grid; a grid's step count is the number of timesteps the
+        sampler makes of it, as in stock's `retrieve_timesteps` (diffusers' Euler reads the last sigma as the end)."""
+        grid = {name: grid_list(getattr(opts, name)) for name in ("timesteps", "sigmas") if getattr(opts, name) is not None}
+        if not grid:
+            self.scheduler.set_timesteps(opts.num_inference_steps, device=self._device)
+            return opts.num_inference_steps
+        self.scheduler.set_timesteps(device=self._device, **grid)
+        steps = len(self.scheduler.timesteps)
+        if opts.num_inference_steps not in (None, steps):
+            raise InvalidOptions(f"{label('num_inference_steps')} is {opts.num_inference_steps} but the custom "
+                                 f"{', '.join(grid)} make {steps} steps with {type(self.scheduler).__name__}; leave "
+                                 "num_inference_steps out (the grid sets it).")
+        return steps
 
     @staticmethod
     def _strength(opts: GenerationOptions) -> float:

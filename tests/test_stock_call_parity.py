@@ -194,7 +194,7 @@ def test_custom_timesteps_and_sigmas_equal_stock(scheduler, grid):
     got = ours(PROMPT, generator=generators(6), **grid, **args)
     assert_same(got.images, expected)
     recipe = got.recipes[0]
-    assert recipe["steps"] == 4 and {k: recipe[k] for k in grid} == grid
+    assert recipe["steps"] == len(ours.scheduler.timesteps) and {k: recipe[k] for k in grid} == grid
     again = ours(**GenerationOptions.from_recipe(recipe, output_type="np", progress_bar=False).kwargs())
     assert_same(again.images, got.images)
 
@@ -244,6 +244,24 @@ def test_img2img_equals_stock(scheduler, form):
     del args["width"], args["height"]  # stock img2img takes the image's size
     expected = stock["StableDiffusionImg2ImgPipeline"](PROMPT, image=init_image(), generator=make(), **args).images
     assert_same(ours(PROMPT, image=init_image(), generator=make(), **args).images, expected)
+
+
+@pytest.mark.parametrize("scheduler", ["stock-euler", "ours-dpmpp-2m"])
+def test_img2img_with_custom_sigmas_equals_stock(scheduler):
+    # strength takes its share of the custom grid's steps, as stock's get_timesteps
+    ours, stock = pipelines(scheduler)
+    args = {k: v for k, v in COMMON.items() if k not in ("num_inference_steps", "width", "height")}
+    grid = dict(sigmas=[14.0, 8.0, 4.0, 2.0, 1.0, 0.3], strength=0.6)
+    seen = {"stock": [], "ours": []}
+
+    def record(name):
+        return lambda pipe, i, t, kwargs: seen[name].append(float(t)) or kwargs
+
+    expected = stock["StableDiffusionImg2ImgPipeline"](PROMPT, image=init_image(), generator=generators(9), **grid,
+                                                       callback_on_step_end=record("stock"), **args).images
+    got = ours(PROMPT, image=init_image(), generator=generators(9), **grid, callback_on_step_end=record("ours"), **args)
+    assert_same(got.images, expected)
+    assert seen["ours"] == seen["stock"] and len(seen["ours"]) in (2, 3)
 
 
 def test_img2img_at_full_strength_keeps_stocks_trace_of_the_image(ddim):
@@ -365,7 +383,7 @@ def test_recipes_of_generator_calls(ddim):
      "Custom timesteps cannot apply: DDIMScheduler.set_timesteps"),
     ("stock-ddim", {"sigmas": [10.0, 1.0], "num_inference_steps": None}, "Custom sigmas cannot apply"),
     ("stock-ddim", {"timesteps": [999, 500], "sigmas": [1.0, 0.5]}, "either timesteps or sigmas"),
-    ("stock-ddim", {"timesteps": [999, 500], "num_inference_steps": 3}, "custom timesteps have 2 entries"),
+    ("stock-euler", {"sigmas": [9.0, 3.0, 1.0], "num_inference_steps": 3}, "custom sigmas make 2 steps with Euler"),
     ("stock-ddim", {"timesteps": "fast"}, "timesteps must be a non-empty list"),
     ("stock-ddim", {"eta": -1.0}, "eta .* must be a finite number >= 0"),
     ("stock-ddim", {"generator": generators(1, 2, 3)}, "3 generators for 2 images"),
