@@ -518,6 +518,10 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             latents = self.scheduler.add_noise(known.to(dtype), noise, timesteps[:1].repeat(count))
         if opts.mask_image is None:
             return latents, None
+        # Stock draws a VAE sample of the masked image (for 9-channel inpainting UNets) from the generators here, one
+        # per init image; drawing the same numbers keeps stochastic samplers' step noise equal to stock's.
+        n = _image_count(opts.image)
+        self._noise((n, *noise.shape[1:]), generator[:n] if isinstance(generator, list) else generator, None, dtype)
         mask = self._latent_mask(opts.mask_image, count, width, height).to(dtype)
         return latents, InpaintBlend(known.to(dtype), mask, noise)
 
@@ -564,6 +568,13 @@ def check_finite(latents: torch.Tensor) -> None:
             "The sampler produced NaN or infinite latents, so no image was made: lower the guidance scale, "
             "use another sampler, or run in fp32."
         )
+
+
+def _image_count(image) -> int:
+    """How many init images `image` holds (a list, a 4-d batch, or one image), as `VaeImageProcessor` reads it."""
+    if isinstance(image, (list, tuple)):
+        return len(image)
+    return image.shape[0] if getattr(image, "ndim", 3) == 4 else 1
 
 
 def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:

@@ -2,9 +2,7 @@
 built from the same tiny components, with the same scheduler object and the same arguments.
 
 Deliberate differences, set explicitly here: our guidance_rescale defaults to 0.7 on zero-terminal-SNR
-schedules (stock: 0), so the ZTSNR case passes it to both. Stock inpainting also draws a VAE sample of the
-masked image (used only by 9-channel inpainting UNets) from the generators after the noise, which moves
-their streams before the loop; our inpainting cases therefore use deterministic samplers.
+schedules (stock: 0), so the ZTSNR case passes it to both.
 """
 
 import functools
@@ -285,18 +283,28 @@ def test_seeded_img2img_equals_stock_with_per_image_generators(ddim):
     assert_same(alone[0:1], got[1:2])  # image j still depends only on its seed
 
 
-@pytest.mark.parametrize("scheduler", ["stock-ddim", "stock-euler", "ours-dpmpp-2m"])
+@pytest.mark.parametrize("scheduler", ["stock-ddim", "stock-euler", "ours-dpmpp-2m", "ours-euler-a", "eta=1"])
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_inpainting_equals_stock(scheduler, strength):
     # stock's 4-channel inpainting blends the known latents, re-noised to the next timestep, after each step:
-    # our InpaintBlend; one init image and one mask per output image, one generator each
-    ours, stock = pipelines(scheduler)
+    # our InpaintBlend; one init image and one mask per output image, one generator each; stochastic samplers
+    # too (the generators are drawn from in stock's order)
+    ours, stock = pipelines("stock-ddim" if scheduler == "eta=1" else scheduler)
     images, masks = [init_image(0), init_image(1)], [right_half_mask()] * 2
-    args = dict(COMMON, strength=strength)
+    args = dict(COMMON, strength=strength, **({"eta": 1.0} if scheduler == "eta=1" else {}))
     expected = stock["StableDiffusionInpaintPipeline"]([PROMPT, "a green square"], image=images, mask_image=masks,
                                                        generator=generators(30, 31), **args).images
     got = ours([PROMPT, "a green square"], image=images, mask_image=masks, generator=generators(30, 31), **args)
     assert_same(got.images, expected)
+
+
+@pytest.mark.parametrize("form", ["single", "list"])
+def test_stochastic_inpainting_of_one_image_equals_stock(form):
+    ours, stock = pipelines("ours-euler-a")
+    make = (lambda: torch.Generator().manual_seed(14)) if form == "single" else (lambda: generators(14))
+    args = dict(COMMON, image=init_image(2), mask_image=right_half_mask(), strength=0.8)
+    expected = stock["StableDiffusionInpaintPipeline"](PROMPT, generator=make(), **args).images
+    assert_same(ours(PROMPT, generator=make(), **args).images, expected)
 
 
 def test_inpainting_with_latents_equals_stock(ddim):
