@@ -232,7 +232,7 @@ def test_return_dict_false_gives_stock_tuple(ddim):
 # ---------------------------------------------------------------- img2img and inpainting
 
 
-@pytest.mark.parametrize("scheduler", ["stock-ddim", "stock-euler", "ours-dpmpp-2m"])
+@pytest.mark.parametrize("scheduler", ["stock-ddim", "stock-euler", "ours-dpmpp-2m", "ours-euler-a"])
 @pytest.mark.parametrize("form", ["single", "list"])
 def test_img2img_equals_stock(scheduler, form):
     # stock samples the VAE posterior with the generator(s) before drawing the noise; so do we
