@@ -130,23 +130,29 @@ def halve_latents_at_step_one(pipe, i, t, callback_kwargs):
     return callback_kwargs
 
 
-def test_callback_on_step_end_that_changes_latents_equals_stock(ddim):
-    ours, stock = ddim
+def equal_to_stock_with(pipes, callback_on_step_end):
+    """Our output with `callback_on_step_end` (asserted equal to stock's) and the steps our `callback` saw."""
+    ours, stock = pipes
     expected = stock["StableDiffusionPipeline"](PROMPT, generator=generators(4), **COMMON,
-                                                callback_on_step_end=halve_latents_at_step_one).images
-    seen = []
-    got = ours(PROMPT, generator=generators(4), **COMMON, callback_on_step_end=halve_latents_at_step_one,
-               callback=lambda info: seen.append(float(info.latents.abs().mean())))
+                                                callback_on_step_end=callback_on_step_end).images
+    steps = []
+    got = ours(PROMPT, generator=generators(4), **COMMON, callback_on_step_end=callback_on_step_end,
+               callback=lambda info: steps.append(info.step))
     assert_same(got.images, expected)
-    plain = ours(PROMPT, generator=generators(4), **COMMON).images
+    return got, steps
+
+
+def test_callback_on_step_end_that_changes_latents_equals_stock(ddim):
+    got, steps = equal_to_stock_with(ddim, halve_latents_at_step_one)
+    plain = ddim[0](PROMPT, generator=generators(4), **COMMON).images
     assert np.abs(plain - got.images).max() > 1e-3
-    assert got.recipes[0]["altered_by"].endswith("halve_latents_at_step_one") and len(seen) == 4
+    assert got.recipes[0]["altered_by"].endswith("halve_latents_at_step_one") and steps == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="callback_on_step_end .* changed"):
         recipe_to_options(got.recipes[0])
 
 
 def test_callback_on_step_end_sees_what_it_asks_for_and_can_replace_embeddings(ddim):
-    ours, _ = ddim
+    ours, stock = ddim
     calls = []
 
     def record(pipe, i, t, kwargs):
@@ -158,10 +164,15 @@ def test_callback_on_step_end_sees_what_it_asks_for_and_can_replace_embeddings(d
     ours.scheduler.set_timesteps(4)
     assert calls == [(i, int(t), sorted(inputs), 4) for i, t in enumerate(ours.scheduler.timesteps)]
     assert "altered_by" not in out.recipes[0]  # it only looked
-    # replacing the prompt embeddings from step 0 on equals the other prompt from step 1 on
+    # the returned prompt embeddings are used from the next step on; stock's prompt_embeds under CFG are the
+    # concatenation [negative; positive], ours the positive ones alone
     other = encode_pair(ours.text_encoder, ours.tokenizer, ["a green square"], None, with_uncond=False).cond
     swapped = ours(PROMPT, seed=1, callback_on_step_end=lambda p, i, t, k: {"prompt_embeds": other},
                    callback_on_step_end_tensor_inputs=["prompt_embeds"], **COMMON).images
+    expected = stock["StableDiffusionPipeline"](
+        PROMPT, generator=generators(1), callback_on_step_end_tensor_inputs=["prompt_embeds"], **COMMON,
+        callback_on_step_end=lambda p, i, t, k: {"prompt_embeds": torch.cat([k["prompt_embeds"][:1], other])}).images
+    assert_same(swapped, expected)
     assert np.abs(swapped - out.images).max() > 1e-3
 
 
@@ -171,16 +182,10 @@ def interrupt_after_step_two(pipe, i, t, callback_kwargs):
 
 
 def test_interrupt_from_callback_on_step_end_equals_stock(ddim):
-    ours, stock = ddim
-    expected = stock["StableDiffusionPipeline"](PROMPT, generator=generators(4), **COMMON,
-                                                callback_on_step_end=interrupt_after_step_two).images
-    steps = []
-    got = ours(PROMPT, generator=generators(4), **COMMON, callback_on_step_end=interrupt_after_step_two,
-               callback=lambda info: steps.append(info.step))
-    assert_same(got.images, expected)
+    got, steps = equal_to_stock_with(ddim, interrupt_after_step_two)
     assert steps == [1, 2] and got.unet_evaluations == 4
     assert got.recipes[0]["altered_by"].endswith("interrupt_after_step_two (interrupted after step 2)")
-    assert ours(PROMPT, seed=1, **COMMON).unet_evaluations == 8  # reset by the next call, as stock
+    assert ddim[0](PROMPT, seed=1, **COMMON).unet_evaluations == 8  # reset by the next call, as stock
 
 
 @pytest.mark.parametrize("scheduler", ["stock-euler", "ours-dpmpp-2m"])
