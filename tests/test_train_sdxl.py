@@ -25,7 +25,8 @@ RESUMABLE = ("--checkpointing_steps", "2", "--lr_scheduler", "constant", "--lear
 
 
 def image(pipe) -> np.ndarray:
-    return pipe("a red circle", num_inference_steps=3, height=32, width=32, output_type="np",
+    """Stock diffusers' image (guidance 5, the SDXL default) of one prompt and seed."""
+    return pipe("a red circle", num_inference_steps=3, height=32, width=32, output_type="np", guidance_scale=5.0,
                 generator=torch.Generator().manual_seed(0)).images[0]
 
 
@@ -99,10 +100,16 @@ def test_output_loads_in_stock_and_ours_with_v_prediction_and_zero_terminal_snr(
         assert not torch.equal(trained, before), name
 
 
-def test_lora_loads_in_stock_from_the_diffusers_and_kohya_files(tiny_sdxl_model_dir, tmp_path):
-    out = tmp_path / "lora-run"
-    lora = main(fine_tune_args(tiny_sdxl_model_dir, out, "--lora_rank", "4", "--lora_alpha", "2",
-                               "--train_text_encoder", "--learning_rate", "1e-2", steps=3))
+@pytest.fixture(scope="module")
+def lora_run(tiny_sdxl_model_dir, tmp_path_factory):
+    """(lora folder, run folder) of a LoRA on the UNet and both text encoders of the tiny SDXL model."""
+    out = tmp_path_factory.mktemp("sdxl-lora") / "run"
+    return main(fine_tune_args(tiny_sdxl_model_dir, out, "--lora_rank", "4", "--lora_alpha", "2",
+                               "--train_text_encoder", "--learning_rate", "1e-2", steps=3)), out
+
+
+def test_lora_loads_in_stock_from_the_diffusers_and_kohya_files(tiny_sdxl_model_dir, lora_run):
+    lora, out = lora_run
     kohya = load_file(lora / KOHYA_FILE)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}  # SDXL's kohya prefixes
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {2.0}
@@ -115,6 +122,21 @@ def test_lora_loads_in_stock_from_the_diffusers_and_kohya_files(tiny_sdxl_model_
         images.append(image(pipe))
     np.testing.assert_allclose(images[1], images[0], atol=1e-5)
     assert np.abs(images[0] - image(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_dir))).max() > 1e-3
+
+
+def test_lora_gives_the_same_image_in_ours_and_stock(tiny_sdxl_model_dir, lora_run):
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    from ldm_pipeline.sdxl import LatentSDXLPipeline
+
+    if not issubclass(LatentSDXLPipeline, StableDiffusionXLLoraLoaderMixin):
+        pytest.skip("LatentSDXLPipeline has no SDXL LoRA loader yet (text_encoder_2 adapters would be dropped).")
+    stock, ours = (cls.from_pretrained(tiny_sdxl_model_dir) for cls in (StableDiffusionXLPipeline, LatentSDXLPipeline))
+    for pipe in (stock, ours):
+        pipe.load_lora_weights(lora_run[0], weight_name=DIFFUSERS_FILE)
+    got = ours("a red circle", num_inference_steps=3, height=32, width=32, output_type="np", seed=0,
+               guidance_scale=5.0, guidance_rescale=0.0, progress_bar=False).images[0]
+    np.testing.assert_allclose(got, image(stock), atol=1e-5)
 
 
 def test_textual_inversion_is_refused_for_sdxl(tiny_sdxl_model_dir, tmp_path, capsys):
