@@ -73,6 +73,7 @@ def test_batches_have_one_shape_and_each_image_appears_once_per_epoch_times_repe
             for i, original, crop in zip(index, batch["original_size"].tolist(), batch["crop_top_left"].tolist()):
                 assert tuple(original) == (SIZES[i][1], SIZES[i][0])  # (height, width) of the file
                 assert 0 <= crop[0] and 0 <= crop[1]
+            assert set(map(tuple, batch["target_size"].tolist())) == {(height, width)}  # SDXL's target: the bucket
             seen.update(index)
         assert seen == Counter({i: r for i, r in enumerate(repeats)}), epoch
     assert sum(repeats) == order.items_per_epoch
