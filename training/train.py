@@ -1,5 +1,8 @@
 """Train a latent text-to-image model (or its VAE): `accelerate launch -m training.train --help`.
 
+From scratch (SD layout) or fine-tuning an SD 1.x/2.x or SDXL folder (the family is detected from
+the folder; SDXL's conditioning is in `training.sdxl`).
+
 Flow (as in NVlabs/edm's train.py): typed options -> one config -> printed and saved
 as config.json in the run directory -> data, models, optimizer -> `train_loop` ->
 a diffusers pipeline folder (or, with --train_vae, a VAE folder) in output_dir.
@@ -321,8 +324,9 @@ def caption_inputs(config: TrainConfig, accelerator: Accelerator, components: Co
     """
     f = config.finetune_data
     fixed_captions = not (f.shuffle_caption or f.caption_tag_dropout_rate > 0)
+    frozen = not config.model.train_text_encoder
     captions = [s.caption for s in sources]
-    if components.family == "sdxl" and config.data.cache_latents and not config.model.train_text_encoder and fixed_captions:
+    if components.family == "sdxl" and config.data.cache_latents and frozen and fixed_captions:
         return sdxl.text_embedding_cache(accelerator, components, captions, Path(config.run.output_dir) / "cache")
     ids = caption_ids(components, captions) if sources else None
     return text_encoder_of(components, swap), ids, caption_ids(components, [""])[0]
