@@ -150,17 +150,27 @@ def test_textual_inversion_is_refused_for_sdxl(tiny_sdxl_model_dir, tmp_path, ca
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("data_path", ["pixels", "buckets-cached"])
-def test_resume_equals_uninterrupted(tiny_sdxl_model_dir, tmp_path, data_path):
-    """Pixels with trained text encoders, EMA and accumulation; or bucketed folder images with cached latents,
-    cached text embeddings (frozen encoders) and each image's size conditioning in the cache."""
+def resumable_run(base, tmp_path, data_path: str):
+    """A run function (out, *flags, steps) for one data path (see `test_resume_equals_uninterrupted`)."""
     if data_path == "pixels":
         extra = [*RESUMABLE, "--train_text_encoder", "--use_ema", "--gradient_accumulation_steps", "2", "--random_flip"]
-        run = lambda out, *more, steps: main(fine_tune_args(tiny_sdxl_model_dir, out, *extra, *more, steps=steps))
-    else:
+        return lambda out, *more, steps: main(fine_tune_args(base, out, *extra, *more, steps=steps))
+    if data_path == "buckets-cached":
         write_mixed_folder(tmp_path / "images")
-        run = lambda out, *more, steps: main(as_fine_tune(bucket_run_args(
-            tmp_path / "images", out, *RESUMABLE, "--cache_latents", *more, steps=steps), tiny_sdxl_model_dir))
+        return lambda out, *more, steps: main(as_fine_tune(bucket_run_args(
+            tmp_path / "images", out, *RESUMABLE, "--cache_latents", *more, steps=steps), base))
+    from test_shards import shard_run_args, write_shards  # skips if webdataset (the [train] extra) is missing
+
+    patterns = write_shards(tmp_path / "shards")
+    return lambda out, *more, steps: main(as_fine_tune(shard_run_args(patterns, out, *RESUMABLE, *more, steps=steps), base))
+
+
+@pytest.mark.parametrize("data_path", ["pixels", "buckets-cached", "shards"])
+def test_resume_equals_uninterrupted(tiny_sdxl_model_dir, tmp_path, data_path):
+    """Pixels with trained text encoders, EMA and accumulation; bucketed folder images with cached latents,
+    cached text embeddings (frozen encoders) and each image's size conditioning in the cache; or streamed,
+    bucketed WebDataset shards with shuffled tags (both tokenizers per step)."""
+    run = resumable_run(tiny_sdxl_model_dir, tmp_path, data_path)
     run(tmp_path / "full", steps=4)
     run(tmp_path / "parted", steps=2)
     run(tmp_path / "parted", "--resume_from_checkpoint", "latest", steps=4)
