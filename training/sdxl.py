@@ -15,6 +15,7 @@ once into `output_dir/cache/` and the loss indexes that table: the "ids" of a sa
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,12 @@ logger = logging.getLogger(__name__)
 ENCODE_BATCH = 64  # captions per text-encoder call when filling the cache
 
 
-class TextConditioning:
+class TextConditioning(abc.ABC):
     """ids -> (encoder_hidden_states (B, L, D), pooled text embedding (B, P)) for SDXL's UNet."""
 
+    @abc.abstractmethod
     def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The conditioning of a micro-batch's captions."""
 
 
 @dataclass
