@@ -21,17 +21,23 @@ VALIDATION_SEED = 1234  # fixed noise and posterior samples for the validation l
 # ---------------------------------------------------------------- latents
 
 
-def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str) -> dict[str, torch.Tensor]:
-    """Posterior moments of every item, computed once by the main process and stored as safetensors."""
+def latent_cache_path(vae, dataset: data.ImageDataset, config, name: str) -> Path:
+    """output_dir/cache/latents-<name>-<hash of everything that determines the latents>.safetensors"""
     d = config.data
     key = data.cache_key({
-        "format": 2, "name": name, "n": len(dataset),  # 2: with each item's size conditioning (data.SIZE_KEYS) "dataset": d.dataset, "dir": d.train_data_dir, "hf": config.finetune_data.hf_dataset, "res": d.resolution,
+        "format": 2,  # 2: with each item's size conditioning (data.SIZE_KEYS)
+        "name": name, "n": len(dataset), "dataset": d.dataset, "dir": d.train_data_dir, "hf": config.finetune_data.hf_dataset, "res": d.resolution,
         "crop": d.center_crop, "seed": config.optimization.seed, "samples": d.num_train_samples,
         "colors": d.shapes_colors, "backgrounds": d.shapes_backgrounds, "buckets": dataset.sizes,
         "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")},
         "vae_weights": float(sum(p.double().sum() for p in vae.parameters())),
     })
-    path = Path(config.run.output_dir) / "cache" / f"latents-{name}-{key}.safetensors"
+    return Path(config.run.output_dir) / "cache" / f"latents-{name}-{key}.safetensors"
+
+
+def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str) -> dict[str, torch.Tensor]:
+    """Posterior moments of every item, computed once by the main process and stored as safetensors."""
+    d, path = config.data, latent_cache_path(vae, dataset, config, name)
     if accelerator.is_main_process and not path.is_file():
         if d.random_flip:
             logger.warning("--cache_latents encodes each image once: random flips are fixed per image.")
