@@ -150,7 +150,7 @@ def generate(pipe, opts):
     from ldm_pipeline.options import InvalidOptions
 
     hires = as_hires(opts.hires)
-    base = pipe(**replace(opts, hires=None, output_type="latent").kwargs())
+    base = pipe(**replace(opts, hires=None, output_type="latent", return_dict=True).kwargs())
     limits = pipe.limits()
     width, height = hires.target_size(base.recipes[0]["width"], base.recipes[0]["height"], limits.size_multiple)
     steps = schedule_steps(hires.steps or opts.num_inference_steps, hires.strength)
@@ -161,7 +161,9 @@ def generate(pipe, opts):
             "the hires strength / lower the hires steps.")
     init = upscale(pipe, base.images, (width, height), hires.upscaler)
     second = pipe(**replace(opts, hires=None, image=init, strength=hires.strength, num_inference_steps=steps,
-                            width=width, height=height, seed=base.seeds).kwargs())
+                            width=width, height=height, seed=base.seeds, return_dict=True).kwargs())
+    if not opts.return_dict:
+        return second.images, None  # stock's (images, nsfw_content_detected)
     recipes = [{**recipe, "hires": hires.as_dict()} for recipe in base.recipes]
     return type(second)(images=second.images, seeds=second.seeds, recipes=recipes,
                         unet_evaluations=base.unet_evaluations + second.unet_evaluations)

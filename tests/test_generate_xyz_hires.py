@@ -93,7 +93,7 @@ def test_lora_weight_axis_scales_the_requested_lora(model, tmp_path):
     out = tmp_path / "grid"
     assert main(["a red circle", "--model", str(model), "--out", str(out), *RUN, "--steps", "2",
                  "--lora", str(lora), "--xyz", "LoRA weight: 0, 1"]) == 0
-    cells = {metadata.read_png(p).recipe.get("lora_scale"): p for p in out.glob("*.png") if not p.name.startswith("xyz")}
+    cells = {metadata.read_png(p).recipe["cross_attention_kwargs"]["scale"]: p for p in out.glob("*.png") if not p.name.startswith("xyz")}
     assert set(cells) == {0.0, 1.0}
     assert metadata.read_png(cells[1.0]).recipe["loras"][0]["name"] == "style"
     assert np.array_equal(pixels(cells[0.0]), single(model, tmp_path / "base", "--steps", "2"))
