@@ -139,10 +139,17 @@ def format_parameters(recipe: dict) -> str:
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
-    text = recipe.get("prompt", "")
+    text = prompt_with_lora_tags(recipe)
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
+
+
+def prompt_with_lora_tags(recipe: dict) -> str:
+    """The recipe's prompt with its LoRAs as A1111 writes them in the infotext: `... <lora:NAME:W>`
+    (so A1111, and our PNG info, restore them; the recipe's `prompt` is the text actually encoded)."""
+    tags = [f"<lora:{r['name']}:{r['scale']:g}>" for r in recipe.get("loras") or [] if isinstance(r, dict)]
+    return " ".join([recipe.get("prompt", ""), *tags]) if tags else recipe.get("prompt", "")
 
 
 def _hashes(records: list[dict] | None) -> str | None:

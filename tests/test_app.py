@@ -11,7 +11,7 @@ from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.service import GenerationService
 
 FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
-    prompt="a red circle", negative_prompt="", sampler="ddim", steps=4, guidance_scale=7.5,
+    prompt="a red circle", negative_prompt="", sampler="ddim", schedule_type="Automatic", steps=4, guidance_scale=7.5,
     guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
     guidance_rescale=-1.0, width=32.0, height=32.0, seed=-1.0, batch_count=1.0, batch_size=1.0,
 )
@@ -95,7 +95,8 @@ def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
     updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields)))
     values = {name: u.get("value") for name, u in updates.items() if "value" in u}
     assert values == {"prompt": "a cat, best quality", "negative_prompt": "blurry", "steps": 25,
-                      "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768}
+                      "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768,
+                      "sampler": "euler-a", "schedule_type": "Automatic"}  # A1111's "Euler a", its own schedule
 
 
 def test_png_info_explains_a_png_without_parameters(tmp_path):
@@ -109,7 +110,7 @@ def test_png_info_explains_a_png_without_parameters(tmp_path):
 
 
 def test_form_values_become_a_request():
-    form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
+    form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", "Automatic", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
                                         32.0, 48.0, -1.0, 2.0, 3.0]))
     request = app.request_from_form(form)
     options = request.options
