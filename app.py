@@ -439,7 +439,7 @@ def png_tab(txt_settings: dict, tabs) -> None:
     fields = gr.State({})
     send = gr.Button("Send to text to image")
     upload.change(png_info, inputs=upload, outputs=[text, fields], api_name="png_info")
-    send_to_txt2img(send, fields, txt_settings, tabs, api_name=False)
+    send_to_txt2img(send, fields, txt_settings, tabs, api_name="png_info_send")
 
 
 def send_to_txt2img(button, fields, txt_settings: dict, tabs, api_name) -> None:
