@@ -137,6 +137,13 @@ def adapter_app_server(tiny_model_dir, adapter_folders, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def single_slot_app_server(tiny_model_dir, tmp_path_factory):
+    """The app running one generation at a time (`--concurrency 1`): a second request has to wait."""
+    with serve_app(tmp_path_factory, tiny_model_dir, "--concurrency", "1", "--backend", "pytorch") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def chromium_context():
     """A headless system Chromium driven by Playwright, with a fresh profile."""
     from playwright.sync_api import sync_playwright

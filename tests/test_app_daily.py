@@ -175,16 +175,8 @@ def test_the_file_read_attack_on_the_new_endpoints_reads_nothing(adapter_app_ser
     assert endpoints_taking_files(adapter_app_server.url) == set(FILE_ENDPOINTS)  # no new endpoint takes files
 
 
-@pytest.fixture(scope="module")
-def one_at_a_time(tiny_model_dir, tmp_path_factory):
-    from conftest import serve_app
-
-    with serve_app(tmp_path_factory, tiny_model_dir, "--concurrency", "1", "--backend", "pytorch") as server:
-        yield server
-
-
-def test_a_request_waiting_behind_another_users_run_sees_its_queue_position(one_at_a_time):
-    first, second = (Client(one_at_a_time.url, verbose=False) for _ in range(2))
+def test_a_request_waiting_behind_another_users_run_sees_its_queue_position(single_slot_app_server):
+    first, second = (Client(single_slot_app_server.url, verbose=False) for _ in range(2))
     running = first.submit(*txt2img_args(steps=500, width=64, height=64, batch_count=64, seed=1), 0,
                            api_name="/txt2img")  # far longer than the test: it is cancelled at the end
     deadline = time.monotonic() + 120
