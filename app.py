@@ -343,7 +343,11 @@ def png_info(file) -> tuple[str, dict]:
         return f"Cannot read this file as a PNG ({type(error).__name__}): upload a PNG image.", {}
     if not found.parameters_text:
         return "This PNG carries no generation parameters.", {}
-    return found.parameters_text, form_fields(found.parameters, found.recipe)
+    try:
+        return found.parameters_text, form_fields(found.parameters, found.recipe)
+    except ValueError as error:  # a recipe that cannot replay (custom guidance function, generator-drawn noise)
+        return (f"{found.parameters_text}\n\n{error} The settings come from the parameters text.",
+                form_fields(found.parameters, None))
 
 
 def form_fields(parameters: dict | None, recipe: dict | None) -> dict:
