@@ -155,3 +155,20 @@ def test_init_images_of_any_mode_become_8_bit_rgb():
     for image in (Image.fromarray(grey), Image.fromarray(grey).convert("P"), Image.fromarray(grey).convert("LA")):
         converted = as_rgb(image)
         assert converted.mode == "RGB" and converted.size == (16, 4)
+
+
+def test_the_form_is_built_from_the_registry_and_the_settings_record(service):
+    """New samplers, schedule types and guidance schedules appear in the form without touching app.py."""
+    import gradio as gr
+
+    from custom_schedulers import names, registry
+    from ldm_pipeline.guidance import SCHEDULE_NAMES
+
+    demo = app.build_ui(service)
+    menus = {c.label: [value for _, value in c.choices] for c in demo.blocks.values() if isinstance(c, gr.Dropdown)}
+    usable = {name for name in registry.available() if not isinstance(service.schedulers.get(name), Exception)}
+    assert set(menus["Sampler"]) == usable and len(usable) > 20
+    assert menus["Schedule type"] == names.schedule_types() and "Karras" in menus["Schedule type"]
+    assert menus["Dynamic guidance"] == list(SCHEDULE_NAMES)
+    numbers = {c.label: c.value for c in demo.blocks.values() if isinstance(c, gr.Number)}
+    assert numbers["Minimum scale of the ramps"] == app.GenerationOptions().guidance_min_scale
