@@ -390,6 +390,8 @@ def fields_to_settings(fields: dict) -> list:
 CSS = """
 .result-gallery img { object-fit: contain !important; image-rendering: pixelated; }
 .result-gallery .thumbnail-item { max-width: 500px; max-height: 500px; margin: auto; }
+.history-gallery img { object-fit: contain !important; image-rendering: pixelated; }
+.history-gallery .thumbnail-item { max-width: 160px; max-height: 160px; }
 """  # whole images, never cropped; small ones scaled up with visible pixels (nearest neighbour)
 
 
@@ -459,7 +461,7 @@ def history_tab(page, history, txt_settings: dict, tabs) -> None:
     the selected one can be sent back to text to image. Only the session's own gr.State is read."""
     gallery = gr.Gallery(label="Earlier results of this session (newest first)", columns=6, height=420, format="png",
                          object_fit="contain", interactive=False, elem_id="history-gallery",
-                         elem_classes=["result-gallery"])
+                         elem_classes=["history-gallery"])  # small thumbnails, whole and pixelated
     text = gr.Textbox(label="Parameters of the selected result", lines=4, interactive=False,
                       elem_id="history-parameters")
     fields = gr.State({})
@@ -490,11 +492,13 @@ def adapter_picker(service: GenerationService, prompt, prefix: str) -> None:
         return
     with gr.Accordion("LoRA and embeddings", open=True):
         for kind, choices in [(k, c) for k, c in offered.items() if c]:
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False):
                 name = gr.Dropdown(choices, value=choices[0], label=f"{ADAPTER_KINDS[kind]} (--{kind}-dir)",
-                                   elem_id=f"{prefix}-{kind}-name")
-                weight = gr.Number(value=1.0, label=f"{ADAPTER_KINDS[kind]} weight", elem_id=f"{prefix}-{kind}-weight")
-                add = gr.Button(f"Add {ADAPTER_KINDS[kind]} to the prompt", elem_id=f"{prefix}-add-{kind}")
+                                   elem_id=f"{prefix}-{kind}-name", scale=3, min_width=140)
+                weight = gr.Number(value=1.0, label=f"{ADAPTER_KINDS[kind]} weight", elem_id=f"{prefix}-{kind}-weight",
+                                   scale=2, min_width=90)
+                add = gr.Button(f"Add {ADAPTER_KINDS[kind]} to the prompt", elem_id=f"{prefix}-add-{kind}", size="sm",
+                                scale=2, min_width=120)
             add.click(functools.partial(add_to_prompt, service, kind), inputs=[prompt, name, weight], outputs=prompt,
                       api_name=f"{prefix}_add_{kind}")
 
