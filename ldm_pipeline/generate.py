@@ -72,6 +72,7 @@ from ldm_pipeline.hires import UPSCALERS, HiresFix
 from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, InvalidOptions, image_seeds, line_seed
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES
+from ldm_pipeline.served_adapters import ServedAdapters
 from ldm_pipeline.service import GenerationService, ServiceRequest, prepare_schedulers
 from ldm_pipeline.xyz import AXES, AxisError, XYZPlot, run_plot
 
@@ -448,20 +449,22 @@ def parse_plot(parser, args) -> XYZPlot | None:
         return None
     if args.prompts is not None or args.n != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         parser.error("--xyz makes one grid of one prompt in one process: no --prompts, --n 1, no accelerate launch")
+    if args.lora:
+        parser.error("with --xyz, name LoRAs in the prompt as <lora:NAME:W> and give --lora-dir (not --lora PATH)")
     try:
         return XYZPlot.parse(args.xyz)
     except AxisError as error:
         parser.error(str(error))
 
 
-def run_xyz(pipe, jobs: list[Job], errors: list[LineError], plot: XYZPlot, out: Path, allow_pickle: bool) -> int:
-    """One X/Y/Z plot through a GenerationService writing into `out`: the cells' PNGs and the grid PNG."""
-    if errors:
-        print(f"error: {errors[0]}", file=sys.stderr)
-        return 2
-    job = jobs[0]
-    activate_loras(pipe, list(job.loras), allow_pickle)
-    service = GenerationService(pipe, out, prepare_schedulers(pipe, {job.scheduler, *plot.samplers()} - {None}))
+def run_xyz(pipe, args, plot: XYZPlot, out: Path) -> int:
+    """One X/Y/Z plot through a GenerationService writing into `out`: the cells' PNGs and the grid PNG. LoRAs
+    are the prompt's <lora:NAME:W> tags, resolved per cell in --lora-dir (so Prompt S/R can change them)."""
+    job = default_job(args)
+    adapters = ServedAdapters(pipe, Path(args.lora_dir) if args.lora_dir else None, None, args.allow_pickle,
+                              embeddings=list(pipe.embedding_records))  # the --embedding files, loaded
+    service = GenerationService(pipe, out, prepare_schedulers(pipe, {job.scheduler, *plot.samplers()} - {None}),
+                                adapters=adapters)
 
     def report(cell: int, cells: int, step: int, steps: int) -> None:
         if step == steps:
@@ -510,7 +513,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {error.strerror if isinstance(error, OutputError) else error}", file=sys.stderr)
         return 2
     if plot is not None:
-        return run_xyz(pipe, jobs, errors, plot, out, args.allow_pickle)
+        return run_xyz(pipe, args, plot, out)
     schedulers = prepare_schedulers(pipe, {job.scheduler for job in jobs if job.scheduler})
     jobs, bad = checked_jobs(jobs, pipe, schedulers)
     errors = sorted(errors + bad, key=lambda e: e.line)

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import SCHEDULE_ALIASES, SCHEDULE_NAMES, as_interval
-from ldm_pipeline.hires import hires_problems
+from ldm_pipeline.hires import HiresFix, hires_problems
 from ldm_pipeline.prompt_weights import check_emphasis
 from ldm_pipeline.step_callbacks import callback_problems
 
@@ -402,6 +402,8 @@ class GenerationOptions:
         values["guidance_interval"] = interval.as_dict() if interval else None
         for name in SDXL_OPTIONS:  # (height, width) pairs as JSON gives them back
             values[name] = list(values[name]) if isinstance(values[name], tuple) else values[name]
+        if isinstance(self.hires, HiresFix):
+            values["hires"] = self.hires.as_dict()
         return values
 
     def recipe_settings(self, size: tuple[int, int], strength: float | None, guidance: dict) -> dict:

@@ -179,7 +179,7 @@ def _options(**changes) -> Callable[[ServiceRequest, Any], ServiceRequest]:
 
 def _set_sampler(request: ServiceRequest, text: str) -> ServiceRequest:
     name, schedule = sampler_of(text)
-    return replace(request, sampler=name, schedule=schedule or request.schedule)
+    return replace(request, sampler=name, schedule_type=schedule or request.schedule_type)
 
 
 def _replace_prompt(request: ServiceRequest, pair: tuple[str, str]) -> ServiceRequest:
@@ -203,7 +203,7 @@ class AxisType:
 
 AXES = {axis.label: axis for axis in (
     AxisType("Sampler", parse_samplers, _set_sampler),
-    AxisType("Schedule type", parse_schedule_types, lambda request, text: replace(request, schedule=text)),
+    AxisType("Schedule type", parse_schedule_types, lambda request, text: replace(request, schedule_type=text)),
     AxisType("Steps", parse_whole, _options(num_inference_steps=lambda v, o: v)),
     AxisType("CFG scale", parse_numbers, _options(guidance_scale=lambda v, o: v), show=lambda v: f"{v:g}"),
     AxisType("Seed", parse_whole, _options(seed=lambda v, o: v)),
@@ -345,10 +345,19 @@ def base_problems(service: GenerationService, base: ServiceRequest, plot: XYZPlo
             if not any(search in text for text in texts):
                 problems.append(f"Prompt S/R: {search!r} is not in the prompt or the negative prompt; the first "
                                 "value is the text to replace.")
-        if axis.type.label == "LoRA weight" and not getattr(service.pipe.unet, "peft_config", None):
+        if axis.type.label == "LoRA weight" and not requests_lora(service, options):
             problems.append("LoRA weight axis: no LoRA is loaded; request one first (ldm-generate --lora or "
                             "<lora:NAME:W> with --lora-dir, the app's LoRA choice, or pipe.load_lora_weights).")
     return problems
+
+
+def requests_lora(service: GenerationService, options) -> bool:
+    """A LoRA named in the prompt (`<lora:NAME:W>`, served from the start-up folder) or loaded in the pipeline."""
+    try:
+        named = service.adapters.split_prompt(options.prompt)[1]
+    except ValueError:  # a bad tag: the cell checks name it
+        named = []
+    return bool(named) or bool(getattr(service.pipe.unet, "peft_config", None))
 
 
 @dataclass

@@ -87,17 +87,23 @@ def test_a_bad_axis_or_cell_stops_before_any_image(model, tmp_path, capsys, axes
     assert not list(out.glob("*.png")) if out.exists() else True
 
 
-def test_lora_weight_axis_scales_the_requested_lora(model, tmp_path):
-    lora = tmp_path / "style.safetensors"
+def test_lora_weight_axis_scales_the_lora_named_in_the_prompt(model, tmp_path, capsys):
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    lora = loras / "style.safetensors"
     shutil.copy(write_lora(tmp_path / "trained", seed=1) / KOHYA_FILE, lora)
     out = tmp_path / "grid"
-    assert main(["a red circle", "--model", str(model), "--out", str(out), *RUN, "--steps", "2",
-                 "--lora", str(lora), "--xyz", "LoRA weight: 0, 1"]) == 0
-    cells = {metadata.read_png(p).recipe["cross_attention_kwargs"]["scale"]: p for p in out.glob("*.png") if not p.name.startswith("xyz")}
+    assert main(["a red circle <lora:style:1>", "--model", str(model), "--out", str(out), *RUN, "--steps", "2",
+                 "--lora-dir", str(loras), "--xyz", "LoRA weight: 0, 1"]) == 0
+    cells = {metadata.read_png(p).recipe["cross_attention_kwargs"]["scale"]: p
+             for p in out.glob("*.png") if not p.name.startswith("xyz")}
     assert set(cells) == {0.0, 1.0}
     assert metadata.read_png(cells[1.0]).recipe["loras"][0]["name"] == "style"
     assert np.array_equal(pixels(cells[0.0]), single(model, tmp_path / "base", "--steps", "2"))
     assert np.array_equal(pixels(cells[1.0]), single(model, tmp_path / "lora", "--steps", "2", "--lora", str(lora)))
+    code, err = run_in_process(["a red circle", "--model", str(model), "--out", str(tmp_path / "no"), *RUN,
+                                "--lora", str(lora), "--xyz", "LoRA weight: 0, 1"], capsys)
+    assert code == 2 and "with --xyz, name LoRAs in the prompt as <lora:NAME:W>" in err
 
 
 def test_hires_flag_makes_the_upscaled_image_and_records_it(model, tmp_path):

@@ -69,7 +69,7 @@ def test_cells_run_x_fastest_and_apply_every_axis():
     assert plot.cells()[:3] == [(0, 0, 0), (1, 0, 0), (0, 1, 0)]
     base = ServiceRequest(GenerationOptions(prompt="a red circle", negative_prompt="red noise"))
     request = plot.request(base, (0, 1, 1))
-    assert (request.sampler, request.schedule) == ("dpmpp-2m", "Karras")
+    assert (request.sampler, request.schedule_type) == ("dpmpp-2m", "Karras")
     assert (request.options.prompt, request.options.negative_prompt) == ("a green circle", "green noise")
     assert request.options.guidance_scale == 4.0
     assert plot.cell_name((0, 1, 1)) == "Sampler: DPM++ 2M Karras, Prompt S/R: green, CFG scale: 4"
@@ -179,7 +179,7 @@ def test_every_cell_is_checked_before_anything_runs(pipe, tmp_path):
         (["CFG scale: 2, 1000"], "Guidance scale (guidance_scale) must be a finite number from 0 to 100"),
         (["Prompt S/R: purple, green"], "Prompt S/R: 'purple' is not in the prompt"),
         (["LoRA weight: 0, 1"], "LoRA weight axis: no LoRA is loaded"),
-        (["Sampler: euler, PNDMScheduler", "Schedule type: Karras"], "Schedule type 'Karras' with sampler PNDMScheduler"),
+        (["Sampler: euler, PNDMScheduler", "Schedule type: Karras"], "Schedule type 'Karras' with this sampler"),
     ]
     for specs, message in cases:
         with pytest.raises(InvalidOptions, match=message.replace("(", r"\(").replace(")", r"\)")):
