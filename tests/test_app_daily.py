@@ -24,6 +24,7 @@ import app
 from ldm_pipeline import load_pipeline, metadata, swap_scheduler
 
 pytestmark = pytest.mark.slow
+HIRES_OFF = [False, 2.0, 0, 0.7, "Latent"]  # the txt2img hires fix inputs (before the preview interval), off
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +178,13 @@ def test_the_file_read_attack_on_the_new_endpoints_reads_nothing(adapter_app_ser
 
 def test_a_request_waiting_behind_another_users_run_sees_its_queue_position(single_slot_app_server):
     first, second = (Client(single_slot_app_server.url, verbose=False) for _ in range(2))
-    running = first.submit(*txt2img_args(steps=500, width=64, height=64, batch_count=64, seed=1), 0,
+    running = first.submit(*txt2img_args(steps=500, width=64, height=64, batch_count=64, seed=1), *HIRES_OFF, 0,
                            api_name="/txt2img")  # far longer than the test: it is cancelled at the end
     deadline = time.monotonic() + 120
     while running.status().code not in (Status.PROCESSING, Status.PROGRESS):  # it holds the only slot
         assert time.monotonic() < deadline, running.status()
         time.sleep(0.2)
-    waiting = second.submit(*txt2img_args(seed=2), 0, api_name="/txt2img")
+    waiting = second.submit(*txt2img_args(seed=2), *HIRES_OFF, 0, api_name="/txt2img")
     try:
         while (status := waiting.status()).code != Status.IN_QUEUE or status.rank is None:
             assert time.monotonic() < deadline and not waiting.done(), status
