@@ -222,6 +222,15 @@ def recipe_to_options(recipe: dict) -> dict:
     if schedule.startswith("callable:"):
         raise ValueError(f"The recipe used a custom guidance function ({schedule}); it cannot be restored from JSON.")
     options["guidance_schedule"] = schedule
+    return {**options, **guidance_method_options(guidance)}
+
+
+def guidance_method_options(guidance: dict) -> dict:
+    """The guidance method and PAG options of a recipe's guidance entry (none: plain CFG, no PAG)."""
+    method = dict(guidance.get("method") or {"name": "cfg"})
+    options = {"guidance_method": method.pop("name"), **method}
+    if guidance.get("pag"):
+        options.update(pag_scale=guidance["pag"]["scale"], pag_layers=guidance["pag"]["layers"])
     return options
 
 

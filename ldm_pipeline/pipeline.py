@@ -47,8 +47,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline import metadata
 from ldm_pipeline.adapters import pickle_free_kwargs
-from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
+from ldm_pipeline.guidance import Guidance, Guider, as_interval, recommended_guidance_rescale
+from ldm_pipeline.guidance_methods import GuidanceMethod
 from ldm_pipeline.options import GenerationOptions, ModelLimits, as_rgb, image_seeds
+from ldm_pipeline.perturbed_attention import PerturbedAttention, perturbed_attention
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
 
 logger = logging.getLogger(__name__)
@@ -206,40 +208,46 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         guidance = self._guidance(opts)
         timesteps = self._timesteps(opts)
-        scales = GuidancePlan(guidance, self.scheduler).scales(timesteps)  # w per step, 1.0 = no uncond pass
-        # 3. Encode prompts (the unconditional ones only if some step is guided)
-        with_uncond = any(GuidancePlan.needs_uncond(w) for w in scales)
-        embeds = self._embeddings(opts, prompts, with_uncond).repeat_each(opts.num_images_per_prompt)
+        guider = Guider(guidance, self.scheduler, timesteps)  # per step: w and the UNet passes; the method's state
+        # 3. Encode prompts (the unconditional ones only if some step runs that pass)
+        embeds = self._embeddings(opts, prompts, guider.needs_uncond).repeat_each(opts.num_images_per_prompt)
         # 4. Initial latents: noise, or the init image noised to the first timestep
         latents, blend = self._initial_latents(opts, (count, width, height), timesteps, generators, embeds.cond.dtype)
         # 5. Denoising loop
-        latents, evaluations = self._denoise(latents, timesteps, scales, embeds, guidance, blend, generators, opts)
+        latents, evaluations = self._denoise(latents, timesteps, guider, embeds, blend, generators, opts)
         check_finite(latents)
         # 6. Decode
         images = self._decode(latents, opts.output_type)
         recipes = self._recipes(opts, guidance, prompts, seeds, (width, height))
         return LatentPipelineOutput(images=images, seeds=seeds, unet_evaluations=evaluations, recipes=recipes)
 
-    def _denoise(self, latents, timesteps, scales, embeds: PromptEmbeddings, guidance: Guidance, blend, generators,
-                 opts):
-        """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
+    def _denoise(self, latents, timesteps, guider: Guider, embeds: PromptEmbeddings, blend, generators, opts):
+        """x_t -> x_0: scale_model_input, one batched UNet call for the step's passes, guidance, step."""
         step_kwargs = {"generator": generators} if _step_takes_generator(self.scheduler) else {}
         evaluations = 0
-        for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), **self._bar_config(opts))):
-            x_in = self.scheduler.scale_model_input(latents, t)
-            guided = GuidancePlan.needs_uncond(w)
-            if guided:
-                pair = self._predict(torch.cat([x_in, x_in]), t, embeds.pair(), opts.cross_attention_kwargs,
-                                     embeds.added_pair())
-                pred = guidance.combine(*pair.chunk(2), w)
-            else:
-                pred = self._predict(x_in, t, embeds.cond, opts.cross_attention_kwargs, embeds.cond_added)
-            evaluations += 2 if guided else 1
-            latents = self.scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
-            if blend is not None:
-                latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
-            self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
+        with perturbed_attention(self.unet, guider.guidance.pag) as pag:
+            for i, t in enumerate(tqdm(timesteps, **self._bar_config(opts))):
+                x_in = self.scheduler.scale_model_input(latents, t)
+                preds = self._predict_passes(x_in, t, embeds, guider.passes[i], opts, pag)
+                pred, sample = guider.guide(i, preds, t, x_in, latents)
+                evaluations += len(guider.passes[i])
+                latents = self.scheduler.step(pred, t, sample, return_dict=False, **step_kwargs)[0]
+                if blend is not None:
+                    latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+                self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, guider.scales[i]))
         return latents, evaluations
+
+    def _predict_passes(self, x_in, t, embeds: PromptEmbeddings, passes: tuple[str, ...], opts, pag) -> dict:
+        """{pass: prediction} from one UNet call over the step's passes ([uncond; cond; perturbed], as stock)."""
+        if not passes:
+            return {}
+        context, added = embeds.batched(passes)
+        unet = self.unet
+        if pag is not None:
+            pag.select(with_uncond="uncond" in passes)
+            unet = pag.unet
+        out = self._predict(torch.cat([x_in] * len(passes)), t, context, opts.cross_attention_kwargs, added, unet)
+        return dict(zip(passes, out.chunk(len(passes))))
 
     def _bar_config(self, opts) -> dict:
         """tqdm settings: `set_progress_bar_config` (as in diffusers), off when the call says progress_bar=False."""
@@ -247,11 +255,11 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         return {**config, "disable": True} if not opts.progress_bar else config
 
     def _predict(self, x: torch.Tensor, t, context: torch.Tensor, cross_attention_kwargs=None,
-                 added: dict | None = None) -> torch.Tensor:
+                 added: dict | None = None, unet=None) -> torch.Tensor:
         extra = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else {}  # ONNX takes none
         if added is not None:
             extra["added_cond_kwargs"] = added  # SDXL's text_embeds / time_ids
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False, **extra)[0]
+        return (unet or self.unet)(x, t, encoder_hidden_states=context, return_dict=False, **extra)[0]
 
     @staticmethod
     def _report_step(callback, info: StepInfo) -> None:
@@ -299,6 +307,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             scale=float(opts.guidance_scale), schedule=opts.guidance_schedule, min_scale=float(opts.guidance_min_scale),
             interval=as_interval(opts.guidance_interval), rescale=float(rescale),
             num_train_timesteps=self.scheduler.config.num_train_timesteps,
+            method=GuidanceMethod.of(opts.guidance_method, **opts.method_parameters()),
+            pag=PerturbedAttention(float(opts.pag_scale), tuple(opts.pag_layer_list())) if opts.pag_scale else None,
         )
 
     def _timesteps(self, opts: GenerationOptions) -> torch.Tensor:

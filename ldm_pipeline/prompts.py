@@ -36,19 +36,22 @@ class PromptEmbeddings:
     # SDXL's added conditioning (`text_embeds`, `time_ids`), one row per prompt; None for SD 1.x / 2.x
     cond_added: dict | None = None
     uncond_added: dict | None = None
-    _pair: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _batches: dict = field(default_factory=dict, repr=False, compare=False)
 
     def pair(self) -> torch.Tensor:
-        """[uncond; cond] for one batched UNet call (the order stock diffusers uses); built once."""
-        if self._pair is None:
-            self._pair = torch.cat([self.uncond, self.cond])
-        return self._pair
+        """[uncond; cond] for one batched UNet call (the order stock diffusers uses)."""
+        return self.batched(("uncond", "cond"))[0]
 
-    def added_pair(self) -> dict | None:
-        """The added conditioning batched as `pair()`: [uncond; cond] per key."""
-        if self.cond_added is None:
-            return None
-        return {k: torch.cat([self.uncond_added[k], v]) for k, v in self.cond_added.items()}
+    def batched(self, passes: tuple[str, ...]) -> tuple[torch.Tensor, dict | None]:
+        """(hidden states, added conditioning) for one UNet call over `passes`, stacked in that order:
+        "uncond" takes the negative prompt, "cond" and "perturbed" (PAG) the prompt; built once per order."""
+        if passes not in self._batches:
+            def stack(cond, uncond):
+                return torch.cat([uncond if p == "uncond" else cond for p in passes])
+            added = None if self.cond_added is None else {
+                k: stack(v, (self.uncond_added or {}).get(k)) for k, v in self.cond_added.items()}
+            self._batches[passes] = (stack(self.cond, self.uncond), added)
+        return self._batches[passes]
 
     def repeat_each(self, n: int) -> "PromptEmbeddings":
         """Each prompt's embedding n times in a row (prompt-major image order)."""
