@@ -133,7 +133,7 @@ class GenerationOptions:
                                and momentum beta (-0.5)
     cfg_zero_init_steps        CFG-Zero*'s zero-initialised first steps (1)
     pag_scale / pag_layers     perturbed-attention guidance (0 = off) and its UNet self-attention layers
-                               (diffusers' names: "mid", "down.block_1", ...; default ["mid"])
+                               (diffusers' names: "mid", "down_blocks.1", ...; default ["mid"])
     width / height             pixels, multiples of 8; None = the init image's size, else the UNet's native size
     seed                       int (image j gets seed + j), list of ints, or None (random)
     num_images_per_prompt      images for each prompt
@@ -339,7 +339,7 @@ class GenerationOptions:
         layers = self.pag_layers
         if layers is None or not _is_text(layers) or not self.pag_layer_list() or not all(x.strip() for x in self.pag_layer_list()):
             return [f"{label('pag_layers')} must be UNet self-attention layer names (a string or a non-empty list, "
-                    f"e.g. ['mid'] or ['down.block_2', 'up.block_0']), got {layers!r}."]
+                    f"e.g. ['mid'] or ['down_blocks.2', 'up_blocks.0']), got {layers!r}."]
         return []
 
     def _image_problems(self) -> list[str]:

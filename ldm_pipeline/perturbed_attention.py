@@ -5,7 +5,7 @@ identity attention (softmax(QK^T) -> I, so a layer outputs its values). diffuser
 on the last chunk of the batch: `PAGCFGIdentitySelfAttnProcessor2_0` for [uncond; cond; perturbed],
 `PAGIdentitySelfAttnProcessor2_0` for [cond; perturbed]. Layers are chosen as stock
 `StableDiffusionPAGPipeline(pag_applied_layers=...)` chooses them (diffusers' `PAGMixin`): "mid",
-"down.block_1", "up.block_0.attentions_0", or a regular expression over the UNet's module names.
+"down_blocks.1", "up_blocks.0.attentions.0", or a regular expression over the UNet's module names.
 While a run is under way the chosen layers carry the PAG processors; afterwards the UNet's own
 processors are back.
 """
@@ -74,7 +74,7 @@ def perturbed_attention(unet, pag: PerturbedAttention | None):
             layers.select(True)  # fails before any step when a layer matches no self-attention module
         except ValueError as error:
             raise ValueError(f"pag_layers: {error}; name UNet self-attention layers as diffusers' PAG pipelines "
-                             "do: 'mid', 'down.block_1', 'up.block_0.attentions_0' (or a regular expression).") from None
+                             "do: 'mid', 'down_blocks.1', 'up_blocks.0.attentions.0' (or a regular expression).") from None
         yield layers
     finally:
         model.set_attn_processor(original)
