@@ -66,8 +66,10 @@ from ldm_pipeline.adapters import (
 )
 from ldm_pipeline.atomic import atomic_write_bytes
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.guidance_methods import METHODS, sampler_problem
 from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
+from ldm_pipeline.perturbed_attention import DEFAULT_LAYERS
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES
 from ldm_pipeline.service import prepare_schedulers
 
@@ -80,6 +82,8 @@ LINE_KEYS = {
     "guidance_min_scale": "guidance_min_scale", "guidance_interval": "guidance_interval",
     "guidance_rescale": "guidance_rescale", "width": "width", "height": "height", "clip_skip": "clip_skip",
     "emphasis": "emphasis", "scheduler": None, "n": "num_images_per_prompt",
+    **{key: key for key in ("guidance_method", "apg_eta", "apg_norm_threshold", "apg_momentum", "cfg_zero_init_steps",
+                            "pag_scale", "pag_layers")},
 }
 
 
@@ -173,8 +177,11 @@ def check_job(job: Job, pipe, schedulers: dict) -> None:
     n = job.options.num_images_per_prompt
     if n > SEED_STRIDE:
         raise ValueError(f"n must be between 1 and {SEED_STRIDE} (the seed stride between lines), got {n}")
-    if job.scheduler is not None and isinstance(schedulers.get(job.scheduler), Exception):
-        raise ValueError(str(schedulers[job.scheduler]))
+    scheduler = schedulers.get(job.scheduler, pipe.scheduler)
+    if isinstance(scheduler, Exception):
+        raise ValueError(str(scheduler))
+    if sampler_problem(job.options.guidance_method, scheduler):
+        raise ValueError(sampler_problem(job.options.guidance_method, scheduler))
 
 
 def load_jobs(args, defaults: Job) -> tuple[list[Job], list[LineError]]:
@@ -320,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide only where SIGMA_LO < sigma <= SIGMA_HI (sigma = sigma_t/alpha_t)")
     p.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale phi (default: 0.7 for zero-terminal-SNR models, else 0)")
+    add_guidance_method_arguments(p)
     p.add_argument("--scheduler", default=None, metavar="NAME", help="sampler name (default: the model's own)")
     p.add_argument("--seed", type=int, default=0,
                    help="base seed; image k of prompt i gets seed + 10000*i + k (default %(default)s)")
@@ -352,6 +360,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_guidance_method_arguments(p: argparse.ArgumentParser) -> None:
+    """--guidance-method and its parameters, --pag-scale / --pag-layers (see `ldm_pipeline.guidance_methods`)."""
+    p.add_argument("--guidance-method", default="cfg", choices=METHODS,
+                   help="how cond and uncond predictions combine: cfg, apg (Sadat et al. 2024), cfg++ (Chung et al. "
+                        "2024; guidance 0-1, samplers ddim/ddpm/euler/euler-a/rf-euler), cfg-zero* (Fan et al. 2025)")
+    p.add_argument("--apg-eta", type=float, default=None, help="APG: weight of the parallel part (default 0)")
+    p.add_argument("--apg-norm-threshold", type=float, default=None,
+                   help="APG: norm threshold r of the update (default 15; 0 = off)")
+    p.add_argument("--apg-momentum", type=float, default=None, help="APG: momentum beta (default -0.5)")
+    p.add_argument("--cfg-zero-init-steps", type=int, default=None,
+                   help="CFG-Zero*: zero-initialised first steps (default 1)")
+    p.add_argument("--pag-scale", type=float, default=0.0,
+                   help="perturbed-attention guidance scale (Ahn et al. 2024; default 0 = off; ~3 typical)")
+    p.add_argument("--pag-layers", nargs="+", default=list(DEFAULT_LAYERS), metavar="LAYER",
+                   help="UNet self-attention layers PAG perturbs, diffusers' names (default: mid)")
+
+
+def guidance_method_options(args) -> dict:
+    """The guidance-method options of the command line."""
+    return {"guidance_method": args.guidance_method, "apg_eta": args.apg_eta,
+            "apg_norm_threshold": args.apg_norm_threshold, "apg_momentum": args.apg_momentum,
+            "cfg_zero_init_steps": args.cfg_zero_init_steps, "pag_scale": args.pag_scale,
+            "pag_layers": args.pag_layers}
+
+
 def default_job(args) -> Job:
     """The command line's settings; steps and guidance left out become the model's (`with_defaults`)."""
     options = GenerationOptions(
@@ -361,6 +394,7 @@ def default_job(args) -> Job:
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_rescale=args.guidance_rescale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis, prompt_2=args.prompt_2,
+        **guidance_method_options(args),
     )
     return Job(index=0, line=0, options=options, scheduler=args.scheduler)
 

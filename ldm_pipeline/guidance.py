@@ -35,10 +35,10 @@ from ldm_pipeline.guidance_methods import (
     MomentumBuffer,
     StepPoints,
     apg,
-    cfg_pp_sampler_problem,
     cfg_pp_step_input,
     cfg_zero_star,
     perturbed_attention_term,
+    sampler_problem,
 )
 from ldm_pipeline.perturbed_attention import PerturbedAttention
 
@@ -268,8 +268,8 @@ class Guider:
 
     def __init__(self, guidance: Guidance, scheduler, timesteps):
         self.guidance, self.method = guidance, guidance.method
-        if self.method.name == "cfg++" and cfg_pp_sampler_problem(scheduler):
-            raise ValueError(cfg_pp_sampler_problem(scheduler))
+        if sampler_problem(self.method.name, scheduler):
+            raise ValueError(sampler_problem(self.method.name, scheduler))
         plan, steps = GuidancePlan(guidance, scheduler), torch.as_tensor(timesteps).tolist()
         self.scales = plan.scales(steps)  # w per step; 1.0 = no unconditional pass (CFG)
         self.passes = [self._passes(i, plan.inside(t), w) for i, (t, w) in enumerate(zip(steps, self.scales))]

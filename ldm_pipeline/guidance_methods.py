@@ -163,10 +163,10 @@ class GuidanceMethod:
         return self.name == "cfg-zero*" and step_index < self.cfg_zero_init_steps
 
 
-def cfg_pp_sampler_problem(scheduler) -> str | None:
-    """Why CFG++ cannot run with this scheduler, or None."""
+def sampler_problem(method: str, scheduler) -> str | None:
+    """Why a guidance method cannot run with this scheduler, or None (only CFG++ is picky)."""
     name = type(scheduler).__name__
-    if name in CFG_PP_CLASSES:
+    if method != "cfg++" or name in CFG_PP_CLASSES:
         return None
     samplers = ", ".join(f"{short} ({stock})" for short, stock in CFG_PP_SAMPLERS.items())
     return (f"CFG++ (guidance_method='cfg++') renoises with the unconditional noise prediction, which a scheduler's "

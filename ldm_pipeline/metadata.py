@@ -120,7 +120,7 @@ def format_parameters(recipe: dict) -> str:
     sampler, schedule_type = sampler_name(scheduler.get("class", "?"), scheduler.get("config") or {})
     fields = {
         "Steps": recipe.get("steps"),
-        "Sampler": sampler,
+        "Sampler": sampler + (" CFG++" if (guidance.get("method") or {}).get("name") == "cfg++" else ""),
         "Schedule type": schedule_type,
         "CFG scale": guidance.get("scale"),
         "Seed": recipe.get("seed"),
@@ -134,6 +134,7 @@ def format_parameters(recipe: dict) -> str:
         "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
         "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
         "Backend": recipe.get("backend") if recipe.get("backend") not in (None, "pytorch") else None,
+        **guidance_method_fields(guidance),
         "Lora hashes": _hashes(recipe.get("loras")),
         "TI hashes": _hashes(recipe.get("embeddings")),
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
@@ -143,6 +144,46 @@ def format_parameters(recipe: dict) -> str:
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
+
+
+# A1111-style keys of our guidance methods' parameters (CFG++ is a suffix of the sampler, as in Forge: "Euler a CFG++")
+METHOD_KEYS = {"apg_eta": "APG eta", "apg_norm_threshold": "APG norm threshold", "apg_momentum": "APG momentum",
+               "cfg_zero_init_steps": "Zero-init steps"}
+
+
+def guidance_method_fields(guidance: dict) -> dict:
+    """The infotext fields of APG / CFG-Zero* (our own keys) and PAG (the keys of Forge's PAG extension)."""
+    fields = {}
+    method = dict(guidance.get("method") or {"name": "cfg"})
+    if method["name"] not in ("cfg", "cfg++"):
+        fields["Guidance method"] = method.pop("name")
+        fields.update({METHOD_KEYS[key]: value for key, value in method.items()})
+    pag = guidance.get("pag")
+    if pag:
+        fields.update(pag_enabled=True, pag_scale=pag["scale"])
+        if pag["layers"] == ["mid"]:
+            fields.update(pag_block="middle", pag_block_id=0)
+        else:
+            fields["PAG layers"] = json.dumps(pag["layers"])
+    return fields
+
+
+def guidance_method_parameters(params: dict) -> dict:
+    """The guidance-method options named by A1111 text (`guidance_method_fields` read back)."""
+    options = {}
+    if params.get("Sampler", "").endswith(" CFG++"):
+        options["guidance_method"] = "cfg++"
+    if "Guidance method" in params:
+        options["guidance_method"] = params["Guidance method"]
+        kinds = {"cfg_zero_init_steps": int}
+        options.update({key: kinds.get(key, float)(params[label]) for key, label in METHOD_KEYS.items()
+                        if label in params})
+    if params.get("pag_enabled", "True") == "True" and "pag_scale" in params:
+        # Forge's input/output block ids count LDM blocks, not diffusers' layers: only "middle" maps
+        middle = params.get("pag_block", "middle") == "middle"
+        layers = json.loads(params["PAG layers"]) if "PAG layers" in params else ["mid"] if middle else None
+        options.update({"pag_scale": float(params["pag_scale"]), "pag_layers": layers} if layers else {})
+    return options
 
 
 def _hashes(records: list[dict] | None) -> str | None:
@@ -185,7 +226,9 @@ def parameters_to_options(params: dict) -> dict:
             options[name] = kind(params[key])
     if "Clip skip" in params:
         options["clip_skip"] = int(params["Clip skip"]) - 1
-    options.update(sampler_options(params))
+    options.update(sampler_options({**params, "Sampler": params["Sampler"].removesuffix(" CFG++")}
+                                   if "Sampler" in params else params))
+    options.update(guidance_method_parameters(params))
     if "Emphasis" in params:  # absent: A1111's "Original", which is our default too
         options["emphasis"] = {label: mode for mode, label in A1111_EMPHASIS.items()}.get(params["Emphasis"], "original")
     return options

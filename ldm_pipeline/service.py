@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ldm_pipeline import metadata
+from ldm_pipeline.guidance_methods import sampler_problem
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, image_seeds
 from ldm_pipeline.pipeline import GenerationCancelled
@@ -87,6 +88,9 @@ class GenerationService:
         problems = options.problems(self.pipe.limits())
         if request.sampler is not None and request.sampler not in self.sampler_names:
             problems.append(f"Unknown sampler {request.sampler!r}: choose one of {', '.join(self.sampler_names)}.")
+        else:  # the chosen guidance method with this sampler (CFG++ takes single-step ones)
+            problems += filter(None, [sampler_problem(options.guidance_method,
+                                                      self.schedulers.get(request.sampler, self.pipe.scheduler))])
         if problems:
             raise InvalidOptions(" ".join(problems))
         return options

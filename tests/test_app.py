@@ -14,6 +14,8 @@ FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
     prompt="a red circle", negative_prompt="", sampler="ddim", steps=4, guidance_scale=7.5,
     guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
     guidance_rescale=-1.0, width=32.0, height=32.0, seed=-1.0, batch_count=1.0, batch_size=1.0,
+    guidance_method="cfg", apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5, cfg_zero_init_steps=1.0,
+    pag_scale=0.0, pag_layers="mid",
 )
 
 
@@ -141,3 +143,32 @@ def test_init_images_of_any_mode_become_8_bit_rgb():
     for image in (Image.fromarray(grey), Image.fromarray(grey).convert("P"), Image.fromarray(grey).convert("LA")):
         converted = as_rgb(image)
         assert converted.mode == "RGB" and converted.size == (16, 4)
+
+
+def test_form_sends_only_the_chosen_guidance_methods_parameters(service):
+    request = app.request_from_form({**FORM, "guidance_method": "apg", "apg_eta": 0.3, "pag_scale": 2.5,
+                                     "pag_layers": "mid, up_blocks.0"})
+    options = service.check(request)
+    assert (options.guidance_method, options.apg_eta, options.apg_norm_threshold, options.apg_momentum) == (
+        "apg", 0.3, 15.0, -0.5)
+    assert options.cfg_zero_init_steps is None and options.pag_scale == 2.5
+    assert options.pag_layers == ["mid", "up_blocks.0"]
+    zero = service.check(app.request_from_form({**FORM, "guidance_method": "cfg-zero*", "cfg_zero_init_steps": 2.0}))
+    assert zero.cfg_zero_init_steps == 2 and zero.apg_eta is None
+    with pytest.raises(ValueError, match=r"CFG\+\+ .* Choose one of: ddim"):
+        service.check(app.request_from_form({**FORM, "guidance_method": "cfg++", "sampler": "dpmpp-2m"}))
+
+
+def test_png_info_fills_the_guidance_method_fields(tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a CFG++, CFG scale: 0.8, Seed: 3, Size: 64x64, "
+                                "pag_enabled: True, pag_scale: 3, pag_block: middle, pag_block_id: 0")
+    path = tmp_path / "forge.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    _, fields = app.png_info(str(path))
+    updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields)))
+    values = {name: u.get("value") for name, u in updates.items() if "value" in u}
+    assert values["guidance_method"] == "cfg++" and values["pag_scale"] == 3.0 and values["pag_layers"] == "mid"

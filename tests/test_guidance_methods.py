@@ -330,3 +330,53 @@ def test_method_parameters_are_checked():
     with pytest.raises(InvalidOptions, match="Unknown guidance method"):
         GenerationOptions(prompt="x", guidance_method="cfg+").check()
     assert PerturbedAttention(2.0).describe() == {"scale": 2.0, "layers": ["mid"]}
+
+
+# ---------------------------------------------------------------- infotext, CLI, service
+
+
+@pytest.mark.parametrize("settings, text", [
+    ({"guidance_method": "cfg++", "guidance_scale": 0.8}, "Sampler: DDIM CFG++"),
+    ({"guidance_method": "apg", "apg_eta": 0.25}, "Guidance method: apg, APG eta: 0.25, APG norm threshold: 15.0, "
+                                                  "APG momentum: -0.5"),
+    ({"guidance_method": "cfg-zero*", "cfg_zero_init_steps": 2}, "Guidance method: cfg-zero*, Zero-init steps: 2"),
+    ({"pag_scale": 3.0}, "pag_enabled: True, pag_scale: 3.0, pag_block: middle, pag_block_id: 0"),
+    ({"pag_scale": 3.0, "pag_layers": ["mid", "up"]}, 'pag_enabled: True, pag_scale: 3.0, PAG layers: "[\\"mid\\", '
+                                                     '\\"up\\"]"'),
+])
+def test_infotext_names_the_method_and_reads_back(pipe, settings, text):
+    from ldm_pipeline import metadata
+
+    recipe = pipe("a red circle", seed=4, **{**SMALL, "num_inference_steps": 3, **settings}).recipes[0]
+    infotext = metadata.format_parameters(recipe)
+    assert text in infotext
+    options = metadata.parameters_to_options(metadata.parse_parameters(infotext))
+    assert {k: options[k] for k in settings} == settings
+
+
+def test_forge_pag_infotext_of_another_block_is_not_guessed():
+    from ldm_pipeline import metadata
+
+    params = metadata.parse_parameters("a cat\nSteps: 20, Sampler: Euler a CFG++, CFG scale: 1.5, Seed: 1, "
+                                       "pag_enabled: True, pag_scale: 3, pag_block: input, pag_block_id: 4")
+    options = metadata.parameters_to_options(params)
+    assert options["guidance_method"] == "cfg++" and options["scheduler"] == "euler-a" and "pag_scale" not in options
+
+
+def test_cli_generates_with_a_method_and_refuses_cfg_pp_with_a_multistep_sampler(components, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_pipeline import metadata
+    from ldm_pipeline.generate import main
+
+    folder = tmp_path / "tiny"
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(str(folder))
+    common = ["a circle", "--model", str(folder), "--steps", "3", "--width", "32", "--height", "32"]
+    assert main([*common, "--out", str(tmp_path / "ok"), "--guidance-method", "apg", "--apg-eta", "0.2",
+                 "--pag-scale", "2", "--pag-layers", "mid", "up"]) == 0
+    guidance = metadata.read_png(next((tmp_path / "ok").glob("*.png"))).recipe["guidance"]
+    assert guidance["method"]["apg_eta"] == 0.2 and guidance["pag"] == {"scale": 2.0, "layers": ["mid", "up"]}
+    assert main([*common, "--out", str(tmp_path / "bad"), "--guidance-method", "cfg++", "--scheduler",
+                 "dpmpp-2m"]) == 1
+    assert "CFG++ (guidance_method='cfg++') renoises with the unconditional" in capsys.readouterr().err
+    assert not list((tmp_path / "bad").glob("*.png"))
