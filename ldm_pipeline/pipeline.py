@@ -6,7 +6,8 @@ folder loads into it with `from_pretrained`. Public call::
 
     out = pipe("a red circle", negative_prompt="blurry", num_inference_steps=30,
                guidance_scale=7.5, guidance_schedule="constant", guidance_interval=(0.28, 5.42),
-               guidance_rescale=0.0, width=512, height=512, seed=42, num_images_per_prompt=4,
+               guidance_rescale=0.0, guidance_method="cfg", pag_scale=0.0, width=512, height=512, seed=42,
+               num_images_per_prompt=4,
                image=None, strength=None, mask_image=None, callback=None, progress_bar=True)
     out.images, out.seeds, out.unet_evaluations, out.recipes
 
@@ -21,7 +22,8 @@ raise) to stop. A True return raises `GenerationCancelled`.
 
 Scheduler contract: `set_timesteps(n, device=)`, `timesteps`, `order`, `init_noise_sigma`,
 `scale_model_input(x, t)`, `step(pred, t, x, return_dict=False)`, and `add_noise`
-for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it.
+for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it. Guidance methods
+(`guidance_methods`) keep to it: CFG++ hands `step` the sample its renoising needs.
 """
 
 from __future__ import annotations

@@ -82,20 +82,26 @@ def test_accuracy_table_shown_when_present_and_explained_when_missing(tmp_path):
     assert "missing" in note and "benchmarks/sampler_accuracy.py" in note
 
 
-def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
+def settings_from_png(tmp_path, parameters: str) -> tuple[str, dict]:
+    """The PNG-info tab on a PNG carrying only A1111 `parameters` text: (text shown, txt2img values it fills)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    # a PNG as AUTOMATIC1111 writes it (parameters text only, no recipe)
     info = PngInfo()
-    info.add_text("parameters", "a cat, best quality\nNegative prompt: blurry\n"
-                                "Steps: 25, Sampler: Euler a, CFG scale: 6.5, Seed: 99, Size: 512x768, Model: sd15")
+    info.add_text("parameters", parameters)
     path = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     text, fields = app.png_info(str(path))
-    assert text.startswith("a cat, best quality")
     updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields)))
-    values = {name: u.get("value") for name, u in updates.items() if "value" in u}
+    return text, {name: u.get("value") for name, u in updates.items() if "value" in u}
+
+
+def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
+    # a PNG as AUTOMATIC1111 writes it (parameters text only, no recipe)
+    text, values = settings_from_png(tmp_path, "a cat, best quality\nNegative prompt: blurry\n"
+                                               "Steps: 25, Sampler: Euler a, CFG scale: 6.5, Seed: 99, Size: 512x768, "
+                                               "Model: sd15")
+    assert text.startswith("a cat, best quality")
     assert values == {"prompt": "a cat, best quality", "negative_prompt": "blurry", "steps": 25,
                       "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768}
 
@@ -160,15 +166,7 @@ def test_form_sends_only_the_chosen_guidance_methods_parameters(service):
 
 
 def test_png_info_fills_the_guidance_method_fields(tmp_path):
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a CFG++, CFG scale: 0.8, Seed: 3, Size: 64x64, "
-                                "pag_enabled: True, pag_scale: 3, pag_block: middle, pag_block_id: 0")
-    path = tmp_path / "forge.png"
-    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
-    _, fields = app.png_info(str(path))
-    updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields)))
-    values = {name: u.get("value") for name, u in updates.items() if "value" in u}
+    _, values = settings_from_png(tmp_path, "a cat\nSteps: 20, Sampler: Euler a CFG++, CFG scale: 0.8, Seed: 3, "
+                                            "Size: 64x64, pag_enabled: True, pag_scale: 3, pag_block: middle, "
+                                            "pag_block_id: 0")
     assert values["guidance_method"] == "cfg++" and values["pag_scale"] == 3.0 and values["pag_layers"] == "mid"

@@ -199,30 +199,61 @@ def test_cfg_pp_matches_comfyui_sample_euler_cfg_pp():
     torch.testing.assert_close(ours.double(), reference, rtol=1e-3, atol=1e-3)
 
 
-def test_cfg_pp_euler_ancestral_matches_comfyui_with_the_same_noise():
+@pytest.mark.parametrize("make", [lambda: EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG),
+                                  lambda: registry.build("euler-a", SD15_SCHEDULER_CONFIG)],
+                         ids=["EulerAncestralDiscreteScheduler", "euler-a"])
+def test_cfg_pp_euler_ancestral_matches_comfyui_with_the_same_noise(make):
     """sample_euler_ancestral_cfg_pp: x = denoised + sigma_down (x - D_u)/sigma + sigma_up * noise."""
-    scheduler = EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    scheduler.set_timesteps(5)
+    scheduler, fresh = make(), make()
+    for s in (scheduler, fresh):
+        s.set_timesteps(5)
     x = noisy(1.0, 1.0, seed=6).float() * scheduler.init_noise_sigma
     t = scheduler.timesteps[0]
     ours, point, (uncond, cond) = one_cfg_pp_step(scheduler, 0.5, x, t, generator=torch.Generator().manual_seed(9))
-    noise = randn_tensor(x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype)
-    sigma, sigma_next = float(scheduler.sigmas[0]), float(scheduler.sigmas[1])
+    zero = torch.zeros_like(x)  # x = 0 with eps = 0: the step returns its noise term sigma_up * z alone
+    fresh.scale_model_input(zero, t)
+    noise_term = fresh.step(zero, t, zero, generator=torch.Generator().manual_seed(9)).prev_sample.double()
+    nxt = StepPoints(scheduler).at(scheduler.timesteps[1], x)
+    to_vp = nxt.alpha if scheduler.init_noise_sigma > 1 else 1.0  # stock Euler a keeps x / alpha, ours x
+    sigma, sigma_next = point.sigma / point.alpha, nxt.sigma / nxt.alpha  # k-diffusion's sigmas
     sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
     sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
-    (d_u, _), (d_c, _) = point.x0_eps(uncond), point.x0_eps(cond)
-    expected = d_u + 0.5 * (d_c - d_u) + sigma_down * (x.double() - d_u) / sigma + sigma_up * noise.double()
-    torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-3)
+    assert float(noise_term.std()) * to_vp == pytest.approx(nxt.alpha * sigma_up, rel=0.5)
+    (d_u, eps_u), (d_c, _) = point.x0_eps(uncond), point.x0_eps(cond)  # eps_u = (x - D_u) / sigma
+    expected_vp = nxt.alpha * (d_u + 0.5 * (d_c - d_u) + sigma_down * eps_u) + noise_term * to_vp
+    torch.testing.assert_close(ours.double() * to_vp, expected_vp, rtol=1e-3, atol=1e-3)
 
 
-def test_cfg_pp_flow_euler_renoises_with_the_unconditional_eps():
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLOW_CONFIG)
+def test_cfg_pp_ddpm_is_the_posterior_step_from_the_guided_x0_and_unconditional_eps():
+    """DDPM (fixed_small): x_next = sqrt(abar') x0_g + sqrt(1 - abar' - var) eps_u + sqrt(var) z, var = beta~_t."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(10)
+    t, t_prev = (int(v) for v in scheduler.timesteps[3:5])
+    x = noisy(0.6, 0.8, seed=10).float()
+    x_next, point, (uncond, cond) = one_cfg_pp_step(scheduler, 0.7, x, t, generator=torch.Generator().manual_seed(3))
+    (x0_u, eps_u), (x0_c, _) = point.x0_eps(uncond), point.x0_eps(cond)
+    abar, abar_prev = (float(scheduler.alphas_cumprod[i]) for i in (t, t_prev))
+    var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+    z = randn_tensor(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype).double()
+    expected = (math.sqrt(abar_prev) * (x0_u + 0.7 * (x0_c - x0_u)) + math.sqrt(1 - abar_prev - var) * eps_u
+                + math.sqrt(var) * z)
+    torch.testing.assert_close(x_next.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: FlowMatchEulerDiscreteScheduler.from_config(FLOW_CONFIG),
+                                  lambda: registry.build("rf-euler", {**FLOW_CONFIG, "beta_schedule": "flow",
+                                                                      "prediction_type": "flow"})],
+                         ids=["FlowMatchEulerDiscreteScheduler", "rf-euler"])
+def test_cfg_pp_flow_euler_renoises_with_the_unconditional_eps(make):
+    scheduler = make()
     scheduler.set_timesteps(5)
     x = noisy(0.5, 0.5, seed=8).float()
     t = scheduler.timesteps[1]
     x_next, point, (uncond, cond) = one_cfg_pp_step(scheduler, 0.6, x, t, prediction_type="flow")
     (x0_u, eps_u), (x0_c, _) = point.x0_eps(uncond), point.x0_eps(cond)
-    s_next = float(scheduler.sigmas[2])
+    s_next = float(StepPoints(scheduler).at(scheduler.timesteps[2], x).sigma)
     expected = (1 - s_next) * (x0_u + 0.6 * (x0_c - x0_u)) + s_next * eps_u
     torch.testing.assert_close(x_next.double(), expected, rtol=1e-4, atol=1e-4)
 
@@ -319,6 +350,19 @@ def test_cfg_pp_with_an_unsupported_sampler_is_refused_in_the_pipeline(component
                                         "scheduler": registry.build("dpmpp-2m", SD15_SCHEDULER_CONFIG)})
     with pytest.raises(ValueError, match=r"CFG\+\+ .*DPMSolverPlusPlusSampler is not one"):
         pipe("a circle", seed=1, guidance_method="cfg++", **SMALL)
+
+
+def test_sdxl_runs_each_method_with_its_added_conditioning():
+    from ldm_pipeline.sdxl import LatentSDXLPipeline
+    from training.tiny_models import tiny_sdxl_components
+
+    components = tiny_sdxl_components()
+    keys = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    sdxl = LatentSDXLPipeline(**{k: components[k] for k in keys})
+    plain = sdxl("a red circle", seed=3, **SMALL).images
+    for settings in ({"guidance_method": "apg", "pag_scale": 2.0}, {"guidance_method": "cfg++", "guidance_scale": 0.6}):
+        out = sdxl("a red circle", seed=3, **{**SMALL, **settings})
+        assert np.isfinite(out.images).all() and np.abs(out.images - plain).max() > 1e-3
 
 
 def test_recipe_of_plain_cfg_is_unchanged(pipe):
