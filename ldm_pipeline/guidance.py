@@ -214,6 +214,11 @@ class Guidance:
         tau = min(max(float(timestep) / self.num_train_timesteps, 0.0), 1.0)
         return guidance_scale_at(self.scale, self.schedule, tau, self.min_scale)
 
+    def combine(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Plain CFG with this guidance's rescale (the methods and PAG run through `Guider`)."""
+        guided = cfg(pred_uncond, pred_cond, scale)
+        return rescale_guidance(guided, pred_cond, self.rescale) if self.rescale > 0 else guided
+
     def describe(self) -> dict:
         """A JSON-friendly description (a callable schedule is recorded by name only)."""
         schedule = self.schedule if isinstance(self.schedule, str) else f"callable:{getattr(self.schedule, '__name__', '?')}"

@@ -48,10 +48,22 @@ class PromptEmbeddings:
         if passes not in self._batches:
             def stack(cond, uncond):
                 return torch.cat([uncond if p == "uncond" else cond for p in passes])
+
+            def stack_added(cond, uncond):  # a list (IP-Adapter `image_embeds`) is stacked per adapter
+                if isinstance(cond, list):
+                    return [stack(c, u) for c, u in zip(cond, uncond or [None] * len(cond))]
+                return stack(cond, uncond)
+
+            uncond_added = self.uncond_added or {}
             added = None if self.cond_added is None else {
-                k: stack(v, (self.uncond_added or {}).get(k)) for k, v in self.cond_added.items()}
+                k: stack_added(v, uncond_added.get(k)) for k, v in self.cond_added.items()}
             self._batches[passes] = (stack(self.cond, self.uncond), added)
         return self._batches[passes]
+
+    def with_added(self, cond: dict, uncond: dict | None) -> "PromptEmbeddings":
+        """These embeddings with more added conditioning (e.g. IP-Adapter `image_embeds`), one row per image."""
+        return PromptEmbeddings(self.cond, self.uncond, {**(self.cond_added or {}), **cond},
+                                None if uncond is None else {**(self.uncond_added or {}), **uncond})
 
     def repeat_each(self, n: int) -> "PromptEmbeddings":
         """Each prompt's embedding n times in a row (prompt-major image order)."""
