@@ -1,5 +1,7 @@
 """Guidance methods on the embedded model: prompt adherence (the shapes judge) and UNet evaluations per image.
 
+Results: docs/guidance_methods.md.
+
 Every cell uses the same prompts and seeds (`evaluation.adherence`), the Euler sampler (CFG++ takes a
 single-step sampler) and the model's 10 steps; prints a Markdown table.
 
@@ -18,7 +20,10 @@ from ldm_pipeline import load_pipeline, swap_scheduler
 CELLS = [  # (label, guidance scale, pipeline options)
     ("cfg", 3.0, {}),
     ("cfg", 8.0, {}),
+    ("apg (eta 0, r 15, beta -0.5)", 3.0, {"guidance_method": "apg"}),
     ("apg (eta 0, r 15, beta -0.5)", 8.0, {"guidance_method": "apg"}),
+    ("apg (eta 0, r 15, beta 0)", 8.0, {"guidance_method": "apg", "apg_momentum": 0.0}),
+    ("apg (eta 1, r 15, beta -0.5)", 8.0, {"guidance_method": "apg", "apg_eta": 1.0}),
     ("cfg-zero* (K 1)", 3.0, {"guidance_method": "cfg-zero*"}),
     ("cfg-zero* (K 1)", 8.0, {"guidance_method": "cfg-zero*"}),
     ("cfg++", 0.6, {"guidance_method": "cfg++"}),
