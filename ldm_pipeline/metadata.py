@@ -141,7 +141,7 @@ def format_parameters(recipe: dict) -> str:
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
-    text = recipe.get("prompt", "") + _lora_tags(recipe.get("loras"))
+    text = prompt_with_lora_tags(recipe)
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
@@ -185,6 +185,12 @@ def guidance_method_parameters(params: dict) -> dict:
         layers = json.loads(params["PAG layers"]) if "PAG layers" in params else ["mid"] if middle else None
         options.update({"pag_scale": float(params["pag_scale"]), "pag_layers": layers} if layers else {})
     return options
+
+
+def prompt_with_lora_tags(recipe: dict) -> str:
+    """The recipe's prompt with its LoRAs as A1111 writes them in the infotext: `... <lora:NAME:W>`
+    (so A1111, and our PNG info and history, restore them; the recipe's `prompt` is the text encoded)."""
+    return recipe.get("prompt", "") + _lora_tags(recipe.get("loras"))
 
 
 def _lora_tags(records: list[dict] | None) -> str:
