@@ -148,7 +148,7 @@ def app_request(settings: dict) -> ServiceRequest:
     if not set(settings) <= {*FORM_NUMBERS, "prompt", "negative_prompt", "guidance_schedule"} or not numbers_only \
             or not isinstance(values["prompt"], str) or not isinstance(values.get("negative_prompt", ""), str):
         return ServiceRequest(GenerationOptions(**values), sampler=None)
-    form = dict(zip(app.SETTING_NAMES, ["", "", "ddim", 2, 7.5, "constant", 1.0, False, 0.28, 5.42, -1.0, 32, 32,
+    form = dict(zip(app.SETTING_NAMES, ["", "", "ddim", "Automatic", 2, 7.5, "constant", 1.0, False, 0.28, 5.42, -1.0, 32, 32,
                                         values["seed"], 1, 1]))
     form.update({FORM_NUMBERS.get(k, k): v for k, v in values.items() if FORM_NUMBERS.get(k, k) in app.SETTING_NAMES})
     return app.request_from_form(form)
