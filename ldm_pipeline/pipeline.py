@@ -2,7 +2,8 @@
 
 `LatentTextToImagePipeline` is a `diffusers.DiffusionPipeline` with the Stable Diffusion
 1.x/2.x components (`vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler`), so any SD
-folder loads into it with `from_pretrained`. Public call::
+folder loads into it with `from_pretrained`. Its stages live here in `LatentTextToImageStages`,
+the class itself in `diffusers_pipeline` (imported on first use of the name). Public call::
 
     out = pipe("a red circle", negative_prompt="blurry", num_inference_steps=30,
                guidance_scale=7.5, guidance_schedule="constant", guidance_interval=(0.28, 5.42),
@@ -27,33 +28,26 @@ for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline import metadata
-from ldm_pipeline.adapters import pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
 from ldm_pipeline.options import GenerationOptions, ModelLimits, as_rgb, image_seeds
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImagePipeline",
+__all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImageStages",
            "NonFiniteLatents", "StepInfo"]
 
 
@@ -108,56 +102,15 @@ def _step_takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
-class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
-                                FromSingleFileMixin):
-    """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring).
+class LatentTextToImageStages:
+    """The generation stages of `LatentTextToImagePipeline` (see module docstring), on any object that holds
+    the SD components (`vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler`) and calls `_init_state()`.
 
-    diffusers' loader mixins give it `load_lora_weights` (diffusers, kohya and A1111 files, as
-    diffusers converts them), `set_adapters`, `fuse_lora` / `unfuse_lora`, `unload_lora_weights`
-    and `load_textual_inversion` (see `ldm_pipeline.adapters` for the pickle guard).
+    `LatentTextToImagePipeline` (`ldm_pipeline.diffusers_pipeline`) puts them on diffusers'
+    `DiffusionPipeline`; the ONNX backend (`ldm_pipeline.onnx_backend`) on a plain class, so that a
+    one-shot command imports neither diffusers' pipelines and models nor transformers' text models.
+    Subclasses provide `_execution_device` and `maybe_convert_prompt(prompt, tokenizer)`.
     """
-
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    family = "sd"  # which model family this class runs (`loading.model_family`); SDXL: `sdxl`
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    STOCK_CLASS = "StableDiffusionPipeline"  # what saved folders call themselves: stock diffusers opens them
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' `from_pretrained`, skipping a folder's safety checker, feature extractor and image encoder."""
-        for name in cls._optional_components:
-            kwargs.setdefault(name, None)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' `save_pretrained`, as a `StableDiffusionPipeline` folder (empty safety checker slots)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        index = Path(save_directory) / "model_index.json"
-        config = json.loads(index.read_text())
-        index.write_text(json.dumps({**config, "_class_name": self.STOCK_CLASS}, indent=2, sort_keys=True) + "\n")
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: SchedulerMixin,
-        safety_checker: None = None,
-        feature_extractor: None = None,
-        image_encoder: None = None,
-        requires_safety_checker: bool = False,
-    ):
-        super().__init__()
-        dropped = [name for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor),
-                                            ("image_encoder", image_encoder)) if value is not None]
-        if dropped:
-            logger.warning("LatentTextToImagePipeline does not use %s; dropped.", ", ".join(dropped))
-        # the stock SD slots, kept empty, so that folders and `from_pipe` line up with StableDiffusionPipeline
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              safety_checker=None, feature_extractor=None, image_encoder=None)
-        self.register_to_config(requires_safety_checker=False)
-        self._init_state()
 
     def _init_state(self) -> None:
         """Image processors and per-model records, once the modules are registered (shared with SDXL)."""
@@ -174,21 +127,6 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         # LoRAs and embeddings applied through `ldm_pipeline.adapters` ({"name", "hash", "scale"}); in recipes
         self.lora_records: list[dict] = []
         self.embedding_records: list[dict] = []
-
-    # ------------------------------------------------------------ loaders (pickle only when asked for)
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, *, allow_pickle=False,
-                          **kwargs):
-        """diffusers' `load_lora_weights`; a `.pt`/`.bin`/`.ckpt` file needs `allow_pickle=True`."""
-        kwargs = pickle_free_kwargs(pretrained_model_name_or_path_or_dict, kwargs, allow_pickle)
-        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
-
-    def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
-                               *, allow_pickle=False, **kwargs):
-        """diffusers' `load_textual_inversion`; an A1111 `.pt` embedding needs `allow_pickle=True`."""
-        kwargs = pickle_free_kwargs(pretrained_model_name_or_path, kwargs, allow_pickle)
-        return super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
-                                              text_encoder=text_encoder, **kwargs)
 
     # ------------------------------------------------------------ the call
 
@@ -408,3 +346,13 @@ def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:
     if count % n:
         raise ValueError(f"Got {n} {name}s for {count} images; give one, or one per prompt.")
     return batch.repeat_interleave(count // n, dim=0)
+
+
+def __getattr__(name: str):
+    """`LatentTextToImagePipeline` lives in `diffusers_pipeline` (it imports diffusers' pipelines, models and
+    loaders); importing it from here still works and imports them only then."""
+    if name == "LatentTextToImagePipeline":
+        from ldm_pipeline.diffusers_pipeline import LatentTextToImagePipeline
+
+        return LatentTextToImagePipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
