@@ -2,7 +2,7 @@
 Prints Markdown tables (`docs/cold_start.md`).
 
     OMP_NUM_THREADS=1 python benchmarks/cold_start.py times --repeats 7    # wall, CPU, peak RSS; ratios vs stock
-    OMP_NUM_THREADS=1 python benchmarks/cold_start.py importtime           # python -X importtime, by package
+    OMP_NUM_THREADS=1 python benchmarks/cold_start.py importtime --repeats 5   # python -X importtime, by package
 
 Commands (process start to exit, one 64x64 PNG of the embedded model, 10 steps, CFG 3, rescale 0.7, seed 0):
 
@@ -120,40 +120,51 @@ def times(repeats: int) -> str:
 # ---------------------------------------------------------------- import time
 
 
-PACKAGES = ("torch", "torch._dynamo", "diffusers", "diffusers.models", "diffusers.pipelines", "transformers",
-            "accelerate", "bitsandbytes", "peft", "scipy", "onnxruntime", "tokenizers", "custom_schedulers",
-            "ldm_pipeline", "training", "gradio", "matplotlib")
+PACKAGES = ("torch", "torch._dynamo", "torch._inductor", "sympy", "diffusers", "diffusers.models", "diffusers.pipelines",
+            "diffusers.loaders", "transformers", "huggingface_hub", "accelerate", "bitsandbytes", "peft", "scipy",
+            "onnxruntime", "tokenizers", "custom_schedulers", "ldm_pipeline", "training", "gradio", "matplotlib")
 
 
 def import_times(command: list[str], env: dict) -> tuple[float, int, dict[str, float]]:
-    """Total top-level import time (s), the number of modules imported, and each package's cumulative time."""
+    """Total import time (s), the number of modules imported, and each package's time: the self time of its
+    modules and subpackages, whoever imported them first."""
     result = subprocess.run([sys.executable, "-X", "importtime", *command], env=env, capture_output=True, text=True,
                             check=True)
-    total, count, packages = 0.0, 0, {}
+    total, count, packages = 0.0, 0, dict.fromkeys(PACKAGES, 0.0)
     for line in result.stderr.splitlines():
-        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)$", line)
+        match = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)$", line)
         if not match:
             continue
-        cumulative, indent, name = int(match[1]) / 1e6, match[2], match[3]
+        own, name = int(match[1]) / 1e6, match[2]
         count += 1
-        total += cumulative if len(indent) == 1 else 0.0
-        if name in PACKAGES:
-            packages[name] = max(packages.get(name, 0.0), cumulative)
+        total += own
+        for package in PACKAGES:
+            if name == package or name.startswith(package + "."):
+                packages[package] += own
     return total, count, packages
 
 
-def importtime() -> str:
+def importtime(repeats: int) -> str:
+    """Medians over interleaved repeats (one `-X importtime` run is as noisy as one timing)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "LDM_CACHE_DIR": tmp + "/cache"}
         runs = {name: command for name, command in commands(tmp + "/out").items() if name != FIRST_RUN}
         run_process(runs[README], env)  # fills the export cache
-        measured = {name: import_times(command[1:], env) for name, command in runs.items()}
-    names = list(measured)
-    header = "| package (cumulative s) | " + " | ".join(names) + " |"
-    rows = [f"| {p} | " + " | ".join(f"{measured[n][2].get(p, 0):.2f}" for n in names) + " |" for p in PACKAGES]
-    total = "| **all imports** | " + " | ".join(f"**{measured[n][0]:.2f}**" for n in names) + " |"
-    count = "| modules imported | " + " | ".join(str(measured[n][1]) for n in names) + " |"
-    return "\n".join([header, "|---" * (len(names) + 1) + "|", total, count, *rows])
+        measured = defaultdict(list)
+        for repeat in range(repeats):
+            for name in rotate(list(runs), repeat):
+                measured[name].append(import_times(runs[name][1:], env))
+    names = list(runs)
+
+    def cell(name: str, pick) -> float:
+        return statistics.median(pick(run) for run in measured[name])
+
+    header = "| package (self time of its modules, s; median) | " + " | ".join(names) + " |"
+    total = "| **all imports** | " + " | ".join(f"**{cell(n, lambda r: r[0]):.2f}**" for n in names) + " |"
+    count = "| modules imported | " + " | ".join(f"{cell(n, lambda r: r[1]):.0f}" for n in names) + " |"
+    rows = [f"| {p} | " + " | ".join(f"{cell(n, lambda r: r[2][p]):.2f}" for n in names) + " |" for p in PACKAGES]
+    return "\n".join([f"{repeats} interleaved repeats, load average {os.getloadavg()[0]:.1f} at the end.", "",
+                      header, "|---" * (len(names) + 1) + "|", total, count, *rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=("times", "importtime"))
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    print(times(args.repeats) if args.what == "times" else importtime())
+    print(times(args.repeats) if args.what == "times" else importtime(args.repeats))
     return 0
 
 
