@@ -189,6 +189,10 @@ class OnnxTextToImagePipeline(LatentTextToImageStages):
         """The prompt as it is: an export has no multi-vector textual-inversion tokens to expand."""
         return prompt
 
+    def active_lora_records(self) -> list[dict]:
+        """None: LoRAs are baked in before an export, if at all (recipes list the ones loaded at run time)."""
+        return []
+
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm options for the denoising bar, as diffusers' pipelines take them."""
         self._progress_bar_config = kwargs

@@ -17,6 +17,16 @@ settings (`pipe.recommended`, from its record.json), then SD's 30 / 7.5. Seeds: 
 the call uses seed `seed + j` (or `seed[j]` for a list), drawn from its own generator,
 so an image depends only on its seed, never on the batch it was made in.
 
+Stock diffusers' call arguments work with `StableDiffusionPipeline`'s (img2img's, inpainting's) meaning:
+`generator` (one or a list; over `seed`; see `noise_source` for recipes), `latents`, `eta`, `timesteps` /
+`sigmas`, `callback_on_step_end` (`step_callbacks`), `return_dict=False` -> `(images, None)`,
+`cross_attention_kwargs`, `guidance_rescale`, `clip_skip`, `ip_adapter_image(_embeds)` (after
+`load_ip_adapter`); an argument that cannot apply (eta or a custom grid the sampler does not take,
+IP-Adapter images without an adapter) is refused with the reason. As stock,
+img2img and inpainting start from a sample of the VAE posterior drawn from each image's generator
+before its noise, and 4-channel inpainting blends the known latents re-noised to the next level
+after every step (`InpaintBlend`). tests/test_stock_call_parity.py holds the equalities.
+
 Cancelling: `callback(info: StepInfo)` is called after every step; return True (or
 raise) to stop. A True return raises `GenerationCancelled`.
 
@@ -30,7 +40,7 @@ from __future__ import annotations
 import inspect
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,8 +52,10 @@ from tqdm.auto import tqdm
 
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
-from ldm_pipeline.options import GenerationOptions, ModelLimits, as_rgb, image_seeds
+from ldm_pipeline.noise_source import NoiseSource
+from ldm_pipeline.options import GenerationOptions, InvalidOptions, ModelLimits, as_rgb, grid_list, label
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
+from ldm_pipeline.step_callbacks import StepEndCallback
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +108,14 @@ class InpaintBlend:
         return self.mask * latents + (1 - self.mask) * known
 
 
-def _step_takes_generator(scheduler) -> bool:
-    # Stock diffusers schedulers differ here (DDIM/Euler take one, PNDM/LMS do not);
-    # passing the per-image generators keeps stochastic samplers reproducible per seed.
-    return "generator" in inspect.signature(scheduler.step).parameters
+def _takes(method, name: str) -> bool:
+    # Stock diffusers schedulers differ here (DDIM/Euler take a generator, PNDM/LMS do not; only some take eta or
+    # custom grids), and stock pipelines ask the same way (`prepare_extra_step_kwargs`, `retrieve_timesteps`).
+    return name in inspect.signature(method).parameters
+
+
+NO_IP_ADAPTER = ("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter, and none is loaded: "
+                 "pipe.load_ip_adapter(folder, subfolder=..., weight_name=...) first.")
 
 
 class LatentTextToImageStages:
@@ -109,7 +125,8 @@ class LatentTextToImageStages:
     `LatentTextToImagePipeline` (`ldm_pipeline.diffusers_pipeline`) puts them on diffusers'
     `DiffusionPipeline`; the ONNX backend (`ldm_pipeline.onnx_backend`) on a plain class, so that a
     one-shot command imports neither diffusers' pipelines and models nor transformers' text models.
-    Subclasses provide `_execution_device` and `maybe_convert_prompt(prompt, tokenizer)`.
+    Subclasses provide `_execution_device`, `maybe_convert_prompt(prompt, tokenizer)` and
+    `active_lora_records()` (and, for IP-Adapters, `image_encoder` and `prepare_ip_adapter_image_embeds`).
     """
 
     def _init_state(self) -> None:
@@ -120,48 +137,60 @@ class LatentTextToImageStages:
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
         self._call_device: torch.device | None = None
+        self._num_timesteps, self._interrupt = 0, False
         self.model_id: str | None = None  # set by `load_pipeline`; recorded in recipes
         # The model's recommended num_inference_steps / guidance_scale (`record.json` of the folder), if any.
         self.recommended: dict = {}
         self.model_hash: str | None = None
-        # LoRAs and embeddings applied through `ldm_pipeline.adapters` ({"name", "hash", "scale"}); in recipes
+        # LoRAs made active by `ldm_pipeline.adapters.activate_loras` ({"name", "hash", "scale"}); in recipes
         self.lora_records: list[dict] = []
-        self.embedding_records: list[dict] = []
+        self.embedding_records: list[dict] = []  # every loaded embedding ({"name", "hash"}); in recipes
+        # LoRAs loaded and weighted directly (load_lora_weights / set_adapters): adapter -> {"name", "hash"} / weight
+        self._lora_files: dict[str, dict] = {}
+        self._lora_weights: dict[str, Any] = {}
 
     # ------------------------------------------------------------ the call
 
     @torch.no_grad()
-    def __call__(self, prompt=None, **options) -> LatentPipelineOutput:
+    def __call__(self, prompt=None, **options) -> LatentPipelineOutput | tuple:
         opts = GenerationOptions.from_kwargs(prompt=prompt, **options).with_defaults(self.recommended)
         opts.check(self.limits())
+        self._check_model_takes(opts)
         self._call_device = self._execution_device  # walks every module (~10 ms): once per call
         # 1. Check inputs (done above), prompts and size
         prompts = opts.prompt_list()
         width, height = self._size(opts)
         count = len(prompts) * opts.num_images_per_prompt
-        # 2. Seeds, guidance, timesteps
-        seeds = image_seeds(opts.seed, count)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        # 2. Noise source (seeds or generators), guidance, timesteps
+        noise = NoiseSource.of(opts, count)
         guidance = self._guidance(opts)
-        timesteps = self._timesteps(opts)
+        timesteps, steps = self._timesteps(opts)
+        opts = replace(opts, num_inference_steps=steps)  # a custom grid's step count, for the recipe
         scales = GuidancePlan(guidance, self.scheduler).scales(timesteps)  # w per step, 1.0 = no uncond pass
         # 3. Encode prompts (the unconditional ones only if some step is guided)
         with_uncond = any(GuidancePlan.needs_uncond(w) for w in scales)
         embeds = self._embeddings(opts, prompts, with_uncond).repeat_each(opts.num_images_per_prompt)
+        embeds = self._with_ip_adapter(opts, embeds, count, with_uncond)
         # 4. Initial latents: noise, or the init image noised to the first timestep
-        latents, blend = self._initial_latents(opts, (count, width, height), timesteps, generators, embeds.cond.dtype)
+        latents, blend = self._initial_latents(opts, (count, width, height), timesteps, noise.generator,
+                                               embeds.cond.dtype)
         # 5. Denoising loop
-        latents, evaluations = self._denoise(latents, timesteps, scales, embeds, guidance, blend, generators, opts)
+        step_end = StepEndCallback.of(opts)
+        latents, evaluations = self._denoise(latents, timesteps, scales, embeds, guidance, blend, noise.generator, opts,
+                                             step_end)
         check_finite(latents)
         # 6. Decode
         images = self._decode(latents, opts.output_type)
-        recipes = self._recipes(opts, guidance, prompts, seeds, (width, height))
-        return LatentPipelineOutput(images=images, seeds=seeds, unet_evaluations=evaluations, recipes=recipes)
+        recipes = self._recipes(opts, guidance, prompts, noise, (width, height), step_end)
+        if not opts.return_dict:
+            return images, None  # stock's (images, nsfw_content_detected): no safety checker here
+        return LatentPipelineOutput(images=images, seeds=noise.seeds, unet_evaluations=evaluations, recipes=recipes)
 
-    def _denoise(self, latents, timesteps, scales, embeds: PromptEmbeddings, guidance: Guidance, blend, generators,
-                 opts):
+    def _denoise(self, latents, timesteps, scales, embeds: PromptEmbeddings, guidance: Guidance, blend, generator,
+                 opts, step_end: StepEndCallback | None = None):
         """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
-        step_kwargs = {"generator": generators} if _step_takes_generator(self.scheduler) else {}
+        step_kwargs = self._step_kwargs(generator, opts.eta)
+        self._num_timesteps, self._interrupt = len(timesteps), False
         evaluations = 0
         for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), **self._bar_config(opts))):
             x_in = self.scheduler.scale_model_input(latents, t)
@@ -176,8 +205,65 @@ class LatentTextToImageStages:
             latents = self.scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
             if blend is not None:
                 latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+            if step_end is not None:
+                latents, embeds = step_end(self, i, t, latents, embeds)
             self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
+            if self._interrupt:  # stock's way to stop from callback_on_step_end: the latents so far are decoded
+                break
         return latents, evaluations
+
+    def _step_kwargs(self, generator, eta: float | None) -> dict:
+        """The generator(s) for samplers that draw noise, and eta when given (`_check_model_takes`), as stock's
+        `prepare_extra_step_kwargs` (stock passes its default eta=0.0, which is DDIM's own default)."""
+        kwargs = {"generator": generator} if _takes(self.scheduler.step, "generator") else {}
+        return {**kwargs, "eta": eta} if eta is not None else kwargs
+
+    def _check_model_takes(self, opts: GenerationOptions) -> None:
+        """Refuse eta / timesteps / sigmas / IP-Adapter images that this model and sampler cannot use."""
+        name = type(self.scheduler).__name__
+        if opts.eta is not None and not _takes(self.scheduler.step, "eta"):
+            raise InvalidOptions(f"eta={opts.eta} cannot apply: {name}.step takes no eta (stock pipelines pass it only "
+                                 "to samplers that take it, such as DDIM); leave eta out or use a DDIM scheduler.")
+        for grid in ("timesteps", "sigmas"):
+            if getattr(opts, grid) is not None and not _takes(self.scheduler.set_timesteps, grid):
+                raise InvalidOptions(f"Custom {grid} cannot apply: {name}.set_timesteps does not take {grid}=; use a "
+                                     "sampler that does (every ldm-toolkit sampler, or e.g. EulerDiscreteScheduler).")
+        ip_given = opts.ip_adapter_image is not None or opts.ip_adapter_image_embeds is not None
+        if ip_given != self._ip_adapted():
+            raise InvalidOptions(NO_IP_ADAPTER if ip_given else "An IP-Adapter is loaded: give ip_adapter_image (or "
+                                 "ip_adapter_image_embeds), or remove it with pipe.unload_ip_adapter().")
+        if opts.ip_adapter_image is not None and self.image_encoder is None:
+            raise InvalidOptions("ip_adapter_image needs the IP-Adapter's image encoder, and none is loaded: pass "
+                                 "image_encoder_folder to load_ip_adapter, or give ip_adapter_image_embeds.")
+
+    def _ip_adapted(self) -> bool:
+        projection = getattr(self.unet, "encoder_hid_proj", None)
+        if projection is None:  # no adapter: diffusers' models (a cold start's largest import) stay unloaded
+            return False
+        from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+        return isinstance(projection, MultiIPAdapterImageProjection)
+
+    def _with_ip_adapter(self, opts, embeds: PromptEmbeddings, count: int, with_uncond: bool) -> PromptEmbeddings:
+        """The IP-Adapter image embeddings as added conditioning, computed as stock computes them."""
+        if opts.ip_adapter_image is None and opts.ip_adapter_image_embeds is None:
+            return embeds
+        per_adapter = self.prepare_ip_adapter_image_embeds(opts.ip_adapter_image, opts.ip_adapter_image_embeds,
+                                                           self._device, count, with_uncond)
+        if not with_uncond:
+            return embeds.with_added({"image_embeds": per_adapter}, None)
+        uncond, cond = zip(*(e.chunk(2) for e in per_adapter))
+        return embeds.with_added({"image_embeds": list(cond)}, {"image_embeds": list(uncond)})
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of timesteps of the current (or last) call, as stock pipelines expose it to callbacks."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a `callback_on_step_end` to stop after that step, as in stock."""
+        return self._interrupt
 
     def _bar_config(self, opts) -> dict:
         """tqdm settings: `set_progress_bar_config` (as in diffusers), off when the call says progress_bar=False."""
@@ -196,16 +282,19 @@ class LatentTextToImageStages:
         if callback is not None and callback(info) is True:
             raise GenerationCancelled(f"Generation cancelled after step {info.step} of {info.num_steps}.")
 
-    def _recipes(self, opts, guidance: Guidance, prompts: list[str], seeds: list[int], size) -> list[dict]:
+    def _recipes(self, opts, guidance: Guidance, prompts: list[str], noise: NoiseSource, size,
+                 step_end: StepEndCallback | None) -> list[dict]:
         negatives = as_prompt_list(opts.negative_prompt, "negative_prompt") or [""]
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-        n = opts.num_images_per_prompt
+        n, count = opts.num_images_per_prompt, len(noise.seeds)
         strength = self._strength(opts) if opts.image is not None else None
         settings = opts.recipe_settings(size, strength, guidance.describe())
+        if step_end is not None and (step_end.altered or step_end.interrupted_after):  # the recipe cannot replay it
+            settings["altered_by"] = step_end.describe()
         return [
             metadata.make_recipe(self, {"prompt": prompts[j // n], "negative_prompt": negatives[j // n],
-                                        "seed": seed, **settings})
-            for j, seed in enumerate(seeds)
+                                        **noise.recipe_fields(j, count), **settings})
+            for j in range(count)
         ]
 
     # ------------------------------------------------------------ stages
@@ -239,13 +328,12 @@ class LatentTextToImageStages:
             num_train_timesteps=self.scheduler.config.num_train_timesteps,
         )
 
-    def _timesteps(self, opts: GenerationOptions) -> torch.Tensor:
-        """The sampler's timesteps; img2img/inpainting starts `strength` of the way from the clean end."""
-        steps = opts.num_inference_steps
-        self.scheduler.set_timesteps(steps, device=self._device)
+    def _timesteps(self, opts: GenerationOptions) -> tuple[torch.Tensor, int]:
+        """The sampler's timesteps and step count; img2img/inpainting starts `strength` of the way from the clean end."""
+        steps = self._set_timesteps(opts)
         strength = self._strength(opts)
         if strength >= 1.0:
-            return self.scheduler.timesteps
+            return self.scheduler.timesteps, steps
         run = min(int(steps * strength), steps)
         if run < 1:
             raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either.")
@@ -253,7 +341,22 @@ class LatentTextToImageStages:
         # diffusers schedulers that index their sigmas need to know where sampling starts
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
-        return self.scheduler.timesteps[start:]
+        return self.scheduler.timesteps[start:], steps
+
+    def _set_timesteps(self, opts: GenerationOptions) -> int:
+        """`set_timesteps` with the step count or a custom grid; a grid's step count is the number of timesteps the
+        sampler makes of it, as in stock's `retrieve_timesteps` (diffusers' Euler reads the last sigma as the end)."""
+        grid = {name: grid_list(getattr(opts, name)) for name in ("timesteps", "sigmas") if getattr(opts, name) is not None}
+        if not grid:
+            self.scheduler.set_timesteps(opts.num_inference_steps, device=self._device)
+            return opts.num_inference_steps
+        self.scheduler.set_timesteps(device=self._device, **grid)
+        steps = len(self.scheduler.timesteps)
+        if opts.num_inference_steps not in (None, steps):
+            raise InvalidOptions(f"{label('num_inference_steps')} is {opts.num_inference_steps} but the custom "
+                                 f"{', '.join(grid)} make {steps} steps with {type(self.scheduler).__name__}; leave "
+                                 "num_inference_steps out (the grid sets it).")
+        return steps
 
     @staticmethod
     def _strength(opts: GenerationOptions) -> float:
@@ -294,29 +397,51 @@ class LatentTextToImageStages:
         finally:
             unscale_lora_layers(self.text_encoder, scale)
 
-    def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generators, dtype):
+    def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generator, dtype):
+        """Stock's order: the init image's VAE sample, then the noise, from the same generator(s); noise alone
+        for text-to-image and full-strength inpainting, else the init image noised to the first timestep."""
         count, width, height = batch
         f = self.vae_scale_factor
-        shape = (count, self.unet.config.in_channels, height // f, width // f)
-        noise = randn_tensor(shape, generator=generators, device=self._device, dtype=dtype)
-        if opts.image is None:
-            return noise * self.scheduler.init_noise_sigma, None
-        known = self._encode_image(opts.image, count, width, height).to(dtype)
-        if self._strength(opts) >= 1.0:
+        known = None if opts.image is None else self._encode_image(opts.image, count, width, height, generator)
+        noise = self._noise((count, self.unet.config.in_channels, height // f, width // f), generator, opts.latents,
+                            dtype)
+        if known is None or (opts.mask_image is not None and self._strength(opts) >= 1.0):
             latents = noise * self.scheduler.init_noise_sigma
         else:
-            latents = self.scheduler.add_noise(known, noise, timesteps[:1].repeat(count))
+            latents = self.scheduler.add_noise(known.to(dtype), noise, timesteps[:1].repeat(count))
         if opts.mask_image is None:
             return latents, None
-        return latents, InpaintBlend(known, self._latent_mask(opts.mask_image, count, width, height).to(dtype), noise)
+        # Stock draws a VAE sample of the masked image (for 9-channel inpainting UNets) from the generators here, one
+        # per init image; drawing the same numbers keeps stochastic samplers' step noise equal to stock's.
+        n = _image_count(opts.image)
+        self._noise((n, *noise.shape[1:]), generator[:n] if isinstance(generator, list) else generator, None, dtype)
+        mask = self._latent_mask(opts.mask_image, count, width, height).to(dtype)
+        return latents, InpaintBlend(known.to(dtype), mask, noise)
 
-    def _encode_image(self, image, count: int, width: int, height: int) -> torch.Tensor:
-        """Init image(s) -> scaled latents, one per output image (the posterior mean: deterministic)."""
+    def _noise(self, shape: tuple, generator, latents: torch.Tensor | None, dtype) -> torch.Tensor:
+        """Standard normal initial noise: drawn from the generator(s), or the caller's `latents` (as stock)."""
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=self._device, dtype=dtype)
+        if tuple(latents.shape) != shape:
+            raise InvalidOptions(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (images, "
+                                 f"latent channels, height / {self.vae_scale_factor}, width / {self.vae_scale_factor}).")
+        return latents.to(self._device, dtype)
+
+    def _encode_image(self, image, count: int, width: int, height: int, generator=None) -> torch.Tensor:
+        """Init image(s) -> scaled latents, one per output image: a sample of the VAE posterior drawn from the
+        generator(s) as stock img2img draws it (a list: image j from generator j), or its mean (generator None)."""
         pixels = self.image_processor.preprocess(as_rgb(image), height=height, width=width)
-        pixels = _broadcast(pixels, count, "image").to(self._device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.mode()
+        posterior = self.vae.encode(pixels.to(self._device, self.vae.dtype)).latent_dist
+        if generator is None:
+            latents = posterior.mode()
+        else:
+            if isinstance(generator, list):  # stock repeats the image for each generator before sampling
+                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+                posterior = DiagonalGaussianDistribution(_broadcast(posterior.parameters, count, "image"))
+            latents = posterior.sample(generator)
         shift = self.vae.config.shift_factor or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        return _broadcast((latents - shift) * self.vae.config.scaling_factor, count, "image")
 
     def _latent_mask(self, mask_image, count: int, width: int, height: int) -> torch.Tensor:
         mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
@@ -338,6 +463,13 @@ def check_finite(latents: torch.Tensor) -> None:
             "The sampler produced NaN or infinite latents, so no image was made: lower the guidance scale, "
             "use another sampler, or run in fp32."
         )
+
+
+def _image_count(image) -> int:
+    """How many init images `image` holds (a list, a 4-d batch, or one image), as `VaeImageProcessor` reads it."""
+    if isinstance(image, (list, tuple)):
+        return len(image)
+    return image.shape[0] if getattr(image, "ndim", 3) == 4 else 1
 
 
 def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:
