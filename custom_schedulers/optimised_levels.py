@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -58,7 +59,7 @@ def optimise_levels(
     path = cache_path or default_cache_path()
     cached = _read_cache(path).get(key) if model_key is not None else None
     if cached is not None:
-        return cached
+        return [float(v) for v in cached]  # "inf" (zero terminal SNR's start) is stored as a string
     grid = grids.build_grid(scheduler.schedule, fine_steps, sigma_schedule="exponential", sigma_min=sigma_min)
     samples, denoised = teacher_trajectory(model, scheduler, grid, noise)
     nodes = best_path(step_costs(grid, samples, denoised), num_steps)
@@ -67,7 +68,7 @@ def optimise_levels(
         levels = shift_sigmas(levels, 1.0 / scheduler.config.shift).clamp(max=1.0)  # s = 1 stays 1 (rounding)
     levels = levels.tolist()
     if model_key is not None:
-        _write_cache(path, {**_read_cache(path), key: levels})
+        _write_cache(path, {**_read_cache(path), key: [v if math.isfinite(v) else "inf" for v in levels]})
     return levels
 
 
@@ -151,14 +152,15 @@ def _cache_key(config, num_steps, noise, fine_steps, sigma_min, model_key) -> st
 
 def _read_cache(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        entries = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return {}  # no cache yet, or a damaged one: recompute (and rewrite it)
+    return entries if isinstance(entries, dict) else {}
 
 
 def _write_cache(path: Path, entries: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1)
+        json.dump(entries, f, indent=1, allow_nan=False)  # strict JSON
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file

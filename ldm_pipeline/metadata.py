@@ -140,10 +140,16 @@ def format_parameters(recipe: dict) -> str:
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
-    text = recipe.get("prompt", "") + _lora_tags(recipe.get("loras"))
+    text = prompt_with_lora_tags(recipe)
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
+
+
+def prompt_with_lora_tags(recipe: dict) -> str:
+    """The recipe's prompt with its LoRAs as A1111 writes them in the infotext: `... <lora:NAME:W>`
+    (so A1111, and our PNG info and history, restore them; the recipe's `prompt` is the text encoded)."""
+    return recipe.get("prompt", "") + _lora_tags(recipe.get("loras"))
 
 
 def _lora_tags(records: list[dict] | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -82,12 +83,12 @@ def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout: 
     pytest.fail(f"server did not answer {url} within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def app_server(tiny_model_dir, tmp_path_factory):
-    """`python app.py --model <tiny model>` as a real subprocess on a free 127.0.0.1 port.
+@contextlib.contextmanager
+def serve_app(tmp_path_factory, model: Path, *extra: str):
+    """`python app.py --model <model> *extra` as a real subprocess on a free 127.0.0.1 port.
 
-    Yields a namespace with `url`, `outputs` (the folder the server writes PNGs to) and `cache`
-    (Gradio's upload and cache folder, GRADIO_TEMP_DIR).
+    Yields a namespace with `url`, `outputs` (the folder the server writes PNGs to), `cache`
+    (Gradio's upload and cache folder, GRADIO_TEMP_DIR), `log` and `process`.
     """
     workdir = tmp_path_factory.mktemp("app-server")
     outputs = workdir / "outputs"
@@ -98,8 +99,8 @@ def app_server(tiny_model_dir, tmp_path_factory):
                LDM_CACHE_DIR=str(workdir / "onnx-cache"),  # the app's ONNX export of the tiny model
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
                GRADIO_TEMP_DIR=str(cache), TMPDIR=str(workdir / "server-tmp"))  # --outputs outside cwd and TMPDIR
-    command = [sys.executable, str(REPO_DIR / "app.py"), "--model", str(tiny_model_dir),
-               "--port", str(port), "--outputs", str(outputs), "--concurrency", "2"]
+    command = [sys.executable, str(REPO_DIR / "app.py"), "--model", str(model),
+               "--port", str(port), "--outputs", str(outputs), *extra]
     with open(log_path, "w") as log:
         (workdir / "server-tmp").mkdir()
         (workdir / "server-cwd").mkdir()
@@ -116,6 +117,52 @@ def app_server(tiny_model_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_model_dir, tmp_path_factory):
+    """The app on the tiny model (`serve_app`), two generations at a time."""
+    with serve_app(tmp_path_factory, tiny_model_dir, "--concurrency", "2") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def adapter_folders(tmp_path_factory):
+    """A --lora-dir (style.safetensors, a LoRA of the tiny model as our training writes it, and a pickle file
+    that must not be offered), an --embedding-dir (zorblax.safetensors) and, beside them, a LoRA outside
+    the folder (`outside.safetensors`) that a `../outside` name would reach."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.test_lora_loading import write_lora
+    from training.lora_export import KOHYA_FILE
+
+    root = tmp_path_factory.mktemp("adapters")
+    loras, embeddings = root / "loras", root / "embeddings"
+    loras.mkdir()
+    embeddings.mkdir()
+    kohya = write_lora(root / "trained", seed=1) / KOHYA_FILE
+    shutil.copy(kohya, loras / "style.safetensors")
+    shutil.copy(kohya, loras / "pickled.pt")
+    shutil.copy(kohya, root / "outside.safetensors")
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(4)) * 4
+    save_file({"<zorblax>": vector}, str(embeddings / "zorblax.safetensors"))
+    return type("AdapterFolders", (), {"loras": loras, "embeddings": embeddings, "outside": root / "outside.safetensors"})
+
+
+@pytest.fixture(scope="session")
+def adapter_app_server(tiny_model_dir, adapter_folders, tmp_path_factory):
+    """The app with `--lora-dir` and `--embedding-dir` (`adapter_folders`), two generations at a time."""
+    with serve_app(tmp_path_factory, tiny_model_dir, "--concurrency", "2", "--lora-dir", str(adapter_folders.loras),
+                   "--embedding-dir", str(adapter_folders.embeddings)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def single_slot_app_server(tiny_model_dir, tmp_path_factory):
+    """The app running one generation at a time (`--concurrency 1`): a second request has to wait."""
+    with serve_app(tmp_path_factory, tiny_model_dir, "--concurrency", "1", "--backend", "pytorch") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.service import GenerationService
 
 FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
-    prompt="a red circle", negative_prompt="", sampler="ddim", steps=4, guidance_scale=7.5,
+    prompt="a red circle", negative_prompt="", sampler="ddim", schedule_type="Automatic", steps=4, guidance_scale=7.5,
     guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
     guidance_rescale=-1.0, width=32.0, height=32.0, seed=-1.0, batch_count=1.0, batch_size=1.0,
 )
@@ -95,7 +95,8 @@ def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
     updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields)))
     values = {name: u.get("value") for name, u in updates.items() if "value" in u}
     assert values == {"prompt": "a cat, best quality", "negative_prompt": "blurry", "steps": 25,
-                      "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768}
+                      "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768,
+                      "sampler": "euler-a", "schedule_type": "Automatic"}  # A1111's "Euler a", its own schedule
 
 
 def test_png_info_of_a_recipe_that_cannot_replay_says_why(tmp_path):
@@ -122,7 +123,7 @@ def test_png_info_explains_a_png_without_parameters(tmp_path):
 
 
 def test_form_values_become_a_request():
-    form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
+    form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", "Automatic", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
                                         32.0, 48.0, -1.0, 2.0, 3.0]))
     request = app.request_from_form(form)
     options = request.options
@@ -154,3 +155,20 @@ def test_init_images_of_any_mode_become_8_bit_rgb():
     for image in (Image.fromarray(grey), Image.fromarray(grey).convert("P"), Image.fromarray(grey).convert("LA")):
         converted = as_rgb(image)
         assert converted.mode == "RGB" and converted.size == (16, 4)
+
+
+def test_the_form_is_built_from_the_registry_and_the_settings_record(service):
+    """New samplers, schedule types and guidance schedules appear in the form without touching app.py."""
+    import gradio as gr
+
+    from custom_schedulers import names, registry
+    from ldm_pipeline.guidance import SCHEDULE_NAMES
+
+    demo = app.build_ui(service)
+    menus = {c.label: [value for _, value in c.choices] for c in demo.blocks.values() if isinstance(c, gr.Dropdown)}
+    usable = {name for name in registry.available() if not isinstance(service.schedulers.get(name), Exception)}
+    assert set(menus["Sampler"]) == usable and len(usable) > 20
+    assert menus["Schedule type"] == names.schedule_types() and "Karras" in menus["Schedule type"]
+    assert menus["Dynamic guidance"] == list(SCHEDULE_NAMES)
+    numbers = {c.label: c.value for c in demo.blocks.values() if isinstance(c, gr.Number)}
+    assert numbers["Minimum scale of the ramps"] == app.GenerationOptions().guidance_min_scale

@@ -91,6 +91,18 @@ def test_levels_are_cached_per_model_and_request(tmp_path):
                            model_key="mixture", cache_path=path) == first  # a damaged cache is recomputed
 
 
+def test_an_infinite_start_level_round_trips_through_the_cache(tmp_path):
+    """Zero terminal SNR starts at sigma/alpha = inf; the cache stays strict JSON and gives it back."""
+    ztsnr = dict(VP, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    scheduler, path = registry.build("dpmpp-2m", ztsnr), tmp_path / "levels.json"
+    levels = optimise_levels(exact_model(scheduler), scheduler, 3, noise(4, 1), fine_steps=10, model_key="m",
+                             cache_path=path)
+    assert levels[0] == float("inf")
+    json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert optimise_levels(exact_model(scheduler), scheduler, 3, noise(4, 1), fine_steps=10, model_key="m",
+                           cache_path=path) == levels
+
+
 def test_flow_match_schedulers_land_on_the_optimised_levels(tmp_path):
     """A FlowMatch config's grid shifts custom sigmas (as diffusers does): the levels come unshifted so that
     `set_timesteps(sigmas=levels)` runs exactly the optimised ones, which all lie on the candidate grid."""
