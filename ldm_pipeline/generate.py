@@ -354,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     p.add_argument("--trace", action="store_true",
                    help="torch.jit.trace the UNet once per shape: faster steps for many images, ~2 s to trace")
-    p.add_argument("--backend", default="pytorch", choices=BACKENDS,
-                   help="run the networks in PyTorch or ONNX Runtime (exported once per model; default %(default)s)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help="run the networks in PyTorch or ONNX Runtime (exported once per model); auto (default): "
+                        "ONNX Runtime when installed, on the CPU, for the embedded model or one already exported, "
+                        "without PyTorch-only options, else PyTorch")
     p.add_argument("--verbose", action="store_true", help="log progress")
     return p
 
@@ -450,6 +452,16 @@ def prepare_output(out: Path) -> None:
     remove_stale_temporaries(out)
 
 
+def resolve_backend(args, device) -> str:
+    """`--backend auto`: the faster backend for this run (`onnx_backend.one_shot_backend`); others as given."""
+    if args.backend != "auto":
+        return args.backend
+    from ldm_pipeline.onnx_backend import one_shot_backend
+
+    pytorch_only = bool(args.lora or args.lora_dir or args.embedding or args.trace or args.xformers or args.vae_tiling)
+    return one_shot_backend(args.model, device=device, dtype=args.dtype, pytorch_only=pytorch_only)
+
+
 def use_cpu_processes() -> bool:
     """CPU processes: `accelerate launch --cpu`, or several processes on a machine without CUDA
     (PartialState only joins CPU processes into a gloo group when told so)."""
@@ -480,9 +492,10 @@ def run(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=use_cpu_processes())
     out = Path(args.out)
     try:
-        pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
+        device = args.device or state.device
+        pipe = load_pipeline(args.model, device=device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
-                             vae_tiling=args.vae_tiling, trace=args.trace, backend=args.backend)
+                             vae_tiling=args.vae_tiling, trace=args.trace, backend=resolve_backend(args, device))
         load_embeddings(pipe, args.embedding, args.allow_pickle)
         jobs, errors = load_jobs(args, default_job(args))
         jobs, errors = with_loras(jobs, errors, args)

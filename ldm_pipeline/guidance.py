@@ -32,11 +32,11 @@ from custom_schedulers.grids import level_at_timestep, level_to_alpha_sigma
 from custom_schedulers.schedules import NoiseSchedule, make_schedule
 from ldm_pipeline.guidance_methods import (
     GuidanceMethod,
-    MomentumBuffer,
     StepPoints,
     apg,
     cfg_pp_step_input,
     cfg_zero_star,
+    momentum_buffer,
     perturbed_attention_term,
     sampler_problem,
 )
@@ -280,7 +280,7 @@ class Guider:
         self.passes = [self._passes(i, plan.inside(t), w) for i, (t, w) in enumerate(zip(steps, self.scales))]
         self.points = StepPoints(scheduler) if self.method.needs_levels else None
         momentum = self.method.apg_momentum if self.method.name == "apg" else 0.0
-        self.momentum = MomentumBuffer(momentum) if momentum else None
+        self.momentum = momentum_buffer(momentum)
 
     def _passes(self, step: int, inside: bool, scale: float) -> tuple[str, ...]:
         if self.method.zero_init(step):

@@ -30,8 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
-from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
 
 from custom_schedulers.base import translate_diffusers_config
 from custom_schedulers.grids import alpha_sigma_at_timestep
@@ -54,19 +52,32 @@ CFG_PP_CLASSES = {"DDIMSampler", "DDPMSampler", "EulerSampler", "EulerAncestralS
 
 
 def apg(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, scale: float, eta: float, norm_threshold: float,
-        momentum: MomentumBuffer | None) -> torch.Tensor:
+        momentum) -> torch.Tensor:
     """APG (Sadat et al. 2024, Alg. 1): x0_cond + (w - 1) * (orthogonal + eta * parallel part of the update).
 
     diffusers' `normalized_guidance` in its "original formulation" (cond + scale * update) with scale = w - 1
-    is the paper's algorithm; norm_threshold 0 = no threshold; `momentum` (beta) is updated in place."""
+    is the paper's algorithm; norm_threshold 0 = no threshold; `momentum` (`momentum_buffer`) is updated in place."""
+    from diffusers.guiders.adaptive_projected_guidance import normalized_guidance  # diffusers' guiders: on use only
+
     return normalized_guidance(x0_cond, x0_uncond, scale - 1.0, momentum, eta, norm_threshold,
                                use_original_formulation=True)
 
 
 def cfg_zero_star(u_uncond: torch.Tensor, u_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """CFG-Zero* (Fan et al. 2025, eq. 9): s* u_u + w (u_c - s* u_u), s* = <u_c, u_u> / ||u_u||^2 per sample."""
+    from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
+
     s_star = cfg_zero_star_scale(u_cond.flatten(1), u_uncond.flatten(1)).view(-1, *(1,) * (u_cond.ndim - 1))
     return s_star * u_uncond + scale * (u_cond - s_star * u_uncond)
+
+
+def momentum_buffer(beta: float):
+    """APG's running average of guidance updates (diffusers' `MomentumBuffer`); None for beta 0."""
+    if not beta:
+        return None
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer  # imports diffusers' models: ~2 s
+
+    return MomentumBuffer(beta)
 
 
 def perturbed_attention_term(pred_cond: torch.Tensor, pred_perturbed: torch.Tensor, scale: float) -> torch.Tensor:

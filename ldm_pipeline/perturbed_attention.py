@@ -15,11 +15,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0
-from diffusers.pipelines.pag.pag_utils import PAGMixin
-
-from ldm_pipeline.tracing import TracedUNet
-
 DEFAULT_LAYERS = ("mid",)  # the paper's and stock diffusers' default
 
 
@@ -38,6 +33,11 @@ class _PAGLayers:
     """What diffusers' `PAGMixin._set_pag_attn_processor` reads: the UNet and the two processors."""
 
     def __init__(self, unet, layers: tuple[str, ...]):
+        from diffusers.models.attention_processor import (  # diffusers' models tree: on use only (cold start)
+            PAGCFGIdentitySelfAttnProcessor2_0,
+            PAGIdentitySelfAttnProcessor2_0,
+        )
+
         self.unet = unet
         self.layers = list(layers)
         self._pag_attn_processors = (PAGCFGIdentitySelfAttnProcessor2_0(), PAGIdentitySelfAttnProcessor2_0())
@@ -46,12 +46,16 @@ class _PAGLayers:
     def select(self, with_uncond: bool) -> None:
         """The processors for a [uncond; cond; perturbed] batch (with_uncond) or a [cond; perturbed] one."""
         if with_uncond != self.with_uncond:
+            from diffusers.pipelines.pag.pag_utils import PAGMixin
+
             PAGMixin._set_pag_attn_processor(self, self.layers, with_uncond)
             self.with_uncond = with_uncond
 
 
 def eager_unet(unet):
     """The module whose attention processors run: a traced UNet's eager one (a frozen graph keeps its own)."""
+    from ldm_pipeline.tracing import TracedUNet
+
     if isinstance(unet, TracedUNet):
         return unet.unet
     if not hasattr(unet, "attn_processors"):

@@ -2,7 +2,8 @@
 
 `LatentTextToImagePipeline` is a `diffusers.DiffusionPipeline` with the Stable Diffusion
 1.x/2.x components (`vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler`), so any SD
-folder loads into it with `from_pretrained`. Public call::
+folder loads into it with `from_pretrained`. Its stages live here in `LatentTextToImageStages`,
+the class itself in `diffusers_pipeline` (imported on first use of the name). Public call::
 
     out = pipe("a red circle", negative_prompt="blurry", num_inference_steps=30,
                guidance_scale=7.5, guidance_schedule="constant", guidance_interval=(0.28, 5.42),
@@ -39,33 +40,19 @@ for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it. Gu
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import (
-    FromSingleFileMixin,
-    IPAdapterMixin,
-    StableDiffusionLoraLoaderMixin,
-    TextualInversionLoaderMixin,
-)
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.models.embeddings import MultiIPAdapterImageProjection
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline import metadata
-from ldm_pipeline.adapters import file_hash, file_record, lora_hash, lora_layers_enabled, named_file, pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, Guider, as_interval, recommended_guidance_rescale
 from ldm_pipeline.guidance_methods import GuidanceMethod
 from ldm_pipeline.noise_source import NoiseSource
@@ -76,7 +63,7 @@ from ldm_pipeline.step_callbacks import StepEndCallback
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImagePipeline",
+__all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImageStages",
            "NonFiniteLatents", "StepInfo"]
 
 
@@ -135,57 +122,16 @@ NO_IP_ADAPTER = ("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter,
                  "pipe.load_ip_adapter(folder, subfolder=..., weight_name=...) first.")
 
 
-class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
-                                IPAdapterMixin, FromSingleFileMixin):
-    """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring).
+class LatentTextToImageStages:
+    """The generation stages of `LatentTextToImagePipeline` (see module docstring), on any object that holds
+    the SD components (`vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler`) and calls `_init_state()`.
 
-    diffusers' loader mixins give it `load_lora_weights` (diffusers, kohya and A1111 files, as
-    diffusers converts them), `set_adapters`, `fuse_lora` / `unfuse_lora`, `unload_lora_weights`
-    and `load_textual_inversion` (see `ldm_pipeline.adapters` for the pickle guard), and `load_ip_adapter` /
-    `set_ip_adapter_scale` / `unload_ip_adapter` for `ip_adapter_image(_embeds)` (image embeddings as stock's).
+    `LatentTextToImagePipeline` (`ldm_pipeline.diffusers_pipeline`) puts them on diffusers'
+    `DiffusionPipeline`; the ONNX backend (`ldm_pipeline.onnx_backend`) on a plain class, so that a
+    one-shot command imports neither diffusers' pipelines and models nor transformers' text models.
+    Subclasses provide `_execution_device`, `maybe_convert_prompt(prompt, tokenizer)` and
+    `active_lora_records()` (and, for IP-Adapters, `image_encoder` and `prepare_ip_adapter_image_embeds`).
     """
-
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    family = "sd"  # which model family this class runs (`loading.model_family`); SDXL: `sdxl`
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    STOCK_CLASS = "StableDiffusionPipeline"  # what saved folders call themselves: stock diffusers opens them
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' `from_pretrained`, skipping a folder's safety checker, feature extractor and image encoder."""
-        for name in cls._optional_components:
-            kwargs.setdefault(name, None)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' `save_pretrained`, as a `StableDiffusionPipeline` folder (empty safety checker slots)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        index = Path(save_directory) / "model_index.json"
-        config = json.loads(index.read_text())
-        index.write_text(json.dumps({**config, "_class_name": self.STOCK_CLASS}, indent=2, sort_keys=True) + "\n")
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: SchedulerMixin,
-        safety_checker: None = None,
-        feature_extractor: None = None,
-        image_encoder: None = None,
-        requires_safety_checker: bool = False,
-    ):
-        super().__init__()
-        dropped = [name for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor),
-                                            ("image_encoder", image_encoder)) if value is not None]
-        if dropped:
-            logger.warning("LatentTextToImagePipeline does not use %s; dropped.", ", ".join(dropped))
-        # the stock SD slots, kept empty, so that folders and `from_pipe` line up with StableDiffusionPipeline
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              safety_checker=None, feature_extractor=None, image_encoder=None)
-        self.register_to_config(requires_safety_checker=False)
-        self._init_state()
 
     def _init_state(self) -> None:
         """Image processors and per-model records, once the modules are registered (shared with SDXL)."""
@@ -206,60 +152,6 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         # LoRAs loaded and weighted directly (load_lora_weights / set_adapters): adapter -> {"name", "hash"} / weight
         self._lora_files: dict[str, dict] = {}
         self._lora_weights: dict[str, Any] = {}
-
-    # ------------------------------------------------------------ loaders (pickle only when asked for)
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, *, allow_pickle=False,
-                          **kwargs):
-        """diffusers' `load_lora_weights`; a `.pt`/`.bin`/`.ckpt` file needs `allow_pickle=True`."""
-        kwargs = pickle_free_kwargs(pretrained_model_name_or_path_or_dict, kwargs, allow_pickle)
-        before = self._adapter_names()
-        result = super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
-        path = named_file(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"),
-                          "pytorch_lora_weights.safetensors")
-        for name in self._adapter_names() - before:
-            self._lora_files[name] = file_record(path, path.stem if path else name, lora_hash)
-        return result
-
-    def set_adapters(self, adapter_names, adapter_weights=None):
-        """diffusers' `set_adapters`; the weights are remembered for recipes."""
-        super().set_adapters(adapter_names, adapter_weights)
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
-        self._lora_weights = {name: 1.0 if w is None else w for name, w in zip(names, weights)}
-
-    def unload_lora_weights(self, *args, **kwargs):
-        super().unload_lora_weights(*args, **kwargs)
-        self._lora_files, self._lora_weights, self.lora_records = {}, {}, []
-
-    def delete_adapters(self, adapter_names):
-        super().delete_adapters(adapter_names)
-        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            self._lora_files.pop(name, None)
-
-    def _adapter_names(self) -> set[str]:
-        return {name for names in self.get_list_adapters().values() for name in names}
-
-    def active_lora_records(self) -> list[dict]:
-        """The LoRAs the next image uses ({"name", "hash", "scale"}), for its recipe: those `adapters.activate_loras`
-        set, else the active adapters loaded by `load_lora_weights` with their `set_adapters` weights."""
-        if self.lora_records or not self._lora_files or not lora_layers_enabled(self.unet):
-            return self.lora_records
-        return [{**self._lora_files.get(name, {"name": name, "hash": None}), "scale": self._lora_weights.get(name, 1.0)}
-                for name in self.get_active_adapters()]
-
-    def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
-                               *, allow_pickle=False, **kwargs):
-        """diffusers' `load_textual_inversion`; an A1111 `.pt` embedding needs `allow_pickle=True`."""
-        kwargs = pickle_free_kwargs(pretrained_model_name_or_path, kwargs, allow_pickle)
-        result = super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
-                                                text_encoder=text_encoder, **kwargs)
-        sources, tokens = (pretrained_model_name_or_path, token) if isinstance(pretrained_model_name_or_path, list) \
-            else ([pretrained_model_name_or_path], [token])
-        for source, name in zip(sources, tokens or [None] * len(sources)):
-            path = named_file(source, kwargs.get("weight_name"), "learned_embeds.safetensors")
-            self.embedding_records.append(file_record(path, name or (path.stem if path else "embedding"), file_hash))
-        return result
 
     # ------------------------------------------------------------ the call
 
@@ -355,7 +247,12 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
                                  "image_encoder_folder to load_ip_adapter, or give ip_adapter_image_embeds.")
 
     def _ip_adapted(self) -> bool:
-        return isinstance(getattr(self.unet, "encoder_hid_proj", None), MultiIPAdapterImageProjection)
+        projection = getattr(self.unet, "encoder_hid_proj", None)
+        if projection is None:  # no adapter: diffusers' models (a cold start's largest import) stay unloaded
+            return False
+        from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+        return isinstance(projection, MultiIPAdapterImageProjection)
 
     def _with_ip_adapter(self, opts, embeds: PromptEmbeddings, count: int, with_uncond: bool) -> PromptEmbeddings:
         """The IP-Adapter image embeddings as added conditioning, computed as stock computes them."""
@@ -367,10 +264,6 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             return embeds.with_added({"image_embeds": per_adapter}, None)
         uncond, cond = zip(*(e.chunk(2) for e in per_adapter))
         return embeds.with_added({"image_embeds": list(cond)}, {"image_embeds": list(uncond)})
-
-    # stock's image encoding for IP-Adapters (CLIP image embeds, zeros for the unconditional pass), reused
-    encode_image = StableDiffusionPipeline.encode_image
-    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
 
     @property
     def num_timesteps(self) -> int:
@@ -555,6 +448,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             latents = posterior.mode()
         else:
             if isinstance(generator, list):  # stock repeats the image for each generator before sampling
+                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
                 posterior = DiagonalGaussianDistribution(_broadcast(posterior.parameters, count, "image"))
             latents = posterior.sample(generator)
         shift = self.vae.config.shift_factor or 0.0
@@ -595,3 +490,13 @@ def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:
     if count % n:
         raise ValueError(f"Got {n} {name}s for {count} images; give one, or one per prompt.")
     return batch.repeat_interleave(count // n, dim=0)
+
+
+def __getattr__(name: str):
+    """`LatentTextToImagePipeline` lives in `diffusers_pipeline` (it imports diffusers' pipelines, models and
+    loaders); importing it from here still works and imports them only then."""
+    if name == "LatentTextToImagePipeline":
+        from ldm_pipeline.diffusers_pipeline import LatentTextToImagePipeline
+
+        return LatentTextToImagePipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
