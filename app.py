@@ -25,6 +25,7 @@ from PIL import Image, ImageChops
 from custom_schedulers import names
 from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.guidance_methods import METHODS, PARAMETERS, GuidanceMethod
 from ldm_pipeline.hires import UPSCALERS, HiresFix
 from ldm_pipeline.loading import DEFAULT_MODEL_DIR
 from ldm_pipeline.onnx_backend import long_running_backend
@@ -65,9 +66,12 @@ def accuracy_table_markdown(path: Path = ACCURACY_TABLE) -> str:
 
 # ---------------------------------------------------------------- layout and callbacks
 
+METHOD_FIELDS = ("guidance_method", "apg_eta", "apg_norm_threshold", "apg_momentum", "cfg_zero_init_steps",
+                 "pag_scale", "pag_layers")  # the guidance method's form fields (`guidance_method_controls`)
 SETTING_NAMES = (  # the generation settings every tab shares, in the order the callbacks receive them
     "prompt", "negative_prompt", "sampler", "schedule_type", "steps", "guidance_scale", "guidance_schedule", "guidance_min_scale",
     "use_interval", "sigma_lo", "sigma_hi", "guidance_rescale", "width", "height", "seed", "batch_count", "batch_size",
+    *METHOD_FIELDS,
 )
 
 
@@ -88,6 +92,7 @@ def request_from_form(values: dict, image=None, mask_image=None, strength=None) 
         guidance_interval=interval, guidance_rescale=None if rescale < 0 else rescale,
         image=image, mask_image=mask_image, strength=None if strength is None else float(strength),
         **{k: v.pop(k) for k in ("guidance_scale", "guidance_schedule", "guidance_min_scale")},
+        **method_options(v),
     )
     return ServiceRequest(options, sampler=v.pop("sampler"), batch_count=numbers["batch_count"],
                           schedule_type=v.pop("schedule_type") or None)
@@ -153,7 +158,41 @@ def settings_controls(samplers: list[str], native: int, prefix: str, recommended
             c["use_interval"] = gr.Checkbox(value=False, label="Guide only inside a noise-level interval")
             c["sigma_lo"] = gr.Number(value=0.28, label="sigma low (sigma_t / alpha_t)")
             c["sigma_hi"] = gr.Number(value=5.42, label="sigma high")
+    c.update(guidance_method_controls())
     return c
+
+
+def guidance_method_controls() -> dict:
+    """The guidance method (APG, CFG++, CFG-Zero*) and its parameters, and perturbed-attention guidance."""
+    c = {}
+    with gr.Accordion("Guidance method", open=False):
+        with gr.Row():
+            c["guidance_method"] = gr.Dropdown(list(METHODS), value="cfg", label="Method",
+                                               info="cfg++ takes a guidance scale of about 0.2-1 and a single-step "
+                                                    "sampler (ddim, ddpm, euler, euler-a, rf-euler)")
+            c["pag_scale"] = gr.Number(value=0.0, label="PAG scale (0 = off; about 3)")
+            c["pag_layers"] = gr.Textbox(value="mid", label="PAG layers (comma separated, diffusers' names)")
+        with gr.Row():
+            defaults = GuidanceMethod()
+            c["apg_eta"] = gr.Number(value=defaults.apg_eta, label="APG eta (parallel part)")
+            c["apg_norm_threshold"] = gr.Number(value=defaults.apg_norm_threshold, label="APG norm threshold (0 = off)")
+            c["apg_momentum"] = gr.Number(value=defaults.apg_momentum, label="APG momentum")
+            c["cfg_zero_init_steps"] = gr.Number(value=defaults.cfg_zero_init_steps, precision=0,
+                                                 label="CFG-Zero* zero-init steps")
+    return c
+
+
+def method_options(values: dict) -> dict:
+    """The guidance-method options of the form: only the chosen method's parameters are sent (the others
+    keep their fields' values but would be refused as not applying); absent fields keep the defaults."""
+    form = {name: values.pop(name) for name in METHOD_FIELDS if name in values}
+    method = form.get("guidance_method", "cfg")
+    options = {"guidance_method": method, "pag_scale": float(form.get("pag_scale") or 0.0)}
+    options.update({key: _whole(key, form[key]) if key == "cfg_zero_init_steps" else form[key]
+                    for key in PARAMETERS.get(method, ()) if form.get(key) is not None})
+    if "pag_layers" in form:
+        options["pag_layers"] = [layer.strip() for layer in str(form["pag_layers"]).split(",")]
+    return options
 
 
 def _default_sampler(samplers: list[str]) -> str | None:
@@ -400,12 +439,15 @@ PNG_FIELDS = {  # pipeline option -> shared setting it fills
     "guidance_scale": "guidance_scale", "seed": "seed", "width": "width", "height": "height",
     "guidance_schedule": "guidance_schedule", "guidance_min_scale": "guidance_min_scale",
     "guidance_rescale": "guidance_rescale", "scheduler": "sampler", "schedule_type": "schedule_type",
+    **{name: name for name in METHOD_FIELDS},
 }
 
 
 def fields_to_settings(fields: dict) -> list:
     """Updates for the txt2img settings (unchanged where the PNG says nothing), interval included."""
     values = {PNG_FIELDS[k]: v for k, v in fields.items() if k in PNG_FIELDS and v is not None}
+    if isinstance(values.get("pag_layers"), list):
+        values["pag_layers"] = ", ".join(values["pag_layers"])
     interval = fields.get("guidance_interval")
     if interval:
         values.update(use_interval=True, sigma_lo=interval.get("sigma_lo", 0.0), sigma_hi=interval.get("sigma_hi"))

@@ -121,7 +121,7 @@ def format_parameters(recipe: dict) -> str:
     sampler, schedule_type = sampler_name(scheduler.get("class", "?"), scheduler.get("config") or {})
     fields = {
         "Steps": recipe.get("steps"),
-        "Sampler": sampler,
+        "Sampler": sampler + (" CFG++" if (guidance.get("method") or {}).get("name") == "cfg++" else ""),
         "Schedule type": schedule_type,
         "CFG scale": guidance.get("scale"),
         "Seed": recipe.get("seed"),
@@ -135,6 +135,7 @@ def format_parameters(recipe: dict) -> str:
         "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
         "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
         "Backend": recipe.get("backend") if recipe.get("backend") not in (None, "pytorch") else None,
+        **guidance_method_fields(guidance),
         "Lora hashes": _hashes(recipe.get("loras")),
         "TI hashes": _hashes(recipe.get("embeddings")),
         **_hires_fields(recipe.get("hires")),
@@ -165,6 +166,46 @@ def _xyz_fields(xyz: list[dict] | None) -> dict:
     for letter, axis in zip("XYZ", xyz):
         fields.update({f"{letter} Type": axis["type"], f"{letter} Values": axis["values"]})
     return fields
+
+
+# A1111-style keys of our guidance methods' parameters (CFG++ is a suffix of the sampler, as in Forge: "Euler a CFG++")
+METHOD_KEYS = {"apg_eta": "APG eta", "apg_norm_threshold": "APG norm threshold", "apg_momentum": "APG momentum",
+               "cfg_zero_init_steps": "Zero-init steps"}
+
+
+def guidance_method_fields(guidance: dict) -> dict:
+    """The infotext fields of APG / CFG-Zero* (our own keys) and PAG (the keys of Forge's PAG extension)."""
+    fields = {}
+    method = dict(guidance.get("method") or {"name": "cfg"})
+    if method["name"] not in ("cfg", "cfg++"):
+        fields["Guidance method"] = method.pop("name")
+        fields.update({METHOD_KEYS[key]: value for key, value in method.items()})
+    pag = guidance.get("pag")
+    if pag:
+        fields.update(pag_enabled=True, pag_scale=pag["scale"])
+        if pag["layers"] == ["mid"]:
+            fields.update(pag_block="middle", pag_block_id=0)
+        else:
+            fields["PAG layers"] = json.dumps(pag["layers"])
+    return fields
+
+
+def guidance_method_parameters(params: dict) -> dict:
+    """The guidance-method options named by A1111 text (`guidance_method_fields` read back)."""
+    options = {}
+    if params.get("Sampler", "").endswith(" CFG++"):
+        options["guidance_method"] = "cfg++"
+    if "Guidance method" in params:
+        options["guidance_method"] = params["Guidance method"]
+        kinds = {"cfg_zero_init_steps": int}
+        options.update({key: kinds.get(key, float)(params[label]) for key, label in METHOD_KEYS.items()
+                        if label in params})
+    if params.get("pag_enabled", "True") == "True" and "pag_scale" in params:
+        # Forge's input/output block ids count LDM blocks, not diffusers' layers: only "middle" maps
+        middle = params.get("pag_block", "middle") == "middle"
+        layers = json.loads(params["PAG layers"]) if "PAG layers" in params else ["mid"] if middle else None
+        options.update({"pag_scale": float(params["pag_scale"]), "pag_layers": layers} if layers else {})
+    return options
 
 
 def prompt_with_lora_tags(recipe: dict) -> str:
@@ -221,7 +262,9 @@ def parameters_to_options(params: dict) -> dict:
             options[name] = kind(params[key])
     if "Clip skip" in params:
         options["clip_skip"] = int(params["Clip skip"]) - 1
-    options.update(sampler_options(params))
+    options.update(sampler_options({**params, "Sampler": params["Sampler"].removesuffix(" CFG++")}
+                                   if "Sampler" in params else params))
+    options.update(guidance_method_parameters(params))
     if "Hires upscale" in params:  # A1111 txt2img with hires fix: its denoising strength is the hires pass'
         options["hires"] = {"scale": float(params["Hires upscale"]), "steps": int(params.get("Hires steps", 0)),
                             "strength": float(options.pop("strength", 0.7)),
@@ -271,6 +314,15 @@ def recipe_to_options(recipe: dict) -> dict:
     options["guidance_schedule"] = schedule
     if recipe.get("hires"):
         options["hires"] = recipe["hires"]
+    return {**options, **guidance_method_options(guidance)}
+
+
+def guidance_method_options(guidance: dict) -> dict:
+    """The guidance method and PAG options of a recipe's guidance entry (none: plain CFG, no PAG)."""
+    method = dict(guidance.get("method") or {"name": "cfg"})
+    options = {"guidance_method": method.pop("name"), **method}
+    if guidance.get("pag"):
+        options.update(pag_scale=guidance["pag"]["scale"], pag_layers=guidance["pag"]["layers"])
     return options
 
 

@@ -139,7 +139,8 @@ class ServedAdapters:
     def split_prompt(self, prompt) -> tuple[object, list[LoraFile]]:
         """The prompt without its `<lora:NAME:W>` tags and the LoRAs they name (ValueError for a bad tag)."""
         if not isinstance(prompt, str):
-            if any("<lora:" in p for p in prompt or []):
+            texts = prompt if isinstance(prompt, (list, tuple)) else []  # not text at all: the options check says so
+            if any(isinstance(p, str) and "<lora:" in p for p in texts):
                 raise ValueError("<lora:NAME:W> tags need a single prompt, not a list: one request per LoRA set.")
             return prompt, []
         return prompt_loras(prompt, self.lora_dir, self.suffixes)

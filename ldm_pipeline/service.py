@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 from custom_schedulers import names, registry
 from ldm_pipeline import hires, metadata
+from ldm_pipeline.guidance_methods import sampler_problem
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, image_seeds
 from ldm_pipeline.pipeline import GenerationCancelled
@@ -124,10 +125,12 @@ class GenerationService:
         problems += options.problems(self.pipe.limits())
         if request.sampler is not None and request.sampler not in self.sampler_names:
             problems.append(f"Unknown sampler {request.sampler!r}: choose one of {', '.join(self.sampler_names)}.")
-        elif request.schedule_type not in (None, "Automatic"):
-            problem = self.scheduler_for(request.sampler, request.schedule_type)
-            if isinstance(problem, Exception):
-                problems.append(f"Schedule type {request.schedule_type!r} with this sampler: {problem}")
+        else:
+            scheduler = self.scheduler_for(request.sampler, request.schedule_type)
+            if isinstance(scheduler, Exception):
+                problems.append(f"Schedule type {request.schedule_type!r} with this sampler: {scheduler}")
+            elif sampler_problem(options.guidance_method, scheduler):  # CFG++ takes single-step samplers
+                problems.append(sampler_problem(options.guidance_method, scheduler))
         if problems:
             raise InvalidOptions(" ".join(problems))
         return options, loras

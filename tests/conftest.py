@@ -26,6 +26,16 @@ CHROMIUM_ARGS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(tmp_path_factory):
+    """One ONNX export cache for the session, never ~/.cache: `ldm-generate`'s default backend exports the
+    embedded model there on first use (tests that need their own set LDM_CACHE_DIR themselves)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.mktemp("ldm-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A Stable-Diffusion-layout folder (safetensors) saved from `training/tiny_models.py` components."""
