@@ -148,7 +148,8 @@ def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, a
         page.locator("input[type=file]").first.set_input_files(str(init))
         # the editor shows the upload (its "Upload an image" placeholder is gone) before any click: a click while
         # the file is still in flight loses the upload for good on a loaded machine
-        page.wait_for_function("() => !document.body.innerText.includes('Upload an image')", timeout=120_000)
+        editor = page.locator(".block", has_text="Image: paint over the part to repaint").first
+        editor.get_by_text("Upload an image").first.wait_for(state="hidden", timeout=120_000)
         # generating before painting is refused with the editor's message (once the upload has reached the
         # editor: a click while it is still uploading is answered "no image" or "wait", as for a user)
         click_until_text(page, "#inpaint-generate", "The mask is empty", timeout=120)

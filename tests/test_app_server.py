@@ -128,7 +128,8 @@ def test_cancel_stops_the_pipeline(app_server):
     job = client.submit(*txt2img_args(prompt="a long job", steps=50, batch_count=64, seed=5), api_name="/txt2img")
     deadline = time.monotonic() + 120
     progress = []
-    while not (set(app_server.outputs.glob("*.png")) - before) and time.monotonic() < deadline:
+    # until the run has written an image and reported progress (a warm server can write before the first poll)
+    while not (set(app_server.outputs.glob("*.png")) - before and progress) and time.monotonic() < deadline:
         progress += job.status().progress_data or []  # gr.Progress, driven by the pipeline's step callback
         time.sleep(0.1)  # wait until the run has really started writing
     steps = [p for p in progress if p.unit == "steps"]
