@@ -7,7 +7,8 @@
 * None: the embedded default model in `ldm_pipeline/default_model/`;
 * a diffusers folder (model_index.json + vae/, text_encoder/, tokenizer/, unet/,
   scheduler/), e.g. any Stable Diffusion 1.x/2.x folder or one written by `training/`;
-  an SDXL folder (also text_encoder_2/, tokenizer_2/) loads into `sdxl.LatentSDXLPipeline`;
+  an SDXL folder (also text_encoder_2/, tokenizer_2/) loads into `sdxl.LatentSDXLPipeline`
+  (a refiner, whose index has no text_encoder/tokenizer, too);
   the family found ("sd" or "sdxl") is logged and kept as `pipe.family`. SD3 and Flux
   (transformer/ models) are refused, pointing to the stock pipelines;
 * a single `.safetensors` checkpoint in the original LDM layout, loaded with diffusers'
@@ -153,11 +154,11 @@ def check_folder(path: Path, allow_pickle: bool) -> None:
         raise ModelLoadError(f"{path}: an ONNX export; load it with backend='onnx' (--backend onnx).")
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path}: not a diffusers model folder (model_index.json is missing).")
-    extra = FAMILY_EXTRA_COMPONENTS[model_family(path)]
-    missing = [c for c in COMPONENTS + extra if not (path / c).is_dir()]
+    expected = used_components(path, COMPONENTS + FAMILY_EXTRA_COMPONENTS[model_family(path)])
+    missing = [c for c in expected if not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{path}: missing component folder(s) {', '.join(missing)}/.")
-    for component in WEIGHT_COMPONENTS + extra[:1]:
+    for component in [c for c in expected if c in WEIGHT_COMPONENTS + ("text_encoder_2",)]:
         folder = path / component
         safetensors = sorted(folder.glob("*.safetensors"))
         pickles = [f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
@@ -172,12 +173,22 @@ def check_folder(path: Path, allow_pickle: bool) -> None:
             check_safetensors(file)
 
 
-def model_family(path: Path) -> str:
-    """"sd" (1.x / 2.x) or "sdxl" from model_index.json; families we do not run raise `ModelLoadError`."""
+def read_index(path: Path) -> dict:
     try:
-        index = json.loads((path / "model_index.json").read_text())
+        return json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{path}: model_index.json is unreadable: {error}") from error
+
+
+def used_components(path: Path, names: tuple[str, ...]) -> list[str]:
+    """The components the folder has (an SDXL refiner's index says `text_encoder: [null, null]`)."""
+    index = read_index(path)
+    return [c for c in names if index.get(c, [None, "absent"]) != [None, None]]
+
+
+def model_family(path: Path) -> str:
+    """"sd" (1.x / 2.x) or "sdxl" from model_index.json; families we do not run raise `ModelLoadError`."""
+    index = read_index(path)
     name = str(index.get("_class_name", ""))
     if "transformer" in index or "StableDiffusion3" in name or "Flux" in name:
         raise ModelLoadError(
@@ -256,7 +267,7 @@ def check_config_folder(config: Path) -> None:
 def check_components_fit(pipe: LatentTextToImagePipeline, path: Path) -> None:
     """Components that load one by one but cannot work together."""
     unet, vae = pipe.unet.config, pipe.vae.config
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "family", "sd") == "sdxl" else [])
+    encoders = pipe._text_encoders()  # SDXL: both (a refiner: encoder 2 only)
     width = sum(e.config.hidden_size for e in encoders)
     if unet.cross_attention_dim != width:
         raise ModelLoadError(

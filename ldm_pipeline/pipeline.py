@@ -120,12 +120,13 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
     model_cpu_offload_seq = "text_encoder->unet->vae"
     family = "sd"  # which model family this class runs (`loading.model_family`); SDXL: `sdxl`
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+    UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")  # skipped when a folder has them
     STOCK_CLASS = "StableDiffusionPipeline"  # what saved folders call themselves: stock diffusers opens them
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' `from_pretrained`, skipping a folder's safety checker, feature extractor and image encoder."""
-        for name in cls._optional_components:
+        for name in cls.UNUSED_COMPONENTS:
             kwargs.setdefault(name, None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -284,6 +285,9 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         """The checked width and height, else the init image's (rounded down to the size multiple), else native."""
         default = self.unet.config.sample_size * self.vae_scale_factor
         width, height = opts.width, opts.height
+        if self._is_latent_image(opts.image) and (width is None or height is None):
+            h0, w0 = (side * self.vae_scale_factor for side in _first(opts.image).shape[-2:])
+            return width or w0, height or h0
         if opts.image is not None and (width is None or height is None):
             m = self.limits().size_multiple
             w0, h0 = (side - side % m for side in self.image_processor.get_default_height_width(opts.image)[::-1])
@@ -350,11 +354,17 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         if scale is None:  # scale_lora_layers touches only LoRA layers: a model without any is unchanged
             yield
             return
-        scale_lora_layers(self.text_encoder, scale)
+        for encoder in self._text_encoders():
+            scale_lora_layers(encoder, scale)
         try:
             yield
         finally:
-            unscale_lora_layers(self.text_encoder, scale)
+            for encoder in self._text_encoders():
+                unscale_lora_layers(encoder, scale)
+
+    def _text_encoders(self) -> list:
+        """The text encoders a prompt goes through (SDXL: both)."""
+        return [self.text_encoder]
 
     def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generators, dtype):
         count, width, height = batch
@@ -372,13 +382,29 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             return latents, None
         return latents, InpaintBlend(known, self._latent_mask(opts.mask_image, count, width, height).to(dtype), noise)
 
+    def _is_latent_image(self, image) -> bool:
+        """A tensor [B, latent channels, h, w] given as `image`: latents, used as they are (as stock takes them,
+        e.g. a base model's output_type="latent" for a refiner)."""
+        first = _first(image)
+        return (isinstance(first, torch.Tensor) and first.ndim == 4
+                and first.shape[1] == self.vae.config.latent_channels != 3)
+
     def _encode_image(self, image, count: int, width: int, height: int) -> torch.Tensor:
         """Init image(s) -> scaled latents, one per output image (the posterior mean: deterministic)."""
+        if self._is_latent_image(image):
+            latents = torch.cat(image) if isinstance(image, (list, tuple)) else image
+            return _broadcast(latents, count, "image").to(self._device)
         pixels = self.image_processor.preprocess(as_rgb(image), height=height, width=width)
         pixels = _broadcast(pixels, count, "image").to(self._device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.mode()
+        with self._vae_precision() as dtype:
+            latents = self.vae.encode(pixels.to(dtype)).latent_dist.mode().to(self.vae.dtype)
         shift = self.vae.config.shift_factor or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
+
+    @contextmanager
+    def _vae_precision(self):
+        """The dtype the VAE runs in for one encode or decode (SDXL upcasts a half VAE, see `sdxl`)."""
+        yield self.vae.dtype
 
     def _latent_mask(self, mask_image, count: int, width: int, height: int) -> torch.Tensor:
         mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
@@ -389,7 +415,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         if output_type == "latent":
             return latents
         shift = self.vae.config.shift_factor or 0.0
-        image = self.vae.decode(latents / self.vae.config.scaling_factor + shift, return_dict=False)[0]
+        with self._vae_precision() as dtype:
+            image = self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(dtype), return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 
 
@@ -400,6 +427,10 @@ def check_finite(latents: torch.Tensor) -> None:
             "The sampler produced NaN or infinite latents, so no image was made: lower the guidance scale, "
             "use another sampler, or run in fp32."
         )
+
+
+def _first(image):
+    return image[0] if isinstance(image, (list, tuple)) and image else image
 
 
 def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:
