@@ -13,6 +13,7 @@ Public entry points (stable names):
 * `ldm-generate` / `python -m ldm_pipeline`: batch generation; see `generate`.
 """
 
+from ldm_pipeline import import_noise  # noqa: F401  (before peft and transformers load)
 from ldm_pipeline.guidance import Guidance, GuidanceInterval
 from ldm_pipeline.loading import ModelLoadError, load_pipeline
 from ldm_pipeline.options import GenerationOptions, InvalidOptions

@@ -48,7 +48,7 @@ from ldm_pipeline.sdxl import LatentSDXLPipeline
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")  # torch/pickle formats: run code on load
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHT_COMPONENTS = ("vae", "text_encoder", "unet")
 BACKENDS = ("pytorch", "onnx")
@@ -161,7 +161,7 @@ def check_folder(path: Path, allow_pickle: bool) -> None:
     for component in [c for c in expected if c in WEIGHT_COMPONENTS + ("text_encoder_2",)]:
         folder = path / component
         safetensors = sorted(folder.glob("*.safetensors"))
-        pickles = [f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
+        pickles = [f for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES]
         if not safetensors and not pickles:
             raise ModelLoadError(f"{folder}: no weights (.safetensors) found.")
         if not safetensors and not allow_pickle:
@@ -229,12 +229,12 @@ def load_single_file(
     path: Path, dtype: torch.dtype, allow_pickle: bool, config: str | os.PathLike | None
 ) -> LatentTextToImagePipeline:
     """An LDM-layout checkpoint through diffusers' `from_single_file`, offline, with a local config folder."""
-    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(
             f"{path}: {path.suffix} is a pickle format, which can run code when loaded. Use a .safetensors file, or "
             "pass allow_pickle=True (--allow-pickle) if you trust the source."
         )
-    if path.suffix not in PICKLE_SUFFIXES + (".safetensors",):
+    if path.suffix != ".safetensors" and path.suffix.lower() not in PICKLE_SUFFIXES:  # diffusers: case-sensitive
         raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected .safetensors or a folder.")
     if path.suffix == ".safetensors":
         check_safetensors(path)

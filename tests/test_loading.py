@@ -78,11 +78,20 @@ def test_pickle_weights_need_the_flag(tmp_path):
     assert pipe("a circle", **SMALL).images.shape == (1, 32, 32, 3)
 
 
-def test_pickle_single_file_needs_the_flag(tmp_path):
-    ckpt = tmp_path / "model.ckpt"
+@pytest.mark.parametrize("name", ["model.ckpt", "MODEL.CKPT", "model.Pth", "model.pickle"])
+def test_pickle_single_file_needs_the_flag(tmp_path, name):
+    ckpt = tmp_path / name
     torch.save({"state_dict": {}}, ckpt)
-    with pytest.raises(ModelLoadError, match=r"model.ckpt: .ckpt is a pickle format"):
+    suffix = ckpt.suffix
+    with pytest.raises(ModelLoadError, match=rf"{name}: \{suffix} is a pickle format"):
         load_pipeline(ckpt)
+
+
+def test_a_safetensors_suffix_in_capitals_is_not_taken_for_safetensors(tmp_path):
+    odd = tmp_path / "model.SAFETENSORS"  # diffusers would torch.load it: it is not the safetensors format to it
+    torch.save({"state_dict": {}}, odd)
+    with pytest.raises(ModelLoadError, match=r"unknown model file type '.SAFETENSORS'; expected .safetensors"):
+        load_pipeline(odd)
 
 
 def test_truncated_safetensors_is_named(tiny_folder, tmp_path):

@@ -38,12 +38,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 
+from ldm_pipeline.loading import PICKLE_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 FORMAT = 2  # 2: safetensors + JSON; absent: accelerate's save_state (pickle), loadable only with --allow_pickle
-PICKLE_SUFFIXES = {".pkl", ".bin", ".pt", ".pth", ".ckpt", ".pickle"}
 TAGS = ("__tensor__", "__tuple__", "__ndarray__", "__items__")
 
 
