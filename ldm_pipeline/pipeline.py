@@ -395,9 +395,10 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             latents = torch.cat(image) if isinstance(image, (list, tuple)) else image
             return _broadcast(latents, count, "image").to(self._device)
         pixels = self.image_processor.preprocess(as_rgb(image), height=height, width=width)
-        pixels = _broadcast(pixels, count, "image").to(self._device, self.vae.dtype)
+        pixels = _broadcast(pixels, count, "image").to(self._device)
+        stored = self.vae.dtype
         with self._vae_precision() as dtype:
-            latents = self.vae.encode(pixels.to(dtype)).latent_dist.mode().to(self.vae.dtype)
+            latents = self.vae.encode(pixels.to(dtype)).latent_dist.mode().to(stored)
         shift = self.vae.config.shift_factor or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -416,7 +417,7 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             return latents
         shift = self.vae.config.shift_factor or 0.0
         with self._vae_precision() as dtype:
-            image = self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(dtype), return_dict=False)[0]
+            image = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor + shift, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 
 
