@@ -22,7 +22,7 @@ from PIL import Image, ImageChops
 
 from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
-from ldm_pipeline.loading import DEFAULT_MODEL_DIR
+from ldm_pipeline.loading import DEFAULT_MODEL_DIR, path_family
 from ldm_pipeline.onnx_backend import long_running_backend
 from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.plots import schedule_figures
@@ -59,6 +59,10 @@ SETTING_NAMES = (  # the generation settings every tab shares, in the order the 
     "prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_min_scale",
     "use_interval", "sigma_lo", "sigma_hi", "guidance_rescale", "width", "height", "seed", "batch_count", "batch_size",
 )
+SDXL_SETTING_NAMES = (  # SDXL models only: the second encoder's prompts and the size conditioning (0 = the image's)
+    "prompt_2", "negative_prompt_2", "original_height", "original_width", "crop_top", "crop_left", "target_height",
+    "target_width",
+)
 
 
 def request_from_form(values: dict, image=None, mask_image=None, strength=None) -> ServiceRequest:
@@ -70,6 +74,7 @@ def request_from_form(values: dict, image=None, mask_image=None, strength=None) 
     interval = (float(v.pop("sigma_lo")), float(v.pop("sigma_hi"))) if v.pop("use_interval") else None
     numbers = {k: _whole(k, v.pop(k)) for k in ("steps", "width", "height", "seed", "batch_count", "batch_size")}
     form_problems(numbers)
+    sdxl = sdxl_options({k: v.pop(k) for k in SDXL_SETTING_NAMES if k in v})
     rescale = float(v.pop("guidance_rescale"))
     options = GenerationOptions(
         prompt=v.pop("prompt"), negative_prompt=v.pop("negative_prompt") or None,
@@ -77,9 +82,21 @@ def request_from_form(values: dict, image=None, mask_image=None, strength=None) 
         seed=None if numbers["seed"] == -1 else numbers["seed"], num_images_per_prompt=numbers["batch_size"],
         guidance_interval=interval, guidance_rescale=None if rescale < 0 else rescale,
         image=image, mask_image=mask_image, strength=None if strength is None else float(strength),
-        **{k: v.pop(k) for k in ("guidance_scale", "guidance_schedule", "guidance_min_scale")},
+        **{k: v.pop(k) for k in ("guidance_scale", "guidance_schedule", "guidance_min_scale")}, **sdxl,
     )
     return ServiceRequest(options, sampler=v.pop("sampler"), batch_count=numbers["batch_count"])
+
+
+def sdxl_options(fields: dict) -> dict:
+    """The SDXL fields as options: empty prompts = the first encoder's, sizes of 0 = the image's own."""
+    if not fields:
+        return {}
+    n = {k: _whole(k, fields[k]) for k in SDXL_SETTING_NAMES[2:]}
+    size = {name: (n[f"{name}_height"], n[f"{name}_width"]) for name in ("original", "target")}
+    return dict(prompt_2=fields["prompt_2"] or None, negative_prompt_2=fields["negative_prompt_2"] or None,
+                original_size=size["original"] if any(size["original"]) else None,
+                crops_coords_top_left=(n["crop_top"], n["crop_left"]),
+                target_size=size["target"] if any(size["target"]) else None)
 
 
 def form_problems(numbers: dict) -> None:
@@ -102,12 +119,33 @@ def _whole(name: str, value) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def prompt_controls() -> dict:
-    return dict(prompt=gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background"),
-                negative_prompt=gr.Textbox(label="Negative prompt", lines=1))
+def prompt_controls(sdxl: bool) -> dict:
+    c = dict(prompt=gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background"),
+             negative_prompt=gr.Textbox(label="Negative prompt", lines=1))
+    if sdxl:  # SDXL's second text encoder (OpenCLIP bigG); empty = the prompt above
+        c["prompt_2"] = gr.Textbox(label="Prompt 2 (second text encoder; empty = the prompt)", lines=1)
+        c["negative_prompt_2"] = gr.Textbox(label="Negative prompt 2 (empty = the negative prompt)", lines=1)
+    return c
 
 
-def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict, max_steps: int) -> dict:
+def size_conditioning_controls() -> dict:
+    """SDXL's micro-conditioning (original size, crop top-left, target size); 0 = the image's own size."""
+    c = {}
+    with gr.Accordion("Size conditioning (SDXL)", open=False):
+        with gr.Row():
+            c["original_height"] = gr.Number(value=0, precision=0, label="Original height (0 = image height)")
+            c["original_width"] = gr.Number(value=0, precision=0, label="Original width (0 = image width)")
+        with gr.Row():
+            c["crop_top"] = gr.Number(value=0, precision=0, label="Crop top")
+            c["crop_left"] = gr.Number(value=0, precision=0, label="Crop left")
+        with gr.Row():
+            c["target_height"] = gr.Number(value=0, precision=0, label="Target height (0 = image height)")
+            c["target_width"] = gr.Number(value=0, precision=0, label="Target width (0 = image width)")
+    return c
+
+
+def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict, max_steps: int,
+                      sdxl: bool = False) -> dict:
     """The shared settings widgets below the prompts (sampler, guidance, size, seed, batch).
 
     Counts and sizes are plain numbers, not sliders: out-of-range values then reach
@@ -139,6 +177,8 @@ def settings_controls(samplers: list[str], native: int, prefix: str, recommended
             c["use_interval"] = gr.Checkbox(value=False, label="Guide only inside a noise-level interval")
             c["sigma_lo"] = gr.Number(value=0.28, label="sigma low (sigma_t / alpha_t)")
             c["sigma_hi"] = gr.Number(value=5.42, label="sigma high")
+    if sdxl:
+        c.update(size_conditioning_controls())
     return c
 
 
@@ -174,7 +214,7 @@ def generation_tab(service: GenerationService, form: dict, prefix: str, extra_in
     narrow windows (min_width). `extra_inputs()` builds the tab's own inputs (init image, ...) below Generate."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=420):
-            settings = prompt_controls()
+            settings = prompt_controls(form.get("sdxl", False))
             buttons = action_buttons(prefix)
             extra = extra_inputs()
             settings.update(settings_controls(prefix=prefix, **form))
@@ -238,7 +278,7 @@ def wire_outputs(service: GenerationService, settings: dict, outputs: dict, extr
 
     `build(values: dict, *extra) -> ServiceRequest` turns the form into a request.
     """
-    names = list(SETTING_NAMES)
+    names = [*SETTING_NAMES, *(n for n in SDXL_SETTING_NAMES if n in settings)]
     inputs = [settings[n] for n in names] + extra_inputs + [outputs["preview_every"]]
 
     # Gradio injects gr.Request and gr.Progress only into leading positional parameters.
@@ -358,7 +398,7 @@ def model_header(pipe) -> str:
 def build_ui(service: GenerationService):
     native = service.pipe.unet.config.sample_size * service.pipe.vae_scale_factor
     form = dict(samplers=service.sampler_names, native=native, max_steps=service.pipe.limits().max_steps,
-                recommended=getattr(service.pipe, "recommended", {}))  # pipelines not built by load_pipeline have none
+                recommended=getattr(service.pipe, "recommended", {}), sdxl=service.pipe.limits().family == "sdxl")  # pipelines not built by load_pipeline have none
     with gr.Blocks(title="ldm toolkit", css=CSS) as demo:
         gr.Markdown(model_header(service.pipe), elem_id="model-header")
         with gr.Tabs() as tabs:
@@ -450,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         backend = ({"backend": args.backend, "trace": args.trace} if args.backend != "auto"
                    else long_running_backend(args.device, args.dtype, args.trace))
+        if args.backend == "auto" and args.model and path_family(Path(args.model)) == "sdxl":
+            backend = {"backend": "pytorch", "trace": args.trace}  # no ONNX export of SDXL
         service = GenerationService.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
                                          allow_pickle=args.allow_pickle, **backend)
     except ModelLoadError as error:

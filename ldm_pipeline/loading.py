@@ -81,6 +81,10 @@ def load_pipeline(
     elif backend == "onnx":
         from ldm_pipeline.onnx_backend import load_onnx_pipeline
 
+        if path_family(path, kw.get("config")) == "sdxl":
+            raise ModelLoadError(f"{path}: an SDXL model; the ONNX backend runs SD 1.x / 2.x models. Use "
+                                 "backend='pytorch' (--backend pytorch).")
+
         pipe = load_onnx_pipeline(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                   config=kw.get("config"), accelerations=accelerations)
     else:
@@ -196,6 +200,15 @@ def model_family(path: Path) -> str:
             "pipeline runs SD 1.x / 2.x and SDXL UNets. Use the stock diffusers pipeline (DiffusionPipeline."
             "from_pretrained) with our rectified-flow samplers (custom_schedulers) as its scheduler.")
     return "sdxl" if "text_encoder_2" in index else "sd"
+
+
+def path_family(path: Path, config=None) -> str:
+    """The family of a model path before loading it: its folder's (or its config folder's) model_index.json;
+    an ONNX export or a single file without a config counts as "sd" (its loader says what is missing)."""
+    folder = path if path.is_dir() else Path(config) if config is not None else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        return "sd"
+    return model_family(folder)
 
 
 def check_safetensors(file: Path) -> None:

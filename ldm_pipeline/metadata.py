@@ -134,6 +134,9 @@ def format_parameters(recipe: dict) -> str:
         "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
         "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
         "Backend": recipe.get("backend") if recipe.get("backend") not in (None, "pytorch") else None,
+        # SDXL: A1111 writes nothing model-specific (size conditioning = the image size, crop 0, one prompt for
+        # both encoders); our options beyond that, as JSON, only when set
+        "SDXL options": json.dumps(recipe["sdxl"], ensure_ascii=False) if recipe.get("sdxl") else None,
         "Lora hashes": _hashes(recipe.get("loras")),
         "TI hashes": _hashes(recipe.get("embeddings")),
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
@@ -186,6 +189,8 @@ def parameters_to_options(params: dict) -> dict:
     if "Clip skip" in params:
         options["clip_skip"] = int(params["Clip skip"]) - 1
     options.update(sampler_options(params))
+    if "SDXL options" in params:
+        options.update(_sdxl_options(json.loads(params["SDXL options"])))
     if "Emphasis" in params:  # absent: A1111's "Original", which is our default too
         options["emphasis"] = {label: mode for mode, label in A1111_EMPHASIS.items()}.get(params["Emphasis"], "original")
     return options
@@ -218,11 +223,17 @@ def recipe_to_options(recipe: dict) -> dict:
         "guidance_min_scale": guidance.get("min_scale", 1.0), "guidance_interval": guidance.get("interval"),
         "emphasis": recipe.get("emphasis", "off"),  # recipes from before emphasis read prompts as plain text
     }
+    options.update(_sdxl_options(recipe.get("sdxl") or {}))
     schedule = guidance.get("schedule", "constant")
     if schedule.startswith("callable:"):
         raise ValueError(f"The recipe used a custom guidance function ({schedule}); it cannot be restored from JSON.")
     options["guidance_schedule"] = schedule
     return options
+
+
+def _sdxl_options(settings: dict) -> dict:
+    """A recipe's `sdxl` settings as options: (height, width) / (top, left) pairs back to tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
 
 
 # ---------------------------------------------------------------- PNG files

@@ -46,7 +46,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm_pipeline.adapters import pickle_free_kwargs
-from ldm_pipeline.options import GenerationOptions
+from ldm_pipeline.options import SDXL_OPTIONS, SDXL_SIZES, GenerationOptions
 from ldm_pipeline.pipeline import InpaintBlend, LatentTextToImagePipeline
 from ldm_pipeline.prompt_weights import apply_emphasis, weighted_windows
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, frame_weights, frame_window
@@ -224,6 +224,16 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
                              "requires_aesthetics_score in model_index.json accordingly), or text_encoder_2 does not "
                              "fit this UNet.")
 
+    def _recipes(self, opts, guidance, prompts: list[str], seeds: list[int], size) -> list[dict]:
+        """The base recipes plus `sdxl`: this image's SDXL options that differ from their defaults."""
+        recipes = super()._recipes(opts, guidance, prompts, seeds, size)
+        n = opts.num_images_per_prompt
+        for j, recipe in enumerate(recipes):
+            settings = sdxl_settings(opts, j // n)
+            if settings:
+                recipe["sdxl"] = settings
+        return recipes
+
     # ------------------------------------------------------------ base + refiner hand-off
 
     def _timesteps(self, opts: GenerationOptions) -> torch.Tensor:
@@ -282,6 +292,19 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
                 yield torch.float32
             finally:
                 self.vae.to(dtype=torch.float16)
+
+
+def sdxl_settings(opts: GenerationOptions, prompt_index: int) -> dict:
+    """The SDXL options of prompt `prompt_index` that differ from their defaults, JSON-ready (sizes as lists)."""
+    settings = {}
+    for name, default in SDXL_OPTIONS.items():
+        value = getattr(opts, name)
+        if name.endswith("prompt_embeds") or value is None or value == default:
+            continue
+        if name.endswith("prompt_2") and not isinstance(value, str):
+            value = value[prompt_index] if len(value) > 1 else value[0]
+        settings[name] = list(value) if name in SDXL_SIZES else value
+    return settings
 
 
 def _sdxl_embedding(source, explicit, kwargs: dict) -> dict | None:

@@ -95,9 +95,10 @@ class GenerationService:
         """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
         prepared = self.schedulers.get(sampler, self.pipe.scheduler)
         base = self.pipe
-        pipe = type(base)(vae=base.vae, text_encoder=base.text_encoder, unet=base.unet,
-                          tokenizer=copy.deepcopy(base.tokenizer),  # fast tokenizers are not thread-safe
-                          scheduler=type(prepared).from_config(prepared.config))
+        parts = {name: copy.deepcopy(part) if name.startswith("tokenizer") else part  # fast tokenizers are not
+                 for name, part in base.components.items()}  # thread-safe; SDXL has two
+        settings = {k: v for k, v in base.config.items() if not k.startswith("_") and k not in parts}
+        pipe = type(base)(**{**parts, "scheduler": type(prepared).from_config(prepared.config)}, **settings)
         pipe.model_id, pipe.model_hash, pipe.recommended = base.model_id, base.model_hash, base.recommended
         return pipe
 

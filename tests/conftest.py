@@ -67,7 +67,11 @@ def app_server(tiny_model_dir, tmp_path_factory):
     Yields a namespace with `url`, `outputs` (the folder the server writes PNGs to) and `cache`
     (Gradio's upload and cache folder, GRADIO_TEMP_DIR).
     """
-    workdir = tmp_path_factory.mktemp("app-server")
+    yield from launched_app(tiny_model_dir, tmp_path_factory.mktemp("app-server"))
+
+
+def launched_app(model: Path, workdir: Path, *extra_args: str):
+    """Run `python app.py --model MODEL` in `workdir` until the generator is closed (see `app_server`)."""
     outputs = workdir / "outputs"
     cache = workdir / "gradio-cache"
     log_path = workdir / "server.log"
@@ -76,8 +80,8 @@ def app_server(tiny_model_dir, tmp_path_factory):
                LDM_CACHE_DIR=str(workdir / "onnx-cache"),  # the app's ONNX export of the tiny model
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
                GRADIO_TEMP_DIR=str(cache), TMPDIR=str(workdir / "server-tmp"))  # --outputs outside cwd and TMPDIR
-    command = [sys.executable, str(REPO_DIR / "app.py"), "--model", str(tiny_model_dir),
-               "--port", str(port), "--outputs", str(outputs), "--concurrency", "2"]
+    command = [sys.executable, str(REPO_DIR / "app.py"), "--model", str(model),
+               "--port", str(port), "--outputs", str(outputs), "--concurrency", "2", *extra_args]
     with open(log_path, "w") as log:
         (workdir / "server-tmp").mkdir()
         (workdir / "server-cwd").mkdir()

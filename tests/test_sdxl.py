@@ -139,3 +139,39 @@ def test_cli_generates_with_sdxl(sdxl_folder, tmp_path):
                  "--steps", "2", "--width", "32", "--height", "32", "--seed", "1"]) == 0
     pngs = sorted(tmp_path.rglob("*.png"))
     assert len(pngs) == 1 and Image.open(pngs[0]).size == (SIZE, SIZE)
+
+
+# ---------------------------------------------------------------- recipes and the A1111 infotext
+
+
+def test_recipe_and_infotext_reproduce_an_sdxl_image(pipes, tmp_path):
+    from ldm_pipeline import metadata
+    from ldm_pipeline.options import GenerationOptions
+
+    _, ours = pipes
+    kwargs = dict(prompt="red circle", prompt_2="blue square", negative_prompt="green", guidance_scale=4.0,
+                  **CONDITIONING)
+    out = ours(seed=7, num_inference_steps=3, height=SIZE, width=SIZE, progress_bar=False, **kwargs)
+    recipe = out.recipes[0]
+    assert recipe["sdxl"] == {"prompt_2": "blue square", "original_size": [48, 40], "crops_coords_top_left": [4, 8],
+                              "target_size": [32, 32], "negative_original_size": [24, 24],
+                              "negative_target_size": [40, 32]}
+    png = metadata.write_png(tmp_path / "x.png", out.images[0], recipe)
+    found = metadata.read_png(png)
+    again = ours(**GenerationOptions.from_recipe(found.recipe, output_type="np", progress_bar=False).kwargs()).images
+    np.testing.assert_allclose(again, np.asarray(out.images[0], dtype=np.float32)[None] / 255, atol=1 / 255 + 1e-6)
+    from_text = metadata.parameters_to_options(found.parameters)
+    assert from_text["prompt_2"] == "blue square" and from_text["crops_coords_top_left"] == (4, 8)
+    # without SDXL options the infotext has A1111's fields only, as A1111 writes them for SDXL images
+    plain = ours(seed=7, num_inference_steps=2, height=SIZE, width=SIZE, progress_bar=False, prompt="red circle")
+    text = metadata.format_parameters(plain.recipes[0])
+    assert "SDXL" not in text and "sdxl" not in plain.recipes[0] and "Size: 32x32" in text
+
+
+def test_a1111_sdxl_infotext_becomes_options():
+    from ldm_pipeline import metadata
+    text = ("a red circle\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, "
+            "Seed: 1, Size: 1024x1024, Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Version: v1.10.1")
+    options = metadata.parameters_to_options(metadata.parse_parameters(text))
+    assert (options["width"], options["height"], options["prompt"]) == (1024, 1024, "a red circle")
+    assert not set(options) & {"prompt_2", "original_size", "target_size"}  # A1111: the image size, one prompt

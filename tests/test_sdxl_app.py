@@ -1,0 +1,69 @@
+"""`python app.py --model <tiny SDXL folder>` over HTTP: the SDXL fields appear (only for SDXL models),
+the default size is the model's, and a generation equals the same request in Python."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from diffusers import StableDiffusionXLPipeline
+from gradio_client import Client
+from PIL import Image
+
+from ldm_pipeline import load_pipeline, metadata, swap_scheduler
+from tests.conftest import launched_app
+from training.tiny_models import tiny_sdxl_components
+
+pytestmark = pytest.mark.slow
+
+FORM = dict(  # app.SETTING_NAMES, then app.SDXL_SETTING_NAMES
+    prompt="a red circle", negative_prompt="", sampler="euler", steps=3, guidance_scale=4.0,
+    guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
+    guidance_rescale=-1, width=32, height=32, seed=11, batch_count=1, batch_size=1,
+    prompt_2="a blue square", negative_prompt_2="green", original_height=48, original_width=40, crop_top=4,
+    crop_left=8, target_height=0, target_width=0,
+)
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sdxl") / "tiny-sdxl"
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_server(sdxl_folder, tmp_path_factory):
+    yield from launched_app(sdxl_folder, tmp_path_factory.mktemp("sdxl-app"))
+
+
+def labels(url: str) -> dict[str, dict]:
+    config = httpx.get(f"{url}config", timeout=30).json()
+    return {c["props"].get("label"): c["props"] for c in config["components"] if c["props"].get("label")}
+
+
+def test_sdxl_form_has_second_prompts_size_conditioning_and_the_model_size(sdxl_server, app_server):
+    import app
+
+    shown = labels(sdxl_server.url)
+    assert "Prompt 2 (second text encoder; empty = the prompt)" in shown and "Size conditioning (SDXL)" in shown
+    assert shown["Width (multiple of 8)"]["value"] == 32 * 2  # unet sample_size 32 x VAE factor 2
+    assert list(FORM) == [*app.SETTING_NAMES, *app.SDXL_SETTING_NAMES]
+    sd_form = labels(app_server.url)  # an SD model: none of them
+    assert not [label for label in sd_form if "Prompt 2" in label or "SDXL" in label]
+
+
+def test_sdxl_txt2img_over_http_equals_the_python_call(sdxl_server, sdxl_folder):
+    result = Client(sdxl_server.url, verbose=False).predict(*FORM.values(), api_name="/txt2img")
+    path = result[0][0]["image"]
+    recipe = metadata.read_png(path).recipe
+    assert recipe["sdxl"] == {"prompt_2": "a blue square", "negative_prompt_2": "green", "original_size": [48, 40],
+                              "crops_coords_top_left": [4, 8]}
+    assert recipe["backend"] == "pytorch"  # --backend auto: no ONNX export of SDXL
+    pipe = load_pipeline(sdxl_folder, device="cpu")
+    swap_scheduler(pipe, "euler")
+    expected = pipe("a red circle", prompt_2="a blue square", negative_prompt_2="green", original_size=(48, 40),
+                    crops_coords_top_left=(4, 8), num_inference_steps=3, guidance_scale=4.0, width=32, height=32,
+                    seed=11, output_type="np", progress_bar=False).images[0]
+    got = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
