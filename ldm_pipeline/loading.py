@@ -14,7 +14,8 @@
 * a single `.safetensors` checkpoint in the original LDM layout, loaded with diffusers'
   `from_single_file` fully offline; such a file carries no configs and no tokenizer,
   so `config=` must name a diffusers folder of the same architecture (its weights are
-  not needed, only its config files and tokenizer).
+  not needed, only its config files and tokenizer); an SDXL config folder reads an SDXL
+  checkpoint (`conditioner.embedders.*` text encoders).
 
 Pickle formats (.ckpt, .bin, .pt, .pth) can run code when loaded: they are refused
 unless `allow_pickle=True`.
@@ -259,7 +260,8 @@ def load_single_file(
         )
     check_config_folder(Path(config))
     try:
-        return LatentTextToImagePipeline.from_single_file(
+        family = model_family(Path(config))  # an SDXL config folder: an SDXL checkpoint (conditioner.embedders.*)
+        return FAMILY_PIPELINES[family].from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=dtype
         )
     except Exception as error:
@@ -269,7 +271,8 @@ def load_single_file(
 def check_config_folder(config: Path) -> None:
     if not (config / "model_index.json").is_file():
         raise ModelLoadError(f"{config}: config= must be a diffusers folder with model_index.json.")
-    missing = [c for c in COMPONENTS if not (config / c).is_dir()]
+    missing = [c for c in used_components(config, COMPONENTS + FAMILY_EXTRA_COMPONENTS[model_family(config)])
+               if not (config / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{config}: config folder lacks {', '.join(missing)}/.")
 
