@@ -3,7 +3,8 @@
 Public entry points (stable names):
 
 * `load_pipeline(model=None, *, device=None, dtype=None, allow_pickle=False, **kw)`
-  -> `LatentTextToImagePipeline` (no model: the embedded default model); see `loading`.
+  -> `LatentTextToImagePipeline`, or `LatentSDXLPipeline` for SDXL (no model: the embedded default
+  model); see `loading` and `sdxl`.
 * `swap_scheduler(pipe, name, **overrides)` -> `SwapReport`; see `scheduler_swap`.
 * `LatentTextToImagePipeline.__call__(prompt, **options)` -> `LatentPipelineOutput`
   (images, seeds, unet_evaluations, recipes); options are `GenerationOptions` (`options`:
@@ -25,9 +26,10 @@ from ldm_pipeline.pipeline import (
     StepInfo,
 )
 from ldm_pipeline.scheduler_swap import SchedulerSwapError, SwapReport, available_schedulers, swap_scheduler
+from ldm_pipeline.sdxl import LatentSDXLPipeline
 
 __all__ = [
     "GenerationCancelled", "GenerationOptions", "Guidance", "GuidanceInterval", "InvalidOptions",
-    "LatentPipelineOutput", "LatentTextToImagePipeline", "ModelLoadError", "NonFiniteLatents", "SchedulerSwapError", "StepInfo", "SwapReport",
+    "LatentPipelineOutput", "LatentSDXLPipeline", "LatentTextToImagePipeline", "ModelLoadError", "NonFiniteLatents", "SchedulerSwapError", "StepInfo", "SwapReport",
     "available_schedulers", "load_pipeline", "swap_scheduler",
 ]

@@ -80,6 +80,9 @@ LINE_KEYS = {
     "guidance_min_scale": "guidance_min_scale", "guidance_interval": "guidance_interval",
     "guidance_rescale": "guidance_rescale", "width": "width", "height": "height", "clip_skip": "clip_skip",
     "emphasis": "emphasis", "scheduler": None, "n": "num_images_per_prompt",
+    # SDXL models only (sizes as [height, width], the crop as [top, left])
+    "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2", "original_size": "original_size",
+    "crops_coords_top_left": "crops_coords_top_left", "target_size": "target_size",
 }
 
 
@@ -309,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     p.add_argument("--prompt-2", default=None, metavar="TEXT",
                    help="SDXL only: the second text encoder's prompt (default: the prompt)")
+    p.add_argument("--negative-2", default=None, metavar="TEXT",
+                   help="SDXL only: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the model's recommendation in its record.json, else 30)")
@@ -361,6 +366,7 @@ def default_job(args) -> Job:
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_rescale=args.guidance_rescale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis, prompt_2=args.prompt_2,
+        negative_prompt_2=args.negative_2,
     )
     return Job(index=0, line=0, options=options, scheduler=args.scheduler)
 

@@ -135,10 +135,35 @@ def test_unsupported_families_are_refused(tmp_path, class_name, component):
 
 def test_cli_generates_with_sdxl(sdxl_folder, tmp_path):
     from ldm_pipeline.generate import main
-    assert main(["red circle", "--prompt-2", "blue square", "--model", str(sdxl_folder), "--out", str(tmp_path),
-                 "--steps", "2", "--width", "32", "--height", "32", "--seed", "1"]) == 0
+    from ldm_pipeline.metadata import read_png
+    assert main(["red circle", "--prompt-2", "blue square", "--negative-2", "green", "--model", str(sdxl_folder),
+                 "--out", str(tmp_path), "--steps", "2", "--width", "32", "--height", "32", "--seed", "1"]) == 0
     pngs = sorted(tmp_path.rglob("*.png"))
     assert len(pngs) == 1 and Image.open(pngs[0]).size == (SIZE, SIZE)
+    assert read_png(pngs[0]).recipe["sdxl"] == {"prompt_2": "blue square", "negative_prompt_2": "green"}
+
+
+def test_cli_prompt_file_takes_sdxl_keys(sdxl_folder, tmp_path):
+    import json
+
+    from ldm_pipeline.generate import main
+    from ldm_pipeline.metadata import read_png
+    lines = [{"prompt": "red circle", "prompt_2": "blue", "original_size": [48, 40], "crops_coords_top_left": [4, 8]},
+             {"prompt": "red circle"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "out"
+    assert main(["--prompts", str(prompts), "--model", str(sdxl_folder), "--out", str(out), "--steps", "2",
+                 "--width", "32", "--height", "32", "--guidance", "1"]) == 0
+    recipes = [read_png(out / f"{i:05d}_000.png").recipe for i in range(2)]
+    assert recipes[0]["sdxl"] == {"prompt_2": "blue", "original_size": [48, 40], "crops_coords_top_left": [4, 8]}
+    assert "sdxl" not in recipes[1]
+    pipe = LatentSDXLPipeline.from_pretrained(sdxl_folder)
+    expected = pipe(seed=recipes[0]["seed"], guidance_scale=1.0, num_inference_steps=2, height=SIZE, width=SIZE,
+                    output_type="np", progress_bar=False,
+                    **{k: tuple(v) if isinstance(v, list) else v for k, v in lines[0].items()}).images
+    got = np.asarray(Image.open(out / "00000_000.png"), dtype=np.float32)[None] / 255
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
 
 
 # ---------------------------------------------------------------- recipes and the A1111 infotext

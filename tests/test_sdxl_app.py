@@ -67,3 +67,22 @@ def test_sdxl_txt2img_over_http_equals_the_python_call(sdxl_server, sdxl_folder)
                     seed=11, output_type="np", progress_bar=False).images[0]
     got = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
     assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_sdxl_in_the_browser(sdxl_server, chromium_context, artifacts_dir):
+    from tests.test_app_browser import open_txt2img
+
+    page = chromium_context.new_page()
+    try:
+        open_txt2img(page, sdxl_server.url, "a red circle", {"Steps": 2, "Width": 32, "Height": 32, "Seed": 5151})
+        page.get_by_label("Prompt 2 (second text encoder").fill("a blue square")
+        page.locator("#txt2img-generate").click()
+        image = page.locator("#txt2img-gallery img").first
+        image.wait_for(state="visible", timeout=120_000)
+        page.locator("#txt2img-info").get_by_text("5151", exact=True).wait_for(timeout=30_000)
+        page.screenshot(path=str(artifacts_dir / "sdxl-txt2img.png"), full_page=True)
+        assert image.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]") == [True, 32, 32]
+        written = [p for p in sdxl_server.outputs.glob("*.png") if p.name.endswith("seed5151.png")]
+        assert len(written) == 1 and metadata.read_png(written[0]).recipe["sdxl"] == {"prompt_2": "a blue square"}
+    finally:
+        page.close()
