@@ -367,17 +367,22 @@ PNG_FIELDS = {  # pipeline option -> shared setting it fills
     "prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps",
     "guidance_scale": "guidance_scale", "seed": "seed", "width": "width", "height": "height",
     "guidance_schedule": "guidance_schedule", "guidance_min_scale": "guidance_min_scale",
-    "guidance_rescale": "guidance_rescale",
+    "guidance_rescale": "guidance_rescale", "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2",
 }
+SDXL_PAIR_FIELDS = {"original_size": ("original_height", "original_width"), "target_size": ("target_height", "target_width"),
+                    "crops_coords_top_left": ("crop_top", "crop_left")}
 
 
-def fields_to_settings(fields: dict) -> list:
-    """Updates for the txt2img settings (unchanged where the PNG says nothing), interval included."""
+def fields_to_settings(fields: dict, names=SETTING_NAMES) -> list:
+    """Updates for the txt2img settings `names` (unchanged where the PNG says nothing), interval and SDXL included."""
     values = {PNG_FIELDS[k]: v for k, v in fields.items() if k in PNG_FIELDS and v is not None}
     interval = fields.get("guidance_interval")
     if interval:
         values.update(use_interval=True, sigma_lo=interval.get("sigma_lo", 0.0), sigma_hi=interval.get("sigma_hi"))
-    return [gr.update(value=values[n]) if n in values else gr.update() for n in SETTING_NAMES]
+    for option, (first, second) in SDXL_PAIR_FIELDS.items():
+        if fields.get(option) is not None:
+            values.update({first: fields[option][0], second: fields[option][1]})
+    return [gr.update(value=values[n]) if n in values else gr.update() for n in names]
 
 
 CSS = """
@@ -434,10 +439,12 @@ def png_tab(txt_settings: dict, tabs) -> None:
     send = gr.Button("Send to text to image")
     upload.change(png_info, inputs=upload, outputs=[text, fields], api_name="png_info")
 
-    def on_send(found: dict):
-        return [*fields_to_settings(found), gr.Tabs(selected="txt2img")]
+    names = [*SETTING_NAMES, *(n for n in SDXL_SETTING_NAMES if n in txt_settings)]  # an SDXL model's fields too
 
-    send.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in SETTING_NAMES] + [tabs], api_name=False)
+    def on_send(found: dict):
+        return [*fields_to_settings(found, names), gr.Tabs(selected="txt2img")]
+
+    send.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in names] + [tabs], api_name=False)
 
 
 def schedules_tab() -> None:
