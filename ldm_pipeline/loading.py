@@ -82,9 +82,7 @@ def load_pipeline(
     elif backend == "onnx":
         from ldm_pipeline.onnx_backend import load_onnx_pipeline
 
-        if path_family(path, kw.get("config")) == "sdxl":
-            raise ModelLoadError(f"{path}: an SDXL model; the ONNX backend runs SD 1.x / 2.x models. Use "
-                                 "backend='pytorch' (--backend pytorch).")
+        check_onnx_family(path, kw.get("config"))
 
         pipe = load_onnx_pipeline(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                   config=kw.get("config"), accelerations=accelerations)
@@ -210,6 +208,13 @@ def path_family(path: Path, config=None) -> str:
     if folder is None or not (folder / "model_index.json").is_file():
         return "sd"
     return model_family(folder)
+
+
+def check_onnx_family(path: Path, config=None) -> None:
+    """The ONNX export covers SD 1.x / 2.x (one text encoder, no added conditioning): SDXL is refused by name."""
+    if path_family(path, config) == "sdxl":
+        raise ModelLoadError(f"{path}: an SDXL model; the ONNX backend exports and runs SD 1.x / 2.x models. Use "
+                             "the PyTorch backend (backend='pytorch', --backend pytorch).")
 
 
 def check_safetensors(file: Path) -> None:

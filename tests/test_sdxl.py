@@ -200,3 +200,12 @@ def test_a1111_sdxl_infotext_becomes_options():
     options = metadata.parameters_to_options(metadata.parse_parameters(text))
     assert (options["width"], options["height"], options["prompt"]) == (1024, 1024, "a red circle")
     assert not set(options) & {"prompt_2", "original_size", "target_size"}  # A1111: the image size, one prompt
+
+
+def test_onnx_backend_and_export_refuse_sdxl_by_name(sdxl_folder, tmp_path):
+    from ldm_pipeline.loading import ModelLoadError, load_pipeline
+    from ldm_pipeline.onnx_export import main as export_main
+    with pytest.raises(ModelLoadError, match="an SDXL model; the ONNX backend exports and runs SD 1.x / 2.x"):
+        load_pipeline(sdxl_folder, backend="onnx")
+    assert export_main([str(sdxl_folder), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
