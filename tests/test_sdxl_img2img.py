@@ -37,13 +37,8 @@ def tiny_refiner_components(seed: int = 0) -> dict:
     (cross-attention 32) and the aesthetic score in the time ids (5 * 8 + 32 = 72 added features)."""
     base = tiny_sdxl_components(seed, scheduler=_scheduler())
     torch.manual_seed(seed + 7)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
-        cross_attention_dim=32, norm_num_groups=1,
-    ).eval()
+    unet = UNet2DConditionModel.from_config(base["unet"].config, cross_attention_dim=32,
+                                            projection_class_embeddings_input_dim=72).eval()
     return {**base, "unet": unet, "text_encoder": None, "tokenizer": None, "requires_aesthetics_score": True,
             "force_zeros_for_empty_prompt": False}
 

@@ -38,7 +38,7 @@ def wide_encoder_2_components() -> dict:
                             projection_dim=32, max_position_embeddings=77, hidden_act="gelu")
     torch.manual_seed(1)
     parts["text_encoder_2"] = CLIPTextModelWithProjection(config).eval()
-    parts["unet"] = UNet2DConditionModel(**{**parts["unet"].config, "cross_attention_dim": 80}).eval()
+    parts["unet"] = UNet2DConditionModel.from_config(parts["unet"].config, cross_attention_dim=80).eval()
     return parts
 
 
