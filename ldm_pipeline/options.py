@@ -86,7 +86,8 @@ class ModelLimits:
 
     @classmethod
     def of(cls, pipe) -> "ModelLimits":
-        encoder = getattr(pipe.text_encoder, "config", None)
+        first = pipe.text_encoder if pipe.text_encoder is not None else pipe.text_encoder_2  # SDXL refiner: encoder 2
+        encoder = getattr(first, "config", None)
         return cls(size_multiple=max(8, pipe.vae_scale_factor), max_steps=pipe.scheduler.config.num_train_timesteps,
                    clip_layers=getattr(encoder, "num_hidden_layers", None), family=getattr(pipe, "family", "sd"))
 

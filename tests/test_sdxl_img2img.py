@@ -165,3 +165,10 @@ def test_refiner_folder_round_trips_through_stock(tmp_path):
     kwargs = dict(prompt="red circle", image=latents, strength=0.5, num_inference_steps=4, guidance_scale=3.0)
     np.testing.assert_allclose(_run_ours(pipe, 3, **kwargs), stock(generator=_gen(3), output_type="np", **kwargs).images,
                                atol=1e-5)
+
+
+def test_refiner_clip_skip_is_checked_against_its_encoder():
+    refiner = LatentSDXLPipeline(**tiny_refiner_components())
+    assert refiner.limits().clip_layers == refiner.text_encoder_2.config.num_hidden_layers
+    with pytest.raises(InvalidOptions, match="Clip skip"):
+        refiner("red circle", image=torch.zeros(1, 4, 4, 4), clip_skip=9, num_inference_steps=2)
