@@ -69,6 +69,7 @@ from ldm_pipeline.guidance import SCHEDULE_NAMES
 from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES
+from ldm_pipeline.sdxl import Refiner
 from ldm_pipeline.service import prepare_schedulers
 
 logger = logging.getLogger("ldm_pipeline.generate")
@@ -99,6 +100,7 @@ class Job:
     options: GenerationOptions
     scheduler: str | None = None
     loras: tuple[LoraFile, ...] = ()  # --lora files, then the prompt's <lora:NAME:W> tags
+    refiner: dict | None = None  # --refiner: its name, hash and switch (`sdxl.Refiner.describe`)
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,9 @@ class Unit:
         settings = self.job.options.settings()
         settings.pop("num_images_per_prompt")
         loras = [[str(lora.path), lora_hash(lora.path), lora.scale] for lora in self.job.loras]
+        refiner = {"refiner": self.job.refiner} if self.job.refiner else {}
         return {**settings, "scheduler": self.job.scheduler, "loras": loras, "index": self.job.index, "k": self.k,
-                "seed": self.seed}
+                "seed": self.seed, **refiner}
 
 
 # ---------------------------------------------------------------- reading prompts
@@ -233,13 +236,14 @@ def batches(units: list[Unit], batch_size: int) -> Iterator[list[Unit]]:
         yield current
 
 
-def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_pickle: bool = False) -> None:
+def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_pickle: bool = False,
+                   refiner: Refiner | None = None) -> None:
     job = batch[0].job
     activate_loras(pipe, list(job.loras), allow_pickle)
     scheduler = schedulers[job.scheduler]
     pipe.scheduler = type(scheduler).from_config(scheduler.config)  # fresh state for every batch
     options = replace(job.options, seed=[u.seed for u in batch], num_images_per_prompt=len(batch), progress_bar=False)
-    result = pipe(**options.kwargs())
+    result = pipe(**options.kwargs()) if refiner is None else refiner(pipe, options)
     for unit, image, recipe in zip(batch, result.images, result.recipes):
         recipe["batch"] = {"line": job.line, "index": job.index, "k": unit.k, "request": unit.request()}
         try:
@@ -249,7 +253,7 @@ def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_p
 
 
 def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, process: str,
-              allow_pickle: bool = False) -> int:
+              allow_pickle: bool = False, refiner: Refiner | None = None) -> int:
     """Make the images of this process' share; returns the number of failed images.
 
     A failing prompt does not stop the rest; an output folder that cannot take a file stops the share."""
@@ -259,7 +263,7 @@ def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, p
     failed = 0
     for batch in batches(todo, batch_size):
         try:
-            generate_batch(pipe, schedulers, batch, out, allow_pickle)
+            generate_batch(pipe, schedulers, batch, out, allow_pickle, refiner)
         except OutputError as error:
             print(f"error: {error.strerror}; stopping (rerun to make the rest)", file=sys.stderr)
             return len(todo) - sum(is_done(out / u.filename, u) for u in todo)
@@ -337,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="PATH", help="diffusers folder or .safetensors (default: embedded)")
     p.add_argument("--config", default=None, metavar="DIR", help="config folder for a single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt weights (can run code)")
+    p.add_argument("--refiner", default=None, metavar="PATH",
+                   help="SDXL refiner folder taking over from the SDXL base at --refiner-switch-at")
+    p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
+                   help="fraction of the schedule the SDXL base runs before the refiner (default %(default)s)")
     p.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="PATH[:SCALE]",
                    help="a LoRA file (diffusers or kohya/A1111) and its weight (default 1); repeatable")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
@@ -422,6 +430,18 @@ def prepare_output(out: Path) -> None:
     remove_stale_temporaries(out)
 
 
+def load_refiner(args, base, device) -> Refiner:
+    """--refiner: an SDXL refiner folder for an SDXL base, on the same device and dtype."""
+    if base.family != "sdxl":
+        raise ValueError(f"--refiner needs an SDXL base model; --model is a {base.family} model.")
+    if Path(args.refiner).is_file():
+        raise ValueError(f"--refiner {args.refiner}: give the refiner as a diffusers folder (a single file needs its "
+                         "own config folder: load_pipeline(file, config=...).save_pretrained(folder) once).")
+    pipe = load_pipeline(args.refiner, device=args.device or device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                         backend=args.backend)
+    return Refiner(pipe, args.refiner_switch_at)
+
+
 def use_cpu_processes() -> bool:
     """CPU processes: `accelerate launch --cpu`, or several processes on a machine without CUDA
     (PartialState only joins CPU processes into a gloo group when told so)."""
@@ -458,6 +478,8 @@ def run(argv: list[str] | None = None) -> int:
         load_embeddings(pipe, args.embedding, args.allow_pickle)
         jobs, errors = load_jobs(args, default_job(args))
         jobs, errors = with_loras(jobs, errors, args)
+        refiner = load_refiner(args, pipe, state.device) if args.refiner else None
+        jobs = [replace(job, refiner=refiner.describe()) for job in jobs] if refiner else jobs
         prepare_output(out)  # once the model loads (a refused run leaves no folder); every process, before any writes
     except (ModelLoadError, OutputError, FileNotFoundError, ValueError) as error:
         print(f"error: {error.strerror if isinstance(error, OutputError) else error}", file=sys.stderr)
@@ -472,7 +494,7 @@ def run(argv: list[str] | None = None) -> int:
     units = units_for(jobs)
     with state.split_between_processes(units) as share:
         failed = run_share(pipe, schedulers, share, out, args.batch_size, f"{state.process_index}/{state.num_processes}",
-                           args.allow_pickle)
+                           args.allow_pickle, refiner)
     state.wait_for_everyone()
     if state.is_main_process:
         try:

@@ -137,6 +137,8 @@ def format_parameters(recipe: dict) -> str:
         # SDXL: A1111 writes nothing model-specific (size conditioning = the image size, crop 0, one prompt for
         # both encoders); our options beyond that, as JSON, only when set
         "SDXL options": json.dumps(recipe["sdxl"], ensure_ascii=False) if recipe.get("sdxl") else None,
+        "Refiner": _refiner_name(recipe.get("refiner")),  # A1111: "Refiner: NAME [HASH10], Refiner switch at: 0.8"
+        "Refiner switch at": (recipe.get("refiner") or {}).get("switch_at"),
         "Lora hashes": _hashes(recipe.get("loras")),
         "TI hashes": _hashes(recipe.get("embeddings")),
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
@@ -146,6 +148,12 @@ def format_parameters(recipe: dict) -> str:
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
+
+
+def _refiner_name(refiner: dict | None) -> str | None:
+    if not refiner:
+        return None
+    return f"{refiner['name']} [{refiner['hash'][:10]}]" if refiner.get("hash") else refiner["name"]
 
 
 def _hashes(records: list[dict] | None) -> str | None:

@@ -36,6 +36,8 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -47,11 +49,11 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ldm_pipeline.adapters import pickle_free_kwargs
 from ldm_pipeline.options import SDXL_OPTIONS, SDXL_SIZES, GenerationOptions
-from ldm_pipeline.pipeline import InpaintBlend, LatentTextToImagePipeline
+from ldm_pipeline.pipeline import InpaintBlend, LatentPipelineOutput, LatentTextToImagePipeline
 from ldm_pipeline.prompt_weights import apply_emphasis, weighted_windows
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, frame_weights, frame_window
 
-__all__ = ["LatentSDXLPipeline"]
+__all__ = ["LatentSDXLPipeline", "Refiner"]
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +294,44 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
                 yield torch.float32
             finally:
                 self.vae.to(dtype=torch.float16)
+
+
+@dataclass
+class Refiner:
+    """An SDXL refiner that takes over from the base model at `switch_at` of the schedule (A1111's "Refiner switch
+    at"): the base runs to `denoising_end=switch_at` and hands its latents to the refiner (`denoising_start`), with
+    the base's sampler. The recipes are the base's, with `refiner` (name, hash, switch_at) added."""
+
+    pipe: LatentSDXLPipeline
+    switch_at: float = 0.8
+
+    def __post_init__(self):
+        if getattr(self.pipe, "family", None) != "sdxl":
+            raise ValueError(f"The refiner must be an SDXL model (base + refiner hand-off), got a "
+                             f"{getattr(self.pipe, 'family', 'non-SDXL')} model.")
+        if not (isinstance(self.switch_at, float) and 0.0 < self.switch_at < 1.0):
+            raise ValueError(f"The refiner switch must be a fraction strictly between 0 and 1, got {self.switch_at!r}.")
+
+    def __call__(self, base, options: GenerationOptions) -> LatentPipelineOutput:
+        if base.family != "sdxl" or options.denoising_end is not None or options.image is not None:
+            raise ValueError("A refiner takes over text-to-image generation of an SDXL base model (no init image, no "
+                             "denoising_end of your own).")
+        self.pipe.scheduler = type(base.scheduler).from_config(base.scheduler.config)  # the same grid on both sides
+        first = base(**replace(options, denoising_end=self.switch_at, output_type="latent").kwargs())
+        final = self.pipe(**replace(options, image=first.images, denoising_start=self.switch_at,
+                                    seed=first.seeds).kwargs())
+        return LatentPipelineOutput(images=final.images, seeds=first.seeds,
+                                    unet_evaluations=first.unet_evaluations + final.unet_evaluations,
+                                    recipes=[self._recorded(recipe) for recipe in first.recipes])
+
+    def describe(self) -> dict:
+        return {"name": Path(self.pipe.model_id or "refiner").name, "hash": self.pipe.model_hash,
+                "switch_at": self.switch_at}
+
+    def _recorded(self, recipe: dict) -> dict:
+        sdxl = {k: v for k, v in recipe.get("sdxl", {}).items() if k != "denoising_end"}
+        recipe = {k: v for k, v in recipe.items() if k != "sdxl"}
+        return {**recipe, **({"sdxl": sdxl} if sdxl else {}), "refiner": self.describe()}
 
 
 def sdxl_settings(opts: GenerationOptions, prompt_index: int) -> dict:

@@ -172,3 +172,41 @@ def test_refiner_clip_skip_is_checked_against_its_encoder():
     assert refiner.limits().clip_layers == refiner.text_encoder_2.config.num_hidden_layers
     with pytest.raises(InvalidOptions, match="Clip skip"):
         refiner("red circle", image=torch.zeros(1, 4, 4, 4), clip_skip=9, num_inference_steps=2)
+
+
+def test_cli_refiner_hands_off_and_writes_a1111_refiner_fields(components, tmp_path):
+    from ldm_pipeline.generate import main
+    from ldm_pipeline.loading import load_pipeline
+    from ldm_pipeline.metadata import read_png
+    from ldm_pipeline.options import GenerationOptions
+    from ldm_pipeline.sdxl import Refiner
+
+    base_folder, refiner_folder = tmp_path / "base", tmp_path / "tiny-refiner"
+    StableDiffusionXLPipeline(**components).save_pretrained(base_folder)
+    StableDiffusionXLImg2ImgPipeline(**tiny_refiner_components()).save_pretrained(refiner_folder)
+    out = tmp_path / "out"
+    args = ["red circle", "--model", str(base_folder), "--refiner", str(refiner_folder), "--refiner-switch-at", "0.7",
+            "--steps", "6", "--width", "32", "--height", "32", "--seed", "4", "--guidance", "3", "--out", str(out)]
+    assert main(args) == 0
+    found = read_png(out / "00000_000.png")
+    refiner = load_pipeline(refiner_folder)
+    assert found.recipe["refiner"] == {"name": "tiny-refiner", "hash": refiner.model_hash, "switch_at": 0.7}
+    assert "sdxl" not in found.recipe  # the hand-off's denoising_end is the refiner's record, not an option
+    assert found.parameters["Refiner"] == f"tiny-refiner [{refiner.model_hash[:10]}]"
+    assert found.parameters["Refiner switch at"] == "0.7"
+    # the same as the hand-off in Python, and as stock's: base to 0.7 as latents, the refiner from 0.7
+    base = load_pipeline(base_folder)
+    options = GenerationOptions(prompt="red circle", num_inference_steps=6, width=32, height=32, seed=4,
+                                guidance_scale=3.0, output_type="np", progress_bar=False)
+    expected = Refiner(refiner, 0.7)(base, options).images[0]
+    got = np.asarray(Image.open(out / "00000_000.png"), dtype=np.float32) / 255
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
+    stock_latents = StableDiffusionXLPipeline(**components)(
+        "red circle", num_inference_steps=6, width=32, height=32, guidance_scale=3.0, generator=_gen(4),
+        denoising_end=0.7, output_type="latent").images
+    stock = StableDiffusionXLImg2ImgPipeline(**tiny_refiner_components())(
+        "red circle", image=stock_latents, denoising_start=0.7, num_inference_steps=6, guidance_scale=3.0,
+        generator=_gen(4), output_type="np").images[0]
+    np.testing.assert_allclose(expected, stock, atol=1e-5)
+    with pytest.raises(ValueError, match="The refiner must be an SDXL model"):
+        Refiner(load_pipeline(None), 0.8)  # the embedded SD model
