@@ -20,6 +20,8 @@ the target size in `add_time_ids`. Base + refiner hand-off, as stock::
 
     latents = base(prompt, denoising_end=0.8, output_type="latent").images
     image = refiner(prompt, image=latents, denoising_start=0.8).images[0]
+    # or, with the recipes the base would write plus `refiner` (ldm-generate --refiner):
+    out = Refiner(refiner, switch_at=0.8)(base, GenerationOptions(prompt=prompt))
 
 With an init image the `add_time_ids` follow stock img2img / inpainting (each negative size defaults
 to the positive one; the negative ids take the positive crop), else stock txt2img.
