@@ -359,7 +359,10 @@ def png_info(file) -> tuple[str, dict]:
         return "This PNG carries no generation parameters.", {}
     fields = metadata.parameters_to_options(found.parameters)
     if found.recipe:
-        fields.update({k: v for k, v in metadata.recipe_to_options(found.recipe).items() if v is not None})
+        try:
+            fields.update({k: v for k, v in metadata.recipe_to_options(found.recipe).items() if v is not None})
+        except ValueError as error:  # a recipe that cannot replay (custom guidance function, generator-drawn noise)
+            return f"{found.parameters_text}\n\n{error} The settings come from the parameters text.", fields
     return found.parameters_text, fields
 
 

@@ -32,6 +32,7 @@ import torch
 
 from custom_schedulers import grids, registry
 from custom_schedulers.analytic import GaussianMixture
+from custom_schedulers.optimised_levels import optimise_levels
 from custom_schedulers.schedules import schedule_from_config
 
 NFES = (5, 10, 20, 50)
@@ -57,6 +58,7 @@ class Candidate:
     build: Callable[[dict], object]  # scheduler config -> scheduler
     two_evaluations_per_step: bool = False
     stochastic: bool = False
+    optimised_levels: bool = False  # GITS levels from the model (`custom_schedulers.optimised_levels`)
 
 
 # ---------------------------------------------------------------- the model and the loop
@@ -73,10 +75,16 @@ def exact_model(setup: Setup) -> Callable:
     return model
 
 
-def run(scheduler, setup: Setup, num_steps: int, seed: int = 0) -> tuple[torch.Tensor, int]:
-    """The diffusers denoising loop; returns the final sample and the number of model evaluations."""
-    scheduler.set_timesteps(num_steps)
+def run(scheduler, setup: Setup, num_steps: int, seed: int = 0, optimised: bool = False) -> tuple[torch.Tensor, int]:
+    """The diffusers denoising loop; returns the final sample and the number of model evaluations.
+    `optimised`: levels chosen by GITS from 16 noise samples of their own (not the benchmark's noise)."""
     model = exact_model(setup)
+    if optimised:
+        gits_noise = torch.randn(16, setup.noise.shape[1], generator=torch.Generator().manual_seed(123),
+                                 dtype=torch.float64)
+        scheduler.set_timesteps(sigmas=optimise_levels(model, scheduler, num_steps, gits_noise))
+    else:
+        scheduler.set_timesteps(num_steps)
     generator = torch.Generator().manual_seed(seed)
     x = setup.noise * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch has none
     scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # FlowMatch has none
@@ -161,6 +169,7 @@ def vp_candidates() -> list[Candidate]:
         Candidate("ours UniPC bh2 (karras)", ours("unipc", sigma_schedule="karras")),
         Candidate("ours UniPC bh2-3 (karras)", ours("unipc", solver_order=3, sigma_schedule="karras")),
         Candidate("ours UniPC bh2 (exponential, σmin 0.1)", ours("unipc", sigma_schedule="exponential", sigma_min=0.1)),
+        *wave_2_candidates(flow=False),
         Candidate("ours DDPM", ours("ddpm"), stochastic=True),
         Candidate("ours DPM++ 2M SDE (karras)", ours("dpmpp-2m-sde", sigma_schedule="karras"), stochastic=True),
         Candidate("ours Euler a (trailing)", ours("euler-a"), stochastic=True),
@@ -169,6 +178,7 @@ def vp_candidates() -> list[Candidate]:
         Candidate("ours DPM++ SDE (karras)", ours("dpmpp-sde", sigma_schedule="karras"), stochastic=True,
                   two_evaluations_per_step=True),
         Candidate("ours LCM", ours("lcm"), stochastic=True),
+        *other_stock_candidates(),
         Candidate("diffusers DDIM (default)", stock("DDIMScheduler")),
         Candidate("diffusers DDIM (trailing)", stock("DDIMScheduler", timestep_spacing="trailing")),
         Candidate("diffusers Euler (default)", stock("EulerDiscreteScheduler")),
@@ -181,6 +191,50 @@ def vp_candidates() -> list[Candidate]:
                   stock("DPMSolverMultistepScheduler", solver_order=3, use_karras_sigmas=True)),
         Candidate("diffusers UniPC (default)", stock("UniPCMultistepScheduler")),
         Candidate("diffusers UniPC (karras)", stock("UniPCMultistepScheduler", use_karras_sigmas=True)),
+    ]
+
+
+def wave_2_candidates(flow: bool) -> list[Candidate]:
+    """iPNDM, DEIS, RES, exponential Heun, ER-SDE, DPM++ 3M SDE on the default grid (flow: FlowMatch's), and GITS
+    levels (`optimised_levels`) under the recommended configuration and UniPC."""
+    grid = "flow-match" if flow else "trailing"
+    gits = {"optimised_levels": True}
+    s_min = {"sigma_min": 0.09} if flow else {}
+    return [
+        Candidate(f"ours iPNDM ({grid})", ours("ipndm")),
+        Candidate(f"ours iPNDM-v ({grid})", ours("ipndm-v")),
+        Candidate("ours iPNDM-v (exponential)", ours("ipndm-v", sigma_schedule="exponential")),
+        Candidate(f"ours DEIS ({grid})", ours("deis")),
+        Candidate("ours DEIS (exponential)", ours("deis", sigma_schedule="exponential")),
+        Candidate(f"ours RES multistep ({grid})", ours("res-multistep")),
+        Candidate("ours RES multistep (exponential)", ours("res-multistep", sigma_schedule="exponential")),
+        Candidate(f"ours exp Heun 2 x0 ({grid})", ours("exp-heun-2-x0"), two_evaluations_per_step=True),
+        Candidate("ours exp Heun 2 x0 (exponential)", ours("exp-heun-2-x0", sigma_schedule="exponential"),
+                  two_evaluations_per_step=True),
+        Candidate("ours DPM++ 2M PC + GITS levels", ours("dpmpp-2m-pc", **s_min), **gits),
+        Candidate("ours UniPC bh2 (extrapolate) + GITS levels", ours("unipc", final_step="extrapolate"), **gits),
+        Candidate("ours DPM++ 3M (extrapolate) + GITS levels", ours("dpmpp-3m", final_step="extrapolate"), **gits),
+        Candidate("ours iPNDM-v + GITS levels", ours("ipndm-v"), **gits),
+        Candidate(f"ours ER-SDE ({grid})", ours("er-sde"), stochastic=True),
+        Candidate(f"ours DPM++ 3M SDE ({grid})", ours("dpmpp-3m-sde"), stochastic=True),
+    ]
+
+
+def other_stock_candidates() -> list[Candidate]:
+    """The rest of the registry's stock names, default options."""
+    two = {"two_evaluations_per_step": True}
+    return [
+        Candidate("diffusers PNDM (default)", stock("PNDMScheduler")),
+        Candidate("diffusers LMS (default)", stock("LMSDiscreteScheduler")),
+        Candidate("diffusers DPM++ 2S (default)", stock("DPMSolverSinglestepScheduler")),
+        Candidate("diffusers DEIS (default)", stock("DEISMultistepScheduler")),
+        Candidate("diffusers KDPM2 (default)", stock("KDPM2DiscreteScheduler"), **two),
+        Candidate("diffusers DDPM (default)", stock("DDPMScheduler"), stochastic=True),
+        Candidate("diffusers Euler a (default)", stock("EulerAncestralDiscreteScheduler"), stochastic=True),
+        Candidate("diffusers KDPM2 a (default)", stock("KDPM2AncestralDiscreteScheduler"), stochastic=True, **two),
+        Candidate("diffusers DPM++ SDE (default)", stock("DPMSolverSDEScheduler"), stochastic=True, **two),
+        Candidate("diffusers LCM (default)", stock("LCMScheduler"), stochastic=True),
+        Candidate("diffusers TCD (default)", stock("TCDScheduler"), stochastic=True),
     ]
 
 
@@ -204,6 +258,7 @@ def flow_candidates() -> list[Candidate]:
         Candidate("ours DPM++ 3M (exponential, s_min 0.09, extrapolate)", ours("dpmpp-3m", **dict(TUNED, sigma_min=0.09))),
         Candidate("ours DPM++ 2M + AM corrector (exponential, s_min 0.09, extrapolate)",
                   ours("dpmpp-2m", corrector="adams-moulton", **dict(TUNED, sigma_min=0.09))),
+        *wave_2_candidates(flow=True),
         Candidate("ours DPM++ 2M SDE (flow-match)", ours("dpmpp-2m-sde"), stochastic=True),
         Candidate("ours Euler a (flow-match)", ours("euler-a"), stochastic=True),
         Candidate("ours DDPM (flow-match)", ours("ddpm"), stochastic=True),
@@ -223,7 +278,7 @@ def measure(setup: Setup, candidate: Candidate) -> dict:
     for nfe in NFES:
         steps = (nfe + 1) // 2 if candidate.two_evaluations_per_step else nfe
         try:
-            x, used = run(candidate.build(setup.config), setup, steps)
+            x, used = run(candidate.build(setup.config), setup, steps, optimised=candidate.optimised_levels)
             per_sample = (x - setup.reference).pow(2).mean(1).sqrt()
             error = float(per_sample.pow(2).mean().sqrt())
             w2 = sliced_w2(x, setup.data) if torch.isfinite(x).all() else math.nan
@@ -255,13 +310,16 @@ def markdown(rows: list[dict], setup: Setup, key: str, title: str) -> str:
 
 
 def best(rows: list[dict], prefix: str, nfe: int, key: str = "error") -> tuple[str, float]:
+    """The best deterministic row at this NFE column; a row that spent more evaluations there (PNDM's warm-up)
+    does not count."""
     finite = [(r["label"], r["cells"][nfe][key]) for r in rows
-              if r["label"].startswith(prefix) and not r["stochastic"] and math.isfinite(r["cells"][nfe][key])]
+              if r["label"].startswith(prefix) and not r["stochastic"] and math.isfinite(r["cells"][nfe][key])
+              and r["cells"][nfe]["nfe"] <= nfe]
     return min(finite, key=lambda item: item[1])
 
 
 PLOTTED = (  # a readable subset of the rows (prefix match); the tables have all of them
-    RECOMMENDED, "ours DPM++ 3M (exponential, σmin", "ours DPM++ 3M (exponential, s_min", "ours DPM++ 2M (karras)",
+    RECOMMENDED, "ours DPM++ 2M PC + GITS levels", "ours DPM++ 3M (exponential, σmin", "ours DPM++ 3M (exponential, s_min", "ours DPM++ 2M (karras)",
     "ours DDIM (trailing)", "ours Heun (trailing)", "ours RF-Euler (trailing)", "diffusers DDIM (default)",
     "diffusers DPM++ 2M (default)", "diffusers DPM++ 2M (karras)", "diffusers UniPC (default)",
     "diffusers UniPC (karras)", "diffusers Heun (default)", "diffusers FlowMatchEuler", "diffusers FlowMatchHeun",

@@ -8,12 +8,15 @@ levels a sampler visits), `solvers` (update rules), `base` (the shared Scheduler
 from diffusers import SchedulerMixin  # noqa: F401 (stock `from_pretrained` checks components against <library>.SchedulerMixin)
 
 from .base import DiffusionSampler
+from .scheduling_adams import DEISSampler, IPNDMSampler
 from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
 from .scheduling_dpmpp import DPMSolverPlusPlus3MSDESampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
 from .scheduling_dpmpp_2s import DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler
+from .scheduling_er_sde import ERSDESampler
 from .scheduling_euler import EulerSampler
+from .scheduling_exponential import ExponentialHeunSampler, ResMultistepSampler
 from .scheduling_heun import HeunSampler
 from .scheduling_lcm import LCMSampler
 from .scheduling_named import CosineScheduler, ZeroTerminalSNRScheduler
@@ -25,7 +28,8 @@ __all__ = [
     "EulerSampler", "HeunSampler", "RectifiedFlowEulerSampler", "RectifiedFlowHeunSampler", "LCMSampler",
     "CosineScheduler", "ZeroTerminalSNRScheduler", "RectifiedFlowScheduler", "UniPCSampler",
     "EulerAncestralSampler", "DPMSolverPlusPlus2SAncestralSampler", "DPMSolverPlusPlusSinglestepSDESampler",
-    "DPMSolverPlusPlus3MSDESampler",
+    "DPMSolverPlusPlus3MSDESampler", "IPNDMSampler", "DEISSampler", "ResMultistepSampler", "ExponentialHeunSampler",
+    "ERSDESampler",
 ]
 
 # A stock pipeline's `save_pretrained` records a component as [its class's module, class name] in model_index.json,
@@ -37,6 +41,7 @@ for _cls in (
     HeunSampler, RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, CosineScheduler,
     ZeroTerminalSNRScheduler, RectifiedFlowScheduler, UniPCSampler, EulerAncestralSampler,
     DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler, DPMSolverPlusPlus3MSDESampler,
+    IPNDMSampler, DEISSampler, ResMultistepSampler, ExponentialHeunSampler, ERSDESampler,
 ):
     _cls.__module__ = __name__
 del _cls

@@ -28,7 +28,8 @@ A1111_SAMPLERS = {
     "euler": "Euler", "heun": "Heun", "lcm": "LCM", "rf-euler": "RF Euler", "rf-heun": "RF Heun",
     "dpmpp-2m-pc": "DPM++ 2M PC", "unipc": "UniPC", "unipc-bh1": "UniPC bh1",
     "euler-a": "Euler a", "dpmpp-2s-a": "DPM++ 2S a", "dpmpp-sde": "DPM++ SDE",
-    "dpmpp-3m-sde": "DPM++ 3M SDE",
+    "dpmpp-3m-sde": "DPM++ 3M SDE", "ipndm": "iPNDM", "ipndm-v": "iPNDM v", "deis": "DEIS",
+    "res-multistep": "Res Multistep", "exp-heun-2-x0": "Exp Heun 2 x0", "er-sde": "ER SDE",
     "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
     "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a", "HeunDiscreteScheduler": "Heun",
     "DPMSolverMultistepScheduler": "DPM++ 2M", "DPMSolverSinglestepScheduler": "DPM++ 2S",
@@ -42,7 +43,9 @@ COMFYUI_SAMPLERS = {
     "heun": "heun", "lcm": "lcm", "euler_ancestral": "euler-a", "lms": "LMSDiscreteScheduler",
     "dpm_2": "KDPM2DiscreteScheduler", "dpm_2_ancestral": "KDPM2AncestralDiscreteScheduler",
     "dpmpp_sde": "dpmpp-sde", "dpmpp_2s_ancestral": "dpmpp-2s-a",
-    "dpmpp_3m_sde": "dpmpp-3m-sde", "uni_pc": "unipc-bh1", "uni_pc_bh2": "unipc", "deis": "DEISMultistepScheduler",
+    "dpmpp_3m_sde": "dpmpp-3m-sde", "uni_pc": "unipc-bh1", "uni_pc_bh2": "unipc", "deis": "deis",
+    "ipndm": "ipndm", "ipndm_v": "ipndm-v", "res_multistep": "res-multistep", "exp_heun_2_x0": "exp-heun-2-x0",
+    "er_sde": "er-sde",
 }
 
 # schedule (A1111 schedule type or ComfyUI scheduler name, lower case) -> our config fields

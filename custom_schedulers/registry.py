@@ -20,12 +20,15 @@ from diffusers import SchedulerMixin
 
 from . import names
 from .base import _DIFFUSERS_SIGMA_FLAGS, DiffusionSampler
+from .scheduling_adams import DEISSampler, IPNDMSampler
 from .scheduling_ancestral import EulerAncestralSampler
 from .scheduling_ddim import DDIMSampler
 from .scheduling_ddpm import DDPMSampler
 from .scheduling_dpmpp import DPMSolverPlusPlus3MSDESampler, DPMSolverPlusPlusSampler, DPMSolverPlusPlusSDESampler
 from .scheduling_dpmpp_2s import DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler
+from .scheduling_er_sde import ERSDESampler
 from .scheduling_euler import EulerSampler
+from .scheduling_exponential import ExponentialHeunSampler, ResMultistepSampler
 from .scheduling_heun import HeunSampler
 from .scheduling_lcm import LCMSampler
 from .scheduling_named import CosineScheduler, ZeroTerminalSNRScheduler
@@ -50,6 +53,12 @@ OURS: dict[str, tuple[type[DiffusionSampler], dict[str, Any]]] = {
     "dpmpp-2s-a": (DPMSolverPlusPlus2SAncestralSampler, {}),
     "dpmpp-sde": (DPMSolverPlusPlusSinglestepSDESampler, {}),
     "dpmpp-3m-sde": (DPMSolverPlusPlus3MSDESampler, {}),
+    "ipndm": (IPNDMSampler, {"step_weights": "uniform"}),
+    "ipndm-v": (IPNDMSampler, {"step_weights": "variable"}),
+    "deis": (DEISSampler, {}),
+    "res-multistep": (ResMultistepSampler, {}),
+    "exp-heun-2-x0": (ExponentialHeunSampler, {}),
+    "er-sde": (ERSDESampler, {}),
     # Our most accurate configuration on docs/sampler_accuracy.md: DPM++ 2M with the Adams-Moulton corrector,
     # log-SNR-uniform levels down to sigma/alpha = 0.1 (s = 0.1 for flow) and the extrapolated final step.
     "dpmpp-2m-pc": (DPMSolverPlusPlusSampler, {"solver_order": 2, "corrector": "adams-moulton",
@@ -66,6 +75,7 @@ OUR_CLASSES: dict[str, type[DiffusionSampler]] = {
         RectifiedFlowEulerSampler, RectifiedFlowHeunSampler, LCMSampler, UniPCSampler,
         EulerAncestralSampler, DPMSolverPlusPlus2SAncestralSampler, DPMSolverPlusPlusSinglestepSDESampler,
         DPMSolverPlusPlus3MSDESampler, CosineScheduler, ZeroTerminalSNRScheduler, RectifiedFlowScheduler,
+        IPNDMSampler, DEISSampler, ResMultistepSampler, ExponentialHeunSampler, ERSDESampler,
     )
 }
 

@@ -23,6 +23,16 @@ class HeunState:
     dt: float
 
 
+def require_predictor(state):
+    """The predictor's state for a corrector evaluation, or a clear error if the run started mid-step."""
+    if state is None:
+        raise ValueError(
+            "Heun's corrector evaluation came without its predictor: start at an index of `timesteps` that "
+            "begins a step (a multiple of `order`, as diffusers' img2img pipelines do)."
+        )
+    return state
+
+
 class ProbabilityFlowODESampler(DiffusionSampler):
     """Euler (or Heun, if `heun`) steps of dy/dtau = d in the coordinates `variable`
     ("ve": tau = sigma/alpha, k-diffusion / diffusers Euler; "flow": tau = sigma/(alpha+sigma), rectified flow).
@@ -86,12 +96,7 @@ class ProbabilityFlowODESampler(DiffusionSampler):
         """Heun's second evaluation at x_2 on node `node` (the step's end); keeps x_2 where no correction applies."""
         if not self._has_corrector(self.grid, node - 1):
             return x_2
-        if self.heun_state is None:
-            raise ValueError(
-                "Heun's corrector evaluation came without its predictor: start at an index of `timesteps` that "
-                "begins a step (a multiple of `order`, as diffusers' img2img pipelines do)."
-            )
-        state, self.heun_state = self.heun_state, None
+        state, self.heun_state = require_predictor(self.heun_state), None
         alpha_next, sigma_next = float(self.grid.alpha[node]), float(self.grid.sigma[node])
         d_2 = solvers.ode_derivative(denoised_2, eps_2, self.variable)
         x_next = solvers.heun_step(state.y, state.d, d_2, state.dt)

@@ -338,3 +338,97 @@ def dpmpp_3m_sde_step(
     if noise is not None:
         x_next = x_next + step.sigma_next * math.sqrt(-math.expm1(-2 * step.h * eta)) * noise
     return x_next
+
+
+# ---------------------------------------------------------------- Adams-Bashforth on the ODE (iPNDM, DEIS)
+
+# Constant-step Adams-Bashforth weights of d_i, d_{i-1}, ... (newest first): iPNDM's pseudo linear multistep
+# warm-started from lower orders (Zhang & Chen 2023, DEIS, Sec. 5 "iPNDM"; Liu et al. 2022, PNDM, eq. 12).
+IPNDM_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+_GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(24)
+
+
+def adams_bashforth_weights(taus: list[float], tau_next: float, time=None) -> list[float]:
+    """w_j = int_{tau_0}^{tau_next} l_j(s(tau)) dtau: the step y' = y + sum_j w_j d_j integrates the Lagrange
+    polynomial through (s(taus[j]), d_j) in the time variable s = `time`(tau) (identity: the variable-step
+    Adams-Bashforth of k-diffusion's `sample_ipndm_v`; `deis_time`: DEIS's tAB, Zhang & Chen 2023, eq. 14).
+    taus: the nodes of d_0, d_1, ... newest first. Gauss-Legendre quadrature (24 points: exact for the identity)."""
+    time = time or (lambda tau: tau)
+    half = (tau_next - taus[0]) / 2
+    points = taus[0] + half * (_GAUSS_NODES + 1)
+    s, s_nodes = time(points), [float(time(np.array(t))) for t in taus]
+    weights = []
+    for j, s_j in enumerate(s_nodes):
+        basis = np.ones_like(points)
+        for k, s_k in enumerate(s_nodes):
+            if k != j:
+                basis = basis * (s - s_k) / (s_j - s_k)
+        weights.append(float(half * np.sum(_GAUSS_WEIGHTS * basis)))
+    return weights
+
+
+def deis_time(tau, sigma_min: float = 0.002, sigma_max: float = 80.0, eps_s: float = 1e-3):
+    """The time t of the linear-beta VP SDE whose noise level sigma(t) = sqrt(e^{beta_d t^2/2 + beta_min t} - 1)
+    runs from sigma_min at t = eps_s to sigma_max at t = 1 (Karras et al. 2022, Table 1 "VP"), the variable in which
+    DEIS's tAB interpolates eps (Zhang & Chen 2023; ComfyUI's `deis.edm2t` with these defaults)."""
+    beta_d = 2 * (math.log(sigma_min**2 + 1) / eps_s - math.log(sigma_max**2 + 1)) / (eps_s - 1)
+    beta_min = math.log(sigma_max**2 + 1) - 0.5 * beta_d
+    return (np.sqrt(beta_min**2 + 2 * beta_d * np.log1p(np.square(tau))) - beta_min) / beta_d
+
+
+# ---------------------------------------------------------------- exponential integrators with phi_2
+
+
+def exponential_heun_step(x: torch.Tensor, denoised: torch.Tensor, denoised_2: torch.Tensor, step: Step) -> torch.Tensor:
+    """Exponential Heun in data prediction and log-SNR (ComfyUI `sample_exp_heun_2_x0`: SEEDS-2 with r = 1, eta = 0,
+    phi_2; Gonzalez et al. 2023): x_0 linear in lambda between the estimates at the step's start (`denoised`) and at
+    the DDIM-predicted end (`denoised_2`), integrated exactly: x' = (sigma'/sigma) x + alpha' (psi_0 D + (psi_1/h)
+    (D_2 - D)), psi_0 = 1 - e^{-h}, psi_1 = h - psi_0. At h = inf (a start at alpha = 0) it is alpha' D_2 + sigma' x."""
+    psi_0 = -math.expm1(-step.h)
+    slope_weight = 1.0 - psi_0 / step.h if math.isfinite(step.h) else 1.0  # psi_1 / h
+    x_next = step.alpha_next * (psi_0 * denoised + slope_weight * (denoised_2 - denoised))
+    return x_next + (step.sigma_next / step.sigma) * x
+
+
+# ---------------------------------------------------------------- ER-SDE (Cui et al. 2023)
+
+
+def er_sde_noise_scale(tau: np.ndarray | float, kind: str = "er-sde") -> np.ndarray | float:
+    """psi(tau) = phi(tau)/tau for ER-SDE's noise-scale functions phi (Cui et al. 2023, Sec. 4.2): "er-sde",
+    phi = tau (e^{tau^0.3} + 10) (their default, ComfyUI's `default_er_sde_noise_scaler`); "ode", phi = tau
+    (the probability-flow ODE: no noise); "reverse-sde", phi = tau^2 (the reverse-time SDE, DDPM-like)."""
+    tau = np.asarray(tau, dtype=np.float64)
+    if kind == "ode":
+        return np.ones_like(tau)
+    return tau if kind == "reverse-sde" else np.exp(tau**0.3) + 10.0
+
+
+def er_sde_step(
+    x: torch.Tensor, derivatives: list[torch.Tensor], step: Step, noise: torch.Tensor | None, kind: str = "er-sde",
+) -> torch.Tensor:
+    """VP ER-SDE-Solver (Cui et al. 2023, "Elucidating the solution space of extended reverse-time SDEs", eq. 20
+    and Alg. 2; ComfyUI `sample_er_sde`), in tau = sigma/alpha with phi(tau) = tau psi(tau):
+    x' = (sigma'/sigma)(psi'/psi) x + alpha' (1 - phi'/phi) x_0 + alpha' sum_k c_k x_0^(k) + sigma' sqrt(1 - (psi'/psi)^2) z,
+    c_1 = (tau' - tau) + phi' int_{tau'}^{tau} dl/phi, c_2 = (tau' - tau)^2/2 + phi' int (l - tau)/phi dl.
+    derivatives: [x_0, dx_0/dtau, d^2x_0/dtau^2] (ComfyUI's backward divided differences `denoised_d`,
+    `denoised_u`); the integrals by Gauss-Legendre quadrature (ComfyUI: a 200-point Riemann sum)."""
+    tau, tau_next = ve_level(step.alpha, step.sigma), ve_level(step.alpha_next, step.sigma_next)
+    ratio = float(er_sde_noise_scale(tau_next, kind) / er_sde_noise_scale(tau, kind)) if math.isfinite(tau) else 0.0
+    if kind == "ode" and not math.isfinite(tau):
+        ratio = 1.0
+    phi_ratio = ratio * tau_next / tau if math.isfinite(tau) else 0.0
+    x_next = (step.sigma_next / step.sigma) * ratio * x + step.alpha_next * (1 - phi_ratio) * derivatives[0]
+    if len(derivatives) > 1:
+        half = (tau - tau_next) / 2  # Gauss-Legendre on [tau', tau]
+        points = tau_next + half * (_GAUSS_NODES + 1)
+        inverse_phi = 1.0 / (points * er_sde_noise_scale(points, kind))
+        phi_next = tau_next * float(er_sde_noise_scale(tau_next, kind))
+        dt = tau_next - tau
+        c_1 = dt + phi_next * half * float(np.sum(_GAUSS_WEIGHTS * inverse_phi))
+        x_next = x_next + step.alpha_next * c_1 * derivatives[1]
+        if len(derivatives) > 2:
+            c_2 = dt**2 / 2 + phi_next * half * float(np.sum(_GAUSS_WEIGHTS * (points - tau) * inverse_phi))
+            x_next = x_next + step.alpha_next * c_2 * derivatives[2]
+    if noise is not None and kind != "ode":
+        x_next = x_next + step.sigma_next * math.sqrt(max(1.0 - ratio**2, 0.0)) * noise
+    return x_next

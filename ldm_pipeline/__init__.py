@@ -8,7 +8,9 @@ Public entry points (stable names):
 * `swap_scheduler(pipe, name, **overrides)` -> `SwapReport`; see `scheduler_swap`.
 * `LatentTextToImagePipeline.__call__(prompt, **options)` -> `LatentPipelineOutput`
   (images, seeds, unet_evaluations, recipes); options are `GenerationOptions` (`options`:
-  the one settings record, its defaults, `check()`, recipe round trip, seed rule).
+  the one settings record, its defaults, `check()`, recipe round trip, seed rule); stock diffusers'
+  call arguments too (`generator`, `latents`, `eta`, `timesteps` / `sigmas`, `callback_on_step_end`,
+  `ip_adapter_image`, `return_dict=False` -> `(images, None)`; `noise_source`, `step_callbacks`).
 * `GenerationService` / `ServiceRequest`: a loaded model serving many requests (the UI); see `service`.
 * `metadata.write_png / read_png / parse_parameters / format_parameters`: PNG metadata.
 * `ldm-generate` / `python -m ldm_pipeline`: batch generation; see `generate`.

@@ -125,15 +125,36 @@ def file_hash(path: Path) -> str:
 
 
 def load_embeddings(pipe, paths: list[Path], allow_pickle: bool = False) -> list[dict]:
-    """Load textual-inversion files; the trigger token is the file name, as in A1111. Returns their records."""
-    records = []
+    """Load textual-inversion files; the trigger token is the file name, as in A1111. Returns their records
+    (the pipeline's `load_textual_inversion` adds them to `pipe.embedding_records`)."""
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--embedding {path}: no such file.")
         pipe.load_textual_inversion(str(path), token=Path(path).stem, allow_pickle=allow_pickle)
-        records.append({"name": Path(path).stem, "hash": file_hash(path)})
-    pipe.embedding_records = [*getattr(pipe, "embedding_records", []), *records]
-    return records
+    return pipe.embedding_records[len(pipe.embedding_records) - len(paths):]
+
+
+def named_file(source, weight_name: str | None, default_name: str) -> Path | None:
+    """The file a diffusers loader call names: a file, or a folder + `weight_name` (else diffusers' default
+    name); None for a state dict, a hub id or anything that is not a local file."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source)
+    path = path / (weight_name or default_name) if path.is_dir() else path
+    return path if path.is_file() else None
+
+
+def file_record(path: Path | None, name: str, hasher) -> dict:
+    """{"name", "hash"} for recipes and the infotext: a file's name (never its path) and A1111's hash."""
+    return {"name": name, "hash": hasher(path) if path else None}
+
+
+def lora_layers_enabled(model) -> bool:
+    """False when `disable_lora()` switched the model's LoRA layers off (peft's `disable_adapters`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+    return layer is not None and not layer.disable_adapters
 
 
 def activate_loras(pipe, loras: list[LoraFile], allow_pickle: bool = False) -> list[dict]:

@@ -119,7 +119,7 @@ class Unit:
         """What this image is: compared on resume to decide whether a file can be kept."""
         settings = self.job.options.settings()
         settings.pop("num_images_per_prompt")
-        loras = [[str(lora.path), lora_hash(lora.path), lora.scale] for lora in self.job.loras]
+        loras = [[lora.name, lora_hash(lora.path), lora.scale] for lora in self.job.loras]  # never the server's paths
         refiner = {"refiner": self.job.refiner} if self.job.refiner else {}
         return {**settings, "scheduler": self.job.scheduler, "loras": loras, "index": self.job.index, "k": self.k,
                 "seed": self.seed, **refiner}

@@ -33,6 +33,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from custom_schedulers import names, registry
 from ldm_pipeline.atomic import atomic_file
+from ldm_pipeline.noise_source import explain_noise
 
 RECIPE_KEY = "ldm_recipe"
 PARAMETERS_KEY = "parameters"
@@ -83,7 +84,7 @@ def backend_of(pipe) -> str:
 def make_recipe(pipe, generation: dict) -> dict:
     """The full recipe of one image: generation settings + scheduler + model + backend + versions."""
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
-    adapters = {key: getattr(pipe, f"{key[:-1]}_records", None) for key in ("loras", "embeddings")}
+    adapters = {"loras": pipe.active_lora_records(), "embeddings": pipe.embedding_records}
     backend = backend_of(pipe)
     versions = library_versions()
     if backend == "onnx":
@@ -144,7 +145,7 @@ def format_parameters(recipe: dict) -> str:
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
-    text = recipe.get("prompt", "")
+    text = recipe.get("prompt", "") + _lora_tags(recipe.get("loras"))
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
@@ -156,11 +157,19 @@ def _refiner_name(refiner: dict | None) -> str | None:
     return f"{refiner['name']} [{refiner['hash'][:10]}]" if refiner.get("hash") else refiner["name"]
 
 
+def _lora_tags(records: list[dict] | None) -> str:
+    """A1111 keeps `<lora:NAME:W>` in the prompt (its `Lora hashes` names those tags); our recipe prompt has
+    them taken out (`adapters.prompt_loras`), so the infotext puts them back: names only, never paths."""
+    scales = [r.get("scale", 1.0) for r in records or []]  # block-wise weights (a dict) have no A1111 tag
+    return "".join(f" <lora:{r['name']}:{w:g}>" for r, w in zip(records or [], scales) if isinstance(w, (int, float)))
+
+
 def _hashes(records: list[dict] | None) -> str | None:
     """A1111's `Lora hashes` / `TI hashes` value: "name: hash, name2: hash2" (':' and ',' dropped from names)."""
-    if not records:
+    known = [r for r in records or [] if r.get("hash")]  # a LoRA loaded from a state dict has no file to hash
+    if not known:
         return None
-    return ", ".join(f"{r['name'].replace(':', '').replace(',', '')}: {r['hash']}" for r in records)
+    return ", ".join(f"{r['name'].replace(':', '').replace(',', '')}: {r['hash']}" for r in known)
 
 
 def parse_parameters(text: str) -> dict:
@@ -223,6 +232,11 @@ def sampler_options(params: dict) -> dict:
 def recipe_to_options(recipe: dict) -> dict:
     """Pipeline keyword arguments that regenerate a recipe's image (scheduler: swap separately)."""
     guidance = recipe.get("guidance") or {}
+    if recipe.get("noise"):
+        raise ValueError(f"This recipe's image cannot be regenerated from its seed: {explain_noise(recipe['noise'])}.")
+    if recipe.get("altered_by"):
+        raise ValueError(f"A callback_on_step_end ({recipe['altered_by']}) changed this image's tensors during "
+                         "sampling; the recipe cannot replay it.")
     options = {
         "prompt": recipe["prompt"], "negative_prompt": recipe.get("negative_prompt") or None,
         "num_inference_steps": recipe["steps"], "seed": recipe["seed"],
@@ -230,6 +244,8 @@ def recipe_to_options(recipe: dict) -> dict:
         "guidance_scale": guidance.get("scale", 7.5), "guidance_rescale": guidance.get("rescale", 0.0),
         "guidance_min_scale": guidance.get("min_scale", 1.0), "guidance_interval": guidance.get("interval"),
         "emphasis": recipe.get("emphasis", "off"),  # recipes from before emphasis read prompts as plain text
+        "eta": recipe.get("eta"), "timesteps": recipe.get("timesteps"), "sigmas": recipe.get("sigmas"),
+        "cross_attention_kwargs": recipe.get("cross_attention_kwargs"),  # the LoRA scale; the LoRAs: `loras`
     }
     options.update(_sdxl_options(recipe.get("sdxl") or {}))
     schedule = guidance.get("schedule", "constant")

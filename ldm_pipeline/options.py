@@ -20,11 +20,12 @@ file gets base + 10000 * i; so an image depends only on its own seed.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
 import random
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -34,6 +35,7 @@ from PIL import Image
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import SCHEDULE_ALIASES, SCHEDULE_NAMES, as_interval
 from ldm_pipeline.prompt_weights import check_emphasis
+from ldm_pipeline.step_callbacks import callback_problems
 
 MAX_SIDE = int(os.environ.get("LDM_MAX_SIDE", "2048"))  # pixels per side, everywhere (pipeline, CLI, app)
 MAX_GUIDANCE = 100.0  # far above any useful CFG scale; refuses typos such as 1e30
@@ -155,6 +157,18 @@ class GenerationOptions:
     callback                   callable(StepInfo) -> bool | None; True cancels
     progress_bar               show a tqdm bar
 
+    Stock diffusers arguments, with `StableDiffusionPipeline`'s meaning (see `noise_source` for what recipes record):
+    generator                  torch.Generator or a list, one per image; takes precedence over `seed`
+    latents                    initial noise [images, C, h, w] (scaled by init_noise_sigma); text-to-image and
+                               full-strength inpainting only (stock img2img takes none)
+    eta                        DDIM's eta (step noise), for samplers whose `step` takes it; None = the sampler's own
+    timesteps / sigmas         a custom grid for samplers whose `set_timesteps` takes one; it sets the step count
+    callback_on_step_end       callable(pipe, i, t, callback_kwargs) -> dict (see `step_callbacks`)
+    callback_on_step_end_tensor_inputs   the tensors it receives: latents, prompt_embeds, negative_prompt_embeds
+    return_dict                False: return the tuple (images, None) (None: no NSFW flags), as stock
+    ip_adapter_image / ip_adapter_image_embeds   after `pipe.load_ip_adapter(...)`: one image (or embeddings)
+                               per loaded adapter, as stock; the recipe records only that one was used
+
     A new option is one field here (with its default), its check in `problems`, and, if it
     changes the image, one key in `recipe_settings` / `metadata.recipe_to_options`.
     """
@@ -196,6 +210,16 @@ class GenerationOptions:
     denoising_end: float | None = None
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
+    generator: Union[torch.Generator, list[torch.Generator], None] = None
+    latents: torch.Tensor | None = None
+    eta: float | None = None
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+    callback_on_step_end: Callable[..., Any] | None = None
+    callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)
+    return_dict: bool = True
+    ip_adapter_image: Any = None
+    ip_adapter_image_embeds: Any = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":
@@ -218,6 +242,8 @@ class GenerationOptions:
     def with_defaults(self, recommended: dict | None = None) -> "GenerationOptions":
         """Steps and guidance the caller left out: the model's recommended settings, then SD's."""
         defaults = {**SD_DEFAULTS, **{k: v for k, v in (recommended or {}).items() if k in SD_DEFAULTS}}
+        if self.timesteps is not None or self.sigmas is not None:  # a custom grid sets the step count (the pipeline)
+            del defaults["num_inference_steps"]
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self, limits: ModelLimits = ModelLimits()) -> "GenerationOptions":
@@ -230,7 +256,7 @@ class GenerationOptions:
     def problems(self, limits: ModelLimits = ModelLimits()) -> list[str]:
         return [*self._prompt_problems(), *self._count_problems(limits), *self._size_problems(limits),
                 *self._guidance_problems(), *self._image_problems(), *self._seed_problems(),
-                *self._sdxl_problems(limits)]
+                *self._sdxl_problems(limits), *self._stock_problems()]
 
     # ------------------------------------------------------------ the checks
 
@@ -375,13 +401,41 @@ class GenerationOptions:
             problems.append("Give either `prompt_2` or `prompt_embeds`, not both.")
         return problems
 
+    def image_count(self) -> int:
+        return len(self.prompt_list()) * (self.num_images_per_prompt if is_whole(self.num_images_per_prompt) else 1)
+
+    def _stock_problems(self) -> list[str]:
+        problems = [*_generator_problems(self.generator, self.image_count()), *self._latents_problems(),
+                    *_grid_problems(self.timesteps, self.sigmas),
+                    *callback_problems(self.callback_on_step_end, self.callback_on_step_end_tensor_inputs)]
+        if self.eta is not None and not (is_finite_number(self.eta) and self.eta >= 0):
+            problems.append(f"eta (DDIM's step noise) must be a finite number >= 0, got {self.eta!r}.")
+        if not isinstance(self.return_dict, bool):
+            problems.append(f"return_dict must be True or False, got {self.return_dict!r}.")
+        return problems
+
+    def _latents_problems(self) -> list[str]:
+        if self.latents is None:
+            return []
+        if not isinstance(self.latents, torch.Tensor):
+            return [f"latents must be a tensor [images, channels, height / 8, width / 8], "
+                    f"got {type(self.latents).__name__}."]
+        full_strength = self.mask_image is not None and (self.strength is None or self.strength >= 1.0)
+        if self.image is not None and not full_strength:
+            return ["latents (initial noise) cannot be combined with an init image below full strength: img2img "
+                    "starts from the image noised to the first step (stock img2img takes no latents either); "
+                    "leave latents out and use generator= or seed."]
+        return []
+
     # ------------------------------------------------------------ recipes
 
     def settings(self) -> dict:
         """The JSON-ready settings that decide the image (no images, embeddings or callbacks)."""
-        skip = {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
-                "image", "mask_image", "callback", "progress_bar", "output_type"}
-        values = {k: v for k, v in asdict(self).items() if k not in skip}
+        skip = {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                "negative_pooled_prompt_embeds", "image", "mask_image", "callback", "progress_bar",
+                "output_type", "generator", "latents", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+                "return_dict", "ip_adapter_image", "ip_adapter_image_embeds"}
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
         interval = as_interval(self.guidance_interval)
         values["guidance_interval"] = interval.as_dict() if interval else None
         for name in SDXL_SIZES:  # (height, width) pairs as JSON gives them back
@@ -391,7 +445,10 @@ class GenerationOptions:
     def recipe_settings(self, size: tuple[int, int], strength: float | None, guidance: dict) -> dict:
         """The per-request part of a PNG recipe (prompt, negative and seed are per image)."""
         return {"steps": self.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": self.clip_skip,
-                "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None, "guidance": guidance}
+                "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None,
+                "guidance": guidance, "eta": self.eta, "timesteps": grid_list(self.timesteps),
+                "sigmas": grid_list(self.sigmas), "cross_attention_kwargs": self.cross_attention_kwargs,
+                "ip_adapter": self.ip_adapter_image is not None or self.ip_adapter_image_embeds is not None}
 
 
 def _attention_kwargs_problems(kwargs) -> list[str]:
@@ -408,6 +465,36 @@ def _attention_kwargs_problems(kwargs) -> list[str]:
 def _differs(value, default) -> bool:
     """An option set away from its default (tensors compare by identity: any given tensor differs from None)."""
     return value is not None if default is None else value != default
+
+
+def _generator_problems(generator, count: int) -> list[str]:
+    if generator is None or isinstance(generator, torch.Generator):
+        return []
+    if not (isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator)):
+        return [f"generator must be a torch.Generator or a list of them (one per image), got {generator!r}."]
+    if count and len(generator) != count:
+        return [f"Got {len(generator)} generators for {count} images; give one generator, or one per image "
+                "(prompts x num_images_per_prompt)."]
+    return []
+
+
+def _grid_problems(timesteps, sigmas) -> list[str]:
+    if timesteps is not None and sigmas is not None:
+        return ["Give either timesteps or sigmas (a custom sampling grid), not both."]
+    for name, grid in (("timesteps", timesteps), ("sigmas", sigmas)):
+        values = grid_list(grid)
+        if grid is not None and not (isinstance(values, list) and values and all(map(is_finite_number, values))):
+            return [f"{name} must be a non-empty list of finite numbers (the sampler's grid), got {grid!r}."]
+    return []
+
+
+def grid_list(grid):
+    """A grid given as a list, tuple, array or 1-d tensor, as a plain list (None stays None, others unchanged)."""
+    if grid is None or isinstance(grid, (list, tuple)):
+        return None if grid is None else list(grid)
+    if isinstance(grid, (np.ndarray, torch.Tensor)) and grid.ndim == 1:
+        return grid.tolist()
+    return grid
 
 
 def _is_text(value) -> bool:

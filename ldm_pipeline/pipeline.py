@@ -16,6 +16,16 @@ settings (`pipe.recommended`, from its record.json), then SD's 30 / 7.5. Seeds: 
 the call uses seed `seed + j` (or `seed[j]` for a list), drawn from its own generator,
 so an image depends only on its seed, never on the batch it was made in.
 
+Stock diffusers' call arguments work with `StableDiffusionPipeline`'s (img2img's, inpainting's) meaning:
+`generator` (one or a list; over `seed`; see `noise_source` for recipes), `latents`, `eta`, `timesteps` /
+`sigmas`, `callback_on_step_end` (`step_callbacks`), `return_dict=False` -> `(images, None)`,
+`cross_attention_kwargs`, `guidance_rescale`, `clip_skip`, `ip_adapter_image(_embeds)` (after
+`load_ip_adapter`); an argument that cannot apply (eta or a custom grid the sampler does not take,
+IP-Adapter images without an adapter) is refused with the reason. As stock,
+img2img and inpainting start from a sample of the VAE posterior drawn from each image's generator
+before its noise, and 4-channel inpainting blends the known latents re-noised to the next level
+after every step (`InpaintBlend`). tests/test_stock_call_parity.py holds the equalities.
+
 Cancelling: `callback(info: StepInfo)` is called after every step; return True (or
 raise) to stop. A True return raises `GenerationCancelled`.
 
@@ -30,15 +40,22 @@ import inspect
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    IPAdapterMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
@@ -46,10 +63,12 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline import metadata
-from ldm_pipeline.adapters import pickle_free_kwargs
+from ldm_pipeline.adapters import file_hash, file_record, lora_hash, lora_layers_enabled, named_file, pickle_free_kwargs
 from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
-from ldm_pipeline.options import GenerationOptions, ModelLimits, as_rgb, image_seeds
+from ldm_pipeline.noise_source import NoiseSource
+from ldm_pipeline.options import GenerationOptions, InvalidOptions, ModelLimits, as_rgb, grid_list, label
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
+from ldm_pipeline.step_callbacks import StepEndCallback
 
 logger = logging.getLogger(__name__)
 
@@ -102,25 +121,31 @@ class InpaintBlend:
         return self.mask * latents + (1 - self.mask) * known
 
 
-def _step_takes_generator(scheduler) -> bool:
-    # Stock diffusers schedulers differ here (DDIM/Euler take one, PNDM/LMS do not);
-    # passing the per-image generators keeps stochastic samplers reproducible per seed.
-    return "generator" in inspect.signature(scheduler.step).parameters
+def _takes(method, name: str) -> bool:
+    # Stock diffusers schedulers differ here (DDIM/Euler take a generator, PNDM/LMS do not; only some take eta or
+    # custom grids), and stock pipelines ask the same way (`prepare_extra_step_kwargs`, `retrieve_timesteps`).
+    return name in inspect.signature(method).parameters
+
+
+NO_IP_ADAPTER = ("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter, and none is loaded: "
+                 "pipe.load_ip_adapter(folder, subfolder=..., weight_name=...) first.")
 
 
 class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
-                                FromSingleFileMixin):
+                                IPAdapterMixin, FromSingleFileMixin):
     """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring).
 
     diffusers' loader mixins give it `load_lora_weights` (diffusers, kohya and A1111 files, as
     diffusers converts them), `set_adapters`, `fuse_lora` / `unfuse_lora`, `unload_lora_weights`
-    and `load_textual_inversion` (see `ldm_pipeline.adapters` for the pickle guard).
+    and `load_textual_inversion` (see `ldm_pipeline.adapters` for the pickle guard), and `load_ip_adapter` /
+    `set_ip_adapter_scale` / `unload_ip_adapter` for `ip_adapter_image(_embeds)` (image embeddings as stock's).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     family = "sd"  # which model family this class runs (`loading.model_family`); SDXL: `sdxl`
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")  # skipped when a folder has them
+    LORA_LOADER = StableDiffusionLoraLoaderMixin  # diffusers' loader of this family's LoRAs (SDXL: both encoders)
     STOCK_CLASS = "StableDiffusionPipeline"  # what saved folders call themselves: stock diffusers opens them
 
     @classmethod
@@ -168,13 +193,17 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
         self._call_device: torch.device | None = None
+        self._num_timesteps, self._interrupt = 0, False
         self.model_id: str | None = None  # set by `load_pipeline`; recorded in recipes
         # The model's recommended num_inference_steps / guidance_scale (`record.json` of the folder), if any.
         self.recommended: dict = {}
         self.model_hash: str | None = None
-        # LoRAs and embeddings applied through `ldm_pipeline.adapters` ({"name", "hash", "scale"}); in recipes
+        # LoRAs made active by `ldm_pipeline.adapters.activate_loras` ({"name", "hash", "scale"}); in recipes
         self.lora_records: list[dict] = []
-        self.embedding_records: list[dict] = []
+        self.embedding_records: list[dict] = []  # every loaded embedding ({"name", "hash"}); in recipes
+        # LoRAs loaded and weighted directly (load_lora_weights / set_adapters): adapter -> {"name", "hash"} / weight
+        self._lora_files: dict[str, dict] = {}
+        self._lora_weights: dict[str, Any] = {}
 
     # ------------------------------------------------------------ loaders (pickle only when asked for)
 
@@ -182,49 +211,97 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
                           **kwargs):
         """diffusers' `load_lora_weights`; a `.pt`/`.bin`/`.ckpt` file needs `allow_pickle=True`."""
         kwargs = pickle_free_kwargs(pretrained_model_name_or_path_or_dict, kwargs, allow_pickle)
-        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        before = self._adapter_names()
+        result = self.LORA_LOADER.load_lora_weights(self, pretrained_model_name_or_path_or_dict,
+                                                    adapter_name=adapter_name, **kwargs)
+        path = named_file(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"),
+                          "pytorch_lora_weights.safetensors")
+        for name in self._adapter_names() - before:
+            self._lora_files[name] = file_record(path, path.stem if path else name, lora_hash)
+        return result
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """diffusers' `set_adapters`; the weights are remembered for recipes."""
+        super().set_adapters(adapter_names, adapter_weights)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        self._lora_weights = {name: 1.0 if w is None else w for name, w in zip(names, weights)}
+
+    def unload_lora_weights(self, *args, **kwargs):
+        super().unload_lora_weights(*args, **kwargs)
+        self._lora_files, self._lora_weights, self.lora_records = {}, {}, []
+
+    def delete_adapters(self, adapter_names):
+        super().delete_adapters(adapter_names)
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            self._lora_files.pop(name, None)
+
+    def _adapter_names(self) -> set[str]:
+        return {name for names in self.get_list_adapters().values() for name in names}
+
+    def active_lora_records(self) -> list[dict]:
+        """The LoRAs the next image uses ({"name", "hash", "scale"}), for its recipe: those `adapters.activate_loras`
+        set, else the active adapters loaded by `load_lora_weights` with their `set_adapters` weights."""
+        if self.lora_records or not self._lora_files or not lora_layers_enabled(self.unet):
+            return self.lora_records
+        return [{**self._lora_files.get(name, {"name": name, "hash": None}), "scale": self._lora_weights.get(name, 1.0)}
+                for name in self.get_active_adapters()]
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
                                *, allow_pickle=False, **kwargs):
         """diffusers' `load_textual_inversion`; an A1111 `.pt` embedding needs `allow_pickle=True`."""
         kwargs = pickle_free_kwargs(pretrained_model_name_or_path, kwargs, allow_pickle)
-        return super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
-                                              text_encoder=text_encoder, **kwargs)
+        result = super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
+                                                text_encoder=text_encoder, **kwargs)
+        sources, tokens = (pretrained_model_name_or_path, token) if isinstance(pretrained_model_name_or_path, list) \
+            else ([pretrained_model_name_or_path], [token])
+        for source, name in zip(sources, tokens or [None] * len(sources)):
+            path = named_file(source, kwargs.get("weight_name"), "learned_embeds.safetensors")
+            self.embedding_records.append(file_record(path, name or (path.stem if path else "embedding"), file_hash))
+        return result
 
     # ------------------------------------------------------------ the call
 
     @torch.no_grad()
-    def __call__(self, prompt=None, **options) -> LatentPipelineOutput:
+    def __call__(self, prompt=None, **options) -> LatentPipelineOutput | tuple:
         opts = GenerationOptions.from_kwargs(prompt=prompt, **options).with_defaults(self.recommended)
         opts.check(self.limits())
+        self._check_model_takes(opts)
         self._call_device = self._execution_device  # walks every module (~10 ms): once per call
         # 1. Check inputs (done above), prompts and size
         prompts = opts.prompt_list()
         width, height = self._size(opts)
         count = len(prompts) * opts.num_images_per_prompt
-        # 2. Seeds, guidance, timesteps
-        seeds = image_seeds(opts.seed, count)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        # 2. Noise source (seeds or generators), guidance, timesteps
+        noise = NoiseSource.of(opts, count)
         guidance = self._guidance(opts)
-        timesteps = self._timesteps(opts)
+        timesteps, steps = self._timesteps(opts)
+        opts = replace(opts, num_inference_steps=steps)  # a custom grid's step count, for the recipe
         scales = GuidancePlan(guidance, self.scheduler).scales(timesteps)  # w per step, 1.0 = no uncond pass
         # 3. Encode prompts (the unconditional ones only if some step is guided)
         with_uncond = any(GuidancePlan.needs_uncond(w) for w in scales)
         embeds = self._embeddings(opts, prompts, with_uncond).repeat_each(opts.num_images_per_prompt)
+        embeds = self._with_ip_adapter(opts, embeds, count, with_uncond)
         # 4. Initial latents: noise, or the init image noised to the first timestep
-        latents, blend = self._initial_latents(opts, (count, width, height), timesteps, generators, embeds.cond.dtype)
+        latents, blend = self._initial_latents(opts, (count, width, height), timesteps, noise.generator,
+                                               embeds.cond.dtype)
         # 5. Denoising loop
-        latents, evaluations = self._denoise(latents, timesteps, scales, embeds, guidance, blend, generators, opts)
+        step_end = StepEndCallback.of(opts)
+        latents, evaluations = self._denoise(latents, timesteps, scales, embeds, guidance, blend, noise.generator, opts,
+                                             step_end)
         check_finite(latents)
         # 6. Decode
         images = self._decode(latents, opts.output_type)
-        recipes = self._recipes(opts, guidance, prompts, seeds, (width, height))
-        return LatentPipelineOutput(images=images, seeds=seeds, unet_evaluations=evaluations, recipes=recipes)
+        recipes = self._recipes(opts, guidance, prompts, noise, (width, height), step_end)
+        if not opts.return_dict:
+            return images, None  # stock's (images, nsfw_content_detected): no safety checker here
+        return LatentPipelineOutput(images=images, seeds=noise.seeds, unet_evaluations=evaluations, recipes=recipes)
 
-    def _denoise(self, latents, timesteps, scales, embeds: PromptEmbeddings, guidance: Guidance, blend, generators,
-                 opts):
+    def _denoise(self, latents, timesteps, scales, embeds: PromptEmbeddings, guidance: Guidance, blend, generator,
+                 opts, step_end: StepEndCallback | None = None):
         """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
-        step_kwargs = {"generator": generators} if _step_takes_generator(self.scheduler) else {}
+        step_kwargs = self._step_kwargs(generator, opts.eta)
+        self._num_timesteps, self._interrupt = len(timesteps), False
         evaluations = 0
         for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), **self._bar_config(opts))):
             x_in = self.scheduler.scale_model_input(latents, t)
@@ -239,8 +316,64 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             latents = self.scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
             if blend is not None:
                 latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+            if step_end is not None:
+                latents, embeds = step_end(self, i, t, latents, embeds)
             self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
+            if self._interrupt:  # stock's way to stop from callback_on_step_end: the latents so far are decoded
+                break
         return latents, evaluations
+
+    def _step_kwargs(self, generator, eta: float | None) -> dict:
+        """The generator(s) for samplers that draw noise, and eta when given (`_check_model_takes`), as stock's
+        `prepare_extra_step_kwargs` (stock passes its default eta=0.0, which is DDIM's own default)."""
+        kwargs = {"generator": generator} if _takes(self.scheduler.step, "generator") else {}
+        return {**kwargs, "eta": eta} if eta is not None else kwargs
+
+    def _check_model_takes(self, opts: GenerationOptions) -> None:
+        """Refuse eta / timesteps / sigmas / IP-Adapter images that this model and sampler cannot use."""
+        name = type(self.scheduler).__name__
+        if opts.eta is not None and not _takes(self.scheduler.step, "eta"):
+            raise InvalidOptions(f"eta={opts.eta} cannot apply: {name}.step takes no eta (stock pipelines pass it only "
+                                 "to samplers that take it, such as DDIM); leave eta out or use a DDIM scheduler.")
+        for grid in ("timesteps", "sigmas"):
+            if getattr(opts, grid) is not None and not _takes(self.scheduler.set_timesteps, grid):
+                raise InvalidOptions(f"Custom {grid} cannot apply: {name}.set_timesteps does not take {grid}=; use a "
+                                     "sampler that does (every ldm-toolkit sampler, or e.g. EulerDiscreteScheduler).")
+        ip_given = opts.ip_adapter_image is not None or opts.ip_adapter_image_embeds is not None
+        if ip_given != self._ip_adapted():
+            raise InvalidOptions(NO_IP_ADAPTER if ip_given else "An IP-Adapter is loaded: give ip_adapter_image (or "
+                                 "ip_adapter_image_embeds), or remove it with pipe.unload_ip_adapter().")
+        if opts.ip_adapter_image is not None and self.image_encoder is None:
+            raise InvalidOptions("ip_adapter_image needs the IP-Adapter's image encoder, and none is loaded: pass "
+                                 "image_encoder_folder to load_ip_adapter, or give ip_adapter_image_embeds.")
+
+    def _ip_adapted(self) -> bool:
+        return isinstance(getattr(self.unet, "encoder_hid_proj", None), MultiIPAdapterImageProjection)
+
+    def _with_ip_adapter(self, opts, embeds: PromptEmbeddings, count: int, with_uncond: bool) -> PromptEmbeddings:
+        """The IP-Adapter image embeddings as added conditioning, computed as stock computes them."""
+        if opts.ip_adapter_image is None and opts.ip_adapter_image_embeds is None:
+            return embeds
+        per_adapter = self.prepare_ip_adapter_image_embeds(opts.ip_adapter_image, opts.ip_adapter_image_embeds,
+                                                           self._device, count, with_uncond)
+        if not with_uncond:
+            return embeds.with_added({"image_embeds": per_adapter}, None)
+        uncond, cond = zip(*(e.chunk(2) for e in per_adapter))
+        return embeds.with_added({"image_embeds": list(cond)}, {"image_embeds": list(uncond)})
+
+    # stock's image encoding for IP-Adapters (CLIP image embeds, zeros for the unconditional pass), reused
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of timesteps of the current (or last) call, as stock pipelines expose it to callbacks."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a `callback_on_step_end` to stop after that step, as in stock."""
+        return self._interrupt
 
     def _bar_config(self, opts) -> dict:
         """tqdm settings: `set_progress_bar_config` (as in diffusers), off when the call says progress_bar=False."""
@@ -259,16 +392,19 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         if callback is not None and callback(info) is True:
             raise GenerationCancelled(f"Generation cancelled after step {info.step} of {info.num_steps}.")
 
-    def _recipes(self, opts, guidance: Guidance, prompts: list[str], seeds: list[int], size) -> list[dict]:
+    def _recipes(self, opts, guidance: Guidance, prompts: list[str], noise: NoiseSource, size,
+                 step_end: StepEndCallback | None) -> list[dict]:
         negatives = as_prompt_list(opts.negative_prompt, "negative_prompt") or [""]
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-        n = opts.num_images_per_prompt
+        n, count = opts.num_images_per_prompt, len(noise.seeds)
         strength = self._strength(opts) if opts.image is not None else None
         settings = opts.recipe_settings(size, strength, guidance.describe())
+        if step_end is not None and (step_end.altered or step_end.interrupted_after):  # the recipe cannot replay it
+            settings["altered_by"] = step_end.describe()
         return [
             metadata.make_recipe(self, {"prompt": prompts[j // n], "negative_prompt": negatives[j // n],
-                                        "seed": seed, **settings})
-            for j, seed in enumerate(seeds)
+                                        **noise.recipe_fields(j, count), **settings})
+            for j in range(count)
         ]
 
     # ------------------------------------------------------------ stages
@@ -305,13 +441,12 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             num_train_timesteps=self.scheduler.config.num_train_timesteps,
         )
 
-    def _timesteps(self, opts: GenerationOptions) -> torch.Tensor:
-        """The sampler's timesteps; img2img/inpainting starts `strength` of the way from the clean end."""
-        steps = opts.num_inference_steps
-        self.scheduler.set_timesteps(steps, device=self._device)
+    def _timesteps(self, opts: GenerationOptions) -> tuple[torch.Tensor, int]:
+        """The sampler's timesteps and step count; img2img/inpainting starts `strength` of the way from the clean end."""
+        steps = self._set_timesteps(opts)
         strength = self._strength(opts)
         if strength >= 1.0:
-            return self.scheduler.timesteps
+            return self.scheduler.timesteps, steps
         run = min(int(steps * strength), steps)
         if run < 1:
             raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either.")
@@ -319,7 +454,22 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         # diffusers schedulers that index their sigmas need to know where sampling starts
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
-        return self.scheduler.timesteps[start:]
+        return self.scheduler.timesteps[start:], steps
+
+    def _set_timesteps(self, opts: GenerationOptions) -> int:
+        """`set_timesteps` with the step count or a custom grid; a grid's step count is the number of timesteps the
+        sampler makes of it, as in stock's `retrieve_timesteps` (diffusers' Euler reads the last sigma as the end)."""
+        grid = {name: grid_list(getattr(opts, name)) for name in ("timesteps", "sigmas") if getattr(opts, name) is not None}
+        if not grid:
+            self.scheduler.set_timesteps(opts.num_inference_steps, device=self._device)
+            return opts.num_inference_steps
+        self.scheduler.set_timesteps(device=self._device, **grid)
+        steps = len(self.scheduler.timesteps)
+        if opts.num_inference_steps not in (None, steps):
+            raise InvalidOptions(f"{label('num_inference_steps')} is {opts.num_inference_steps} but the custom "
+                                 f"{', '.join(grid)} make {steps} steps with {type(self.scheduler).__name__}; leave "
+                                 "num_inference_steps out (the grid sets it).")
+        return steps
 
     @staticmethod
     def _strength(opts: GenerationOptions) -> float:
@@ -366,21 +516,28 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         """The text encoders a prompt goes through (SDXL: both)."""
         return [self.text_encoder]
 
-    def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generators, dtype):
+    def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generator, dtype):
+        """Stock's order: the init image's VAE sample, then the noise, from the same generator(s); noise alone
+        for text-to-image and full-strength inpainting, else the init image noised to the first timestep."""
         count, width, height = batch
         f = self.vae_scale_factor
-        shape = (count, self.unet.config.in_channels, height // f, width // f)
-        noise = randn_tensor(shape, generator=generators, device=self._device, dtype=dtype)
-        if opts.image is None:
-            return noise * self.scheduler.init_noise_sigma, None
-        known = self._encode_image(opts.image, count, width, height).to(dtype)
-        if self._strength(opts) >= 1.0:
+        known = None if opts.image is None else self._encode_image(opts.image, count, width, height, generator)
+        noise = self._noise((count, self.unet.config.in_channels, height // f, width // f), generator, opts.latents,
+                            dtype)
+        if known is None or (opts.mask_image is not None and self._strength(opts) >= 1.0):
             latents = noise * self.scheduler.init_noise_sigma
         else:
-            latents = self.scheduler.add_noise(known, noise, timesteps[:1].repeat(count))
+            latents = self.scheduler.add_noise(known.to(dtype), noise, timesteps[:1].repeat(count))
         if opts.mask_image is None:
             return latents, None
-        return latents, InpaintBlend(known, self._latent_mask(opts.mask_image, count, width, height).to(dtype), noise)
+        # Stock draws a VAE sample of the masked image (for 9-channel inpainting UNets) from the generators here, one
+        # per init image; drawing the same numbers keeps stochastic samplers' step noise equal to stock's. (Latents
+        # given as the image have no masked image to encode: stock draws nothing then.)
+        if not self._is_latent_image(opts.image):
+            n = _image_count(opts.image)
+            self._noise((n, *noise.shape[1:]), generator[:n] if isinstance(generator, list) else generator, None, dtype)
+        mask = self._latent_mask(opts.mask_image, count, width, height).to(dtype)
+        return latents, InpaintBlend(known.to(dtype), mask, noise)
 
     def _is_latent_image(self, image) -> bool:
         """A tensor [B, latent channels, h, w] given as `image`: latents, used as they are (as stock takes them,
@@ -389,18 +546,35 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         return (isinstance(first, torch.Tensor) and first.ndim == 4
                 and first.shape[1] == self.vae.config.latent_channels != 3)
 
-    def _encode_image(self, image, count: int, width: int, height: int) -> torch.Tensor:
-        """Init image(s) -> scaled latents, one per output image (the posterior mean: deterministic)."""
+    def _noise(self, shape: tuple, generator, latents: torch.Tensor | None, dtype) -> torch.Tensor:
+        """Standard normal initial noise: drawn from the generator(s), or the caller's `latents` (as stock)."""
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=self._device, dtype=dtype)
+        if tuple(latents.shape) != shape:
+            raise InvalidOptions(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (images, "
+                                 f"latent channels, height / {self.vae_scale_factor}, width / {self.vae_scale_factor}).")
+        return latents.to(self._device, dtype)
+
+    def _encode_image(self, image, count: int, width: int, height: int, generator=None) -> torch.Tensor:
+        """Init image(s) -> scaled latents, one per output image: a sample of the VAE posterior drawn from the
+        generator(s) as stock img2img draws it (a list: image j from generator j), or its mean (generator None);
+        latents given as the image are used as they are (`_is_latent_image`), as stock."""
         if self._is_latent_image(image):
             latents = torch.cat(image) if isinstance(image, (list, tuple)) else image
             return _broadcast(latents, count, "image").to(self._device)
         pixels = self.image_processor.preprocess(as_rgb(image), height=height, width=width)
-        pixels = _broadcast(pixels, count, "image").to(self._device)
         stored = self.vae.dtype
         with self._vae_precision() as dtype:
-            latents = self.vae.encode(pixels.to(dtype)).latent_dist.mode().to(stored)
+            posterior = self.vae.encode(pixels.to(self._device, dtype)).latent_dist
+            if generator is None:
+                latents = posterior.mode()
+            else:
+                if isinstance(generator, list):  # stock repeats the image for each generator before sampling
+                    posterior = DiagonalGaussianDistribution(_broadcast(posterior.parameters, count, "image"))
+                latents = posterior.sample(generator)
+        latents = latents.to(stored)
         shift = self.vae.config.shift_factor or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        return _broadcast((latents - shift) * self.vae.config.scaling_factor, count, "image")
 
     @contextmanager
     def _vae_precision(self):
@@ -432,6 +606,13 @@ def check_finite(latents: torch.Tensor) -> None:
 
 def _first(image):
     return image[0] if isinstance(image, (list, tuple)) and image else image
+
+
+def _image_count(image) -> int:
+    """How many init images `image` holds (a list, a 4-d batch, or one image), as `VaeImageProcessor` reads it."""
+    if isinstance(image, (list, tuple)):
+        return len(image)
+    return image.shape[0] if getattr(image, "ndim", 3) == 4 else 1
 
 
 def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:

@@ -45,10 +45,16 @@ class PromptEmbeddings:
         return self._pair
 
     def added_pair(self) -> dict | None:
-        """The added conditioning batched as `pair()`: [uncond; cond] per key."""
+        """The added conditioning batched as `pair()`: [uncond; cond] per key (per adapter for IP-Adapter lists)."""
         if self.cond_added is None:
             return None
-        return {k: torch.cat([self.uncond_added[k], v]) for k, v in self.cond_added.items()}
+        return {k: [torch.cat(pair) for pair in zip(self.uncond_added[k], v)] if isinstance(v, list)
+                else torch.cat([self.uncond_added[k], v]) for k, v in self.cond_added.items()}
+
+    def with_added(self, cond: dict, uncond: dict | None) -> "PromptEmbeddings":
+        """These embeddings with more added conditioning (e.g. IP-Adapter `image_embeds`), one row per image."""
+        return PromptEmbeddings(self.cond, self.uncond, {**(self.cond_added or {}), **cond},
+                                None if uncond is None else {**(self.uncond_added or {}), **uncond})
 
     def repeat_each(self, n: int) -> "PromptEmbeddings":
         """Each prompt's embedding n times in a row (prompt-major image order)."""

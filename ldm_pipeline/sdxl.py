@@ -49,7 +49,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ldm_pipeline.adapters import pickle_free_kwargs
+from ldm_pipeline.adapters import file_hash, file_record, named_file, pickle_free_kwargs
 from ldm_pipeline.options import SDXL_OPTIONS, SDXL_SIZES, GenerationOptions
 from ldm_pipeline.pipeline import InpaintBlend, LatentPipelineOutput, LatentTextToImagePipeline
 from ldm_pipeline.prompt_weights import apply_emphasis, weighted_windows
@@ -70,6 +70,8 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
     family = "sdxl"
     _optional_components = ["tokenizer", "text_encoder", "feature_extractor", "image_encoder"]  # refiners: no encoder 1
     UNUSED_COMPONENTS = ("feature_extractor", "image_encoder")
+    LORA_LOADER = StableDiffusionXLLoraLoaderMixin  # UNet, text encoders 1 and 2 ...
+    load_lora_weights = LatentTextToImagePipeline.load_lora_weights  # ... through the base's pickle guard and records
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
                  text_encoder_2: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer | None,
@@ -93,13 +95,6 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
 
     # ------------------------------------------------------------ loaders
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, *, allow_pickle=False,
-                          **kwargs):
-        """diffusers' SDXL `load_lora_weights` (UNet, text encoders 1 and 2); pickle files need `allow_pickle=True`."""
-        kwargs = pickle_free_kwargs(pretrained_model_name_or_path_or_dict, kwargs, allow_pickle)
-        return StableDiffusionXLLoraLoaderMixin.load_lora_weights(
-            self, pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
-
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
                                *, allow_pickle=False, **kwargs):
         """An A1111 SDXL embedding (`clip_l` + `clip_g`) into both encoders under one token, as the diffusers docs
@@ -111,11 +106,14 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
                                                   text_encoder=text_encoder, allow_pickle=allow_pickle, **kwargs)
         if not isinstance(token, str):
             raise ValueError("An SDXL embedding (clip_l + clip_g) needs token=<the word that calls it in prompts>.")
+        before = len(self.embedding_records)
         if self.text_encoder is not None:
             super().load_textual_inversion(state["clip_l"], token=token, tokenizer=self.tokenizer,
                                            text_encoder=self.text_encoder, allow_pickle=allow_pickle)
         super().load_textual_inversion(state["clip_g"], token=token, tokenizer=self.tokenizer_2,
                                        text_encoder=self.text_encoder_2, allow_pickle=allow_pickle)
+        path = named_file(pretrained_model_name_or_path, kwargs.get("weight_name"), "learned_embeds.safetensors")
+        self.embedding_records[before:] = [file_record(path, token, file_hash)]  # one embedding, both vectors
 
     # ------------------------------------------------------------ prompts and added conditioning
 
@@ -228,9 +226,9 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
                              "requires_aesthetics_score in model_index.json accordingly), or text_encoder_2 does not "
                              "fit this UNet.")
 
-    def _recipes(self, opts, guidance, prompts: list[str], seeds: list[int], size) -> list[dict]:
+    def _recipes(self, opts, guidance, prompts: list[str], noise, size, step_end) -> list[dict]:
         """The base recipes plus `sdxl`: this image's SDXL options that differ from their defaults."""
-        recipes = super()._recipes(opts, guidance, prompts, seeds, size)
+        recipes = super()._recipes(opts, guidance, prompts, noise, size, step_end)
         n = opts.num_images_per_prompt
         for j, recipe in enumerate(recipes):
             settings = sdxl_settings(opts, j // n)
@@ -240,20 +238,20 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
 
     # ------------------------------------------------------------ base + refiner hand-off
 
-    def _timesteps(self, opts: GenerationOptions) -> torch.Tensor:
+    def _timesteps(self, opts: GenerationOptions) -> tuple[torch.Tensor, int]:
         """Stock SDXL's timesteps: strength (img2img), or from `denoising_start`; cut at `denoising_end`."""
         if opts.denoising_start is None:
-            timesteps = super()._timesteps(opts)
+            timesteps, steps = super()._timesteps(opts)
         else:
-            self.scheduler.set_timesteps(opts.num_inference_steps, device=self._device)
+            steps = self._set_timesteps(opts)
             timesteps = self._timesteps_below(opts.denoising_start)
         if opts.denoising_end is not None:
             cutoff = self._discrete_cutoff(opts.denoising_end)
             timesteps = timesteps[:sum(1 for t in timesteps if t >= cutoff)]
         if len(timesteps) == 0:
             raise ValueError(f"denoising_start {opts.denoising_start} / denoising_end {opts.denoising_end} with "
-                             f"{opts.num_inference_steps} steps run no step; raise the steps or move the switch.")
-        return timesteps
+                             f"{steps} steps run no step; raise the steps or move the switch.")
+        return timesteps, steps
 
     def _discrete_cutoff(self, fraction: float) -> int:
         """The training timestep at a fraction of the schedule (stock: round(T - fraction * T))."""
@@ -271,15 +269,15 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
             self.scheduler.set_begin_index(start)
         return timesteps[start:]
 
-    def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generators, dtype):
+    def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generator, dtype):
         """With `denoising_start` the image is where the base stopped: no noise is added (stock add_noise=False)."""
         if opts.denoising_start is None:
-            return super()._initial_latents(opts, batch, timesteps, generators, dtype)
+            return super()._initial_latents(opts, batch, timesteps, generator, dtype)
         count, width, height = batch
-        known = self._encode_image(opts.image, count, width, height).to(dtype)
+        known = self._encode_image(opts.image, count, width, height, generator).to(dtype)
         if opts.mask_image is None:
             return known, None
-        noise = randn_tensor(known.shape, generator=generators, device=self._device, dtype=dtype)
+        noise = randn_tensor(known.shape, generator=generator, device=self._device, dtype=dtype)
         return known, InpaintBlend(known, self._latent_mask(opts.mask_image, count, width, height).to(dtype), noise)
 
     # ------------------------------------------------------------ VAE precision

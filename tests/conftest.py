@@ -38,6 +38,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory) -> Path:
+    """A StableDiffusionXLPipeline folder (safetensors) saved from `training/tiny_models.py` components."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from training.tiny_models import tiny_sdxl_components
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl") / "model"
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

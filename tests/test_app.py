@@ -98,6 +98,19 @@ def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
                       "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768}
 
 
+def test_png_info_of_a_recipe_that_cannot_replay_says_why(tmp_path):
+    from PIL import Image
+
+    from ldm_pipeline import metadata
+
+    recipe = {"prompt": "a red circle", "steps": 4, "seed": 72, "width": 32, "height": 32,
+              "guidance": {"scale": 6.0}, "noise": {"source": "shared_generator", "images": 2, "index": 1}}
+    path = metadata.write_png(tmp_path / "shared.png", Image.new("RGB", (8, 8)), recipe)
+    text, fields = app.png_info(str(path))
+    assert "one torch.Generator drew the noise of all 2 images" in text
+    assert fields["prompt"] == "a red circle" and fields["seed"] == 72  # from the parameters text
+
+
 def test_png_info_explains_a_png_without_parameters(tmp_path):
     from PIL import Image
 

@@ -158,3 +158,20 @@ def test_resolution_must_divide_by_vae_factor():
 def test_latent_sample_uses_posterior_moments():
     batch = {"latent_mean": torch.full((2, 4, 2, 2), 3.0), "latent_std": torch.zeros(2, 4, 2, 2)}
     assert torch.equal(data.latent_sample(batch, 0.5, torch.Generator()), torch.full((2, 4, 2, 2), 1.5))
+
+
+def test_latent_cache_path_changes_with_everything_that_determines_the_latents():
+    """A cache is reused only for the same data, geometry and VAE (a changed option must not reuse stale latents)."""
+    from training.config import parse_config
+    from training.tiny_models import tiny_vae
+    from training.validation import latent_cache_path
+
+    vae, sources = tiny_vae(), data.shapes_validation_sources(2)
+    dataset = lambda config: data.ImageDataset(sources, data.ImageTransform(config.data.resolution), 0)
+    path = lambda *flags: latent_cache_path(vae, dataset(config := parse_config(list(flags))), config, "train")
+    base = path("--resolution", "32")
+    assert base == path("--resolution", "32") and base.name.startswith("latents-train-")
+    changed = [path("--resolution", "16"), path("--resolution", "32", "--center_crop"),
+               path("--resolution", "32", "--train_data_dir", "elsewhere"), path("--resolution", "32", "--seed", "1"),
+               path("--resolution", "32", "--shapes_colors", "red")]
+    assert len({base, *changed}) == 1 + len(changed)

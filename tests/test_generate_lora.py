@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -68,6 +69,9 @@ def test_lora_flag_and_prompt_tag_give_the_pipelines_image_and_record_the_hash(f
     assert png.recipe["loras"] == [{"name": "style", "hash": kohya_hash(lora), "scale": 0.6}]
     assert kohya_hash(lora) != hashlib.sha256(lora.read_bytes()).hexdigest()[:12]
     assert f'Lora hashes: "style: {kohya_hash(lora)}"' in png.parameters_text
+    assert png.parameters_text.startswith("a red circle <lora:style:0.6>\n")  # as A1111 writes its prompt
+    chunks = png.parameters_text + json.dumps(png.recipe)
+    assert str(loras) not in chunks and str(lora) not in chunks  # names and hashes, never the server's paths
     assert "loras" not in metadata.read_png(tmp_path / "base" / "00000_000.png").recipe
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import TINY, args, summary, validation_loss_of
+from test_train import args, fine_tune_args, summary, validation_loss_of
 
 from training.lora_export import DIFFUSERS_FILE, KOHYA_FILE, load_peft
 from training.train import main
@@ -20,9 +22,7 @@ def base_model(tmp_path_factory):
     return main(args(tmp_path_factory.mktemp("base") / "run", "--prediction_type", "v_prediction"))
 
 
-def fine_tune_args(base, out, *extra, steps=3):
-    run = [a for a in args(out, *extra, steps=steps) if a not in ("--from_scratch", str(TINY))]
-    return run + ["--pretrained_model_name_or_path", str(base)]
+fine_tune_args = functools.partial(fine_tune_args, steps=3)
 
 
 def image(pipe) -> np.ndarray:

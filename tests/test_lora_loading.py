@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from ldm_pipeline import LatentTextToImagePipeline
-from ldm_pipeline.adapters import PickleRefused
+from ldm_pipeline import LatentTextToImagePipeline, metadata
+from ldm_pipeline.adapters import PickleRefused, file_hash, lora_hash
+from ldm_pipeline.options import GenerationOptions
 from training.lora import add_text_encoder_lora, add_unet_lora
 from training.lora_export import DIFFUSERS_FILE, KOHYA_FILE, save_adapters
 from training.tiny_models import SD15_SCHEDULER_CONFIG, tiny_sd_components
@@ -102,6 +105,33 @@ def test_fused_equals_unfused_and_unload_gives_the_base_image(loras, base_image)
     np.testing.assert_allclose(ours_image(pipe), unfused, atol=1e-5)
     pipe.unload_lora_weights()
     np.testing.assert_allclose(ours_image(pipe), base_image, atol=1e-5)  # unfuse leaves float rounding in W
+
+
+def test_recipes_name_and_hash_loras_and_embeddings_loaded_directly(loras, tmp_path):
+    pipe = ours()
+    pipe.load_lora_weights(loras[0], weight_name=DIFFUSERS_FILE, adapter_name="a")
+    pipe.load_lora_weights(loras[1], weight_name=KOHYA_FILE, adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 0.8])
+    path = tmp_path / "shape.safetensors"
+    save_file({"<shape>": embedding(pipe)}, str(path))
+    pipe.load_textual_inversion(str(path))
+    out = pipe(PROMPT, num_inference_steps=3, width=32, height=32, seed=5, progress_bar=False,
+               cross_attention_kwargs={"scale": 0.7})
+    recipe = out.recipes[0]
+    assert recipe["loras"] == [
+        {"name": Path(DIFFUSERS_FILE).stem, "hash": lora_hash(Path(loras[0]) / DIFFUSERS_FILE), "scale": 0.5},
+        {"name": Path(KOHYA_FILE).stem, "hash": lora_hash(Path(loras[1]) / KOHYA_FILE), "scale": 0.8}]
+    assert recipe["embeddings"] == [{"name": "shape", "hash": file_hash(path)}]
+    assert recipe["cross_attention_kwargs"] == {"scale": 0.7}
+    text = json.dumps(recipe) + metadata.format_parameters(recipe)
+    assert str(tmp_path) not in text and str(loras[0]) not in text  # names and hashes, never paths
+    again = pipe(**GenerationOptions.from_recipe(recipe, output_type="pil", progress_bar=False).kwargs())
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(out.images[0]))
+    pipe.disable_lora()
+    assert "loras" not in pipe(PROMPT, num_inference_steps=1, width=32, height=32, progress_bar=False).recipes[0]
+    pipe.enable_lora()
+    pipe.unload_lora_weights()
+    assert "loras" not in pipe(PROMPT, num_inference_steps=1, width=32, height=32, progress_bar=False).recipes[0]
 
 
 def embedding(pipe, seed=3):

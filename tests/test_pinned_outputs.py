@@ -50,8 +50,8 @@ PINNED = {
     "txt2img-euler": "94c45e1f705e5012",
     "cfg-schedule-interval-rescale": "8210f7011c718d6e",
     "cfg-half-ramp": "32d01dc36cddbd3b",
-    "img2img": "be5a83a7edc9790f",
-    "inpainting": "9d6510febe690ba5",
+    "img2img": "9073b0f282ee6152",  # re-pinned: init latents became the seed's VAE sample
+    "inpainting": "31a0bfe8466e1e5b",  # (as stock img2img draws them; issue 14)
 }
 
 

@@ -226,3 +226,54 @@ def test_stochastic_samplers_match_k_diffusion(name, k_function, sigma_schedule)
         alpha, sigma = ours.noise_level_at(i)
         x = ours.step(_denoiser(x / alpha, sigma / alpha), t, x, generator=generator).prev_sample
     torch.testing.assert_close(x, k_final, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- ComfyUI's samplers: pinned outputs
+
+# ComfyUI (commit 02159d8, comfy/k_diffusion/sampling.py and deis.py) run on this setup: `_denoiser`, x_T =
+# randn(2, 3, float64, seed 3) times the first level, the levels of our grid (sigma/alpha, ending in 0) with
+# 8 steps (5 for exp_heun_2_x0), ER-SDE's noise_sampler drawing randn(2, 3, float64) from a generator seeded 5.
+COMFYUI_OUTPUTS = {
+    ("ipndm", "karras", 8, "sample_ipndm"): [[0.45139421415916, 0.17539731300860517, 0.09381536041182739],
+                                             [-0.4065145918507722, 0.04936470474343168, -0.5277571106328377]],
+    # ComfyUI's ipndm_v: on uneven levels its order-3 and -4 weights are not the variable-step Adams-Bashforth ones
+    # (an operator-precedence slip in its `temp` terms), and at order 4 even on even steps they are (57, -65, 43,
+    # -11)/24 instead of (55, -59, 37, -9)/24 (its own `sample_ipndm`'s): compared at order 2 on Karras levels and
+    # at order 3 on evenly spaced ("linear") levels.
+    ("ipndm-v", "karras", 8, "sample_ipndm_v max_order=2"): [
+        [0.4862478637431285, 0.1786748173373081, 0.09452553135424574],
+        [-0.43546097763447095, 0.04957737742644558, -0.5679568224307979]],
+    ("ipndm-v", "linear", 8, "sample_ipndm_v max_order=3"): [
+        [0.5412374227889811, 0.17632001832895827, 0.09186398451760643],
+        [-0.4746307104387838, 0.04797525187195292, -0.6406072535772267]],
+    ("deis", "karras", 8, "sample_deis"): [[0.48444278261123724, 0.18384846017658468, 0.09775222410639887],
+                                           [-0.43593220370996155, 0.05134411088974581, -0.5637828406418826]],
+    ("res-multistep", "karras", 8, "sample_res_multistep"): [
+        [0.46656758272036497, 0.18838047583884732, 0.1009865942976533],
+        [-0.4245594416931481, 0.05316692414436942, -0.537810827750692]],
+    ("exp-heun-2-x0", "karras", 5, "sample_exp_heun_2_x0"): [
+        [0.4718540964463356, 0.17241829145331927, 0.09117202108037147],
+        [-0.42200826646884715, 0.047812457048239415, -0.5521036828825876]],
+    ("er-sde", "karras", 8, "sample_er_sde"): [[-0.08198292255432225, -0.5469541989017237, 0.19027426648482784],
+                                               [-0.3345757101724148, -0.37262204380447334, 0.32364203525933694]],
+}
+# DEIS integrates its weights by a 10^4-point Riemann sum and ER-SDE by a 200-point one (ours: Gauss-Legendre).
+COMFYUI_TOLERANCE = {"deis": 1e-5, "er-sde": 2e-3}
+
+
+@pytest.mark.parametrize("key", list(COMFYUI_OUTPUTS), ids=lambda key: f"{key[0]}-{key[1]}")
+def test_matches_comfyui(key):
+    from custom_schedulers import registry
+
+    name, sigma_schedule, num_steps, function = key
+    options = {"max_order": int(function[-1])} if "max_order=" in function else {}
+    ours = registry.build(name, dict(BASE_CONFIG, prediction_type="sample"), sigma_schedule=sigma_schedule, **options)
+    ours.set_timesteps(num_steps)
+    level = float(ours.grid.sigma[0] / ours.grid.alpha[0])
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * level / (1 + level**2) ** 0.5
+    generator = torch.Generator().manual_seed(5)
+    for i, t in enumerate(ours.timesteps):
+        alpha, sigma = ours.noise_level_at(i)
+        x = ours.step(_denoiser(x / alpha, sigma / alpha), t, x, generator=generator).prev_sample
+    tolerance = COMFYUI_TOLERANCE.get(name, 1e-12)
+    torch.testing.assert_close(x, torch.tensor(COMFYUI_OUTPUTS[key], dtype=torch.float64), rtol=0, atol=tolerance)

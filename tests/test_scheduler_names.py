@@ -32,6 +32,8 @@ def test_what_we_write_builds_the_same_sampler(name, schedule):
     ("UniPC", "UniPCSampler", {"solver_type": "bh2"}),
     ("UniPC bh1 Karras", "UniPCSampler", {"solver_type": "bh1", "sigma_schedule": "karras"}),
     ("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}),
+    ("DEIS", "DEISSampler", {}),  # ComfyUI's / Forge's DEIS (tAB); diffusers' DEISMultistepScheduler by class name
+    ("iPNDM v Karras", "IPNDMSampler", {"step_weights": "variable", "sigma_schedule": "karras"}),
 ])
 def test_a1111_names_build(text, cls, fields):
     scheduler = registry.build(text, SD)
@@ -47,6 +49,12 @@ def test_a1111_names_build(text, cls, fields):
     ("dpmpp_sde", "karras", "DPMSolverPlusPlusSinglestepSDESampler", {"sigma_schedule": "karras"}),
     ("dpmpp_2s_ancestral", "exponential", "DPMSolverPlusPlus2SAncestralSampler", {"sigma_schedule": "exponential"}),
     ("euler_ancestral", "normal", "EulerAncestralSampler", {"sigma_schedule": "normal"}),
+    ("ipndm", "karras", "IPNDMSampler", {"step_weights": "uniform"}),
+    ("ipndm_v", "exponential", "IPNDMSampler", {"step_weights": "variable", "sigma_schedule": "exponential"}),
+    ("deis", "beta", "DEISSampler", {"max_order": 3, "sigma_schedule": "beta"}),
+    ("res_multistep", "simple", "ResMultistepSampler", {"sigma_schedule": "simple"}),
+    ("exp_heun_2_x0", "kl_optimal", "ExponentialHeunSampler", {"sigma_schedule": "kl-optimal"}),
+    ("er_sde", "sgm_uniform", "ERSDESampler", {"noise_scale": "er-sde", "max_stage": 3}),
 ])
 def test_comfyui_names_build(sampler, scheduler_name, cls, fields):
     scheduler = registry.build(sampler, SD, schedule=scheduler_name)

@@ -72,7 +72,7 @@ def ours_options(prompt):
 
 
 def test_img2img_and_inpainting_run_on_sdxl(pipes):
-    # Not compared with stock: our init latents are the VAE posterior mean, stock samples the posterior.
+    # The init latents are the seed's VAE posterior sample, as stock draws them (SD parity: test_stock_call_parity).
     _, ours = pipes
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
     mask = Image.new("L", (SIZE, SIZE), 0)
@@ -81,7 +81,7 @@ def test_img2img_and_inpainting_run_on_sdxl(pipes):
     assert out.unet_evaluations == 2 * 2 and out.images.shape == (1, SIZE, SIZE, 3)
     # an all-black mask keeps the image: the result is the init image through the VAE
     with torch.no_grad():
-        kept = ours._decode(ours._encode_image(init, 1, SIZE, SIZE), "np")
+        kept = ours._decode(ours._encode_image(init, 1, SIZE, SIZE, [torch.Generator().manual_seed(1)]), "np")
     np.testing.assert_allclose(out.images, kept, atol=1e-5)
 
 

@@ -1,9 +1,8 @@
 """SDXL img2img, inpainting, precomputed embeddings and the base + refiner hand-off, against stock diffusers.
 
-Stock samples the VAE posterior with the generator where ours takes its mean, so the init image is
-given to both as latents (a [B, 4, h, w] tensor, which both use as they are): the loops, the noise,
-the time ids and the blending are what is compared. `test_pil_image_is_its_posterior_mean_latents`
-ties our PIL path to those latents.
+The init image is given to both as latents (a [B, 4, h, w] tensor, which both use as they are, as a
+refiner takes a base's output), and as a PIL image (its VAE posterior sampled from the generator,
+as stock does).
 """
 
 import numpy as np
@@ -57,7 +56,7 @@ def ours(components):
 def init_latents(ours):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
     with torch.no_grad():
-        return image, ours._encode_image(image, 1, SIZE, SIZE)
+        return image, ours._encode_image(image, 1, SIZE, SIZE)  # the posterior mean
 
 
 def _mask():
@@ -96,12 +95,15 @@ def test_inpainting_matches_stock(components, ours, init_latents, guidance, stre
     np.testing.assert_allclose(_run_ours(ours, 2, **kwargs), expected, atol=1e-5)
 
 
-def test_pil_image_is_its_posterior_mean_latents(ours, init_latents):
-    image, latents = init_latents
-    kwargs = dict(prompt="red circle", strength=0.5, num_inference_steps=4, guidance_scale=3.0)
-    np.testing.assert_allclose(_run_ours(ours, 1, image=image, **kwargs), _run_ours(ours, 1, image=latents, **kwargs),
-                               atol=1e-6)
-    assert _run_ours(ours, 1, image=latents, **kwargs).shape == (1, SIZE, SIZE, 3)  # size from the latents
+@pytest.mark.parametrize("masked", [False, True])
+def test_pil_image_matches_stock(components, ours, init_latents, masked):
+    """An image (not latents): its VAE posterior sampled from the seed's generator before the noise, as stock."""
+    image, _ = init_latents
+    stock = (StableDiffusionXLInpaintPipeline if masked else StableDiffusionXLImg2ImgPipeline)(**components)
+    kwargs = dict(prompt="red circle", image=image, strength=0.5, num_inference_steps=4, guidance_scale=3.0,
+                  height=SIZE, width=SIZE, **({"mask_image": _mask()} if masked else {}))
+    expected = stock(generator=_gen(1), output_type="np", **kwargs).images
+    np.testing.assert_allclose(_run_ours(ours, 1, **kwargs), expected, atol=1e-5)
 
 
 def test_prompt_embeds_with_pooled_match_stock(components, ours):

@@ -104,6 +104,7 @@ def test_sdxl_embedding_loads_into_both_encoders_as_stock(sdxl_embedding):
     got = ours_image(ours, prompt)
     np.testing.assert_allclose(got, stock_image(stock, prompt), atol=1e-5)
     assert np.abs(got - ours_image(ours, "a circle")).max() > 1e-3
+    assert [r["name"] for r in ours.embedding_records] == ["shinystyle"] and ours.embedding_records[0]["hash"]
     row = ours.tokenizer_2.convert_tokens_to_ids("shinystyle")
     torch.testing.assert_close(ours.text_encoder_2.get_input_embeddings().weight[row], state["clip_g"][0])
 
@@ -159,3 +160,11 @@ def test_cli_applies_sdxl_lora_and_embedding(sdxl_folder, sdxl_lora, sdxl_embedd
     assert np.abs(got - expected).max() <= 1 / 255 + 1e-6  # one 8-bit level
     text = read_png(png).parameters_text
     assert "Lora hashes: \"tiny-sdxl-lora: " in text and "TI hashes: \"shinystyle: " in text
+
+
+def test_lora_loaded_in_python_is_recorded(sdxl_lora):
+    ours = _ours()
+    ours.load_lora_weights(str(sdxl_lora), adapter_name="tiny")
+    ours.set_adapters(["tiny"], adapter_weights=[0.5])
+    recipe = ours(PROMPT, num_inference_steps=1, width=SIZE, height=SIZE, seed=1, progress_bar=False).recipes[0]
+    assert [(r["name"], r["scale"]) for r in recipe["loras"]] == [("tiny-sdxl-lora", 0.5)]

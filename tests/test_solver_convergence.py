@@ -90,7 +90,8 @@ def test_dpmpp_3m_is_third_order_and_beats_2m():
 
 # ---------------------------------------------------------------- any solver, any schedule, any prediction type
 
-ODE_SAMPLERS = ["ddim", "euler", "heun", "rf-euler", "rf-heun", "dpmpp-2m", "dpmpp-3m"]
+ODE_SAMPLERS = ["ddim", "euler", "heun", "rf-euler", "rf-heun", "dpmpp-2m", "dpmpp-3m", "ipndm", "ipndm-v", "deis",
+                "res-multistep", "exp-heun-2-x0"]
 SCHEDULES = {
     "scaled_linear": dict(BASE, beta_schedule="scaled_linear", prediction_type="v_prediction"),
     "cosine": dict(BASE, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"),
@@ -113,7 +114,7 @@ def test_every_ode_sampler_solves_every_schedule(name, sigma_schedule, schedule)
     assert error < 0.13
 
 
-@pytest.mark.parametrize("name", ODE_SAMPLERS + ["ddpm", "dpmpp-2m-sde", "lcm"])
+@pytest.mark.parametrize("name", ODE_SAMPLERS + ["ddpm", "dpmpp-2m-sde", "lcm", "er-sde"])
 def test_prediction_types_give_the_same_samples(name):
     """The same exact model expressed as eps, x_0, v or u drives every sampler to the same samples."""
     results = {}
@@ -126,7 +127,7 @@ def test_prediction_types_give_the_same_samples(name):
 
 
 @pytest.mark.parametrize("name, options", [("ddpm", {}), ("dpmpp-2m-sde", {}), ("ddim", {"eta": 1.0}), ("euler-a", {}),
-                                           ("dpmpp-2s-a", {}), ("dpmpp-3m-sde", {})])
+                                           ("dpmpp-2s-a", {}), ("dpmpp-3m-sde", {}), ("er-sde", {})])
 def test_stochastic_samplers_sample_the_data_distribution(name, options):
     """Ancestral / SDE sampling with the exact model: per-dimension mean and variance of 4000 samples match
     the mixture's (standard errors ~0.02 and ~3%; tolerances 0.06 and 12%). (DPM++ SDE, 100 steps: 0.87 of the
@@ -201,3 +202,32 @@ def test_dpmpp_3m_sde_without_noise_is_second_order():
     second order, like diffusers' 3M; measured slopes 2.28 over N = 16-64, 2.48 over 32-128."""
     errs = errors("dpmpp-3m-sde", dict(VP, eta=0.0), vp_sigmas)
     assert slope(errs) == pytest.approx(2.25, abs=0.35), errs
+
+
+# ---------------------------------------------------------------- iPNDM, DEIS, RES, exponential Heun, ER-SDE
+
+WAVE_2_ORDERS = [  # (name, options, order, tolerance) on the VP grid over N = 32, 64, 128; measured slopes in the ids
+    pytest.param("ipndm-v", {"max_order": 2}, 2.0, 0.4, id="ipndm-v-2:1.67"),  # 1.82, 1.94, 1.97 up to N = 512
+    pytest.param("ipndm-v", {}, 4.0, 1.0, id="ipndm-v-4:3.13"),  # 2.57 over 16-64: its warm-up steps
+    pytest.param("deis", {}, 3.0, 0.35, id="deis-3:2.75"),
+    pytest.param("res-multistep", {}, 2.0, 0.35, id="res-multistep:2.05"),
+    pytest.param("exp-heun-2-x0", {}, 2.0, 0.35, id="exp-heun-2-x0:1.90"),
+    pytest.param("er-sde", {"noise_scale": "ode"}, 2.0, 0.35, id="er-sde-ode:2.04"),  # backward differences: 2nd order
+]
+
+
+@pytest.mark.parametrize("name, options, order, tolerance", WAVE_2_ORDERS)
+def test_wave_2_convergence_order(name, options, order, tolerance):
+    steps = [32, 64, 128]
+    errs = errors(name, dict(VP, **options), vp_sigmas, steps)
+    assert slope(errs, steps) == pytest.approx(order, abs=tolerance), errs
+
+
+def test_ipndm_higher_order_beats_lower_order():
+    steps = [128]
+    assert errors("ipndm-v", VP, vp_sigmas, steps)[0] < errors("ipndm-v", dict(VP, max_order=2), vp_sigmas, steps)[0] / 10
+
+
+def test_ipndm_weights_are_adams_bashforth_on_even_steps():
+    """On evenly spaced levels (flow: s = 1, 1 - 1/N, ...) iPNDM's constant weights are the exact ones: same samples."""
+    assert errors("ipndm", FLOW, flow_sigmas, [16]) == pytest.approx(errors("ipndm-v", FLOW, flow_sigmas, [16]), rel=1e-9)

@@ -134,3 +134,65 @@ def test_consistency_boundary_condition():
     assert (c_skip, c_out) == (1.0, 0.0)  # the consistency function is the identity at t = 0
     c_skip, c_out = solvers.consistency_boundary(999.0)
     assert c_skip == pytest.approx(0.25 / (9990.0**2 + 0.25)) and c_out == pytest.approx(1.0, abs=1e-8)
+
+
+# ---------------------------------------------------------------- Adams-Bashforth weights, exponential Heun, ER-SDE
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_adams_bashforth_weights_integrate_polynomials_exactly(order):
+    """sum_j w_j p(tau_j) = int_{tau_0}^{tau'} p for every polynomial of degree < order, on uneven nodes; with a
+    time map s(tau), for every polynomial in s (DEIS's tAB)."""
+    taus, tau_next = [5.0, 8.0, 13.0, 21.0][:order], 3.0
+    for k in range(order):
+        weights = solvers.adams_bashforth_weights(taus, tau_next)
+        assert sum(w * t**k for w, t in zip(weights, taus)) == pytest.approx((tau_next ** (k + 1) - taus[0] ** (k + 1)) / (k + 1))
+        weights = solvers.adams_bashforth_weights(taus, tau_next, solvers.deis_time)
+        s = lambda tau: float(solvers.deis_time(np.array(tau)))  # noqa: E731
+        grid = np.linspace(tau_next, taus[0], 20001)
+        exact = -np.trapezoid(solvers.deis_time(grid) ** k, grid)
+        assert sum(w * s(t) ** k for w, t in zip(weights, taus)) == pytest.approx(exact, rel=1e-6)
+
+
+def test_ipndm_weights_are_the_adams_bashforth_weights_on_even_steps():
+    for order, weights in solvers.IPNDM_WEIGHTS.items():
+        exact = solvers.adams_bashforth_weights([5.0 + k for k in range(order)], 4.0)
+        assert [-w for w in weights] == pytest.approx(exact)
+
+
+def test_deis_time_is_the_vp_fit():
+    """t(sigma_min = 0.002) = 1e-3 and t(sigma_max = 80) = 1 (Karras et al. 2022's VP SDE fit, ComfyUI's edm2t)."""
+    assert float(solvers.deis_time(np.array(0.002))) == pytest.approx(1e-3, rel=1e-6)
+    assert float(solvers.deis_time(np.array(80.0))) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_exponential_heun_is_exact_for_x0_linear_in_lambda():
+    """x_0(lambda) = a + b lambda: the ODE x' = (sigma'/sigma) x + alpha' int e^{lambda - lambda'} x_0 dlambda is
+    solved exactly by the step (both estimates exact)."""
+    lam, lam_next = -0.5, 1.2
+    (alpha, sigma), (alpha_next, sigma_next) = vp(lam), vp(lam_next)
+    step = solvers.Step.between(alpha, sigma, alpha_next, sigma_next)
+    a, b, x = (torch.tensor([v], dtype=torch.float64) for v in (0.3, -0.7, 1.1))
+    result = solvers.exponential_heun_step(x, a + b * lam, a + b * lam_next, step)
+    v = np.linspace(lam, lam_next, 200001)
+    integral = np.trapezoid(np.exp(v - lam_next) * (0.3 - 0.7 * v), v)
+    exact = sigma_next / sigma * 1.1 + alpha_next * integral
+    assert float(result) == pytest.approx(exact, rel=1e-8)
+
+
+def test_er_sde_with_the_ode_noise_scale_is_ddim_and_keeps_the_marginal_std():
+    """phi(tau) = tau: first stage = DDIM (no noise); the default phi: x' = alpha' x_0 + sigma' z from tau = inf, and
+    for x = alpha x_0 + sigma eps the step's noise makes the std of x' - alpha' x_0 equal sigma' (a marginal step)."""
+    alpha, sigma = vp(-0.3)
+    alpha_next, sigma_next = vp(0.4)
+    step = solvers.Step.between(alpha, sigma, alpha_next, sigma_next)
+    x0, eps = torch.zeros(200_000, dtype=torch.float64), torch.randn(200_000, generator=torch.Generator().manual_seed(0),
+                                                                     dtype=torch.float64)
+    x = alpha * x0 + sigma * eps
+    ddim = solvers.ddim_step(x0, eps, alpha_next, sigma_next)
+    torch.testing.assert_close(solvers.er_sde_step(x, [x0], step, None, "ode"), ddim)
+    z = torch.randn(200_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for kind in ("er-sde", "reverse-sde"):
+        assert float(solvers.er_sde_step(x, [x0], step, z, kind).std()) == pytest.approx(sigma_next, rel=0.01)
+    start = solvers.Step.between(0.0, 1.0, alpha_next, sigma_next)
+    torch.testing.assert_close(solvers.er_sde_step(eps, [x0 + 0.5], start, z, "er-sde"), alpha_next * (x0 + 0.5) + sigma_next * z)

@@ -19,12 +19,16 @@ from training import checkpointing, data
 from training.config import parse_config
 from training.load_and_save import Components
 from training.losses import DiffusionLoss
-from training.train import build_objective, main
+from training.train import build_objective, caption_ids, main, text_encoder_of
 from training.validation import VALIDATION_SEED
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "training" / "configs" / "tiny"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+# `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (multi-CPU needs mpirun,
+# huggingface/accelerate#2741); on a machine without GPUs `--multi_gpu` starts torchrun with 2 gloo processes.
+LAUNCH_2 = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train"]
 
 
 def args(out: Path, *extra: str, steps: int = 2) -> list[str]:
@@ -34,6 +38,15 @@ def args(out: Path, *extra: str, steps: int = 2) -> list[str]:
         "--num_validation_samples", "4", "--train_batch_size", "4", "--max_train_steps", str(steps),
         "--checkpointing_steps", "1000", "--validation_steps", "1000", "--report_to", "none", "--seed", "3", *extra,
     ]
+
+
+def as_fine_tune(run_args: list[str], base: Path) -> list[str]:
+    """A tiny run's arguments fine-tuning the model `base` instead of building models from scratch."""
+    return [a for a in run_args if a not in ("--from_scratch", str(TINY))] + ["--pretrained_model_name_or_path", str(base)]
+
+
+def fine_tune_args(base: Path, out: Path, *extra: str, steps: int = 2) -> list[str]:
+    return as_fine_tune(args(out, *extra, steps=steps), base)
 
 
 def summary(out: Path) -> dict:
@@ -46,17 +59,17 @@ def recomputed_validation_loss(model_dir: Path, run_dir: Path) -> float:
 
 
 def validation_loss_of(pipe, run_dir: Path) -> float:
-    """The validation loss of a pipeline's models, as the run `run_dir` computes it."""
+    """The validation loss of a pipeline's models (SD or SDXL), as the run `run_dir` computes it."""
     config = parse_config(["--config", str(run_dir / "config.json")])
-    components = Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
+    sdxl = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2} if hasattr(pipe, "text_encoder_2") else {}
+    components = Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config), **sdxl)
     objective, _ = build_objective(config, components)
     sources = data.shapes_validation_sources(config.data.num_validation_samples)
     dataset = data.ImageDataset(sources, data.ImageTransform(config.data.resolution, center_crop=True), 0)
-    batch = {"pixel_values": torch.stack([dataset[(i, i)][0] for i in range(len(dataset))]),
-             "index": torch.arange(len(dataset))}
+    batch = data.collate([dataset[(i, i)] for i in range(len(dataset))])
     loss = DiffusionLoss(
-        pipe.unet, pipe.text_encoder, pipe.vae, objective, data.tokenize(pipe.tokenizer, [s.caption for s in sources]),
-        data.tokenize(pipe.tokenizer, [""])[0], 0.0, pipe.vae.config.scaling_factor,
+        pipe.unet, text_encoder_of(components), pipe.vae, objective, caption_ids(components, [s.caption for s in sources]),
+        caption_ids(components, [""])[0], 0.0, pipe.vae.config.scaling_factor,
     )
     return loss.fixed_loss(batch, VALIDATION_SEED)
 
@@ -174,8 +187,7 @@ def test_output_folder_loads_in_stock_diffusers_and_ours_with_the_trained_object
 def test_fine_tune_can_change_prediction_type_and_ships_the_new_config(tmp_path):
     base = main(args(tmp_path / "base", "--prediction_type", "epsilon"))
     out = tmp_path / "tuned"
-    tuned = main([a for a in args(out, "--prediction_type", "v_prediction", "--zero_terminal_snr") if a != "--from_scratch" and a != str(TINY)]
-                 + ["--pretrained_model_name_or_path", str(base)])
+    tuned = main(fine_tune_args(base, out, "--prediction_type", "v_prediction", "--zero_terminal_snr"))
     config = json.loads((tuned / "scheduler" / "scheduler_config.json").read_text())
     assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
     assert json.loads((base / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
@@ -254,8 +266,7 @@ def test_bf16_mixed_precision_trains(tmp_path):
 def test_lora_weights_load_with_load_lora_weights(tmp_path):
     base = main(args(tmp_path / "base", "--prediction_type", "v_prediction"))
     out = tmp_path / "lora-run"
-    lora = main([a for a in args(out, "--lora_rank", "4", "--learning_rate", "1e-2") if a not in ("--from_scratch", str(TINY))]
-                + ["--pretrained_model_name_or_path", str(base)])
+    lora = main(fine_tune_args(base, out, "--lora_rank", "4", "--learning_rate", "1e-2"))
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(base)
     before = recomputed_validation_loss(base, out)
@@ -329,10 +340,7 @@ def test_kill_9_during_checkpoint_write_leaves_a_loadable_latest_checkpoint(tmp_
 @pytest.mark.slow
 def test_accelerate_launch_two_processes_ddp(tmp_path):
     out = tmp_path / "ddp"
-    # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (multi-CPU needs mpirun,
-    # huggingface/accelerate#2741); on a machine without GPUs `--multi_gpu` starts torchrun with 2 gloo processes.
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "training.train", *args(out, "--checkpointing_steps", "2", "--train_text_encoder")]
+    command = [*LAUNCH_2, *args(out, "--checkpointing_steps", "2", "--train_text_encoder")]
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Training distributed (gloo) over 2 processes" in result.stderr
@@ -353,8 +361,8 @@ def test_fine_tune_from_a_single_safetensors_file(tmp_path):
 
     components = tiny_sd_components()
     file, config_dir = write_single_file_model(tmp_path, components)
-    run = [a for a in args(tmp_path / "run", "--prediction_type", "v_prediction") if a not in ("--from_scratch", str(TINY))]
-    model = main(run + ["--pretrained_model_name_or_path", str(file), "--single_file_config", str(config_dir)])
+    model = main(fine_tune_args(file, tmp_path / "run", "--prediction_type", "v_prediction", "--single_file_config",
+                                str(config_dir)))
     tuned = Stock.from_pretrained(model)
     assert tuned.scheduler.config.prediction_type == "v_prediction"
     assert list(tuned.unet.config.block_out_channels) == list(components["unet"].config.block_out_channels)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ENV, REPO, TINY, args, summary
+from test_train import ENV, LAUNCH_2, REPO, args, fine_tune_args, summary
 
 from training import checkpointing
 from training.train import cli, main
@@ -161,11 +161,8 @@ def test_explicit_damaged_checkpoint_is_refused(runs, tmp_path, capsys):
 
 def test_lora_resume_equals_uninterrupted(tmp_path):
     base = main(args(tmp_path / "base", "--prediction_type", "v_prediction"))
-    lora = [a for a in args(tmp_path / "x", "--lora_rank", "4", "--use_ema", "--learning_rate", "1e-2",
-                            "--checkpointing_steps", "2") if a not in ("--from_scratch", str(TINY))]
-    run = lambda out, *extra, steps: main(
-        [a.replace(str(tmp_path / "x"), str(out)) for a in lora] + ["--pretrained_model_name_or_path", str(base),
-                                                                  "--max_train_steps", str(steps), *extra])
+    run = lambda out, *extra, steps: main(fine_tune_args(base, out, "--lora_rank", "4", "--use_ema", "--learning_rate",
+                                                         "1e-2", "--checkpointing_steps", "2", *extra, steps=steps))
     run(tmp_path / "full", steps=4)
     run(tmp_path / "parted", steps=2)
     run(tmp_path / "parted", "--resume_from_checkpoint", "latest", steps=4)
@@ -176,11 +173,9 @@ def test_lora_resume_equals_uninterrupted(tmp_path):
 @pytest.mark.slow
 def test_two_process_resume_equals_uninterrupted(tmp_path):
     """Real `accelerate launch --multi_gpu --num_processes 2` (two gloo CPU processes), EMA and text encoder."""
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train"]
     full, parted = tmp_path / "full", tmp_path / "parted"
-    for command in ([*launch, *args(full, *RUN, steps=4)],
-                    [*launch, *args(parted, *RUN, "--resume_from_checkpoint", str(full / "checkpoints/checkpoint-2"), steps=4)]):
+    for command in ([*LAUNCH_2, *args(full, *RUN, steps=4)],
+                    [*LAUNCH_2, *args(parted, *RUN, "--resume_from_checkpoint", str(full / "checkpoints/checkpoint-2"), steps=4)]):
         result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-4000:]
     checkpoint = full / "checkpoints" / "checkpoint-2"

@@ -6,7 +6,8 @@
 micro-batch), `train_loop.py` (the step loop), `checkpointing.py` (atomic accelerate
 checkpoints), `load_and_save.py` (models in, pipeline folders out), `lora.py`,
 `validation.py` and `sampling.py` (validation loss and images), `shapes.py` (the dataset
-generator), `tokenizer.py` (the local word-level CLIP tokenizer).
+generator), `tokenizer.py` (the local word-level CLIP tokenizer), `sdxl.py` (SDXL's two text
+encoders, size conditioning and cached caption embeddings in training).
 
 Fine-tuning as kohya users do: `buckets.py` (aspect-ratio buckets), `captions.py` (kohya
 folders, tag shuffle/dropout), `hf_data.py` (local Hugging Face datasets), `shards.py`

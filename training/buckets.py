@@ -137,7 +137,8 @@ def assign_buckets(options, resolution: int, latent_factor: int, sizes: Sequence
 @torch.no_grad()
 def encode_per_image(vae, dataset, device, batch_size: int = 64, num_workers: int = 0) -> dict[str, torch.Tensor]:
     """{'latent_mean.<i>', 'latent_std.<i>'}: posterior moments of every item (whose shapes differ by bucket),
-    encoded in batches of one bucket size; item i is cropped with position i, as for square caches."""
+    encoded in batches of one bucket size; item i is cropped with position i, as for square caches. Each
+    item's `data.SIZE_KEYS` (SDXL's size conditioning) are kept as (N, 2) tensors by dataset index."""
     from training import data
 
     by_size: dict[tuple[int, int], list[int]] = {}
@@ -147,22 +148,27 @@ def encode_per_image(vae, dataset, device, batch_size: int = 64, num_workers: in
                for k in range(0, len(members), batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate,
                                          num_workers=num_workers)
-    moments = {}
+    moments = {key: torch.zeros(len(dataset), 2, dtype=torch.long) for key in data.SIZE_KEYS}
     for batch in loader:
         dist = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
         for row, index in enumerate(batch["index"].tolist()):
             moments[f"latent_mean.{index}"] = dist.mean[row].float().cpu().contiguous()
             moments[f"latent_std.{index}"] = dist.std[row].float().cpu().contiguous()
+            for key in data.SIZE_KEYS:
+                moments[key][index] = batch[key][row]
     return moments
 
 
 def per_image_batches(moments: dict[str, torch.Tensor], order, start_micro_step: int):
-    """Endless micro-batches of cached per-image moments (one bucket each, so they stack)."""
+    """Endless micro-batches of cached per-image moments (one bucket each, so they stack) and their sizes."""
+    from training.data import SIZE_KEYS
+
     step = start_micro_step
     while True:
         keys = order.keys(step)
         index = [i for i, _ in keys]
         yield {"latent_mean": torch.stack([moments[f"latent_mean.{i}"] for i in index]),
                "latent_std": torch.stack([moments[f"latent_std.{i}"] for i in index]),
+               **{key: moments[key][index] for key in SIZE_KEYS},
                "index": torch.tensor(index), "position": torch.tensor([p for _, p in keys])}
         step += 1

@@ -56,7 +56,10 @@ class DataOptions:
         0.1, "Caption dropout: probability of training on the empty caption (for classifier-free guidance).",
         "--caption_dropout",
     )
-    cache_latents: bool = option(False, "Encode the data once with the frozen VAE and train on cached latents.")
+    cache_latents: bool = option(
+        False, "Encode the data once with the frozen VAE and train on cached latents (SDXL with frozen text encoders "
+        "and fixed captions: both encoders' caption embeddings are cached too)."
+    )
     dataloader_num_workers: int = option(0, "DataLoader worker processes (0: load in the main process).")
 
 
@@ -66,7 +69,8 @@ class DataOptions:
 @dataclass
 class ModelOptions:
     pretrained_model_name_or_path: str | None = option(
-        None, "A diffusers Stable Diffusion folder or a single .safetensors checkpoint to start from."
+        None, "A diffusers Stable Diffusion or SDXL folder (detected from its components), or a single "
+        ".safetensors checkpoint, to start from."
     )
     from_scratch: str | None = option(
         None, "Folder of small configs to build new models: unet.json, vae.json, text_encoder.json "
@@ -78,7 +82,7 @@ class ModelOptions:
     pretrained_vae: str | None = option(None, "A trained AutoencoderKL folder (or a folder with vae/) to use frozen.")
     train_vae: bool = option(False, "Train the AutoencoderKL (reconstruction + KL) instead of the diffusion model.")
     vae_kl_weight: float = option(1e-6, "--train_vae: weight of the KL term (LDM's autoencoder uses 1e-6).")
-    train_text_encoder: bool = option(False, "Train the text encoder jointly with the UNet.")
+    train_text_encoder: bool = option(False, "Train the text encoder (SDXL: both) jointly with the UNet.")
     lora_rank: int | None = option(None, "Train LoRA adapters of this rank (peft) instead of the full UNet.")
     lora_alpha: float | None = option(None, "LoRA alpha (default: equal to the rank).")
     allow_pickle: bool = option(

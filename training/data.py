@@ -290,11 +290,15 @@ class MicroBatchSampler(torch.utils.data.Sampler):
             step += 1
 
 
+SIZE_KEYS = ("original_size", "crop_top_left", "target_size")  # SDXL's micro-conditioning, (h, w) / (top, left)
+
+
 def collate(items: list[Item]) -> dict:
-    """A batch dict: pixel_values (B, 3, H, W) and index, position, original_size, crop_top_left per item."""
+    """A batch dict: pixel_values (B, 3, H, W); index, position and the `SIZE_KEYS` ((B, 2) each) per item."""
     batch = {"pixel_values": torch.stack([item.pixels for item in items])}
     for name in ("index", "position", "original_size", "crop_top_left"):
         batch[name] = torch.tensor([getattr(item, name) for item in items])
+    batch["target_size"] = torch.tensor([tuple(item.pixels.shape[-2:]) for item in items])  # the trained crop
     if items[0].mask is not None:
         batch["mask"] = torch.stack([item.mask for item in items])
     return batch
@@ -332,7 +336,12 @@ def recorded(batches: Iterator[dict], path: Path) -> Iterator[dict]:
 
 
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's max length (as the SD pipeline encodes prompts)."""
+    """Token ids padded to the tokenizer's max length (as the SD pipeline encodes prompts): (B, L).
+
+    SDXL's tokenizer pair `(tokenizer, tokenizer_2)` gives (B, 2, L), one row per text encoder.
+    """
+    if isinstance(tokenizer, tuple):
+        return torch.stack([tokenize(t, captions) for t in tokenizer], dim=1)
     return tokenizer(
         list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
         return_tensors="pt",
@@ -344,26 +353,26 @@ def drop_captions(input_ids: torch.Tensor, empty_ids: torch.Tensor, probability:
     if probability <= 0:
         return input_ids
     drop = torch.rand(input_ids.shape[0], generator=generator) < probability
-    return torch.where(drop[:, None], empty_ids.to(input_ids)[None], input_ids)
+    return torch.where(drop.view(-1, *[1] * (input_ids.ndim - 1)), empty_ids.to(input_ids)[None], input_ids)
 
 
 @torch.no_grad()
-def encode_latent_moments(vae, pixels: Iterator[torch.Tensor], device, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """{'latent_mean', 'latent_std'} of the VAE posterior for every batch (unscaled)."""
-    means, stds = [], []
-    for batch in pixels:
-        dist = vae.encode(batch.to(device, dtype)).latent_dist
-        means.append(dist.mean.float().cpu().contiguous())
-        stds.append(dist.std.float().cpu().contiguous())
-    return {"latent_mean": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous()}
+def encode_latent_moments(vae, batches: Iterator[dict], device, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """{'latent_mean', 'latent_std'} of the VAE posterior (unscaled) and the `SIZE_KEYS` of every item."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        dist = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
+        for name, value in (("latent_mean", dist.mean.float()), ("latent_std", dist.std.float()),
+                            *((key, batch[key]) for key in SIZE_KEYS)):
+            parts.setdefault(name, []).append(value.cpu())
+    return {name: torch.cat(values).contiguous() for name, values in parts.items()}
 
 
-def all_pixels(dataset: ImageDataset, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
-    """Every item of the dataset once, in order, deterministic (position = index)."""
+def all_items(dataset: ImageDataset, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
+    """Every item of the dataset once, in order, as collated batches, deterministic (position = index)."""
     keys = [(i, i) for i in range(len(dataset))]
     batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
-    return (batch["pixel_values"] for batch in loader)
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers))
 
 
 def posterior_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

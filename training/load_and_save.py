@@ -13,8 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm_pipeline.atomic import atomic_directory
 from training.config import ModelOptions, ObjectiveOptions
@@ -34,17 +40,34 @@ DEFAULT_SCHEDULER_CONFIG = {  # from scratch, unless scheduler.json or flags say
 
 @dataclass
 class Components:
-    """The parts of a Stable-Diffusion-layout model, plus the scheduler config it came with."""
+    """The parts of a Stable-Diffusion-layout model, plus the scheduler config it came with; an SDXL model
+    also has `text_encoder_2` (with projection) and `tokenizer_2` (`training.sdxl`)."""
 
     unet: UNet2DConditionModel | None
     vae: AutoencoderKL
     text_encoder: CLIPTextModel | None
     tokenizer: CLIPTokenizer | None
     scheduler_config: dict
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
     @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def family(self) -> str:
+        """"sdxl" with a second text encoder, else "sd" (as `ldm_pipeline.loading.model_family` names them)."""
+        return "sd" if self.text_encoder_2 is None else "sdxl"
+
+    @property
+    def tokenizers(self):
+        """What `data.tokenize` takes: the tokenizer, or SDXL's pair (tokenizer, tokenizer_2)."""
+        return self.tokenizer if self.text_encoder_2 is None else (self.tokenizer, self.tokenizer_2)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
 
 # ---------------------------------------------------------------- loading
@@ -138,8 +161,9 @@ def load_from_scratch(opts: ModelOptions, words: list[str], resolution: int, wor
 
 
 def load_pretrained(opts: ModelOptions) -> Components:
-    """Components of a local diffusers SD folder or a single checkpoint file (ldm_pipeline's loader:
-    safetensors only unless --allow_pickle; a single file needs --single_file_config, nothing is downloaded)."""
+    """Components of a local diffusers SD or SDXL folder or a single checkpoint file (ldm_pipeline's loader
+    detects the family: safetensors only unless --allow_pickle; a single file needs --single_file_config,
+    nothing is downloaded)."""
     from ldm_pipeline.loading import load_pipeline
 
     path = Path(opts.pretrained_model_name_or_path)
@@ -151,7 +175,13 @@ def load_pretrained(opts: ModelOptions) -> Components:
     config = {"config": opts.single_file_config} if path.is_file() and opts.single_file_config else {}
     pipe = load_pipeline(path, device="cpu", dtype=torch.float32, allow_pickle=opts.allow_pickle, **config)
     vae = load_vae(opts.pretrained_vae, opts.allow_pickle) if opts.pretrained_vae else pipe.vae
-    return Components(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
+    sdxl = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2} if pipe.family == "sdxl" else {}
+    if sdxl:
+        from training.sdxl import check_fits
+
+        check_fits(pipe.unet, pipe.text_encoder_2, str(path))
+        logger.info("%s: fine-tuning a Stable Diffusion XL model (two text encoders, size conditioning).", path)
+    return Components(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config), **sdxl)
 
 
 # ---------------------------------------------------------------- the trained objective as a scheduler config
@@ -200,13 +230,19 @@ def output_scheduler(objective: dict):
 # ---------------------------------------------------------------- saving
 
 
+def stock_pipeline(components: Components, scheduler):
+    """The stock diffusers pipeline of the model's family (SD: no safety checker) over the components."""
+    shared = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                  unet=components.unet, scheduler=scheduler)
+    if components.family == "sdxl":
+        return StableDiffusionXLPipeline(**shared, text_encoder_2=components.text_encoder_2,
+                                         tokenizer_2=components.tokenizer_2, add_watermarker=False)
+    return StableDiffusionPipeline(**shared, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def save_pipeline(directory: Path, components: Components, scheduler) -> Path:
-    """A StableDiffusionPipeline folder (safetensors, no safety checker), written atomically."""
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """A StableDiffusionPipeline (or StableDiffusionXLPipeline) folder in safetensors, written atomically."""
+    pipe = stock_pipeline(components, scheduler)
     with atomic_directory(directory) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         name_package_of_our_scheduler(tmp / "model_index.json")

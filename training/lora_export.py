@@ -3,9 +3,9 @@
 * diffusers: `pytorch_lora_weights.safetensors` (`StableDiffusionPipeline.save_lora_weights`, loaded by
   `pipe.load_lora_weights(folder)`);
 * kohya / AUTOMATIC1111 / ComfyUI: `pytorch_lora_weights_kohya.safetensors` with `lora_unet_...` and
-  `lora_te_...` keys, `lora_down`/`lora_up` weights and an `.alpha` per module (diffusers'
-  `convert_state_dict_to_kohya`; `pipe.load_lora_weights` converts it back);
-* peft: an adapter folder per model (`unet/`, `text_encoder/`: adapter_config.json and
+  `lora_te_...` keys (SDXL: `lora_te1_...`, `lora_te2_...`), `lora_down`/`lora_up` weights and an `.alpha`
+  per module (diffusers' `convert_state_dict_to_kohya`; `pipe.load_lora_weights` converts it back);
+* peft: an adapter folder per model (`unet/`, `text_encoder/`, `text_encoder_2/`: adapter_config.json and
   adapter_model.safetensors), the only one of the three that describes LoHa and LoKr.
 """
 
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import PeftConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -26,16 +26,19 @@ from ldm_pipeline.atomic import atomic_directory
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}  # diffusers' names
 
 
-def trained_models(unet, text_encoder) -> dict[str, torch.nn.Module]:
-    """{'unet': ..., 'text_encoder': ...} of the models that carry an adapter (the text encoder is optional)."""
-    return {name: model for name, model in (("unet", unet), ("text_encoder", text_encoder)) if model is not None}
+def trained_models(unet, text_encoder, text_encoder_2=None) -> dict[str, torch.nn.Module]:
+    """{'unet': ..., 'text_encoder': ..., 'text_encoder_2': ...} of the models that carry an adapter (the text
+    encoders are optional; SDXL has two)."""
+    named = (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+    return {name: model for name, model in named if model is not None}
 
 
-def save_adapters(directory: Path, unet, text_encoder=None, lora_format: str = "both") -> Path:
-    """Write the adapter(s) of `unet` (and `text_encoder`) in `lora_format` (diffusers|kohya|both|peft), atomically."""
-    models = trained_models(unet, text_encoder)
+def save_adapters(directory: Path, unet, text_encoder=None, lora_format: str = "both", *, text_encoder_2=None) -> Path:
+    """Write the adapter(s) of `unet` (and the text encoders) in `lora_format` (diffusers|kohya|both|peft), atomically."""
+    models = trained_models(unet, text_encoder, text_encoder_2)
     with atomic_directory(directory) as tmp:
         if lora_format == "peft":
             for name, model in models.items():
@@ -51,7 +54,8 @@ def save_diffusers(directory: Path, models: dict[str, torch.nn.Module]) -> None:
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
               for name, model in models.items()}
     metadata = {f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict() for name, model in models.items()}
-    StableDiffusionPipeline.save_lora_weights(directory, **layers, **metadata, safe_serialization=True)
+    saver = StableDiffusionXLPipeline if "text_encoder_2" in models else StableDiffusionPipeline  # one file format
+    saver.save_lora_weights(directory, **layers, **metadata, safe_serialization=True)
 
 
 def kohya_state_dict(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -60,18 +64,18 @@ def kohya_state_dict(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
     0. Module names are those of the checkpoint (transformers 5's CLIPTextModel dropped `text_model.`).
     1. The converter writes alpha = rank; the adapter's own lora_alpha is written instead (they differ
        whenever --lora_alpha is not the rank, and the scale alpha/rank would be lost).
-    2. It names the text encoder `lora_te1_` (SDXL's first encoder); SD 1.x/2.x files use `lora_te_`.
+    2. It names the text encoder `lora_te1_` (SDXL's first encoder; the second is `lora_te2_`); SD 1.x/2.x
+       files use `lora_te_`.
     """
     prefixed = {f"{name}.{checkpoint_name(model, key)}": value for name, model in models.items()
                 for key, value in get_peft_model_state_dict(model).items()}
-    alphas = {"lora_unet_": float(models["unet"].peft_config["default"].lora_alpha)}
-    if "text_encoder" in models:
-        alphas["lora_te_"] = float(models["text_encoder"].peft_config["default"].lora_alpha)
+    alphas = {KOHYA_PREFIXES[name]: float(model.peft_config["default"].lora_alpha) for name, model in models.items()}
+    sd = "text_encoder_2" not in models
     result = {}
     for key, value in convert_state_dict_to_kohya(prefixed).items():
-        key = key.replace("lora_te1_", "lora_te_", 1) if key.startswith("lora_te1_") else key
         if key.endswith(".alpha"):
             value = torch.tensor(next(a for prefix, a in alphas.items() if key.startswith(prefix)))
+        key = key.replace("lora_te1_", "lora_te_", 1) if sd and key.startswith("lora_te1_") else key
         result[key] = value.detach().contiguous()
     return result
 

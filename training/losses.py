@@ -18,6 +18,7 @@ from training.data import drop_captions, latent_sample, posterior_sample
 from training.dreambooth import prior_weights
 from training.loss_options import latent_mask
 from training.objectives import Objective
+from training.sdxl import TextConditioning, added_conditioning
 
 
 @dataclass
@@ -25,10 +26,10 @@ class DiffusionLoss:
     """VAE encode (or cached latents) -> scale -> noise -> target by prediction type -> (Min-SNR) MSE."""
 
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoder: torch.nn.Module | TextConditioning  # SD's CLIP encoder, or SDXL's (`training.sdxl`)
     vae: torch.nn.Module | None  # None when latents are cached
     objective: Objective
-    input_ids: torch.Tensor  # token ids of every training caption, by dataset index
+    input_ids: torch.Tensor  # token ids of every training caption, by dataset index (SDXL: (N, 2, L), or cache rows)
     empty_ids: torch.Tensor  # token ids of the empty caption
     caption_dropout: float
     scaling_factor: float
@@ -68,12 +69,19 @@ class DiffusionLoss:
         target = self.objective.target(x0, noise, alpha, sigma)
         weights = self.sample_weights(batch, alpha, sigma)
         mask = latent_mask(batch["mask"], x0.shape).to(device) if "mask" in batch else None
-        return self.loss(x_t, timesteps, ids.to(device), target, weights, mask), {}
+        return self.loss(x_t, timesteps, self.condition(ids.to(device), batch), target, weights, mask), {}
 
-    def loss(self, x_t, timesteps, ids, target, weights, mask=None) -> torch.Tensor:
-        encoder_hidden_states = self.text_encoder(ids, return_dict=False)[0]
+    def condition(self, ids: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict | None]:
+        """(encoder_hidden_states, added_cond_kwargs): SDXL adds pooled text and size time ids (`training.sdxl`)."""
+        if isinstance(self.text_encoder, TextConditioning):
+            hidden, pooled = self.text_encoder(ids)
+            return hidden, added_conditioning(pooled, batch)
+        return self.text_encoder(ids, return_dict=False)[0], None
+
+    def loss(self, x_t, timesteps, condition, target, weights, mask=None) -> torch.Tensor:
+        encoder_hidden_states, added = condition
         timesteps = timesteps.to(x_t.device, torch.float32 if self.objective.is_flow else torch.long)
-        prediction = self.unet(x_t, timesteps, encoder_hidden_states, return_dict=False)[0]
+        prediction = self.unet(x_t, timesteps, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
         return self.objective.loss(prediction, target, weights, mask)
 
     @torch.no_grad()
@@ -86,8 +94,8 @@ class DiffusionLoss:
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         x_t = self.objective.diffuse(x0, noise, alpha, sigma)
         target = self.objective.target(x0, noise, alpha, sigma)
-        ids = self.input_ids[batch["index"]].to(device)
-        return float(self.loss(x_t, timesteps, ids, target, self.objective.loss_weights(alpha, sigma)))
+        condition = self.condition(self.input_ids[batch["index"]].to(device), batch)
+        return float(self.loss(x_t, timesteps, condition, target, self.objective.loss_weights(alpha, sigma)))
 
 
 class VaeReconstruction(torch.nn.Module):

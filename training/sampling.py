@@ -5,14 +5,17 @@ from __future__ import annotations
 from PIL import Image
 
 from ldm_pipeline.pipeline import LatentTextToImagePipeline
+from ldm_pipeline.sdxl import LatentSDXLPipeline
 from training.load_and_save import Components, output_scheduler
 
 
 def validation_pipeline(components: Components, scheduler_keys: dict) -> LatentTextToImagePipeline:
-    return LatentTextToImagePipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=output_scheduler(scheduler_keys),
-    )
+    """Our pipeline of the model's family (SD, or SDXL with both text encoders) over the components."""
+    shared = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                  unet=components.unet, scheduler=output_scheduler(scheduler_keys))
+    if components.family == "sdxl":
+        return LatentSDXLPipeline(**shared, text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2)
+    return LatentTextToImagePipeline(**shared)
 
 
 def validation_images(pipe, prompts: list[str], steps: int, guidance_scale: float, size: int, seed: int) -> list[Image.Image]:

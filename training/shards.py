@@ -19,7 +19,6 @@ import io
 from typing import Iterator
 
 import numpy as np
-import torch
 from PIL import Image
 
 from training import data
@@ -102,13 +101,15 @@ class ShardBatches:
     def __next__(self) -> dict:
         items = next(self.batches)
         size = self.table[items[0][3]] if self.table is not None else None
-        pixels = [self.transform.apply(Image.open(io.BytesIO(image)).convert("RGB"),
-                                       np.random.default_rng((self.seed, position)), size)[0]
-                  for position, image, _, _ in items]
-        positions = torch.tensor([position for position, _, _, _ in items])
         captions = [self.variation.text_of(caption, position) for position, _, caption, _ in items]
-        return {"pixel_values": torch.stack(pixels), "index": positions, "position": positions,
+        return {**data.collate([self.item(image, position, size) for position, image, _, _ in items]),
                 "input_ids": data.tokenize(self.variation.tokenizer, captions)}
+
+    def item(self, image: bytes, position: int, size) -> data.Item:
+        """One sample, transformed; its stream position is also its index (streamed data has no list)."""
+        decoded = Image.open(io.BytesIO(image)).convert("RGB")
+        pixels, crop, _ = self.transform.apply(decoded, np.random.default_rng((self.seed, position)), size)
+        return data.Item(pixels, position, position, (decoded.height, decoded.width), crop)
 
 
 def first_samples(paths: list[str], count: int) -> list[data.ImageSource]:

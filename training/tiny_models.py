@@ -110,3 +110,31 @@ def tiny_sdxl_components(seed: int = 0, scheduler=None) -> dict:
         beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading")
     return {"unet": unet, "scheduler": scheduler, "vae": tiny_vae(seed), "text_encoder": text_encoder,
             "tokenizer": tokenizer, "text_encoder_2": text_encoder_2, "tokenizer_2": tiny_tokenizer()}
+
+
+def tiny_ip_adapter(unet: UNet2DConditionModel, folder, seed: int = 0, image_size: int = 32) -> str:
+    """A seeded IP-Adapter for `unet` (the plain kind: a linear `image_proj` to 4 tokens and `to_k_ip` /
+    `to_v_ip` per cross-attention layer, numbered 1, 3, 5... as the original checkpoints) and a tiny
+    `CLIPVisionModelWithProjection` in `folder/image_encoder`; returns the weight file name for
+    `pipe.load_ip_adapter(folder, subfolder="", weight_name=...)`."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        image_size=image_size, patch_size=4)).eval()
+    encoder.save_pretrained(Path(folder) / "image_encoder")
+    dim, tokens = unet.config.cross_attention_dim, 4
+    weights = {"image_proj.proj.weight": torch.randn(dim * tokens, 32) * 0.1,
+               "image_proj.proj.bias": torch.zeros(dim * tokens),
+               "image_proj.norm.weight": torch.ones(dim), "image_proj.norm.bias": torch.zeros(dim)}
+    cross = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for key_id, name in zip(range(1, 2 * len(cross), 2), cross):
+        hidden = unet.get_submodule(name.rsplit(".", 1)[0]).to_k.out_features
+        for part in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{key_id}.{part}.weight"] = torch.randn(hidden, dim) * 0.3
+    save_file(weights, str(Path(folder) / "ip_adapter.safetensors"))
+    return "ip_adapter.safetensors"

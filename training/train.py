@@ -1,5 +1,8 @@
 """Train a latent text-to-image model (or its VAE): `accelerate launch -m training.train --help`.
 
+From scratch (SD layout) or fine-tuning an SD 1.x/2.x or SDXL folder (the family is detected from
+the folder; SDXL's conditioning is in `training.sdxl`).
+
 Flow (as in NVlabs/edm's train.py): typed options -> one config -> printed and saved
 as config.json in the run directory -> data, models, optimizer -> `train_loop` ->
 a diffusers pipeline folder (or, with --train_vae, a VAE folder) in output_dir.
@@ -20,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from training import checkpointing, data, shapes, shards, textual_inversion
+from training import checkpointing, data, sdxl, shapes, shards, textual_inversion
 from training.buckets import BucketBatchOrder, assign_buckets, describe, per_image_batches
 from training.captions import CaptionVariation
 from training.config import TrainConfig, check_option_values, check_paths, parse_config
@@ -187,7 +190,10 @@ def load_components(config: TrainConfig, words: list[str]) -> Components:
         from training.load_and_save import load_vae
 
         return Components(None, load_vae(m.pretrained_vae, m.allow_pickle), None, None, {})
-    return load_pretrained(m)
+    components = load_pretrained(m)
+    if components.family == "sdxl":
+        sdxl.check_options(config)
+    return components
 
 
 def make_optimizer(config: TrainConfig, groups: list[dict]):
@@ -295,8 +301,35 @@ def training_buckets(config: TrainConfig, accelerator: Accelerator, components: 
 
 def caption_variation(config: TrainConfig, components: Components, sources) -> CaptionVariation:
     f = config.finetune_data
-    return CaptionVariation([s.caption for s in sources], components.tokenizer, config.optimization.seed,
+    return CaptionVariation([s.caption for s in sources], components.tokenizers, config.optimization.seed,
                             f.keep_tokens, f.shuffle_caption, f.caption_tag_dropout_rate)
+
+
+def caption_ids(components: Components, captions: list[str]) -> torch.Tensor:
+    """Token ids of captions for the model's tokenizer(s): (N, L), or (N, 2, L) for SDXL."""
+    return data.tokenize(components.tokenizers, captions)
+
+
+def text_encoder_of(components: Components, swap: dict | None = None):
+    """What the loss calls on caption ids: SD's text encoder, or SDXL's pair (DDP-wrapped modules from `swap`)."""
+    encoders = [(swap or {}).get(id(e), e) for e in components.text_encoders]
+    return sdxl.SDXLTextEncoders(*encoders) if components.family == "sdxl" else encoders[0]
+
+
+def caption_inputs(config: TrainConfig, accelerator: Accelerator, components: Components, swap: dict, sources):
+    """(text encoder(s), ids of every caption by dataset index, ids of the empty caption) for the training loss.
+
+    SDXL with frozen text encoders, --cache_latents and fixed captions: the embeddings are cached once
+    (`sdxl.text_embedding_cache`) and the "ids" are rows of that table.
+    """
+    f = config.finetune_data
+    fixed_captions = not (f.shuffle_caption or f.caption_tag_dropout_rate > 0)
+    frozen = not config.model.train_text_encoder
+    captions = [s.caption for s in sources]
+    if components.family == "sdxl" and config.data.cache_latents and frozen and fixed_captions:
+        return sdxl.text_embedding_cache(accelerator, components, captions, Path(config.run.output_dir) / "cache")
+    ids = caption_ids(components, captions) if sources else None
+    return text_encoder_of(components, swap), ids, caption_ids(components, [""])[0]
 
 
 def validate_fn(validator: Validator, optimizer):
@@ -348,19 +381,22 @@ def prepare_diffusion_models(config: TrainConfig, components: Components, new_to
         components.unet.requires_grad_(False)
         train_only_rows(components.text_encoder, new_token_ids)
         return [components.text_encoder]
-    components.text_encoder.requires_grad_(m.train_text_encoder).train(m.train_text_encoder)
+    text_encoders = components.text_encoders  # SDXL: both
+    for te in text_encoders:
+        te.requires_grad_(m.train_text_encoder).train(m.train_text_encoder)
     if m.lora_rank:
         from training.lora import add_text_encoder_lora, add_unet_lora
 
         add_unet_lora(components.unet, m.lora_rank, m.lora_alpha, f.lora_type, f.use_dora)
-        if m.train_text_encoder:
-            add_text_encoder_lora(components.text_encoder, m.lora_rank, m.lora_alpha, f.lora_type, f.use_dora)
+        for te in text_encoders if m.train_text_encoder else []:
+            add_text_encoder_lora(te, m.lora_rank, m.lora_alpha, f.lora_type, f.use_dora)
+    if m.train_text_encoder and components.family == "sdxl":
+        sdxl.freeze_unused_layers(components.text_encoder)
     if config.optimization.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        if config.model.train_text_encoder:
-            te = components.text_encoder  # transformers 5 renamed gradient_checkpointing_enable
+        for te in text_encoders if m.train_text_encoder else []:  # transformers 5 renamed gradient_checkpointing_enable
             (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    return [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
+    return [components.unet] + (text_encoders if m.train_text_encoder else [])
 
 
 def diffusion_batches(config, accelerator, components, train, prior, start_micro):
@@ -418,17 +454,18 @@ def train_diffusion(config: TrainConfig, accelerator: Accelerator, components: C
     state = checkpointing.TrainingState(accelerator, prepared, optimizer, lr_scheduler, ema)
     start = resume(state, config)
     open_run_directory(config, accelerator, dataset)
-    tokenize = lambda sources: data.tokenize(components.tokenizer, [s.caption for s in sources])
-    shared = dict(vae=components.vae, objective=objective, empty_ids=data.tokenize(components.tokenizer, [""])[0],
-                  caption_dropout=config.data.proportion_empty_prompts, scaling_factor=components.vae.config.scaling_factor)
+    shared = dict(vae=components.vae, objective=objective, caption_dropout=config.data.proportion_empty_prompts,
+                  scaling_factor=components.vae.config.scaling_factor)
     swap = {id(module): wrapped for module, wrapped in zip(trained, prepared)}  # the DDP-wrapped trained modules
-    unet, text_encoder = (swap.get(id(m), m) for m in (components.unet, components.text_encoder))
-    loss_fn = DiffusionLoss(unet, text_encoder, input_ids=tokenize(dataset.train + prior) if dataset.train else None,
-                            variation=caption_variation(config, components, dataset.train + prior),
+    text, input_ids, empty_ids = caption_inputs(config, accelerator, components, swap, dataset.train + prior)
+    loss_fn = DiffusionLoss(swap.get(id(components.unet), components.unet), text, input_ids=input_ids,
+                            empty_ids=empty_ids, variation=caption_variation(config, components, dataset.train + prior),
                             num_instance=len(dataset.train) if prior else None, prior_loss_weight=db.prior_loss_weight,
                             **shared)
+    validation_ids = caption_ids(components, [s.caption for s in dataset.validation])
     validator = Validator(accelerator, config, components, scheduler_keys, ema, params,
-                          DiffusionLoss(components.unet, components.text_encoder, input_ids=tokenize(dataset.validation), **shared),
+                          DiffusionLoss(components.unet, text_encoder_of(components), input_ids=validation_ids,
+                                        empty_ids=caption_ids(components, [""])[0], **shared),
                           dataset.validation)
     parts = LoopParts(
         accelerator, loss_fn, prepared, params, optimizer, lr_scheduler,
@@ -482,8 +519,9 @@ def save_diffusion_output(config: TrainConfig, components: Components, scheduler
     if config.model.lora_rank:
         from training.lora_export import save_adapters
 
-        text_encoder = components.text_encoder if config.model.train_text_encoder else None
-        return save_adapters(out / "lora", components.unet, text_encoder, config.finetune_model.lora_format)
+        names = ("text_encoder", "text_encoder_2")
+        text_encoders = dict(zip(names, components.text_encoders)) if config.model.train_text_encoder else {}
+        return save_adapters(out / "lora", components.unet, lora_format=config.finetune_model.lora_format, **text_encoders)
     return save_pipeline(out / "model", components, output_scheduler(scheduler_keys))
 
 

@@ -21,17 +21,23 @@ VALIDATION_SEED = 1234  # fixed noise and posterior samples for the validation l
 # ---------------------------------------------------------------- latents
 
 
-def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str) -> dict[str, torch.Tensor]:
-    """Posterior moments of every item, computed once by the main process and stored as safetensors."""
+def latent_cache_path(vae, dataset: data.ImageDataset, config, name: str) -> Path:
+    """output_dir/cache/latents-<name>-<hash of everything that determines the latents>.safetensors"""
     d = config.data
     key = data.cache_key({
+        "format": 2,  # 2: with each item's size conditioning (data.SIZE_KEYS)
         "name": name, "n": len(dataset), "dataset": d.dataset, "dir": d.train_data_dir, "hf": config.finetune_data.hf_dataset, "res": d.resolution,
         "crop": d.center_crop, "seed": config.optimization.seed, "samples": d.num_train_samples,
         "colors": d.shapes_colors, "backgrounds": d.shapes_backgrounds, "buckets": dataset.sizes,
         "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")},
         "vae_weights": float(sum(p.double().sum() for p in vae.parameters())),
     })
-    path = Path(config.run.output_dir) / "cache" / f"latents-{name}-{key}.safetensors"
+    return Path(config.run.output_dir) / "cache" / f"latents-{name}-{key}.safetensors"
+
+
+def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str) -> dict[str, torch.Tensor]:
+    """Posterior moments of every item, computed once by the main process and stored as safetensors."""
+    d, path = config.data, latent_cache_path(vae, dataset, config, name)
     if accelerator.is_main_process and not path.is_file():
         if d.random_flip:
             logger.warning("--cache_latents encodes each image once: random flips are fixed per image.")
@@ -39,7 +45,7 @@ def latent_cache(accelerator, vae, dataset: data.ImageDataset, config, name: str
         if dataset.sizes:  # bucketed: shapes differ, one tensor per image
             moments = encode_per_image(vae, dataset, accelerator.device, 64, d.dataloader_num_workers)
         else:
-            moments = data.encode_latent_moments(vae, data.all_pixels(dataset, 64, d.dataloader_num_workers), accelerator.device)
+            moments = data.encode_latent_moments(vae, data.all_items(dataset, 64, d.dataloader_num_workers), accelerator.device)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as tmp:
             save_file(moments, str(tmp))
@@ -105,15 +111,15 @@ class Validator:
                 moments = latent_cache(self.accelerator, self.components.vae, self.dataset, self.config, "validation")
                 self._batch = {**moments, "index": index}
             else:
-                pixels = torch.stack([self.dataset[(i, i)][0] for i in range(len(self.dataset))])
-                self._batch = {"pixel_values": pixels, "index": index}
+                self._batch = data.collate([self.dataset[(i, i)] for i in range(len(self.dataset))])
         return self._batch
 
     def validate(self, step: int) -> dict:
         batch = self.batch() if self.config.data.cache_latents else None  # all ranks join the cache build
         metrics = {}
         if self.accelerator.is_main_process:
-            for module in (self.components.unet, self.components.text_encoder, self.components.vae):
+            c = self.components
+            for module in (c.unet, c.text_encoder, c.text_encoder_2, c.vae):
                 if module is not None:
                     module.eval()  # the loop puts the trained modules back in train mode
             batch = batch or self.batch()
