@@ -14,18 +14,22 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextvars
+import functools
 import queue
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image, ImageChops
 
+from custom_schedulers import names
 from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.guidance_methods import METHODS, PARAMETERS, GuidanceMethod
 from ldm_pipeline.loading import DEFAULT_MODEL_DIR, path_family
 from ldm_pipeline.onnx_backend import long_running_backend
 from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.plots import schedule_figures
+from ldm_pipeline.previews import PREVIEW_MODES
 from ldm_pipeline.service import GenerationService, ServiceRequest
 from ldm_pipeline.web_inputs import protect_inputs, without_paths
 
@@ -41,6 +45,9 @@ MAX_SEED = 2**32 - 1  # what the seed field offers; -1 = random
 MAX_UPLOAD_PIXELS = 4 * MAX_SIDE**2  # an uploaded init image (it is resized to the requested size)
 DEFAULT_PREVIEW_EVERY = 5  # the result panel shows the image forming every 5 steps (ldm_pipeline.previews)
 MAX_UPLOAD_SIZE = "64mb"  # any uploaded file; Gradio refuses larger uploads
+MAX_HISTORY = 100  # results a browser session keeps in its History tab (newest first)
+GENERATION_QUEUE = "generation"  # every generating event shares one queue: --concurrency runs at a time in all
+DEFAULTS = GenerationOptions()  # the settings record's own defaults, which the form starts from
 
 
 def accuracy_table_markdown(path: Path = ACCURACY_TABLE) -> str:
@@ -55,9 +62,12 @@ def accuracy_table_markdown(path: Path = ACCURACY_TABLE) -> str:
 
 # ---------------------------------------------------------------- layout and callbacks
 
+METHOD_FIELDS = ("guidance_method", "apg_eta", "apg_norm_threshold", "apg_momentum", "cfg_zero_init_steps",
+                 "pag_scale", "pag_layers")  # the guidance method's form fields (`guidance_method_controls`)
 SETTING_NAMES = (  # the generation settings every tab shares, in the order the callbacks receive them
-    "prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_min_scale",
+    "prompt", "negative_prompt", "sampler", "schedule_type", "steps", "guidance_scale", "guidance_schedule", "guidance_min_scale",
     "use_interval", "sigma_lo", "sigma_hi", "guidance_rescale", "width", "height", "seed", "batch_count", "batch_size",
+    *METHOD_FIELDS,
 )
 SDXL_SETTING_NAMES = (  # SDXL models only: the second encoder's prompts and the size conditioning (0 = the image's)
     "prompt_2", "negative_prompt_2", "original_height", "original_width", "crop_top", "crop_left", "target_height",
@@ -83,8 +93,10 @@ def request_from_form(values: dict, image=None, mask_image=None, strength=None) 
         guidance_interval=interval, guidance_rescale=None if rescale < 0 else rescale,
         image=image, mask_image=mask_image, strength=None if strength is None else float(strength),
         **{k: v.pop(k) for k in ("guidance_scale", "guidance_schedule", "guidance_min_scale")}, **sdxl,
+        **method_options(v),
     )
-    return ServiceRequest(options, sampler=v.pop("sampler"), batch_count=numbers["batch_count"])
+    return ServiceRequest(options, sampler=v.pop("sampler"), batch_count=numbers["batch_count"],
+                          schedule_type=v.pop("schedule_type") or None)
 
 
 def sdxl_options(fields: dict) -> dict:
@@ -156,6 +168,8 @@ def settings_controls(samplers: list[str], native: int, prefix: str, recommended
     with gr.Row():
         c["sampler"] = gr.Dropdown(samplers, value=_default_sampler(samplers), label="Sampler",
                                    allow_custom_value=True)  # so an unknown name gets our message
+        c["schedule_type"] = gr.Dropdown(names.schedule_types(), value="Automatic", label="Schedule type",
+                                         elem_id=f"{prefix}-schedule-type")
         c["steps"] = gr.Number(value=recommended.get("num_inference_steps", 20), precision=0,
                                label=f"Steps (1-{max_steps})")
     with gr.Row():
@@ -171,15 +185,50 @@ def settings_controls(samplers: list[str], native: int, prefix: str, recommended
                                             label="Guidance scale (CFG)")
             c["guidance_rescale"] = gr.Number(value=-1, label="Guidance rescale phi (-1 = automatic)")
         with gr.Row():
-            c["guidance_schedule"] = gr.Dropdown(list(SCHEDULE_NAMES), value="constant", label="Dynamic guidance")
-            c["guidance_min_scale"] = gr.Number(value=1.0, label="Minimum scale of the ramps")
+            c["guidance_schedule"] = gr.Dropdown(list(SCHEDULE_NAMES), value=DEFAULTS.guidance_schedule,
+                                                 label="Dynamic guidance")
+            c["guidance_min_scale"] = gr.Number(value=DEFAULTS.guidance_min_scale, label="Minimum scale of the ramps")
         with gr.Row():
             c["use_interval"] = gr.Checkbox(value=False, label="Guide only inside a noise-level interval")
             c["sigma_lo"] = gr.Number(value=0.28, label="sigma low (sigma_t / alpha_t)")
             c["sigma_hi"] = gr.Number(value=5.42, label="sigma high")
+    c.update(guidance_method_controls())
     if sdxl:
         c.update(size_conditioning_controls())
     return c
+
+
+def guidance_method_controls() -> dict:
+    """The guidance method (APG, CFG++, CFG-Zero*) and its parameters, and perturbed-attention guidance."""
+    c = {}
+    with gr.Accordion("Guidance method", open=False):
+        with gr.Row():
+            c["guidance_method"] = gr.Dropdown(list(METHODS), value="cfg", label="Method",
+                                               info="cfg++ takes a guidance scale of about 0.2-1 and a single-step "
+                                                    "sampler (ddim, ddpm, euler, euler-a, rf-euler)")
+            c["pag_scale"] = gr.Number(value=0.0, label="PAG scale (0 = off; about 3)")
+            c["pag_layers"] = gr.Textbox(value="mid", label="PAG layers (comma separated, diffusers' names)")
+        with gr.Row():
+            defaults = GuidanceMethod()
+            c["apg_eta"] = gr.Number(value=defaults.apg_eta, label="APG eta (parallel part)")
+            c["apg_norm_threshold"] = gr.Number(value=defaults.apg_norm_threshold, label="APG norm threshold (0 = off)")
+            c["apg_momentum"] = gr.Number(value=defaults.apg_momentum, label="APG momentum")
+            c["cfg_zero_init_steps"] = gr.Number(value=defaults.cfg_zero_init_steps, precision=0,
+                                                 label="CFG-Zero* zero-init steps")
+    return c
+
+
+def method_options(values: dict) -> dict:
+    """The guidance-method options of the form: only the chosen method's parameters are sent (the others
+    keep their fields' values but would be refused as not applying); absent fields keep the defaults."""
+    form = {name: values.pop(name) for name in METHOD_FIELDS if name in values}
+    method = form.get("guidance_method", "cfg")
+    options = {"guidance_method": method, "pag_scale": float(form.get("pag_scale") or 0.0)}
+    options.update({key: _whole(key, form[key]) if key == "cfg_zero_init_steps" else form[key]
+                    for key in PARAMETERS.get(method, ()) if form.get(key) is not None})
+    if "pag_layers" in form:
+        options["pag_layers"] = [layer.strip() for layer in str(form["pag_layers"]).split(",")]
+    return options
 
 
 def _default_sampler(samplers: list[str]) -> str | None:
@@ -195,7 +244,9 @@ def action_buttons(prefix: str) -> dict:
         cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
         every = gr.Number(value=DEFAULT_PREVIEW_EVERY, precision=0, label="Preview interval (0 = off)",
                           elem_id=f"{prefix}-preview-every")
-    return dict(generate=generate, cancel=cancel, preview_every=every)
+        mode = gr.Radio(list(PREVIEW_MODES), value="cheap", label="Preview (cheap approximation or full VAE decode)",
+                        elem_id=f"{prefix}-preview-mode")
+    return dict(generate=generate, cancel=cancel, preview_every=every, preview_mode=mode)
 
 
 def result_controls(prefix: str) -> dict:
@@ -209,41 +260,45 @@ def result_controls(prefix: str) -> dict:
     return dict(gallery=gallery, info=info, files=files, reuse=reuse, seeds=gr.State([]), selected=gr.State(0))
 
 
-def generation_tab(service: GenerationService, form: dict, prefix: str, extra_inputs, build) -> dict:
+def generation_tab(service: GenerationService, form: dict, prefix: str, extra_inputs, build, history) -> dict:
     """Settings on the left (prompts and Generate on top), results on the right; the columns stack on
-    narrow windows (min_width). `extra_inputs()` builds the tab's own inputs (init image, ...) below Generate."""
+    narrow windows (min_width). `extra_inputs()` builds the tab's own inputs (init image, ...) below Generate.
+    Results are added to the session's `history` (gr.State)."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=420):
             settings = prompt_controls(form.get("sdxl", False))
             buttons = action_buttons(prefix)
+            adapter_picker(service, settings["prompt"], prefix)
             extra = extra_inputs()
             settings.update(settings_controls(prefix=prefix, **form))
         with gr.Column(scale=6, min_width=420):
-            outputs = {**buttons, **result_controls(prefix)}
+            outputs = {**buttons, **result_controls(prefix), "history": history}
     wire_outputs(service, settings, outputs, extra, build, prefix)
     return settings
 
 
-def run_request(service: GenerationService, request: ServiceRequest, session: str, progress, preview_every=None):
-    """Yields (gallery, summary, files, seeds): previews every `preview_every` steps while the run is under
-    way (the generation runs in a worker thread), then the written images; any failure -> gr.Error."""
+def run_request(service: GenerationService, request: ServiceRequest, session: str, progress, preview: tuple,
+                history: list):
+    """Yields (gallery, summary, files, seeds, history): previews (`preview` = (every N steps or None, mode))
+    while the run is under way (the generation runs in a worker thread), then the written images, also
+    added to the session's `history`; any failure -> gr.Error."""
     try:
         service.check(request)
     except ValueError as error:
-        raise gr.Error(str(error), title="Invalid request") from None
+        raise gr.Error(without_paths(str(error)), title="Invalid request") from None
     stop, previews = service.register_stop(session), queue.Queue()
     worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         future = worker.submit(contextvars.copy_context().run,  # in the request's context, as gr.Progress needs
                                service.generate, request, on_step=lambda d, t: progress((d, t), unit="steps"),
                                stop=stop, on_preview=lambda *shown: previews.put(shown),
-                               preview_every=preview_every or None)
+                               preview_every=preview[0], preview_mode=preview[1])
         while not future.done() or not previews.empty():
             try:
                 step, total, images = previews.get(timeout=0.1)
             except queue.Empty:
                 continue
-            yield images, f"Preview: step {step} of {total}", gr.update(), gr.update()
+            yield images, f"Preview: step {step} of {total}", gr.update(), gr.update(), gr.update()
         results = future.result()
     except GeneratorExit:  # the page left or the request was cancelled: stop the run after its current step
         stop.set()
@@ -254,7 +309,8 @@ def run_request(service: GenerationService, request: ServiceRequest, session: st
     finally:
         worker.shutdown(wait=False)
         service.release_stop(session, stop)
-    yield finished_outputs(results, cancelled=stop.is_set())
+    gallery, summary, served, seeds = finished_outputs(results, cancelled=stop.is_set())
+    yield gallery, summary, served, seeds, remembered(history, gallery, [recipe for _, recipe in results])
 
 
 def finished_outputs(results: list, cancelled: bool) -> tuple:
@@ -265,6 +321,14 @@ def finished_outputs(results: list, cancelled: bool) -> tuple:
     gallery = [(copy, metadata.format_parameters(recipe)) for copy, (_, recipe) in zip(served, results)]
     summary = "\n".join(f"- `{path.name}`: seed **{recipe['seed']}**" for path, recipe in results)
     return gallery, summary, served, seeds
+
+
+def remembered(history: list | None, gallery: list, recipes: list) -> list:
+    """The session's history with the new results first: {"image": served copy, "caption", "recipe"}, at most
+    MAX_HISTORY (a gr.State: this browser session's own, kept by Gradio on the server)."""
+    new = [{"image": image, "caption": caption, "recipe": recipe}
+           for (image, caption), recipe in zip(gallery, recipes)]
+    return (new[::-1] + list(history or []))[:MAX_HISTORY]
 
 
 def served_copy(path: Path) -> str:
@@ -279,20 +343,21 @@ def wire_outputs(service: GenerationService, settings: dict, outputs: dict, extr
     `build(values: dict, *extra) -> ServiceRequest` turns the form into a request.
     """
     names = [*SETTING_NAMES, *(n for n in SDXL_SETTING_NAMES if n in settings)]
-    inputs = [settings[n] for n in names] + extra_inputs + [outputs["preview_every"]]
+    inputs = [settings[n] for n in names] + extra_inputs + [outputs[k] for k in ("preview_every", "preview_mode")]
 
     # Gradio injects gr.Request and gr.Progress only into leading positional parameters.
     def on_generate(request: gr.Request, progress=gr.Progress(), *values):
-        *values, every = values
+        *values, every, mode, history = values
         try:
             req = build(dict(zip(names, values[: len(names)])), *values[len(names):])
         except ValueError as error:
             raise gr.Error(str(error), title="Invalid request") from None
-        yield from run_request(service, req, request.session_hash, progress, preview_steps(every))
+        yield from run_request(service, req, request.session_hash, progress, (preview_steps(every), mode), history)
 
     event = outputs["generate"].click(
-        on_generate, inputs=inputs,
-        outputs=[outputs["gallery"], outputs["info"], outputs["files"], outputs["seeds"]], api_name=api_name,
+        on_generate, inputs=[*inputs, outputs["history"]],
+        outputs=[outputs[k] for k in ("gallery", "info", "files", "seeds", "history")], api_name=api_name,
+        concurrency_id=GENERATION_QUEUE,
     )
     def on_cancel(request: gr.Request):
         service.stop_session(request.session_hash)  # the pipeline stops after its current step
@@ -357,20 +422,40 @@ def png_info(file) -> tuple[str, dict]:
         return f"Cannot read this file as a PNG ({type(error).__name__}): upload a PNG image.", {}
     if not found.parameters_text:
         return "This PNG carries no generation parameters.", {}
-    fields = metadata.parameters_to_options(found.parameters)
-    if found.recipe:
-        try:
-            fields.update({k: v for k, v in metadata.recipe_to_options(found.recipe).items() if v is not None})
-        except ValueError as error:  # a recipe that cannot replay (custom guidance function, generator-drawn noise)
-            return f"{found.parameters_text}\n\n{error} The settings come from the parameters text.", fields
-    return found.parameters_text, fields
+    try:
+        return found.parameters_text, form_fields(found.parameters, found.recipe)
+    except ValueError as error:  # a recipe that cannot replay (custom guidance function, generator-drawn noise)
+        return (f"{found.parameters_text}\n\n{error} The settings come from the parameters text.",
+                form_fields(found.parameters, None))
+
+
+def form_fields(parameters: dict | None, recipe: dict | None) -> dict:
+    """The txt2img fields that A1111 parameters (ours or A1111's) and our recipe, if any, fill: the prompt
+    with its `<lora:NAME:W>` tags, the sampler and schedule type too."""
+    fields = {**metadata.parameters_to_options(parameters), **schedule_type_field(parameters)} if parameters else {}
+    if recipe:
+        fields.update({k: v for k, v in metadata.recipe_to_options(recipe).items() if v is not None})
+        fields["prompt"] = metadata.prompt_with_lora_tags(recipe)
+    return fields
+
+
+def schedule_type_field(parameters: dict) -> dict:
+    """{"schedule_type": the form's choice} for A1111's `Schedule type` or a ` Karras` sampler suffix
+    (`names.resolve`); "Automatic" (the sampler's own) for one we do not have."""
+    found = names.resolve(parameters["Sampler"], parameters.get("Schedule type")) if "Sampler" in parameters else None
+    if found is None:
+        return {}
+    choices = {choice.lower(): choice for choice in names.schedule_types()}
+    return {"schedule_type": choices.get((found[1] or "Automatic").lower(), "Automatic")}
 
 
 PNG_FIELDS = {  # pipeline option -> shared setting it fills
     "prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps",
     "guidance_scale": "guidance_scale", "seed": "seed", "width": "width", "height": "height",
     "guidance_schedule": "guidance_schedule", "guidance_min_scale": "guidance_min_scale",
-    "guidance_rescale": "guidance_rescale", "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2",
+    "guidance_rescale": "guidance_rescale", "scheduler": "sampler", "schedule_type": "schedule_type",
+    **{name: name for name in METHOD_FIELDS},
+    "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2",
 }
 SDXL_PAIR_FIELDS = {"original_size": ("original_height", "original_width"), "target_size": ("target_height", "target_width"),
                     "crops_coords_top_left": ("crop_top", "crop_left")}
@@ -379,6 +464,8 @@ SDXL_PAIR_FIELDS = {"original_size": ("original_height", "original_width"), "tar
 def fields_to_settings(fields: dict, names=SETTING_NAMES) -> list:
     """Updates for the txt2img settings `names` (unchanged where the PNG says nothing), interval and SDXL included."""
     values = {PNG_FIELDS[k]: v for k, v in fields.items() if k in PNG_FIELDS and v is not None}
+    if isinstance(values.get("pag_layers"), list):
+        values["pag_layers"] = ", ".join(values["pag_layers"])
     interval = fields.get("guidance_interval")
     if interval:
         values.update(use_interval=True, sigma_lo=interval.get("sigma_lo", 0.0), sigma_hi=interval.get("sigma_hi"))
@@ -391,6 +478,8 @@ def fields_to_settings(fields: dict, names=SETTING_NAMES) -> list:
 CSS = """
 .result-gallery img { object-fit: contain !important; image-rendering: pixelated; }
 .result-gallery .thumbnail-item { max-width: 500px; max-height: 500px; margin: auto; }
+.history-gallery img { object-fit: contain !important; image-rendering: pixelated; }
+.history-gallery .thumbnail-item { max-width: 160px; max-height: 160px; }
 """  # whole images, never cropped; small ones scaled up with visible pixels (nearest neighbour)
 
 
@@ -409,15 +498,18 @@ def build_ui(service: GenerationService):
                 recommended=getattr(service.pipe, "recommended", {}), sdxl=service.pipe.limits().family == "sdxl")  # pipelines not built by load_pipeline have none
     with gr.Blocks(title="ldm toolkit", css=CSS) as demo:
         gr.Markdown(model_header(service.pipe), elem_id="model-header")
+        history = gr.State([])  # this browser session's results, newest first (see `remembered`)
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
-                txt = generation_tab(service, form, "txt2img", lambda: [], txt2img_request)
+                txt = generation_tab(service, form, "txt2img", lambda: [], txt2img_request, history)
             with gr.Tab("Image to image", id="img2img"):
-                generation_tab(service, form, "img2img", img2img_inputs, img2img_request)
+                generation_tab(service, form, "img2img", img2img_inputs, img2img_request, history)
             with gr.Tab("Inpainting", id="inpaint"):
-                generation_tab(service, form, "inpaint", inpaint_inputs, inpaint_request)
+                generation_tab(service, form, "inpaint", inpaint_inputs, inpaint_request, history)
             with gr.Tab("PNG info", id="pnginfo"):
                 png_tab(txt, tabs)
+            with gr.Tab("History", id="history") as history_page:
+                history_tab(history_page, history, txt, tabs)
             with gr.Tab("Schedules", id="schedules"):
                 schedules_tab()
     protect_inputs(demo, MAX_UPLOAD_PIXELS)  # every file input: only this session's uploads; values typed
@@ -441,13 +533,76 @@ def png_tab(txt_settings: dict, tabs) -> None:
     fields = gr.State({})
     send = gr.Button("Send to text to image")
     upload.change(png_info, inputs=upload, outputs=[text, fields], api_name="png_info")
+    send_to_txt2img(send, fields, txt_settings, tabs, api_name="png_info_send")
+
+
+def send_to_txt2img(button, fields, txt_settings: dict, tabs, api_name) -> None:
+    """`button` fills the txt2img form from the `fields` State (see `form_fields`) and opens that tab."""
+    def on_send(found: dict):
+        return [*fields_to_settings(found or {}, names), gr.Tabs(selected="txt2img")]
 
     names = [*SETTING_NAMES, *(n for n in SDXL_SETTING_NAMES if n in txt_settings)]  # an SDXL model's fields too
+    button.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in names] + [tabs], api_name=api_name)
 
-    def on_send(found: dict):
-        return [*fields_to_settings(found, names), gr.Tabs(selected="txt2img")]
 
-    send.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in names] + [tabs], api_name=False)
+def history_tab(page, history, txt_settings: dict, tabs) -> None:
+    """This browser session's earlier results (newest first) with their parameters, shown when the tab opens;
+    the selected one can be sent back to text to image. Only the session's own gr.State is read."""
+    gallery = gr.Gallery(label="Earlier results of this session (newest first)", columns=6, height=420, format="png",
+                         object_fit="contain", interactive=False, elem_id="history-gallery",
+                         elem_classes=["history-gallery"])  # small thumbnails, whole and pixelated
+    text = gr.Textbox(label="Parameters of the selected result", lines=4, interactive=False,
+                      elem_id="history-parameters")
+    fields = gr.State({})
+    send = gr.Button("Send to text to image", elem_id="history-send")
+
+    def on_show(entries: list):
+        return [(entry["image"], entry["caption"]) for entry in entries or []]
+
+    def on_select(entries: list, evt: gr.SelectData):
+        if not entries or not isinstance(evt.index, int) or not 0 <= evt.index < len(entries):
+            return "", {}
+        entry = entries[evt.index]
+        return entry["caption"], form_fields(metadata.parse_parameters(entry["caption"]), entry["recipe"])
+
+    page.select(on_show, inputs=history, outputs=gallery, api_name="history")
+    gallery.select(on_select, inputs=history, outputs=[text, fields], api_name="history_select")
+    send_to_txt2img(send, fields, txt_settings, tabs, api_name="history_send")
+
+
+ADAPTER_KINDS = {"lora": "LoRA", "embedding": "Embedding"}  # kind -> label (the folder flag is --KIND-dir)
+
+
+def adapter_picker(service: GenerationService, prompt, prefix: str) -> None:
+    """The LoRAs and embeddings of --lora-dir / --embedding-dir by name, each added to the prompt with its
+    weight (`<lora:NAME:W>`, `(NAME:W)`) as A1111's extra networks do; shown when the folders offer any."""
+    offered = {"lora": service.adapters.lora_names(), "embedding": service.adapters.embedding_names()}
+    if not any(offered.values()):
+        return
+    with gr.Accordion("LoRA and embeddings", open=True):
+        for kind, choices in [(k, c) for k, c in offered.items() if c]:
+            with gr.Row(equal_height=False):
+                name = gr.Dropdown(choices, value=choices[0], label=f"{ADAPTER_KINDS[kind]} (--{kind}-dir)",
+                                   elem_id=f"{prefix}-{kind}-name", scale=3, min_width=140)
+                weight = gr.Number(value=1.0, label=f"{ADAPTER_KINDS[kind]} weight", elem_id=f"{prefix}-{kind}-weight",
+                                   scale=2, min_width=90)
+                add = gr.Button(f"Add {ADAPTER_KINDS[kind]} to the prompt", elem_id=f"{prefix}-add-{kind}", size="sm",
+                                scale=2, min_width=120)
+            add.click(functools.partial(add_to_prompt, service, kind), inputs=[prompt, name, weight], outputs=prompt,
+                      api_name=f"{prefix}_add_{kind}")
+
+
+def add_to_prompt(service: GenerationService, kind: str, prompt: str, name: str, weight: float) -> str:
+    """`prompt` + the tag of LoRA / embedding `name` (a name offered by its folder, never a path)."""
+    offered = service.adapters.lora_names() if kind == "lora" else service.adapters.embedding_names()
+    if name not in offered:
+        raise gr.Error(f"{ADAPTER_KINDS[kind]} {name!r} is not in --{kind}-dir; choose one of "
+                       f"{', '.join(offered) or 'none'}.", title="Invalid request")
+    if weight is None:
+        raise gr.Error(f"{ADAPTER_KINDS[kind]} weight is empty: type a number (1 = full strength).",
+                       title="Invalid request")
+    tag = f"<lora:{name}:{weight:g}>" if kind == "lora" else name if weight == 1 else f"({name}:{weight:g})"
+    return f"{prompt.rstrip()} {tag}" if prompt and prompt.strip() else tag
 
 
 def schedules_tab() -> None:
@@ -483,7 +638,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                         help="weights dtype (default fp32 on every device)")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow loading pickle checkpoints (.ckpt/.bin/.pt): only for files you trust")
+                        help="allow loading pickle checkpoints (.ckpt/.bin/.pt), and offering such LoRAs and "
+                             "embeddings: only for files you trust")
+    parser.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                        help="LoRAs offered by name in the form and in <lora:NAME:W> prompt tags (only this folder)")
+    parser.add_argument("--embedding-dir", type=Path, default=None, metavar="DIR",
+                        help="textual-inversion embeddings loaded at start-up; the file name is the prompt token")
     parser.add_argument("--trace", action="store_true",
                         help="torch.jit.trace the UNet once per image shape (faster steps on CPU; a few s per new shape)")
     parser.add_argument("--backend", default="auto", choices=["auto", "pytorch", "onnx"],
@@ -492,19 +652,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
+    if (args.lora_dir or args.embedding_dir) and (args.backend == "onnx" or args.trace):
+        parser.error("--lora-dir and --embedding-dir need --backend pytorch without --trace: LoRAs and embeddings "
+                     "change the networks, and an exported or traced network is fixed")
     return args
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """--backend auto: the fastest measured, or eager PyTorch when LoRAs / embeddings change the networks."""
+    if args.backend != "auto":
+        return {"backend": args.backend, "trace": args.trace}
+    if args.lora_dir or args.embedding_dir:
+        return {"backend": "pytorch"}
+    if args.model and path_family(Path(args.model)) == "sdxl":
+        return {"backend": "pytorch", "trace": args.trace}  # no ONNX export of SDXL
+    return long_running_backend(args.device, args.dtype, args.trace)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        backend = ({"backend": args.backend, "trace": args.trace} if args.backend != "auto"
-                   else long_running_backend(args.device, args.dtype, args.trace))
-        if args.backend == "auto" and args.model and path_family(Path(args.model)) == "sdxl":
-            backend = {"backend": "pytorch", "trace": args.trace}  # no ONNX export of SDXL
         service = GenerationService.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
-                                         allow_pickle=args.allow_pickle, **backend)
-    except ModelLoadError as error:
+                                         allow_pickle=args.allow_pickle, lora_dir=args.lora_dir,
+                                         embedding_dir=args.embedding_dir, **backend_options(args))
+    except (ModelLoadError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     demo = build_ui(service)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)

@@ -1,14 +1,8 @@
-"""Backends on the CPU: the cold generate command against stock diffusers, and warm generation with the
-eager, traced and ONNX Runtime networks. Prints Markdown tables.
+"""Backends on the CPU: warm generation with the eager, traced and ONNX Runtime networks. Prints a Markdown table.
 
-    OMP_NUM_THREADS=1 python benchmarks/backend_speed.py cold --repeats 7       # whole processes, peak RSS
     OMP_NUM_THREADS=1 python benchmarks/backend_speed.py warm --repeats 10      # in-process, per image
-    OMP_NUM_THREADS=1 python benchmarks/backend_speed.py importtime             # python -X importtime, by package
 
-cold: the README command (`ldm-generate PROMPT --out DIR`, run as `python -m ldm_pipeline`) and its
-`--trace` and `--backend onnx` variants against a stock script doing the same work
-(`StableDiffusionPipeline.from_pretrained` on the same folder, same prompt, steps, guidance, size
-and seed, saving one PNG). Process start to exit; peak RSS and CPU time from `wait4`.
+The cold start (whole processes against stock diffusers) is `benchmarks/cold_start.py`.
 
 warm: one pipeline per variant in one process, 10 steps with CFG at batch 1 and 8, on the embedded
 model (64x64) and on a tiny SD-1.5-shaped model (SD 1.5's UNet block layout and 8x VAE, narrow
@@ -23,93 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PROMPT = "a large red circle on a blue background at the top left"
-DEFAULT_MODEL = REPO / "ldm_pipeline" / "default_model"
-
-STOCK_SCRIPT = """
-import sys, torch
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], local_files_only=True)
-image = pipe(sys.argv[2], num_inference_steps=10, guidance_scale=3.0, guidance_rescale=0.7, height=64, width=64,
-             generator=torch.Generator().manual_seed(0)).images[0]
-image.save(sys.argv[3] + "/stock.png")
-"""
-
-
-def rotate(names: list[str], repeat: int) -> list[str]:
-    k = repeat % len(names)
-    return names[k:] + names[:k]
-
-
-def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
-    return statistics.median(t / r for t, r in zip(times[name], times[reference]))
-
-
-# ---------------------------------------------------------------- cold processes
-
-
-def cold_commands(out: str) -> dict[str, list[str]]:
-    os.makedirs(out, exist_ok=True)
-    ours = [sys.executable, "-m", "ldm_pipeline", PROMPT, "--out", out]
-    return {
-        "stock diffusers script": [sys.executable, "-c", STOCK_SCRIPT, str(DEFAULT_MODEL), PROMPT, out],
-        "README command (`ldm-generate PROMPT --out DIR`)": ours,
-        "README command `--trace`": ours + ["--trace"],
-        "README command `--backend onnx` (export cached)": ours + ["--backend", "onnx"],
-    }
-
-
-def run_process(command: list[str], env: dict) -> tuple[float, float, float]:
-    """(wall s, CPU s, peak RSS MB) of one process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise RuntimeError(f"{' '.join(command[:4])}... failed:\n{process.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
-
-
-def cold(repeats: int) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "LDM_CACHE_DIR": tmp + "/cache"}
-        commands = cold_commands(tmp + "/out")
-        first_export = run_process(commands["README command `--backend onnx` (export cached)"], env)[0]
-        for command in commands.values():
-            run_process(command, env)  # warm-up: page cache, .pyc files
-        results = {name: defaultdict(list) for name in commands}
-        for repeat in range(repeats):
-            for name in rotate(list(commands), repeat):
-                for key, value in zip(("wall", "cpu", "rss"), run_process(commands[name], env)):
-                    results[name][key].append(value)
-    stock = "stock diffusers script"
-    walls = {name: r["wall"] for name, r in results.items()}
-    cpus = {name: r["cpu"] for name, r in results.items()}
-    rows = [
-        f"| {name} | {statistics.median(r['wall']):.2f} | {median_ratio(walls, name, stock):.2f} | "
-        f"{statistics.median(r['cpu']):.2f} | {median_ratio(cpus, name, stock):.2f} | {max(r['rss']):.0f} |"
-        for name, r in results.items()
-    ]
-    return "\n".join([
-        f"Cold process, embedded model, one 64x64 image, 10 steps, CFG 3; {repeats} interleaved repeats, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
-        f"{os.getloadavg()[0]:.1f} at the end.", "",
-        "| command | wall median (s) | wall ratio vs stock | CPU median (s) | CPU ratio vs stock | peak RSS (MB) |",
-        "|---|---|---|---|---|---|", *rows, "",
-        f"First `--backend onnx` run (exports into the cache): {first_export:.1f} s.",
-    ])
-
+from cold_start import PROMPT, REPO, median_ratio, rotate  # benchmarks/ is on sys.path when run as a script
 
 # ---------------------------------------------------------------- warm, in-process
 
@@ -199,47 +114,12 @@ def warm(repeats: int) -> str:
     ])
 
 
-# ---------------------------------------------------------------- import time
-
-
-PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "peft", "onnxruntime",
-            "custom_schedulers", "ldm_pipeline", "training", "gradio", "matplotlib", "scipy", "torch._dynamo")
-
-
-def import_times(command: list[str], env: dict) -> tuple[float, dict[str, float]]:
-    """Total top-level import time and the cumulative time of each package in PACKAGES (s)."""
-    result = subprocess.run([sys.executable, "-X", "importtime", *command], env=env, capture_output=True, text=True,
-                            check=True)
-    total, packages = 0.0, {}
-    for line in result.stderr.splitlines():
-        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)$", line)
-        if not match:
-            continue
-        cumulative, indent, name = int(match[1]) / 1e6, match[2], match[3]
-        total += cumulative if len(indent) == 1 else 0.0
-        if name in PACKAGES:
-            packages[name] = max(packages.get(name, 0.0), cumulative)
-    return total, packages
-
-
-def importtime() -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "LDM_CACHE_DIR": tmp + "/cache"}
-        commands = cold_commands(tmp + "/out")
-        runs = {name: import_times(command[1:], env) for name, command in commands.items()}
-    names = list(runs)
-    header = "| package (cumulative s) | " + " | ".join(names) + " |"
-    rows = [f"| {p} | " + " | ".join(f"{runs[n][1].get(p, 0):.2f}" for n in names) + " |" for p in PACKAGES]
-    total = "| **all imports** | " + " | ".join(f"**{runs[n][0]:.2f}**" for n in names) + " |"
-    return "\n".join([header, "|---" * (len(names) + 1) + "|", total, *rows])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("cold", "warm", "importtime"))
+    parser.add_argument("what", choices=("warm",))
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    print({"cold": lambda: cold(args.repeats), "warm": lambda: warm(args.repeats), "importtime": importtime}[args.what]())
+    print(warm(args.repeats))
     return 0
 
 

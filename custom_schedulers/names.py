@@ -96,6 +96,11 @@ def a1111_names(name: str, config: Mapping[str, Any]) -> tuple[str, str]:
     return sampler, _SPACING_TYPES.get(config.get("timestep_spacing", "linspace"), "Automatic")
 
 
+def schedule_types() -> list[str]:
+    """The schedule types a form offers, as A1111 names them: "Automatic" (the sampler's own) first."""
+    return ["Automatic", *dict.fromkeys([*_SPACING_TYPES.values(), *_SCHEDULE_TYPES.values()])]
+
+
 def known() -> list[str]:
     """Every A1111 and ComfyUI sampler name `resolve` knows."""
     return sorted(set(_BY_A1111) | set(COMFYUI_SAMPLERS))

@@ -14,24 +14,36 @@ Public entry points (stable names):
 * `GenerationService` / `ServiceRequest`: a loaded model serving many requests (the UI); see `service`.
 * `metadata.write_png / read_png / parse_parameters / format_parameters`: PNG metadata.
 * `ldm-generate` / `python -m ldm_pipeline`: batch generation; see `generate`.
+
+The names below are imported on first use (PEP 562), so that `import ldm_pipeline.generate` or
+`import ldm_pipeline.metadata` loads only the modules that job needs (a cold start imports neither
+diffusers' pipelines and models nor transformers unless the PyTorch backend is used).
 """
 
-from ldm_pipeline import import_noise  # noqa: F401  (before peft and transformers load)
-from ldm_pipeline.guidance import Guidance, GuidanceInterval
-from ldm_pipeline.loading import ModelLoadError, load_pipeline
-from ldm_pipeline.options import GenerationOptions, InvalidOptions
-from ldm_pipeline.pipeline import (
-    GenerationCancelled,
-    LatentPipelineOutput,
-    LatentTextToImagePipeline,
-    NonFiniteLatents,
-    StepInfo,
-)
-from ldm_pipeline.scheduler_swap import SchedulerSwapError, SwapReport, available_schedulers, swap_scheduler
-from ldm_pipeline.sdxl import LatentSDXLPipeline
+from importlib import import_module
 
-__all__ = [
-    "GenerationCancelled", "GenerationOptions", "Guidance", "GuidanceInterval", "InvalidOptions",
-    "LatentPipelineOutput", "LatentSDXLPipeline", "LatentTextToImagePipeline", "ModelLoadError", "NonFiniteLatents", "SchedulerSwapError", "StepInfo", "SwapReport",
-    "available_schedulers", "load_pipeline", "swap_scheduler",
-]
+from ldm_pipeline import import_noise  # noqa: F401  (before peft and transformers load)
+
+_EXPORTS = {  # public name -> the module that defines it
+    "Guidance": "guidance", "GuidanceInterval": "guidance",
+    "ModelLoadError": "loading", "load_pipeline": "loading",
+    "GenerationOptions": "options", "InvalidOptions": "options",
+    "GenerationCancelled": "pipeline", "LatentPipelineOutput": "pipeline", "NonFiniteLatents": "pipeline",
+    "StepInfo": "pipeline", "LatentTextToImagePipeline": "diffusers_pipeline", "LatentSDXLPipeline": "sdxl",
+    "SchedulerSwapError": "scheduler_swap", "SwapReport": "scheduler_swap",
+    "available_schedulers": "scheduler_swap", "swap_scheduler": "scheduler_swap",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"ldm_pipeline.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,9 +17,6 @@ import logging
 from dataclasses import dataclass, fields
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
-
-from ldm_pipeline.tracing import TracedUNet
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +87,8 @@ def set_attention(pipe, xformers: bool, device: torch.device) -> str:
             except Exception as error:  # a broken xformers build must not stop generation
                 reason = f"enabling xformers failed: {error}"
         logger.warning("xformers=True ignored: %s; using PyTorch SDPA attention.", reason)
+    from diffusers.models.attention_processor import AttnProcessor2_0  # here: the ONNX backend imports this module
+
     for module in (pipe.unet, pipe.vae):
         module.set_attn_processor(AttnProcessor2_0())
     return "sdpa"
@@ -115,4 +114,6 @@ def apply_accelerations(pipe, options: Accelerations, device: torch.device) -> N
     if options.compile:
         pipe.unet = torch.compile(pipe.unet)
     if options.trace:
+        from ldm_pipeline.tracing import TracedUNet
+
         pipe.unet = TracedUNet(pipe.unet)

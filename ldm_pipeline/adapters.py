@@ -72,7 +72,7 @@ def parse_lora_arg(text: str) -> LoraFile:
         return LoraFile(Path(text))
 
 
-def prompt_loras(prompt: str, lora_dir: Path | None) -> tuple[str, list[LoraFile]]:
+def prompt_loras(prompt: str, lora_dir: Path | None, suffixes=LORA_SUFFIXES) -> tuple[str, list[LoraFile]]:
     """The prompt without its `<lora:NAME:W>` tags, and the files they name in `lora_dir` (only there)."""
     found = [(m.group(1).strip(), m.group(2)) for m in LORA_TAG.finditer(prompt)]
     if not found:
@@ -80,7 +80,7 @@ def prompt_loras(prompt: str, lora_dir: Path | None) -> tuple[str, list[LoraFile
     if lora_dir is None:
         raise ValueError(f"The prompt names LoRA(s) {', '.join(n for n, _ in found)} with <lora:NAME:W>: pass "
                          "--lora-dir DIR, the folder they are looked up in.")
-    files = [LoraFile(lora_in_folder(name, lora_dir), _weight(name, weight)) for name, weight in found]
+    files = [LoraFile(lora_in_folder(name, lora_dir, suffixes), _weight(name, weight)) for name, weight in found]
     return " ".join(LORA_TAG.sub(" ", prompt).split()), files
 
 
@@ -91,15 +91,26 @@ def _weight(name: str, weight: str | None) -> float:
         raise ValueError(f"<lora:{name}:{weight}>: the weight must be a number, e.g. <lora:{name}:0.8>.") from None
 
 
-def lora_in_folder(name: str, folder: Path) -> Path:
-    """The file `folder/NAME.<suffix>`; names are plain file names, never paths."""
+def lora_in_folder(name: str, folder: Path, suffixes=LORA_SUFFIXES) -> Path:
+    """The file `folder/NAME.<suffix>`; names are plain file names, never paths (checked before the folder
+    is even listed)."""
     if not name or "/" in name or "\\" in name or ".." in name:
         raise ValueError(f"<lora:{name}>: a LoRA name is a file name in --lora-dir, without '/', '\\' or '..'.")
-    available = {p.stem: p for p in sorted(Path(folder).iterdir()) if p.suffix in LORA_SUFFIXES and p.is_file()}
+    available = files_by_name(folder, suffixes)
     if name not in available:
         known = ", ".join(sorted(available)) or "none"
         raise ValueError(f"<lora:{name}>: no such LoRA in {folder}; available: {known}.")
     return available[name]
+
+
+def files_by_name(folder: Path, suffixes=LORA_SUFFIXES) -> dict[str, Path]:
+    """name (file stem) -> file, for the regular files of `folder` with one of `suffixes` (sorted by name)."""
+    return {p.stem: p for p in sorted(Path(folder).iterdir()) if p.suffix in suffixes and p.is_file()}
+
+
+def allowed_suffixes(allow_pickle: bool) -> tuple[str, ...]:
+    """The adapter files a folder offers: safetensors, and the pickle formats only with `allow_pickle`."""
+    return LORA_SUFFIXES if allow_pickle else (SAFE_SUFFIX,)
 
 
 # ---------------------------------------------------------------- hashes as A1111 writes them

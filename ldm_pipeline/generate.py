@@ -66,8 +66,10 @@ from ldm_pipeline.adapters import (
 )
 from ldm_pipeline.atomic import atomic_write_bytes
 from ldm_pipeline.guidance import SCHEDULE_NAMES
+from ldm_pipeline.guidance_methods import METHODS, sampler_problem
 from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
+from ldm_pipeline.perturbed_attention import DEFAULT_LAYERS
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES
 from ldm_pipeline.sdxl import Refiner
 from ldm_pipeline.service import prepare_schedulers
@@ -84,6 +86,8 @@ LINE_KEYS = {
     # SDXL models only (sizes as [height, width], the crop as [top, left])
     "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2", "original_size": "original_size",
     "crops_coords_top_left": "crops_coords_top_left", "target_size": "target_size",
+    **{key: key for key in ("guidance_method", "apg_eta", "apg_norm_threshold", "apg_momentum", "cfg_zero_init_steps",
+                            "pag_scale", "pag_layers")},
 }
 
 
@@ -179,8 +183,11 @@ def check_job(job: Job, pipe, schedulers: dict) -> None:
     n = job.options.num_images_per_prompt
     if n > SEED_STRIDE:
         raise ValueError(f"n must be between 1 and {SEED_STRIDE} (the seed stride between lines), got {n}")
-    if job.scheduler is not None and isinstance(schedulers.get(job.scheduler), Exception):
-        raise ValueError(str(schedulers[job.scheduler]))
+    scheduler = schedulers.get(job.scheduler, pipe.scheduler)
+    if isinstance(scheduler, Exception):
+        raise ValueError(str(scheduler))
+    if sampler_problem(job.options.guidance_method, scheduler):
+        raise ValueError(sampler_problem(job.options.guidance_method, scheduler))
 
 
 def load_jobs(args, defaults: Job) -> tuple[list[Job], list[LineError]]:
@@ -329,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide only where SIGMA_LO < sigma <= SIGMA_HI (sigma = sigma_t/alpha_t)")
     p.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale phi (default: 0.7 for zero-terminal-SNR models, else 0)")
+    add_guidance_method_arguments(p)
     p.add_argument("--scheduler", default=None, metavar="NAME", help="sampler name (default: the model's own)")
     p.add_argument("--seed", type=int, default=0,
                    help="base seed; image k of prompt i gets seed + 10000*i + k (default %(default)s)")
@@ -359,10 +367,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     p.add_argument("--trace", action="store_true",
                    help="torch.jit.trace the UNet once per shape: faster steps for many images, ~2 s to trace")
-    p.add_argument("--backend", default="pytorch", choices=BACKENDS,
-                   help="run the networks in PyTorch or ONNX Runtime (exported once per model; default %(default)s)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help="run the networks in PyTorch or ONNX Runtime (exported once per model); auto (default): "
+                        "ONNX Runtime when installed, on the CPU, for the embedded model or one already exported, "
+                        "without PyTorch-only options, else PyTorch")
     p.add_argument("--verbose", action="store_true", help="log progress")
     return p
+
+
+def add_guidance_method_arguments(p: argparse.ArgumentParser) -> None:
+    """--guidance-method and its parameters, --pag-scale / --pag-layers (see `ldm_pipeline.guidance_methods`)."""
+    p.add_argument("--guidance-method", default="cfg", choices=METHODS,
+                   help="how cond and uncond predictions combine: cfg, apg (Sadat et al. 2024), cfg++ (Chung et al. "
+                        "2024; guidance 0-1, samplers ddim/ddpm/euler/euler-a/rf-euler), cfg-zero* (Fan et al. 2025)")
+    p.add_argument("--apg-eta", type=float, default=None, help="APG: weight of the parallel part (default 0)")
+    p.add_argument("--apg-norm-threshold", type=float, default=None,
+                   help="APG: norm threshold r of the update (default 15; 0 = off)")
+    p.add_argument("--apg-momentum", type=float, default=None, help="APG: momentum beta (default -0.5)")
+    p.add_argument("--cfg-zero-init-steps", type=int, default=None,
+                   help="CFG-Zero*: zero-initialised first steps (default 1)")
+    p.add_argument("--pag-scale", type=float, default=0.0,
+                   help="perturbed-attention guidance scale (Ahn et al. 2024; default 0 = off; ~3 typical)")
+    p.add_argument("--pag-layers", nargs="+", default=list(DEFAULT_LAYERS), metavar="LAYER",
+                   help="UNet self-attention layers PAG perturbs, diffusers' names (default: mid)")
+
+
+def guidance_method_options(args) -> dict:
+    """The guidance-method options of the command line."""
+    return {"guidance_method": args.guidance_method, "apg_eta": args.apg_eta,
+            "apg_norm_threshold": args.apg_norm_threshold, "apg_momentum": args.apg_momentum,
+            "cfg_zero_init_steps": args.cfg_zero_init_steps, "pag_scale": args.pag_scale,
+            "pag_layers": args.pag_layers}
 
 
 def default_job(args) -> Job:
@@ -375,6 +410,7 @@ def default_job(args) -> Job:
         guidance_rescale=args.guidance_rescale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis, prompt_2=args.prompt_2,
         negative_prompt_2=args.negative_2,
+        **guidance_method_options(args),
     )
     return Job(index=0, line=0, options=options, scheduler=args.scheduler)
 
@@ -437,9 +473,18 @@ def load_refiner(args, base, device) -> Refiner:
     if Path(args.refiner).is_file():
         raise ValueError(f"--refiner {args.refiner}: give the refiner as a diffusers folder (a single file needs its "
                          "own config folder: load_pipeline(file, config=...).save_pretrained(folder) once).")
-    pipe = load_pipeline(args.refiner, device=args.device or device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                         backend=args.backend)
+    pipe = load_pipeline(args.refiner, device=args.device or device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     return Refiner(pipe, args.refiner_switch_at)
+
+
+def resolve_backend(args, device) -> str:
+    """`--backend auto`: the faster backend for this run (`onnx_backend.one_shot_backend`); others as given."""
+    if args.backend != "auto":
+        return args.backend
+    from ldm_pipeline.onnx_backend import one_shot_backend
+
+    pytorch_only = bool(args.lora or args.lora_dir or args.embedding or args.trace or args.xformers or args.vae_tiling)
+    return one_shot_backend(args.model, device=device, dtype=args.dtype, pytorch_only=pytorch_only)
 
 
 def use_cpu_processes() -> bool:
@@ -472,9 +517,10 @@ def run(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=use_cpu_processes())
     out = Path(args.out)
     try:
-        pipe = load_pipeline(args.model, device=args.device or state.device, dtype=args.dtype,
+        device = args.device or state.device
+        pipe = load_pipeline(args.model, device=device, dtype=args.dtype,
                              allow_pickle=args.allow_pickle, config=args.config, xformers=args.xformers,
-                             vae_tiling=args.vae_tiling, trace=args.trace, backend=args.backend)
+                             vae_tiling=args.vae_tiling, trace=args.trace, backend=resolve_backend(args, device))
         load_embeddings(pipe, args.embedding, args.allow_pickle)
         jobs, errors = load_jobs(args, default_job(args))
         jobs, errors = with_loras(jobs, errors, args)

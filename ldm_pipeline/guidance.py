@@ -30,6 +30,17 @@ import torch
 from custom_schedulers.base import translate_diffusers_config
 from custom_schedulers.grids import level_at_timestep, level_to_alpha_sigma
 from custom_schedulers.schedules import NoiseSchedule, make_schedule
+from ldm_pipeline.guidance_methods import (
+    GuidanceMethod,
+    StepPoints,
+    apg,
+    cfg_pp_step_input,
+    cfg_zero_star,
+    momentum_buffer,
+    perturbed_attention_term,
+    sampler_problem,
+)
+from ldm_pipeline.perturbed_attention import PerturbedAttention
 
 SCHEDULE_NAMES = ("constant", "linear_up", "linear_down", "cosine", "linear_down_to_half")
 SCHEDULE_ALIASES = {"seed": "linear_down_to_half"}  # the old name, still read so old recipes reproduce
@@ -176,6 +187,8 @@ class Guidance:
     min_scale   w at the far end of the ramps (linear_up, linear_down, cosine); unused otherwise
     interval    GuidanceInterval in noise level, or None for every step
     rescale     phi of guidance rescale (0 = off; 0.7 for zero-terminal-SNR models)
+    method      GuidanceMethod: "cfg" | "apg" | "cfg++" | "cfg-zero*" and its parameters (`guidance_methods`)
+    pag         PerturbedAttention (scale, layers), or None: PAG's term, added to any method
     """
 
     scale: float = 7.5
@@ -184,6 +197,8 @@ class Guidance:
     interval: GuidanceInterval | None = None
     rescale: float = 0.0
     num_train_timesteps: int = field(default=1000, compare=False)
+    method: GuidanceMethod = GuidanceMethod()
+    pag: PerturbedAttention | None = None
 
     def __post_init__(self):
         if isinstance(self.schedule, str):
@@ -200,16 +215,22 @@ class Guidance:
         return guidance_scale_at(self.scale, self.schedule, tau, self.min_scale)
 
     def combine(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Plain CFG with this guidance's rescale (the methods and PAG run through `Guider`)."""
         guided = cfg(pred_uncond, pred_cond, scale)
         return rescale_guidance(guided, pred_cond, self.rescale) if self.rescale > 0 else guided
 
     def describe(self) -> dict:
         """A JSON-friendly description (a callable schedule is recorded by name only)."""
         schedule = self.schedule if isinstance(self.schedule, str) else f"callable:{getattr(self.schedule, '__name__', '?')}"
-        return {
+        described = {
             "scale": self.scale, "schedule": schedule, "min_scale": self.min_scale,
             "interval": self.interval.as_dict() if self.interval else None, "rescale": self.rescale,
         }
+        if self.method.name != "cfg":  # recipes of plain CFG stay as they were
+            described["method"] = self.method.describe()
+        if self.pag is not None:
+            described["pag"] = self.pag.describe()
+        return described
 
 
 class GuidancePlan:
@@ -219,11 +240,13 @@ class GuidancePlan:
         self.guidance = guidance
         self.levels = NoiseLevels.from_scheduler(scheduler) if guidance.interval is not None else None
 
+    def inside(self, timestep) -> bool:
+        """Whether guidance is on at this step (always, without an interval)."""
+        return self.levels is None or self.guidance.interval.contains(self.levels.sigma(timestep))
+
     def scale_at(self, timestep) -> float:
         """w at this step, or 1.0 where the interval switches guidance off."""
-        if self.levels is not None and not self.guidance.interval.contains(self.levels.sigma(timestep)):
-            return 1.0
-        return self.guidance.scale_at(timestep)
+        return self.guidance.scale_at(timestep) if self.inside(timestep) else 1.0
 
     def scales(self, timesteps) -> list[float]:
         """w for every step of a run; a schedule giving a non-finite w is refused before any step runs."""
@@ -237,6 +260,63 @@ class GuidancePlan:
     @staticmethod
     def needs_uncond(scale: float) -> bool:
         return scale != 1.0
+
+
+class Guider:
+    """One sampling run: the UNet passes of each step, and how their predictions become the sampler's input.
+
+    A step runs the passes ("uncond", "cond", "perturbed") it needs in one batched UNet call: "uncond"
+    where CFG's w != 1 (CFG++: wherever the interval allows, its w = 1 still renoises with the
+    unconditional eps), "perturbed" with PAG, none on CFG-Zero*'s zero-initialised steps.
+    `guide` then returns (prediction, sample) for the sampler's stock `step(prediction, t, sample)`.
+    """
+
+    def __init__(self, guidance: Guidance, scheduler, timesteps):
+        self.guidance, self.method = guidance, guidance.method
+        if sampler_problem(self.method.name, scheduler):
+            raise ValueError(sampler_problem(self.method.name, scheduler))
+        plan, steps = GuidancePlan(guidance, scheduler), torch.as_tensor(timesteps).tolist()
+        self.scales = plan.scales(steps)  # w per step; 1.0 = no unconditional pass (CFG)
+        self.passes = [self._passes(i, plan.inside(t), w) for i, (t, w) in enumerate(zip(steps, self.scales))]
+        self.points = StepPoints(scheduler) if self.method.needs_levels else None
+        momentum = self.method.apg_momentum if self.method.name == "apg" else 0.0
+        self.momentum = momentum_buffer(momentum)
+
+    def _passes(self, step: int, inside: bool, scale: float) -> tuple[str, ...]:
+        if self.method.zero_init(step):
+            return ()
+        uncond = inside if self.method.name == "cfg++" else GuidancePlan.needs_uncond(scale)
+        return ("uncond",) * uncond + ("cond",) + ("perturbed",) * (self.guidance.pag is not None)
+
+    @property
+    def needs_uncond(self) -> bool:
+        return any("uncond" in passes for passes in self.passes)
+
+    def guide(self, step: int, preds: dict, timestep, x_in: torch.Tensor, latents: torch.Tensor):
+        """(prediction, sample) for the sampler from this step's predictions {pass: tensor} at x_in."""
+        point = self.points.at(timestep, x_in) if self.points is not None else None
+        if not preds:  # CFG-Zero*'s zero initialisation: u = 0
+            return point.from_velocity(torch.zeros_like(x_in)), latents
+        cond, uncond = preds["cond"], preds.get("uncond")
+        pred = cond if uncond is None else self.combine(point, uncond, cond, self.scales[step])
+        if "perturbed" in preds:
+            pred = pred + perturbed_attention_term(cond, preds["perturbed"], self.guidance.pag.scale)
+        if uncond is not None and self.guidance.rescale > 0:
+            pred = rescale_guidance(pred, cond, self.guidance.rescale)
+        if self.method.name == "cfg++" and uncond is not None:
+            return cfg_pp_step_input(point, pred, uncond, latents)
+        return pred, latents
+
+    def combine(self, point, pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """The method's guided prediction (CFG++ combines as CFG; its renoising comes in `guide`)."""
+        m = self.method
+        if m.name == "apg":  # on the denoised x_0, as the paper
+            x0 = apg(point.x0_eps(pred_uncond)[0], point.x0_eps(pred_cond)[0], scale, m.apg_eta,
+                     m.apg_norm_threshold, self.momentum)
+            return point.from_x0(x0)
+        if m.name == "cfg-zero*":  # on the flow velocity u, as the paper
+            return point.from_velocity(cfg_zero_star(point.velocity(pred_uncond), point.velocity(pred_cond), scale))
+        return cfg(pred_uncond, pred_cond, scale)
 
 
 def recommended_guidance_rescale(scheduler_config) -> float:

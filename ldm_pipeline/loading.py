@@ -38,13 +38,15 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from ldm_pipeline.acceleration import Accelerations, apply_accelerations, resolve_dtype, select_device
-from ldm_pipeline.pipeline import LatentTextToImagePipeline
-from ldm_pipeline.sdxl import LatentSDXLPipeline
+
+if TYPE_CHECKING:
+    from ldm_pipeline.diffusers_pipeline import LatentTextToImagePipeline
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")  # torch/p
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHT_COMPONENTS = ("vae", "text_encoder", "unet")
 BACKENDS = ("pytorch", "onnx")
-FAMILY_PIPELINES = {"sd": LatentTextToImagePipeline, "sdxl": LatentSDXLPipeline}
 FAMILY_EXTRA_COMPONENTS = {"sd": (), "sdxl": ("text_encoder_2", "tokenizer_2")}
 
 
@@ -217,6 +218,17 @@ def check_onnx_family(path: Path, config=None) -> None:
                              "the PyTorch backend (backend='pytorch', --backend pytorch).")
 
 
+def family_pipeline(family: str):
+    """The pipeline class of a model family (imported here: diffusers' pipelines, models and loaders)."""
+    if family == "sdxl":
+        from ldm_pipeline.sdxl import LatentSDXLPipeline
+
+        return LatentSDXLPipeline
+    from ldm_pipeline.diffusers_pipeline import LatentTextToImagePipeline
+
+    return LatentTextToImagePipeline
+
+
 def check_safetensors(file: Path) -> None:
     """Read the header and check the data length: a truncated or corrupt file fails here."""
     try:
@@ -232,7 +244,7 @@ def load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> LatentTex
         with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; the old name works in both
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             family = model_family(path)
-            pipe = FAMILY_PIPELINES[family].from_pretrained(
+            pipe = family_pipeline(family).from_pretrained(
                 str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=None if allow_pickle else True
             )
             logger.info("%s: loaded a %s model", path, "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion")
@@ -266,7 +278,7 @@ def load_single_file(
     check_config_folder(Path(config))
     try:
         family = model_family(Path(config))  # an SDXL config folder: an SDXL checkpoint (conditioner.embedders.*)
-        return FAMILY_PIPELINES[family].from_single_file(
+        return family_pipeline(family).from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=dtype
         )
     except Exception as error:

@@ -121,7 +121,7 @@ def format_parameters(recipe: dict) -> str:
     sampler, schedule_type = sampler_name(scheduler.get("class", "?"), scheduler.get("config") or {})
     fields = {
         "Steps": recipe.get("steps"),
-        "Sampler": sampler,
+        "Sampler": sampler + (" CFG++" if (guidance.get("method") or {}).get("name") == "cfg++" else ""),
         "Schedule type": schedule_type,
         "CFG scale": guidance.get("scale"),
         "Seed": recipe.get("seed"),
@@ -140,12 +140,13 @@ def format_parameters(recipe: dict) -> str:
         "SDXL options": json.dumps(recipe["sdxl"], ensure_ascii=False) if recipe.get("sdxl") else None,
         "Refiner": _refiner_name(recipe.get("refiner")),  # A1111: "Refiner: NAME [HASH10], Refiner switch at: 0.8"
         "Refiner switch at": (recipe.get("refiner") or {}).get("switch_at"),
+        **guidance_method_fields(guidance),
         "Lora hashes": _hashes(recipe.get("loras")),
         "TI hashes": _hashes(recipe.get("embeddings")),
         "Version": "ldm-toolkit " + (recipe.get("versions") or {}).get("ldm-toolkit", "?"),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
-    text = recipe.get("prompt", "") + _lora_tags(recipe.get("loras"))
+    text = prompt_with_lora_tags(recipe)
     if recipe.get("negative_prompt"):
         text += f"\nNegative prompt: {recipe['negative_prompt']}"
     return f"{text}\n{line}"
@@ -155,6 +156,52 @@ def _refiner_name(refiner: dict | None) -> str | None:
     if not refiner:
         return None
     return f"{refiner['name']} [{refiner['hash'][:10]}]" if refiner.get("hash") else refiner["name"]
+
+
+# A1111-style keys of our guidance methods' parameters (CFG++ is a suffix of the sampler, as in Forge: "Euler a CFG++")
+METHOD_KEYS = {"apg_eta": "APG eta", "apg_norm_threshold": "APG norm threshold", "apg_momentum": "APG momentum",
+               "cfg_zero_init_steps": "Zero-init steps"}
+
+
+def guidance_method_fields(guidance: dict) -> dict:
+    """The infotext fields of APG / CFG-Zero* (our own keys) and PAG (the keys of Forge's PAG extension)."""
+    fields = {}
+    method = dict(guidance.get("method") or {"name": "cfg"})
+    if method["name"] not in ("cfg", "cfg++"):
+        fields["Guidance method"] = method.pop("name")
+        fields.update({METHOD_KEYS[key]: value for key, value in method.items()})
+    pag = guidance.get("pag")
+    if pag:
+        fields.update(pag_enabled=True, pag_scale=pag["scale"])
+        if pag["layers"] == ["mid"]:
+            fields.update(pag_block="middle", pag_block_id=0)
+        else:
+            fields["PAG layers"] = json.dumps(pag["layers"])
+    return fields
+
+
+def guidance_method_parameters(params: dict) -> dict:
+    """The guidance-method options named by A1111 text (`guidance_method_fields` read back)."""
+    options = {}
+    if params.get("Sampler", "").endswith(" CFG++"):
+        options["guidance_method"] = "cfg++"
+    if "Guidance method" in params:
+        options["guidance_method"] = params["Guidance method"]
+        kinds = {"cfg_zero_init_steps": int}
+        options.update({key: kinds.get(key, float)(params[label]) for key, label in METHOD_KEYS.items()
+                        if label in params})
+    if params.get("pag_enabled", "True") == "True" and "pag_scale" in params:
+        # Forge's input/output block ids count LDM blocks, not diffusers' layers: only "middle" maps
+        middle = params.get("pag_block", "middle") == "middle"
+        layers = json.loads(params["PAG layers"]) if "PAG layers" in params else ["mid"] if middle else None
+        options.update({"pag_scale": float(params["pag_scale"]), "pag_layers": layers} if layers else {})
+    return options
+
+
+def prompt_with_lora_tags(recipe: dict) -> str:
+    """The recipe's prompt with its LoRAs as A1111 writes them in the infotext: `... <lora:NAME:W>`
+    (so A1111, and our PNG info and history, restore them; the recipe's `prompt` is the text encoded)."""
+    return recipe.get("prompt", "") + _lora_tags(recipe.get("loras"))
 
 
 def _lora_tags(records: list[dict] | None) -> str:
@@ -205,7 +252,9 @@ def parameters_to_options(params: dict) -> dict:
             options[name] = kind(params[key])
     if "Clip skip" in params:
         options["clip_skip"] = int(params["Clip skip"]) - 1
-    options.update(sampler_options(params))
+    options.update(sampler_options({**params, "Sampler": params["Sampler"].removesuffix(" CFG++")}
+                                   if "Sampler" in params else params))
+    options.update(guidance_method_parameters(params))
     if "SDXL options" in params:
         options.update(_sdxl_options(json.loads(params["SDXL options"])))
     if "Emphasis" in params:  # absent: A1111's "Original", which is our default too
@@ -252,6 +301,15 @@ def recipe_to_options(recipe: dict) -> dict:
     if schedule.startswith("callable:"):
         raise ValueError(f"The recipe used a custom guidance function ({schedule}); it cannot be restored from JSON.")
     options["guidance_schedule"] = schedule
+    return {**options, **guidance_method_options(guidance)}
+
+
+def guidance_method_options(guidance: dict) -> dict:
+    """The guidance method and PAG options of a recipe's guidance entry (none: plain CFG, no PAG)."""
+    method = dict(guidance.get("method") or {"name": "cfg"})
+    options = {"guidance_method": method.pop("name"), **method}
+    if guidance.get("pag"):
+        options.update(pag_scale=guidance["pag"]["scale"], pag_layers=guidance["pag"]["layers"])
     return options
 
 

@@ -7,12 +7,18 @@
 a cache folder (`$LDM_CACHE_DIR/onnx/<key>`, default `~/.cache/ldm-toolkit/onnx/<key>`, the key
 from the model's hash) and loaded from there afterwards.
 
-The pipeline is the same `LatentTextToImagePipeline` (schedulers, guidance, seeds, recipes); only
-`unet`, `vae` and `text_encoder` are replaced by thin adapters with the calls and attributes the
-pipeline uses (`unet(x, t, encoder_hidden_states=c, return_dict=False)`, `vae.decode/encode`,
-`text_encoder(ids)`, `.config`, `.dtype`, `.device`). Tensors cross to onnxruntime as numpy
-arrays that share memory with them. It runs float32 on the CPU; LoRA and other weight changes
-need a new export.
+The pipeline, `OnnxTextToImagePipeline`, runs the same stages as `LatentTextToImagePipeline`
+(`pipeline.LatentTextToImageStages`: schedulers, guidance, seeds, recipes) on a plain class instead
+of diffusers' `DiffusionPipeline`, with thin adapters for `unet`, `vae` and `text_encoder` that have
+the calls and attributes the stages use (`unet(x, t, encoder_hidden_states=c, return_dict=False)`,
+`vae.decode/encode`, `text_encoder(ids)`, `.config`, `.dtype`, `.device`) and the folder's CLIP
+tokenizer read by `tokenizers` (`clip_tokenizer`). So loading it imports neither diffusers' pipelines
+and models nor transformers: a cold one-image command spends most of its time importing those
+(`benchmarks/cold_start.py`). Tensors cross to onnxruntime as numpy arrays that share memory with
+them. It runs float32 on the CPU; LoRA and other weight changes need a new export.
+
+`one_shot_backend` picks the backend of `ldm-generate --backend auto` (its default), `long_running_backend`
+the app's.
 """
 
 from __future__ import annotations
@@ -23,14 +29,18 @@ import importlib.util
 import json
 import logging
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
+from diffusers.utils import BaseOutput
 
-from ldm_pipeline.loading import ModelLoadError, model_hash
+from ldm_pipeline.clip_tokenizer import load_tokenizer
+from ldm_pipeline.loading import DEFAULT_MODEL_DIR, ModelLoadError, model_hash
+from ldm_pipeline.pipeline import LatentTextToImageStages
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +104,13 @@ class OnnxUNet(OnnxComponent):
         self.graph = OnnxGraph(folder / "model.onnx")
 
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = True):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)  # the graph broadcasts one t to the batch
         (out,) = self.graph(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states)
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+        if not return_dict:  # the pipeline's call: diffusers' models (a cold start's largest import) stay unloaded
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
 
 
 class OnnxAutoencoder(OnnxComponent):
@@ -113,10 +125,12 @@ class OnnxAutoencoder(OnnxComponent):
         return OnnxGraph(self.folder / "vae_encoder" / "model.onnx")
 
     def decode(self, z, return_dict: bool = True):
+        (image,) = self.decoder(latent_sample=z)
+        if not return_dict:
+            return (image,)
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        (image,) = self.decoder(latent_sample=z)
-        return DecoderOutput(sample=image) if return_dict else (image,)
+        return DecoderOutput(sample=image)
 
     def encode(self, x, return_dict: bool = True):
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
@@ -127,23 +141,29 @@ class OnnxAutoencoder(OnnxComponent):
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
 
+@dataclass
+class TextEncoderOutput(BaseOutput):
+    """What the pipeline reads of transformers' `BaseModelOutputWithPooling` (`[0]`, `.hidden_states`)."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor
+    hidden_states: tuple | None = None
+
+
 class OnnxTextEncoder(OnnxComponent):
-    """text_encoder(ids) like CLIPTextModel's; `final_layer_norm` (for clip_skip) opens on first use."""
+    """text_encoder(ids) like CLIPTextModel's; `final_layer_norm` (for clip_skip) opens on first use.
+    `.config` is the exported config.json (transformers writes every field), read without transformers."""
 
     def __init__(self, folder: Path):
-        from transformers import CLIPTextConfig
-
-        super().__init__(folder, CLIPTextConfig.from_pretrained(folder))
+        super().__init__(folder, read_config(folder))
         self.graph = OnnxGraph(folder / "model.onnx")
 
     def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         if attention_mask is not None:
             raise ValueError("The exported text encoder takes no attention mask (use_attention_mask is off).")
         last, pooled, hidden = self.graph(input_ids=input_ids)
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled,
-                                          hidden_states=tuple(hidden.unbind(0)) if output_hidden_states else None)
+        return TextEncoderOutput(last_hidden_state=last, pooler_output=pooled,
+                                 hidden_states=tuple(hidden.unbind(0)) if output_hidden_states else None)
 
     @cached_property
     def final_layer_norm(self):
@@ -151,13 +171,40 @@ class OnnxTextEncoder(OnnxComponent):
         return lambda hidden_states: graph(hidden_states=hidden_states)[0]
 
 
+class OnnxTextToImagePipeline(LatentTextToImageStages):
+    """The generation stages with the networks in onnxruntime, on a plain class (see module docstring).
+
+    An exported model is fixed: no LoRA or textual-inversion loading, no device moves or offloading."""
+
+    family = "sd"
+    _execution_device = torch.device("cpu")
+
+    def __init__(self, vae: OnnxAutoencoder, text_encoder: OnnxTextEncoder, tokenizer, unet: OnnxUNet, scheduler):
+        self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
+        self.scheduler = scheduler
+        self._init_state()
+
+    @staticmethod
+    def maybe_convert_prompt(prompt, tokenizer):
+        """The prompt as it is: an export has no multi-vector textual-inversion tokens to expand."""
+        return prompt
+
+    def active_lora_records(self) -> list[dict]:
+        """None: LoRAs are baked in before an export, if at all (recipes list the ones loaded at run time)."""
+        return []
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for the denoising bar, as diffusers' pipelines take them."""
+        self._progress_bar_config = kwargs
+
+
 # ---------------------------------------------------------------- folders and the cache
 
 
-def component_class(folder: Path, name: str):
-    """The class model_index.json names for a component (as diffusers' from_pretrained resolves it)."""
+def component_class(folder: Path, name: str) -> tuple[str, str]:
+    """(library, class name) that model_index.json names for a component (as diffusers' from_pretrained reads it)."""
     library, class_name = json.loads((folder / "model_index.json").read_text())[name]
-    return getattr(importlib.import_module(library), class_name)
+    return library, class_name
 
 
 def check_onnx_folder(folder: Path) -> None:
@@ -170,18 +217,17 @@ def check_onnx_folder(folder: Path) -> None:
                              "`ldm-export-onnx MODEL OUT`.")
 
 
-def load_onnx_folder(folder: Path):
-    """A `LatentTextToImagePipeline` whose networks run in onnxruntime."""
-    from ldm_pipeline.pipeline import LatentTextToImagePipeline
-
+def load_onnx_folder(folder: Path) -> OnnxTextToImagePipeline:
+    """The pipeline of an ONNX export folder, its networks in onnxruntime."""
     import_onnxruntime()
     check_onnx_folder(folder)
     try:
-        pipe = LatentTextToImagePipeline(
+        library, scheduler_class = component_class(folder, "scheduler")
+        pipe = OnnxTextToImagePipeline(
             vae=OnnxAutoencoder(folder), text_encoder=OnnxTextEncoder(folder / "text_encoder"),
-            tokenizer=component_class(folder, "tokenizer").from_pretrained(folder / "tokenizer"),
+            tokenizer=load_tokenizer(folder / "tokenizer", *component_class(folder, "tokenizer")),
             unet=OnnxUNet(folder / "unet"),
-            scheduler=component_class(folder, "scheduler").from_pretrained(folder / "scheduler"),
+            scheduler=getattr(importlib.import_module(library), scheduler_class).from_pretrained(folder / "scheduler"),
         )
     except Exception as error:
         raise ModelLoadError(f"{folder}: could not load the ONNX export: {type(error).__name__}: {error}") from error
@@ -197,17 +243,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "ldm-toolkit" / "onnx"
 
 
+def cache_folder(source: Path) -> Path:
+    """Where the export of a PyTorch model lives in the cache (keyed by the model's hash and FORMAT_VERSION)."""
+    key = hashlib.sha256(f"{model_hash(source)}:{FORMAT_VERSION}".encode()).hexdigest()[:20]
+    return cache_root() / key
+
+
 def cached_export(source: Path, allow_pickle: bool, config) -> Path:
     """The ONNX export of a PyTorch model, made on first use (a few seconds for the embedded model)."""
     from ldm_pipeline.onnx_export import ExportError, export_onnx
 
-    key = hashlib.sha256(f"{model_hash(source)}:{FORMAT_VERSION}".encode()).hexdigest()[:20]
-    folder = cache_root() / key
+    folder = cache_folder(source)
     if not (folder / EXPORT_RECORD).is_file():
         logger.warning("Exporting %s to ONNX in %s (once per model).", source, folder)
-        try:
+        try:  # written under a temporary name and renamed into place (`export_pipeline`)
             export_onnx(source, folder, allow_pickle=allow_pickle, config=config)
-        except ExportError:
+        except (ExportError, OSError):
             if not (folder / EXPORT_RECORD).is_file():  # not just another process finishing first
                 raise
     return folder
@@ -226,6 +277,26 @@ def long_running_backend(device=None, dtype=None, trace: bool = False) -> dict:
     if all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")):
         return {"backend": "onnx"}
     return {"backend": "pytorch", "trace": True}
+
+
+def one_shot_backend(model, *, device=None, dtype=None, pytorch_only: bool = False) -> str:
+    """The backend for a one-shot command (`ldm-generate --backend auto`, its default): "onnx" when onnxruntime
+    and onnx are installed, the run is on the CPU in float32, no PyTorch-only option is asked for, and the model
+    is an ONNX export, the embedded model (exported into the cache on first use, a few seconds) or a model
+    already in the cache; else "pytorch". Cold, one image, the ONNX path is the faster one because it imports
+    neither diffusers' models nor transformers (`benchmarks/cold_start.py`); exporting a large model on first use
+    would not pay off, so other models take the ONNX path only once exported (`--backend onnx`)."""
+    from ldm_pipeline.acceleration import resolve_dtype, select_device
+    from ldm_pipeline.loading import resolve_model_path
+
+    if pytorch_only or select_device(device).type != "cpu" or resolve_dtype(dtype) != torch.float32:
+        return "pytorch"
+    if not all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")):
+        return "pytorch"
+    path = resolve_model_path(model)
+    if is_onnx_folder(path) or path == DEFAULT_MODEL_DIR or (cache_folder(path) / EXPORT_RECORD).is_file():
+        return "onnx"
+    return "pytorch"
 
 
 def load_onnx_pipeline(path: Path, *, device, dtype, allow_pickle: bool, config, accelerations):

@@ -34,6 +34,8 @@ from PIL import Image
 
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import SCHEDULE_ALIASES, SCHEDULE_NAMES, as_interval
+from ldm_pipeline.guidance_methods import METHODS, PARAMETERS
+from ldm_pipeline.perturbed_attention import DEFAULT_LAYERS
 from ldm_pipeline.prompt_weights import check_emphasis
 from ldm_pipeline.step_callbacks import callback_problems
 
@@ -47,6 +49,9 @@ LABELS = {  # option -> the name users see in the app and the CLI help
     "num_inference_steps": "Steps", "guidance_scale": "Guidance scale", "guidance_min_scale": "Guidance minimum scale",
     "guidance_rescale": "Guidance rescale", "guidance_schedule": "Guidance schedule",
     "guidance_interval": "Guidance interval", "num_images_per_prompt": "Images per prompt", "clip_skip": "Clip skip",
+    "guidance_method": "Guidance method", "apg_eta": "APG eta", "apg_norm_threshold": "APG norm threshold",
+    "apg_momentum": "APG momentum", "cfg_zero_init_steps": "CFG-Zero* zero-init steps", "pag_scale": "PAG scale",
+    "pag_layers": "PAG layers",
 }
 
 
@@ -129,6 +134,13 @@ class GenerationOptions:
     guidance_min_scale         w at the far end of the ramps
     guidance_interval          (sigma_lo, sigma_hi), GuidanceInterval or dict; None = every step
     guidance_rescale           phi (Lin et al. 2023); None = 0.7 for zero-terminal-SNR schedulers, else 0
+    guidance_method            "cfg" | "apg" | "cfg++" | "cfg-zero*" (see `guidance_methods`); its parameters,
+                               None = the method's default, refused with another method:
+    apg_eta / apg_norm_threshold / apg_momentum   APG's parallel-part weight (0), norm threshold r (15; 0 = off)
+                               and momentum beta (-0.5)
+    cfg_zero_init_steps        CFG-Zero*'s zero-initialised first steps (1)
+    pag_scale / pag_layers     perturbed-attention guidance (0 = off) and its UNet self-attention layers
+                               (diffusers' names: "mid", "down_blocks.1", ...; default ["mid"])
     width / height             pixels, multiples of 8; None = the init image's size, else the UNet's native size
     seed                       int (image j gets seed + j), list of ints, or None (random)
     num_images_per_prompt      images for each prompt
@@ -183,6 +195,13 @@ class GenerationOptions:
     guidance_min_scale: float = 1.0
     guidance_interval: Any = None
     guidance_rescale: float | None = None
+    guidance_method: str = "cfg"
+    apg_eta: float | None = None
+    apg_norm_threshold: float | None = None
+    apg_momentum: float | None = None
+    cfg_zero_init_steps: int | None = None
+    pag_scale: float = 0.0
+    pag_layers: Union[str, list[str], tuple[str, ...]] = DEFAULT_LAYERS
     width: int | None = None
     height: int | None = None
     seed: Union[int, list[int], None] = None
@@ -328,7 +347,45 @@ class GenerationOptions:
             as_interval(self.guidance_interval)
         except (ValueError, TypeError) as error:
             problems.append(str(error))
+        return problems + self._method_problems() + self._pag_problems()
+
+    def method_parameters(self) -> dict:
+        """The guidance methods' parameters as given ({option: value or None})."""
+        return {key: getattr(self, key) for keys in PARAMETERS.values() for key in keys}
+
+    def _method_problems(self) -> list[str]:
+        name, given = self.guidance_method, self.method_parameters()
+        if name not in METHODS:
+            return [f"Unknown guidance method (guidance_method) {name!r}: choose one of {', '.join(METHODS)}."]
+        problems = [f"{label(key)} only applies to guidance_method={method!r}; leave it out with {name!r}."
+                    for method, keys in PARAMETERS.items() for key in keys
+                    if given[key] is not None and method != name]
+        checks = {
+            "apg_eta": (is_finite_number, "a finite number (1 keeps the parallel part, as CFG; 0 drops it)"),
+            "apg_norm_threshold": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0 (0 = off)"),
+            "apg_momentum": (lambda v: is_finite_number(v) and -1 < v < 1, "above -1 and below 1 (e.g. -0.5)"),
+            "cfg_zero_init_steps": (lambda v: is_whole(v) and v >= 0, "a whole number >= 0"),
+        }
+        problems += [f"{label(key)} must be {what}, got {given[key]!r}." for key, (ok, what) in checks.items()
+                     if given[key] is not None and not ok(given[key])]
+        k, steps = given["cfg_zero_init_steps"], self.num_inference_steps
+        if name == "cfg-zero*" and is_whole(k) and is_whole(steps) and k >= steps:
+            problems.append(f"{label('cfg_zero_init_steps')} ({k}) must be fewer than the steps ({steps}): "
+                            "zero-initialised steps do not denoise.")
         return problems
+
+    def pag_layer_list(self) -> list[str]:
+        return [self.pag_layers] if isinstance(self.pag_layers, str) else list(self.pag_layers)
+
+    def _pag_problems(self) -> list[str]:
+        if not (is_finite_number(self.pag_scale) and 0.0 <= self.pag_scale <= MAX_GUIDANCE):
+            return [f"{label('pag_scale')} must be a finite number from 0 to {MAX_GUIDANCE:g} (0 = off), "
+                    f"got {self.pag_scale!r}."]
+        layers = self.pag_layers
+        if layers is None or not _is_text(layers) or not self.pag_layer_list() or not all(x.strip() for x in self.pag_layer_list()):
+            return [f"{label('pag_layers')} must be UNet self-attention layer names (a string or a non-empty list, "
+                    f"e.g. ['mid'] or ['down_blocks.2', 'up_blocks.0']), got {layers!r}."]
+        return []
 
     def _image_problems(self) -> list[str]:
         problems = []
@@ -440,6 +497,7 @@ class GenerationOptions:
         values["guidance_interval"] = interval.as_dict() if interval else None
         for name in SDXL_SIZES:  # (height, width) pairs as JSON gives them back
             values[name] = list(values[name]) if isinstance(values[name], tuple) else values[name]
+        values["pag_layers"] = self.pag_layer_list()
         return values
 
     def recipe_settings(self, size: tuple[int, int], strength: float | None, guidance: dict) -> dict:

@@ -2,11 +2,13 @@
 
 `LatentTextToImagePipeline` is a `diffusers.DiffusionPipeline` with the Stable Diffusion
 1.x/2.x components (`vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler`), so any SD
-folder loads into it with `from_pretrained`. Public call::
+folder loads into it with `from_pretrained`. Its stages live here in `LatentTextToImageStages`,
+the class itself in `diffusers_pipeline` (imported on first use of the name). Public call::
 
     out = pipe("a red circle", negative_prompt="blurry", num_inference_steps=30,
                guidance_scale=7.5, guidance_schedule="constant", guidance_interval=(0.28, 5.42),
-               guidance_rescale=0.0, width=512, height=512, seed=42, num_images_per_prompt=4,
+               guidance_rescale=0.0, guidance_method="cfg", pag_scale=0.0, width=512, height=512, seed=42,
+               num_images_per_prompt=4,
                image=None, strength=None, mask_image=None, callback=None, progress_bar=True)
     out.images, out.seeds, out.unet_evaluations, out.recipes
 
@@ -31,48 +33,37 @@ raise) to stop. A True return raises `GenerationCancelled`.
 
 Scheduler contract: `set_timesteps(n, device=)`, `timesteps`, `order`, `init_noise_sigma`,
 `scale_model_input(x, t)`, `step(pred, t, x, return_dict=False)`, and `add_noise`
-for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it.
+for img2img / inpainting. Stock diffusers schedulers and ours both fulfil it. Guidance methods
+(`guidance_methods`) keep to it: CFG++ hands `step` the sample its renoising needs.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import (
-    FromSingleFileMixin,
-    IPAdapterMixin,
-    StableDiffusionLoraLoaderMixin,
-    TextualInversionLoaderMixin,
-)
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.models.embeddings import MultiIPAdapterImageProjection
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline import metadata
-from ldm_pipeline.adapters import file_hash, file_record, lora_hash, lora_layers_enabled, named_file, pickle_free_kwargs
-from ldm_pipeline.guidance import Guidance, GuidancePlan, as_interval, recommended_guidance_rescale
+from ldm_pipeline.guidance import Guidance, Guider, as_interval, recommended_guidance_rescale
+from ldm_pipeline.guidance_methods import GuidanceMethod
 from ldm_pipeline.noise_source import NoiseSource
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, ModelLimits, as_rgb, grid_list, label
+from ldm_pipeline.perturbed_attention import PerturbedAttention, perturbed_attention
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
 from ldm_pipeline.step_callbacks import StepEndCallback
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImagePipeline",
+__all__ = ["GenerationCancelled", "GenerationOptions", "LatentPipelineOutput", "LatentTextToImageStages",
            "NonFiniteLatents", "StepInfo"]
 
 
@@ -131,59 +122,16 @@ NO_IP_ADAPTER = ("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter,
                  "pipe.load_ip_adapter(folder, subfolder=..., weight_name=...) first.")
 
 
-class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
-                                IPAdapterMixin, FromSingleFileMixin):
-    """Text-to-image, img2img and inpainting with a latent diffusion model (see module docstring).
+class LatentTextToImageStages:
+    """The generation stages of `LatentTextToImagePipeline` (see module docstring), on any object that holds
+    the SD components (`vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler`) and calls `_init_state()`.
 
-    diffusers' loader mixins give it `load_lora_weights` (diffusers, kohya and A1111 files, as
-    diffusers converts them), `set_adapters`, `fuse_lora` / `unfuse_lora`, `unload_lora_weights`
-    and `load_textual_inversion` (see `ldm_pipeline.adapters` for the pickle guard), and `load_ip_adapter` /
-    `set_ip_adapter_scale` / `unload_ip_adapter` for `ip_adapter_image(_embeds)` (image embeddings as stock's).
+    `LatentTextToImagePipeline` (`ldm_pipeline.diffusers_pipeline`) puts them on diffusers'
+    `DiffusionPipeline`; the ONNX backend (`ldm_pipeline.onnx_backend`) on a plain class, so that a
+    one-shot command imports neither diffusers' pipelines and models nor transformers' text models.
+    Subclasses provide `_execution_device`, `maybe_convert_prompt(prompt, tokenizer)` and
+    `active_lora_records()` (and, for IP-Adapters, `image_encoder` and `prepare_ip_adapter_image_embeds`).
     """
-
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    family = "sd"  # which model family this class runs (`loading.model_family`); SDXL: `sdxl`
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")  # skipped when a folder has them
-    LORA_LOADER = StableDiffusionLoraLoaderMixin  # diffusers' loader of this family's LoRAs (SDXL: both encoders)
-    STOCK_CLASS = "StableDiffusionPipeline"  # what saved folders call themselves: stock diffusers opens them
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' `from_pretrained`, skipping a folder's safety checker, feature extractor and image encoder."""
-        for name in cls.UNUSED_COMPONENTS:
-            kwargs.setdefault(name, None)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' `save_pretrained`, as a `StableDiffusionPipeline` folder (empty safety checker slots)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        index = Path(save_directory) / "model_index.json"
-        config = json.loads(index.read_text())
-        index.write_text(json.dumps({**config, "_class_name": self.STOCK_CLASS}, indent=2, sort_keys=True) + "\n")
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: SchedulerMixin,
-        safety_checker: None = None,
-        feature_extractor: None = None,
-        image_encoder: None = None,
-        requires_safety_checker: bool = False,
-    ):
-        super().__init__()
-        dropped = [name for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor),
-                                            ("image_encoder", image_encoder)) if value is not None]
-        if dropped:
-            logger.warning("LatentTextToImagePipeline does not use %s; dropped.", ", ".join(dropped))
-        # the stock SD slots, kept empty, so that folders and `from_pipe` line up with StableDiffusionPipeline
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              safety_checker=None, feature_extractor=None, image_encoder=None)
-        self.register_to_config(requires_safety_checker=False)
-        self._init_state()
 
     def _init_state(self) -> None:
         """Image processors and per-model records, once the modules are registered (shared with SDXL)."""
@@ -205,61 +153,6 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         self._lora_files: dict[str, dict] = {}
         self._lora_weights: dict[str, Any] = {}
 
-    # ------------------------------------------------------------ loaders (pickle only when asked for)
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, *, allow_pickle=False,
-                          **kwargs):
-        """diffusers' `load_lora_weights`; a `.pt`/`.bin`/`.ckpt` file needs `allow_pickle=True`."""
-        kwargs = pickle_free_kwargs(pretrained_model_name_or_path_or_dict, kwargs, allow_pickle)
-        before = self._adapter_names()
-        result = self.LORA_LOADER.load_lora_weights(self, pretrained_model_name_or_path_or_dict,
-                                                    adapter_name=adapter_name, **kwargs)
-        path = named_file(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"),
-                          "pytorch_lora_weights.safetensors")
-        for name in self._adapter_names() - before:
-            self._lora_files[name] = file_record(path, path.stem if path else name, lora_hash)
-        return result
-
-    def set_adapters(self, adapter_names, adapter_weights=None):
-        """diffusers' `set_adapters`; the weights are remembered for recipes."""
-        super().set_adapters(adapter_names, adapter_weights)
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
-        self._lora_weights = {name: 1.0 if w is None else w for name, w in zip(names, weights)}
-
-    def unload_lora_weights(self, *args, **kwargs):
-        super().unload_lora_weights(*args, **kwargs)
-        self._lora_files, self._lora_weights, self.lora_records = {}, {}, []
-
-    def delete_adapters(self, adapter_names):
-        super().delete_adapters(adapter_names)
-        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            self._lora_files.pop(name, None)
-
-    def _adapter_names(self) -> set[str]:
-        return {name for names in self.get_list_adapters().values() for name in names}
-
-    def active_lora_records(self) -> list[dict]:
-        """The LoRAs the next image uses ({"name", "hash", "scale"}), for its recipe: those `adapters.activate_loras`
-        set, else the active adapters loaded by `load_lora_weights` with their `set_adapters` weights."""
-        if self.lora_records or not self._lora_files or not lora_layers_enabled(self.unet):
-            return self.lora_records
-        return [{**self._lora_files.get(name, {"name": name, "hash": None}), "scale": self._lora_weights.get(name, 1.0)}
-                for name in self.get_active_adapters()]
-
-    def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
-                               *, allow_pickle=False, **kwargs):
-        """diffusers' `load_textual_inversion`; an A1111 `.pt` embedding needs `allow_pickle=True`."""
-        kwargs = pickle_free_kwargs(pretrained_model_name_or_path, kwargs, allow_pickle)
-        result = super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
-                                                text_encoder=text_encoder, **kwargs)
-        sources, tokens = (pretrained_model_name_or_path, token) if isinstance(pretrained_model_name_or_path, list) \
-            else ([pretrained_model_name_or_path], [token])
-        for source, name in zip(sources, tokens or [None] * len(sources)):
-            path = named_file(source, kwargs.get("weight_name"), "learned_embeds.safetensors")
-            self.embedding_records.append(file_record(path, name or (path.stem if path else "embedding"), file_hash))
-        return result
-
     # ------------------------------------------------------------ the call
 
     @torch.no_grad()
@@ -277,18 +170,16 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         guidance = self._guidance(opts)
         timesteps, steps = self._timesteps(opts)
         opts = replace(opts, num_inference_steps=steps)  # a custom grid's step count, for the recipe
-        scales = GuidancePlan(guidance, self.scheduler).scales(timesteps)  # w per step, 1.0 = no uncond pass
-        # 3. Encode prompts (the unconditional ones only if some step is guided)
-        with_uncond = any(GuidancePlan.needs_uncond(w) for w in scales)
-        embeds = self._embeddings(opts, prompts, with_uncond).repeat_each(opts.num_images_per_prompt)
-        embeds = self._with_ip_adapter(opts, embeds, count, with_uncond)
+        guider = Guider(guidance, self.scheduler, timesteps)  # per step: w and the UNet passes; the method's state
+        # 3. Encode prompts (the unconditional ones only if some step runs that pass)
+        embeds = self._embeddings(opts, prompts, guider.needs_uncond).repeat_each(opts.num_images_per_prompt)
+        embeds = self._with_ip_adapter(opts, embeds, count, guider.needs_uncond)
         # 4. Initial latents: noise, or the init image noised to the first timestep
         latents, blend = self._initial_latents(opts, (count, width, height), timesteps, noise.generator,
                                                embeds.cond.dtype)
         # 5. Denoising loop
         step_end = StepEndCallback.of(opts)
-        latents, evaluations = self._denoise(latents, timesteps, scales, embeds, guidance, blend, noise.generator, opts,
-                                             step_end)
+        latents, evaluations = self._denoise(latents, timesteps, guider, embeds, blend, noise.generator, opts, step_end)
         check_finite(latents)
         # 6. Decode
         images = self._decode(latents, opts.output_type)
@@ -297,31 +188,39 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             return images, None  # stock's (images, nsfw_content_detected): no safety checker here
         return LatentPipelineOutput(images=images, seeds=noise.seeds, unet_evaluations=evaluations, recipes=recipes)
 
-    def _denoise(self, latents, timesteps, scales, embeds: PromptEmbeddings, guidance: Guidance, blend, generator,
-                 opts, step_end: StepEndCallback | None = None):
-        """x_t -> x_0: scale_model_input, one batched UNet call for (uncond, cond), guidance, step."""
+    def _denoise(self, latents, timesteps, guider: Guider, embeds: PromptEmbeddings, blend, generator, opts,
+                 step_end: StepEndCallback | None = None):
+        """x_t -> x_0: scale_model_input, one batched UNet call for the step's passes, guidance, step."""
         step_kwargs = self._step_kwargs(generator, opts.eta)
         self._num_timesteps, self._interrupt = len(timesteps), False
         evaluations = 0
-        for i, (t, w) in enumerate(tqdm(list(zip(timesteps, scales)), **self._bar_config(opts))):
-            x_in = self.scheduler.scale_model_input(latents, t)
-            guided = GuidancePlan.needs_uncond(w)
-            if guided:
-                pair = self._predict(torch.cat([x_in, x_in]), t, embeds.pair(), opts.cross_attention_kwargs,
-                                     embeds.added_pair())
-                pred = guidance.combine(*pair.chunk(2), w)
-            else:
-                pred = self._predict(x_in, t, embeds.cond, opts.cross_attention_kwargs, embeds.cond_added)
-            evaluations += 2 if guided else 1
-            latents = self.scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
-            if blend is not None:
-                latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
-            if step_end is not None:
-                latents, embeds = step_end(self, i, t, latents, embeds)
-            self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, w))
-            if self._interrupt:  # stock's way to stop from callback_on_step_end: the latents so far are decoded
-                break
+        with perturbed_attention(self.unet, guider.guidance.pag) as pag:
+            for i, t in enumerate(tqdm(timesteps, **self._bar_config(opts))):
+                x_in = self.scheduler.scale_model_input(latents, t)
+                preds = self._predict_passes(x_in, t, embeds, guider.passes[i], opts, pag)
+                pred, sample = guider.guide(i, preds, t, x_in, latents)
+                evaluations += len(guider.passes[i])
+                latents = self.scheduler.step(pred, t, sample, return_dict=False, **step_kwargs)[0]
+                if blend is not None:
+                    latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+                if step_end is not None:
+                    latents, embeds = step_end(self, i, t, latents, embeds)
+                self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, guider.scales[i]))
+                if self._interrupt:  # stock's way to stop from callback_on_step_end: the latents so far are decoded
+                    break
         return latents, evaluations
+
+    def _predict_passes(self, x_in, t, embeds: PromptEmbeddings, passes: tuple[str, ...], opts, pag) -> dict:
+        """{pass: prediction} from one UNet call over the step's passes ([uncond; cond; perturbed], as stock)."""
+        if not passes:
+            return {}
+        context, added = embeds.batched(passes)
+        unet = self.unet
+        if pag is not None:
+            pag.select(with_uncond="uncond" in passes)
+            unet = pag.unet
+        out = self._predict(torch.cat([x_in] * len(passes)), t, context, opts.cross_attention_kwargs, added, unet)
+        return dict(zip(passes, out.chunk(len(passes))))
 
     def _step_kwargs(self, generator, eta: float | None) -> dict:
         """The generator(s) for samplers that draw noise, and eta when given (`_check_model_takes`), as stock's
@@ -348,7 +247,12 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
                                  "image_encoder_folder to load_ip_adapter, or give ip_adapter_image_embeds.")
 
     def _ip_adapted(self) -> bool:
-        return isinstance(getattr(self.unet, "encoder_hid_proj", None), MultiIPAdapterImageProjection)
+        projection = getattr(self.unet, "encoder_hid_proj", None)
+        if projection is None:  # no adapter: diffusers' models (a cold start's largest import) stay unloaded
+            return False
+        from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+        return isinstance(projection, MultiIPAdapterImageProjection)
 
     def _with_ip_adapter(self, opts, embeds: PromptEmbeddings, count: int, with_uncond: bool) -> PromptEmbeddings:
         """The IP-Adapter image embeddings as added conditioning, computed as stock computes them."""
@@ -360,10 +264,6 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             return embeds.with_added({"image_embeds": per_adapter}, None)
         uncond, cond = zip(*(e.chunk(2) for e in per_adapter))
         return embeds.with_added({"image_embeds": list(cond)}, {"image_embeds": list(uncond)})
-
-    # stock's image encoding for IP-Adapters (CLIP image embeds, zeros for the unconditional pass), reused
-    encode_image = StableDiffusionPipeline.encode_image
-    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
 
     @property
     def num_timesteps(self) -> int:
@@ -381,11 +281,11 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         return {**config, "disable": True} if not opts.progress_bar else config
 
     def _predict(self, x: torch.Tensor, t, context: torch.Tensor, cross_attention_kwargs=None,
-                 added: dict | None = None) -> torch.Tensor:
+                 added: dict | None = None, unet=None) -> torch.Tensor:
         extra = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else {}  # ONNX takes none
         if added is not None:
             extra["added_cond_kwargs"] = added  # SDXL's text_embeds / time_ids
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False, **extra)[0]
+        return (unet or self.unet)(x, t, encoder_hidden_states=context, return_dict=False, **extra)[0]
 
     @staticmethod
     def _report_step(callback, info: StepInfo) -> None:
@@ -439,6 +339,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
             scale=float(opts.guidance_scale), schedule=opts.guidance_schedule, min_scale=float(opts.guidance_min_scale),
             interval=as_interval(opts.guidance_interval), rescale=float(rescale),
             num_train_timesteps=self.scheduler.config.num_train_timesteps,
+            method=GuidanceMethod.of(opts.guidance_method, **opts.method_parameters()),
+            pag=PerturbedAttention(float(opts.pag_scale), tuple(opts.pag_layer_list())) if opts.pag_scale else None,
         )
 
     def _timesteps(self, opts: GenerationOptions) -> tuple[torch.Tensor, int]:
@@ -570,6 +472,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
                 latents = posterior.mode()
             else:
                 if isinstance(generator, list):  # stock repeats the image for each generator before sampling
+                    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
                     posterior = DiagonalGaussianDistribution(_broadcast(posterior.parameters, count, "image"))
                 latents = posterior.sample(generator)
         latents = latents.to(stored)
@@ -621,3 +525,13 @@ def _broadcast(batch: torch.Tensor, count: int, name: str) -> torch.Tensor:
     if count % n:
         raise ValueError(f"Got {n} {name}s for {count} images; give one, or one per prompt.")
     return batch.repeat_interleave(count // n, dim=0)
+
+
+def __getattr__(name: str):
+    """`LatentTextToImagePipeline` lives in `diffusers_pipeline` (it imports diffusers' pipelines, models and
+    loaders); importing it from here still works and imports them only then."""
+    if name == "LatentTextToImagePipeline":
+        from ldm_pipeline.diffusers_pipeline import LatentTextToImagePipeline
+
+        return LatentTextToImagePipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

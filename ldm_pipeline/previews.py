@@ -5,7 +5,8 @@ backend's decoder: whatever `pipe.vae.decode` is), averages each decoded image o
 8x8 pixel blocks and fits, by least squares, an affine map from the latent channels to RGB:
 rgb = latent @ A + b. This is A1111's "Approx cheap" and ComfyUI's latent2rgb (fixed
 coefficients for SD 1.x there; fitted here, so any VAE works). A preview then costs one small
-matrix product per step instead of a VAE decode.
+matrix product per step instead of a VAE decode. `VaePreviewer(pipe.vae)` is the exact alternative
+(A1111's "Full"): one VAE decode per preview.
 
 `preview_callback(previewer, every, on_preview)` wraps a step callback so that every `every`
 steps `on_preview(step, total, images)` receives the current latents as PIL images.
@@ -22,6 +23,7 @@ from PIL import Image
 
 FIT_LATENTS = 8  # latents decoded at start-up
 FIT_SIDE = 16  # their side in latent pixels
+PREVIEW_MODES = ("cheap", "full")  # the fitted map (LatentPreviewer) or a VAE decode (VaePreviewer)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,19 @@ class LatentPreviewer:
                                                                  Image.NEAREST) for p in pixels_]
 
 
+@dataclass(frozen=True)
+class VaePreviewer:
+    """Previews decoded by the VAE itself: exact, one decode per preview (A1111's "Full" live preview)."""
+
+    vae: object
+    device: object = "cpu"
+
+    def images(self, latents: torch.Tensor, scale: int = 8) -> list[Image.Image]:
+        """PIL images of the decoded latents (already at the output size; `scale` is not needed)."""
+        pixels_ = (decoded(self.vae, latents, self.device) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels_.numpy()]
+
+
 def pixels(x: torch.Tensor) -> torch.Tensor:
     """[N, C, h, w] -> [N*h*w, C]."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).float()
@@ -70,12 +85,16 @@ def fit_latents(channels: int, seed: int, count: int = FIT_LATENTS, side: int = 
 
 
 @torch.no_grad()
-def decoded_blocks(vae, latents: torch.Tensor, device="cpu") -> torch.Tensor:
-    """The VAE decode of `latents` (pipeline scale) averaged over each latent pixel's block, in [0, 1]."""
+def decoded(vae, latents: torch.Tensor, device="cpu") -> torch.Tensor:
+    """The VAE decode of `latents` (pipeline scale) as [N, 3, H, W] pixels in [0, 1], on the CPU."""
     shift = vae.config.shift_factor or 0.0
-    z = (latents / vae.config.scaling_factor + shift).to(device, getattr(vae, "dtype", torch.float32))
-    image = (vae.decode(z, return_dict=False)[0].float().cpu() / 2 + 0.5).clamp(0, 1)
-    return F.adaptive_avg_pool2d(image, latents.shape[-2:])
+    z = (latents.detach() / vae.config.scaling_factor + shift).to(device, getattr(vae, "dtype", torch.float32))
+    return (vae.decode(z, return_dict=False)[0].float().cpu() / 2 + 0.5).clamp(0, 1)
+
+
+def decoded_blocks(vae, latents: torch.Tensor, device="cpu") -> torch.Tensor:
+    """The VAE decode of `latents` averaged over each latent pixel's block, in [0, 1]."""
+    return F.adaptive_avg_pool2d(decoded(vae, latents, device), latents.shape[-2:])
 
 
 def preview_callback(previewer: LatentPreviewer, every: int | None, on_preview, callback=None, scale: int = 8):

@@ -36,20 +36,29 @@ class PromptEmbeddings:
     # SDXL's added conditioning (`text_embeds`, `time_ids`), one row per prompt; None for SD 1.x / 2.x
     cond_added: dict | None = None
     uncond_added: dict | None = None
-    _pair: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _batches: dict = field(default_factory=dict, repr=False, compare=False)
 
     def pair(self) -> torch.Tensor:
-        """[uncond; cond] for one batched UNet call (the order stock diffusers uses); built once."""
-        if self._pair is None:
-            self._pair = torch.cat([self.uncond, self.cond])
-        return self._pair
+        """[uncond; cond] for one batched UNet call (the order stock diffusers uses)."""
+        return self.batched(("uncond", "cond"))[0]
 
-    def added_pair(self) -> dict | None:
-        """The added conditioning batched as `pair()`: [uncond; cond] per key (per adapter for IP-Adapter lists)."""
-        if self.cond_added is None:
-            return None
-        return {k: [torch.cat(pair) for pair in zip(self.uncond_added[k], v)] if isinstance(v, list)
-                else torch.cat([self.uncond_added[k], v]) for k, v in self.cond_added.items()}
+    def batched(self, passes: tuple[str, ...]) -> tuple[torch.Tensor, dict | None]:
+        """(hidden states, added conditioning) for one UNet call over `passes`, stacked in that order:
+        "uncond" takes the negative prompt, "cond" and "perturbed" (PAG) the prompt; built once per order."""
+        if passes not in self._batches:
+            def stack(cond, uncond):
+                return torch.cat([uncond if p == "uncond" else cond for p in passes])
+
+            def stack_added(cond, uncond):  # a list (IP-Adapter `image_embeds`) is stacked per adapter
+                if isinstance(cond, list):
+                    return [stack(c, u) for c, u in zip(cond, uncond or [None] * len(cond))]
+                return stack(cond, uncond)
+
+            uncond_added = self.uncond_added or {}
+            added = None if self.cond_added is None else {
+                k: stack_added(v, uncond_added.get(k)) for k, v in self.cond_added.items()}
+            self._batches[passes] = (stack(self.cond, self.uncond), added)
+        return self._batches[passes]
 
     def with_added(self, cond: dict, uncond: dict | None) -> "PromptEmbeddings":
         """These embeddings with more added conditioning (e.g. IP-Adapter `image_embeds`), one row per image."""

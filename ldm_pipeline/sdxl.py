@@ -50,8 +50,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm_pipeline.adapters import file_hash, file_record, named_file, pickle_free_kwargs
+from ldm_pipeline.diffusers_pipeline import LatentTextToImagePipeline
 from ldm_pipeline.options import SDXL_OPTIONS, SDXL_SIZES, GenerationOptions
-from ldm_pipeline.pipeline import InpaintBlend, LatentPipelineOutput, LatentTextToImagePipeline
+from ldm_pipeline.pipeline import InpaintBlend, LatentPipelineOutput
 from ldm_pipeline.prompt_weights import apply_emphasis, weighted_windows
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, frame_weights, frame_window
 

@@ -9,7 +9,10 @@
 The model is loaded once; each request runs on its own shallow copy of the pipeline (same
 weights, its own scheduler instance and tokenizer), so concurrent requests never share
 sampler state. Samplers are prepared once (`prepare_schedulers`): every name checked
-against the model, unusable ones kept with the reason.
+against the model, unusable ones kept with the reason; a sampler with an A1111 schedule type
+("Karras", ...) is prepared on first use. LoRAs (`<lora:NAME:W>` in the prompt) and embeddings
+come from the start-up folders only (`served_adapters`), and a LoRA set is only switched while no
+other request runs on the shared networks.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
+from custom_schedulers import names, registry
 from ldm_pipeline import metadata
+from ldm_pipeline.guidance_methods import sampler_problem
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, image_seeds
 from ldm_pipeline.pipeline import GenerationCancelled
-from ldm_pipeline.previews import LatentPreviewer, preview_callback
+from ldm_pipeline.previews import PREVIEW_MODES, LatentPreviewer, VaePreviewer, preview_callback
 from ldm_pipeline.scheduler_swap import SchedulerSwapError, available_schedulers, swap_scheduler
+from ldm_pipeline.served_adapters import ServedAdapters
 
 
 def prepare_schedulers(pipe, names: set[str]) -> dict:
@@ -44,6 +51,16 @@ def prepare_schedulers(pipe, names: set[str]) -> dict:
     return prepared
 
 
+def scheduler_with_schedule(base, name: str | None, schedule_type: str):
+    """Sampler `name` (None = `base`'s class) with an A1111 schedule type ("Karras", ...), checked against the
+    model as `swap_scheduler` checks every swap; SchedulerSwapError or ValueError say why it cannot be."""
+    name = name or type(base).__name__
+    overrides = names.schedule_overrides(schedule_type, stock=not registry.is_ours(name))
+    scratch = SimpleNamespace(scheduler=base)  # swap_scheduler only uses .scheduler
+    swap_scheduler(scratch, name, **overrides)
+    return scratch.scheduler
+
+
 @dataclass
 class ServiceRequest:
     """One request: the settings, the sampler, and how many batches of `num_images_per_prompt` to make."""
@@ -51,6 +68,7 @@ class ServiceRequest:
     options: GenerationOptions
     sampler: str | None = None  # None = the model's own scheduler
     batch_count: int = 1
+    schedule_type: str | None = None  # an A1111 schedule type ("Karras", ...); None or "Automatic" = the sampler's
 
     def seeds(self) -> list[list[int]]:
         """Seeds per batch: image j of the whole request gets seed + j (a random seed when it is None)."""
@@ -69,11 +87,20 @@ class GenerationService:
     stops: dict = field(default_factory=dict)  # session -> set of threading.Events of its running requests
     preview_map: LatentPreviewer | None = None  # fitted on first use, see previewer()
     preview_lock: threading.Lock = field(default_factory=threading.Lock)
+    adapters: ServedAdapters | None = None  # LoRA / embedding folders; None = none (set in __post_init__)
+    scheduled: dict = field(default_factory=dict)  # (sampler, schedule type) -> scheduler or error, on first use
+    scheduled_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self.adapters = self.adapters or ServedAdapters(self.pipe)  # no folders: no LoRA, no embedding
 
     @classmethod
-    def load(cls, model, outputs: Path, **load_options) -> "GenerationService":
+    def load(cls, model, outputs: Path, lora_dir: Path | None = None, embedding_dir: Path | None = None,
+             **load_options) -> "GenerationService":
+        """The model (`load_pipeline(model, **load_options)`), its samplers, and the LoRA / embedding folders."""
         pipe = load_pipeline(model, **load_options)
-        return cls(pipe, outputs, prepare_schedulers(pipe, set(available_schedulers())))
+        adapters = ServedAdapters.load(pipe, lora_dir, embedding_dir, load_options.get("allow_pickle", False))
+        return cls(pipe, outputs, prepare_schedulers(pipe, set(available_schedulers())), adapters=adapters)
 
     @property
     def sampler_names(self) -> list[str]:
@@ -82,18 +109,49 @@ class GenerationService:
         return sorted(usable, key=lambda name: (name[:1].isupper(), name))
 
     def check(self, request: ServiceRequest) -> GenerationOptions:
-        """The request's options with the model's defaults, checked; InvalidOptions lists every problem."""
+        """The request's options with the model's defaults (its prompt without LoRA tags), checked;
+        InvalidOptions lists every problem."""
+        return self.prepare(request)[0]
+
+    def prepare(self, request: ServiceRequest) -> tuple[GenerationOptions, list]:
+        """(checked options, the LoRAs its prompt names); InvalidOptions lists every problem."""
         options = request.options.with_defaults(getattr(self.pipe, "recommended", {}))
-        problems = options.problems(self.pipe.limits())
+        problems, loras = [], []
+        try:
+            prompt, loras = self.adapters.split_prompt(options.prompt)
+            options = replace(options, prompt=prompt)
+        except ValueError as error:
+            problems.append(str(error))
+        problems += options.problems(self.pipe.limits())
         if request.sampler is not None and request.sampler not in self.sampler_names:
             problems.append(f"Unknown sampler {request.sampler!r}: choose one of {', '.join(self.sampler_names)}.")
+        else:
+            scheduler = self.scheduler_for(request.sampler, request.schedule_type)
+            if isinstance(scheduler, Exception):
+                problems.append(f"Schedule type {request.schedule_type!r} with this sampler: {scheduler}")
+            elif sampler_problem(options.guidance_method, scheduler):  # CFG++ takes single-step samplers
+                problems.append(sampler_problem(options.guidance_method, scheduler))
         if problems:
             raise InvalidOptions(" ".join(problems))
-        return options
+        return options, loras
 
-    def request_pipe(self, sampler: str | None):
+    def scheduler_for(self, sampler: str | None, schedule_type: str | None):
+        """The prepared scheduler of `sampler` with `schedule_type` (None / "Automatic" = its own), or the
+        error that makes the pair unusable for this model."""
+        if schedule_type in (None, "Automatic"):
+            return self.schedulers.get(sampler, self.pipe.scheduler)
+        key = (sampler, schedule_type)
+        with self.scheduled_lock:
+            if key not in self.scheduled:
+                try:
+                    self.scheduled[key] = scheduler_with_schedule(self.pipe.scheduler, sampler, schedule_type)
+                except (SchedulerSwapError, ValueError) as error:
+                    self.scheduled[key] = error
+            return self.scheduled[key]
+
+    def request_pipe(self, sampler: str | None, schedule_type: str | None = None):
         """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
-        prepared = self.schedulers.get(sampler, self.pipe.scheduler)
+        prepared = self.scheduler_for(sampler, schedule_type)
         base = self.pipe
         parts = {name: copy.deepcopy(part) if name.startswith("tokenizer") else part  # fast tokenizers are not
                  for name, part in base.components.items()}  # thread-safe; SDXL has two
@@ -102,23 +160,31 @@ class GenerationService:
         pipe.model_id, pipe.model_hash, pipe.recommended = base.model_id, base.model_hash, base.recommended
         return pipe
 
-    def previewer(self) -> LatentPreviewer:
-        """The latent -> RGB preview map, fitted to this model's VAE on first use (a few decodes)."""
+    def previewer(self, mode: str = "cheap") -> LatentPreviewer | VaePreviewer:
+        """"cheap": the latent -> RGB map, fitted to this model's VAE on first use (a few decodes);
+        "full": the VAE decode itself."""
+        if mode not in PREVIEW_MODES:
+            raise ValueError(f"Unknown preview mode {mode!r}: choose one of {', '.join(PREVIEW_MODES)}.")
+        if mode == "full":
+            return VaePreviewer(self.pipe.vae, self.pipe._device)
         with self.preview_lock:
             if self.preview_map is None:
                 self.preview_map = LatentPreviewer.fit(self.pipe.vae, self.pipe._device)
             return self.preview_map
 
     def generate(self, request: ServiceRequest, on_step=None, stop: threading.Event | None = None,
-                 on_preview=None, preview_every: int | None = None) -> list:
+                 on_preview=None, preview_every: int | None = None, preview_mode: str = "cheap") -> list:
         """Make every image of a request; returns (written PNG, recipe) pairs.
 
         `on_step(done, total)` reports progress; setting `stop` ends the run after the current step
         (the images of the batches already finished are kept). With `preview_every` = N, every N steps
-        `on_preview(step, total, images)` gets cheap previews of the batch's current latents (`previews`).
+        `on_preview(step, total, images)` gets previews of the batch's current latents (`previews`:
+        `preview_mode` "cheap" = the fitted latent -> RGB map, "full" = a VAE decode).
         """
-        options = self.check(request)
-        pipe = self.request_pipe(request.sampler)
+        options, loras = self.prepare(request)
+        pipe = self.request_pipe(request.sampler, request.schedule_type)
+        pipe.embedding_records = self.adapters.used_embeddings(
+            [t for t in (options.prompt, options.negative_prompt) if isinstance(t, str)])
         self.outputs.mkdir(parents=True, exist_ok=True)
         batches = request.seeds()
         results, done = [], 0
@@ -131,14 +197,16 @@ class GenerationService:
             return stop is not None and stop.is_set()
 
         if preview_every:
-            callback = preview_callback(self.previewer(), preview_every, on_preview, callback,
+            callback = preview_callback(self.previewer(preview_mode), preview_every, on_preview, callback,
                                         scale=pipe.vae_scale_factor)
-        for seeds in batches:
-            try:
-                out = pipe(**replace(options, seed=seeds, callback=callback, progress_bar=False).kwargs())
-            except GenerationCancelled:
-                break
-            results += [(self.write(image, recipe), recipe) for image, recipe in zip(out.images, out.recipes)]
+        try:
+            with self.adapters.using(loras, stop) as records:
+                pipe.lora_records = records
+                for seeds in batches:
+                    out = pipe(**replace(options, seed=seeds, callback=callback, progress_bar=False).kwargs())
+                    results += [(self.write(image, recipe), recipe) for image, recipe in zip(out.images, out.recipes)]
+        except GenerationCancelled:
+            pass  # the batches finished before the stop are kept
         return results
 
     def write(self, image, recipe: dict) -> Path:

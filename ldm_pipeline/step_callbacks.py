@@ -88,7 +88,7 @@ class StepEndCallback:
             self.interrupted_after = i + 1
         if "prompt_embeds" in changed or "negative_prompt_embeds" in changed:
             embeds = replace(embeds, cond=changed.get("prompt_embeds", embeds.cond),
-                             uncond=changed.get("negative_prompt_embeds", embeds.uncond), _pair=None)
+                             uncond=changed.get("negative_prompt_embeds", embeds.uncond), _batches={})
         return changed.get("latents", latents), embeds
 
     def describe(self) -> str:

@@ -45,10 +45,12 @@ def upload(url: str, path: Path) -> str:
     return response.json()[0]
 
 
-def call(url: str, api_name: str, data: list, session: str | None = None, timeout: float = 120) -> tuple[dict, str]:
-    """Run one event through the queue as the browser does; (the completed message, the raw stream text)."""
+def call(url: str, api_name: str, data: list, session: str | None = None, timeout: float = 120,
+         event_data: dict | None = None) -> tuple[dict, str]:
+    """Run one event through the queue as the browser does; (the completed message, the raw stream text).
+    `event_data`: what the browser sends with a select event ({"index": i, "value": ...})."""
     session = session or secrets.token_hex(6)
-    body = {"data": data, "fn_index": fn_index(url, api_name), "session_hash": session, "event_data": None,
+    body = {"data": data, "fn_index": fn_index(url, api_name), "session_hash": session, "event_data": event_data,
             "trigger_id": None}
     joined = httpx.post(f"{url}{API}/queue/join", content=json.dumps(body),  # NaN / Infinity allowed
                         headers={"Content-Type": "application/json"}, timeout=30)

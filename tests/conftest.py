@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -23,6 +24,16 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(tmp_path_factory):
+    """One ONNX export cache for the session, never ~/.cache: `ldm-generate`'s default backend exports the
+    embedded model there on first use (tests that need their own set LDM_CACHE_DIR themselves)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.mktemp("ldm-cache")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")
@@ -72,18 +83,14 @@ def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout: 
     pytest.fail(f"server did not answer {url} within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def app_server(tiny_model_dir, tmp_path_factory):
-    """`python app.py --model <tiny model>` as a real subprocess on a free 127.0.0.1 port.
+@contextlib.contextmanager
+def serve_app(tmp_path_factory, model: Path, *extra: str):
+    """`python app.py --model <model> *extra` as a real subprocess on a free 127.0.0.1 port.
 
-    Yields a namespace with `url`, `outputs` (the folder the server writes PNGs to) and `cache`
-    (Gradio's upload and cache folder, GRADIO_TEMP_DIR).
+    Yields a namespace with `url`, `outputs` (the folder the server writes PNGs to), `cache`
+    (Gradio's upload and cache folder, GRADIO_TEMP_DIR), `log` and `process`.
     """
-    yield from launched_app(tiny_model_dir, tmp_path_factory.mktemp("app-server"))
-
-
-def launched_app(model: Path, workdir: Path, *extra_args: str):
-    """Run `python app.py --model MODEL` in `workdir` until the generator is closed (see `app_server`)."""
+    workdir = tmp_path_factory.mktemp("app-server")
     outputs = workdir / "outputs"
     cache = workdir / "gradio-cache"
     log_path = workdir / "server.log"
@@ -93,7 +100,7 @@ def launched_app(model: Path, workdir: Path, *extra_args: str):
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
                GRADIO_TEMP_DIR=str(cache), TMPDIR=str(workdir / "server-tmp"))  # --outputs outside cwd and TMPDIR
     command = [sys.executable, str(REPO_DIR / "app.py"), "--model", str(model),
-               "--port", str(port), "--outputs", str(outputs), "--concurrency", "2", *extra_args]
+               "--port", str(port), "--outputs", str(outputs), *extra]
     with open(log_path, "w") as log:
         (workdir / "server-tmp").mkdir()
         (workdir / "server-cwd").mkdir()
@@ -110,6 +117,52 @@ def launched_app(model: Path, workdir: Path, *extra_args: str):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_model_dir, tmp_path_factory):
+    """The app on the tiny model (`serve_app`), two generations at a time."""
+    with serve_app(tmp_path_factory, tiny_model_dir, "--concurrency", "2") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def adapter_folders(tmp_path_factory):
+    """A --lora-dir (style.safetensors, a LoRA of the tiny model as our training writes it, and a pickle file
+    that must not be offered), an --embedding-dir (zorblax.safetensors) and, beside them, a LoRA outside
+    the folder (`outside.safetensors`) that a `../outside` name would reach."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.test_lora_loading import write_lora
+    from training.lora_export import KOHYA_FILE
+
+    root = tmp_path_factory.mktemp("adapters")
+    loras, embeddings = root / "loras", root / "embeddings"
+    loras.mkdir()
+    embeddings.mkdir()
+    kohya = write_lora(root / "trained", seed=1) / KOHYA_FILE
+    shutil.copy(kohya, loras / "style.safetensors")
+    shutil.copy(kohya, loras / "pickled.pt")
+    shutil.copy(kohya, root / "outside.safetensors")
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(4)) * 4
+    save_file({"<zorblax>": vector}, str(embeddings / "zorblax.safetensors"))
+    return type("AdapterFolders", (), {"loras": loras, "embeddings": embeddings, "outside": root / "outside.safetensors"})
+
+
+@pytest.fixture(scope="session")
+def adapter_app_server(tiny_model_dir, adapter_folders, tmp_path_factory):
+    """The app with `--lora-dir` and `--embedding-dir` (`adapter_folders`), two generations at a time."""
+    with serve_app(tmp_path_factory, tiny_model_dir, "--concurrency", "2", "--lora-dir", str(adapter_folders.loras),
+                   "--embedding-dir", str(adapter_folders.embeddings)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def single_slot_app_server(tiny_model_dir, tmp_path_factory):
+    """The app running one generation at a time (`--concurrency 1`): a second request has to wait."""
+    with serve_app(tmp_path_factory, tiny_model_dir, "--concurrency", "1", "--backend", "pytorch") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,11 @@ from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.service import GenerationService
 
 FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
-    prompt="a red circle", negative_prompt="", sampler="ddim", steps=4, guidance_scale=7.5,
+    prompt="a red circle", negative_prompt="", sampler="ddim", schedule_type="Automatic", steps=4, guidance_scale=7.5,
     guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
     guidance_rescale=-1.0, width=32.0, height=32.0, seed=-1.0, batch_count=1.0, batch_size=1.0,
+    guidance_method="cfg", apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5, cfg_zero_init_steps=1.0,
+    pag_scale=0.0, pag_layers="mid",
 )
 
 
@@ -80,22 +82,29 @@ def test_accuracy_table_shown_when_present_and_explained_when_missing(tmp_path):
     assert "missing" in note and "benchmarks/sampler_accuracy.py" in note
 
 
-def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
+def settings_from_png(tmp_path, parameters: str) -> tuple[str, dict]:
+    """The PNG-info tab on a PNG carrying only A1111 `parameters` text: (text shown, txt2img values it fills)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    # a PNG as AUTOMATIC1111 writes it (parameters text only, no recipe)
     info = PngInfo()
-    info.add_text("parameters", "a cat, best quality\nNegative prompt: blurry\n"
-                                "Steps: 25, Sampler: Euler a, CFG scale: 6.5, Seed: 99, Size: 512x768, Model: sd15")
+    info.add_text("parameters", parameters)
     path = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     text, fields = app.png_info(str(path))
-    assert text.startswith("a cat, best quality")
     updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields)))
-    values = {name: u.get("value") for name, u in updates.items() if "value" in u}
+    return text, {name: u.get("value") for name, u in updates.items() if "value" in u}
+
+
+def test_png_info_fields_fill_the_txt2img_settings(tmp_path):
+    # a PNG as AUTOMATIC1111 writes it (parameters text only, no recipe)
+    text, values = settings_from_png(tmp_path, "a cat, best quality\nNegative prompt: blurry\n"
+                                               "Steps: 25, Sampler: Euler a, CFG scale: 6.5, Seed: 99, Size: 512x768, "
+                                               "Model: sd15")
+    assert text.startswith("a cat, best quality")
     assert values == {"prompt": "a cat, best quality", "negative_prompt": "blurry", "steps": 25,
-                      "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768}
+                      "guidance_scale": 6.5, "seed": 99, "width": 512, "height": 768,
+                      "sampler": "euler-a", "schedule_type": "Automatic"}  # A1111's "Euler a", its own schedule
 
 
 def test_png_info_of_a_recipe_that_cannot_replay_says_why(tmp_path):
@@ -122,7 +131,7 @@ def test_png_info_explains_a_png_without_parameters(tmp_path):
 
 
 def test_form_values_become_a_request():
-    form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
+    form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", "Automatic", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
                                         32.0, 48.0, -1.0, 2.0, 3.0]))
     request = app.request_from_form(form)
     options = request.options
@@ -167,3 +176,41 @@ def test_png_fields_fill_the_sdxl_settings():
                                 "target_height": 64, "target_width": 32})
     assert options == {"prompt_2": None, "negative_prompt_2": "x", "original_size": None,
                        "crops_coords_top_left": (0, 0), "target_size": (64, 32)}
+
+
+def test_form_sends_only_the_chosen_guidance_methods_parameters(service):
+    request = app.request_from_form({**FORM, "guidance_method": "apg", "apg_eta": 0.3, "pag_scale": 2.5,
+                                     "pag_layers": "mid, up_blocks.0"})
+    options = service.check(request)
+    assert (options.guidance_method, options.apg_eta, options.apg_norm_threshold, options.apg_momentum) == (
+        "apg", 0.3, 15.0, -0.5)
+    assert options.cfg_zero_init_steps is None and options.pag_scale == 2.5
+    assert options.pag_layers == ["mid", "up_blocks.0"]
+    zero = service.check(app.request_from_form({**FORM, "guidance_method": "cfg-zero*", "cfg_zero_init_steps": 2.0}))
+    assert zero.cfg_zero_init_steps == 2 and zero.apg_eta is None
+    with pytest.raises(ValueError, match=r"CFG\+\+ .* Choose one of: ddim"):
+        service.check(app.request_from_form({**FORM, "guidance_method": "cfg++", "sampler": "dpmpp-2m"}))
+
+
+def test_png_info_fills_the_guidance_method_fields(tmp_path):
+    _, values = settings_from_png(tmp_path, "a cat\nSteps: 20, Sampler: Euler a CFG++, CFG scale: 0.8, Seed: 3, "
+                                            "Size: 64x64, pag_enabled: True, pag_scale: 3, pag_block: middle, "
+                                            "pag_block_id: 0")
+    assert values["guidance_method"] == "cfg++" and values["pag_scale"] == 3.0 and values["pag_layers"] == "mid"
+
+
+def test_the_form_is_built_from_the_registry_and_the_settings_record(service):
+    """New samplers, schedule types and guidance schedules appear in the form without touching app.py."""
+    import gradio as gr
+
+    from custom_schedulers import names, registry
+    from ldm_pipeline.guidance import SCHEDULE_NAMES
+
+    demo = app.build_ui(service)
+    menus = {c.label: [value for _, value in c.choices] for c in demo.blocks.values() if isinstance(c, gr.Dropdown)}
+    usable = {name for name in registry.available() if not isinstance(service.schedulers.get(name), Exception)}
+    assert set(menus["Sampler"]) == usable and len(usable) > 20
+    assert menus["Schedule type"] == names.schedule_types() and "Karras" in menus["Schedule type"]
+    assert menus["Dynamic guidance"] == list(SCHEDULE_NAMES)
+    numbers = {c.label: c.value for c in demo.blocks.values() if isinstance(c, gr.Number)}
+    assert numbers["Minimum scale of the ramps"] == app.GenerationOptions().guidance_min_scale

@@ -23,12 +23,13 @@ from test_app_server import txt2img_args
 pytestmark = pytest.mark.slow
 
 SECRET = "ldm-secret-7f3a9c0e"  # in every planted file; must never come back
+NO_PREVIEW = [0, "cheap", None]  # preview every 0 steps (off), its mode, and the history State's slot
 FILE_ENDPOINTS = {  # api name -> the inputs of one call with `fd` as its file
-    "img2img": lambda fd: [*txt2img_args(seed=1), fd, 0.6, 0],  # 0: no previews
-    "inpaint": lambda fd: [*txt2img_args(seed=1), {"background": fd, "layers": [], "composite": None}, 1.0, 0],
+    "img2img": lambda fd: [*txt2img_args(seed=1), fd, 0.6, *NO_PREVIEW],
+    "inpaint": lambda fd: [*txt2img_args(seed=1), {"background": fd, "layers": [], "composite": None}, 1.0, *NO_PREVIEW],
     "png_info": lambda fd: [fd],
 }
-INPAINT_LAYER = lambda fd: [*txt2img_args(seed=1), {"background": None, "layers": [fd], "composite": fd}, 1.0, 0]  # noqa: E731
+INPAINT_LAYER = lambda fd: [*txt2img_args(seed=1), {"background": None, "layers": [fd], "composite": fd}, 1.0, *NO_PREVIEW]  # noqa: E731
 
 
 def secret_png(path):

@@ -17,9 +17,11 @@ from ldm_pipeline import load_pipeline, metadata, swap_scheduler
 pytestmark = pytest.mark.slow
 
 FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
-    prompt="a red circle", negative_prompt="", sampler="ddim", steps=2, guidance_scale=7.5,
+    prompt="a red circle", negative_prompt="", sampler="ddim", schedule_type="Automatic", steps=2, guidance_scale=7.5,
     guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
     guidance_rescale=-1, width=32, height=32, seed=-1, batch_count=1, batch_size=1,
+    guidance_method="cfg", apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5, cfg_zero_init_steps=1.0,
+    pag_scale=0.0, pag_layers="mid",
 )
 
 

@@ -75,6 +75,23 @@ CASES = [  # (settings on top of BASE, what the message says)
     ({"clip_skip": 50}, CLIP_SKIP),
     ({"num_images_per_prompt": 0}, "Images per prompt (num_images_per_prompt) must be a whole number >= 1"),
     ({"width": 30, "num_inference_steps": 0}, WIDTH),  # every problem at once, in one message
+    ({"guidance_method": "cfg+"}, "Unknown guidance method (guidance_method) 'cfg+': choose one of cfg, apg, cfg++"),
+    ({"guidance_method": 3}, "Unknown guidance method (guidance_method) 3"),
+    ({"apg_eta": 0.5}, "APG eta (apg_eta) only applies to guidance_method='apg'; leave it out with 'cfg'."),
+    ({"guidance_method": "apg", "apg_eta": NAN}, "APG eta (apg_eta) must be a finite number"),
+    ({"guidance_method": "apg", "apg_norm_threshold": -1.0},
+     "APG norm threshold (apg_norm_threshold) must be a finite number >= 0 (0 = off)"),
+    ({"guidance_method": "apg", "apg_momentum": 1.0}, "APG momentum (apg_momentum) must be above -1 and below 1"),
+    ({"guidance_method": "cfg-zero*", "cfg_zero_init_steps": 2},
+     "CFG-Zero* zero-init steps (cfg_zero_init_steps) (2) must be fewer than the steps (2)"),
+    ({"guidance_method": "cfg-zero*", "cfg_zero_init_steps": 0.5},
+     "CFG-Zero* zero-init steps (cfg_zero_init_steps) must be a whole number >= 0"),
+    ({"guidance_method": "apg", "cfg_zero_init_steps": 1},
+     "CFG-Zero* zero-init steps (cfg_zero_init_steps) only applies to guidance_method='cfg-zero*'"),
+    ({"pag_scale": -1.0}, "PAG scale (pag_scale) must be a finite number from 0 to 100 (0 = off)"),
+    ({"pag_scale": INF}, "PAG scale (pag_scale) must be a finite number from 0 to 100 (0 = off)"),
+    ({"pag_scale": 2.0, "pag_layers": []}, "PAG layers (pag_layers) must be UNet self-attention layer names"),
+    ({"pag_scale": 2.0, "pag_layers": [3]}, "PAG layers (pag_layers) must be UNet self-attention layer names"),
 ]
 IDS = [f"{i:02d}-{'+'.join(settings)}" for i, (settings, _) in enumerate(CASES)]
 OPTION_TO_LINE_KEY = {option: key for key, option in LINE_KEYS.items() if option}
@@ -131,7 +148,7 @@ def app_request(settings: dict) -> ServiceRequest:
     if not set(settings) <= {*FORM_NUMBERS, "prompt", "negative_prompt", "guidance_schedule"} or not numbers_only \
             or not isinstance(values["prompt"], str) or not isinstance(values.get("negative_prompt", ""), str):
         return ServiceRequest(GenerationOptions(**values), sampler=None)
-    form = dict(zip(app.SETTING_NAMES, ["", "", "ddim", 2, 7.5, "constant", 1.0, False, 0.28, 5.42, -1.0, 32, 32,
+    form = dict(zip(app.SETTING_NAMES, ["", "", "ddim", "Automatic", 2, 7.5, "constant", 1.0, False, 0.28, 5.42, -1.0, 32, 32,
                                         values["seed"], 1, 1]))
     form.update({FORM_NUMBERS.get(k, k): v for k, v in values.items() if FORM_NUMBERS.get(k, k) in app.SETTING_NAMES})
     return app.request_from_form(form)

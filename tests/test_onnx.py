@@ -91,7 +91,7 @@ def test_generate_with_backend_onnx_writes_the_same_images_and_recipes(tmp_path,
     """The embedded model through the export cache: same pixels (within the tolerance) and recipes, plus the backend."""
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
     args = [PROMPT, "--n", "3", "--seed", "5", "--guidance-rescale", "0.3", "--clip-skip", "1"]
-    assert generate([*args, "--out", str(tmp_path / "pytorch")]) == 0
+    assert generate([*args, "--out", str(tmp_path / "pytorch"), "--backend", "pytorch"]) == 0
     assert generate([*args, "--out", str(tmp_path / "onnx"), "--backend", "onnx"]) == 0
     exported = list((tmp_path / "cache" / "onnx").iterdir())
     assert len(exported) == 1 and (exported[0] / EXPORT_RECORD).is_file()

@@ -53,3 +53,25 @@ def test_a_30_step_run_yields_previews_that_change_before_the_final_image(servic
     assert arrays[0].shape == (64, 64, 3)
     changed = sum(np.abs(a - b).mean() > 0.5 for a, b in zip(arrays, arrays[1:]))
     assert changed >= 2
+
+
+def test_full_previews_are_the_pipelines_own_decode_of_the_current_latents(service):
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+    shown = service.previewer("full").images(latents)
+    with torch.no_grad():
+        decoded = service.pipe._decode(latents, "np")
+    side = 4 * service.pipe.vae_scale_factor
+    assert [image.size for image in shown] == [(side, side)] * 2
+    for image, expected in zip(shown, decoded):
+        assert np.abs(np.asarray(image, dtype=np.int16) - np.round(expected * 255)).max() <= 1
+    with pytest.raises(ValueError, match="Unknown preview mode 'fast': choose one of cheap, full"):
+        service.previewer("fast")
+
+
+def test_a_run_with_full_previews_shows_them_at_the_requested_steps(service):
+    previews = []
+    request = ServiceRequest(GenerationOptions(prompt="a red circle", num_inference_steps=6, width=32, height=32,
+                                               seed=5), sampler="euler")
+    service.generate(request, on_preview=lambda step, total, images: previews.append((step, images[0].size)),
+                     preview_every=2, preview_mode="full")
+    assert previews == [(2, (32, 32)), (4, (32, 32))]

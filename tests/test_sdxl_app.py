@@ -11,7 +11,7 @@ from gradio_client import Client
 from PIL import Image
 
 from ldm_pipeline import load_pipeline, metadata, swap_scheduler
-from tests.conftest import launched_app
+from tests.conftest import serve_app
 from training.tiny_models import tiny_sdxl_components
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,8 @@ def sdxl_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_server(sdxl_folder, tmp_path_factory):
-    yield from launched_app(sdxl_folder, tmp_path_factory.mktemp("sdxl-app"))
+    with serve_app(tmp_path_factory, sdxl_folder) as server:
+        yield server
 
 
 def labels(url: str) -> dict[str, dict]:
