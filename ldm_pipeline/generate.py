@@ -49,7 +49,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from accelerate import PartialState
@@ -71,8 +71,10 @@ from ldm_pipeline.loading import BACKENDS, ModelLoadError, load_pipeline
 from ldm_pipeline.options import SEED_STRIDE, GenerationOptions, image_seeds, line_seed
 from ldm_pipeline.perturbed_attention import DEFAULT_LAYERS
 from ldm_pipeline.prompt_weights import EMPHASIS_MODES
-from ldm_pipeline.sdxl import Refiner
 from ldm_pipeline.service import prepare_schedulers
+
+if TYPE_CHECKING:
+    from ldm_pipeline.sdxl import Refiner
 
 logger = logging.getLogger("ldm_pipeline.generate")
 
@@ -244,7 +246,7 @@ def batches(units: list[Unit], batch_size: int) -> Iterator[list[Unit]]:
 
 
 def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_pickle: bool = False,
-                   refiner: Refiner | None = None) -> None:
+                   refiner: "Refiner | None" = None) -> None:
     job = batch[0].job
     activate_loras(pipe, list(job.loras), allow_pickle)
     scheduler = schedulers[job.scheduler]
@@ -260,7 +262,7 @@ def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_p
 
 
 def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, process: str,
-              allow_pickle: bool = False, refiner: Refiner | None = None) -> int:
+              allow_pickle: bool = False, refiner: "Refiner | None" = None) -> int:
     """Make the images of this process' share; returns the number of failed images.
 
     A failing prompt does not stop the rest; an output folder that cannot take a file stops the share."""
@@ -466,13 +468,15 @@ def prepare_output(out: Path) -> None:
     remove_stale_temporaries(out)
 
 
-def load_refiner(args, base, device) -> Refiner:
+def load_refiner(args, base, device) -> "Refiner":
     """--refiner: an SDXL refiner folder for an SDXL base, on the same device and dtype."""
     if base.family != "sdxl":
         raise ValueError(f"--refiner needs an SDXL base model; --model is a {base.family} model.")
     if Path(args.refiner).is_file():
         raise ValueError(f"--refiner {args.refiner}: give the refiner as a diffusers folder (a single file needs its "
                          "own config folder: load_pipeline(file, config=...).save_pretrained(folder) once).")
+    from ldm_pipeline.sdxl import Refiner  # diffusers' pipelines: only when a refiner is asked for
+
     pipe = load_pipeline(args.refiner, device=args.device or device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     return Refiner(pipe, args.refiner_switch_at)
 

@@ -16,13 +16,19 @@ from training.tiny_models import tiny_sdxl_components
 
 pytestmark = pytest.mark.slow
 
-FORM = dict(  # app.SETTING_NAMES, then app.SDXL_SETTING_NAMES
-    prompt="a red circle", negative_prompt="", sampler="euler", steps=3, guidance_scale=4.0,
-    guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
-    guidance_rescale=-1, width=32, height=32, seed=11, batch_count=1, batch_size=1,
+SDXL_FORM = dict(  # app.SDXL_SETTING_NAMES, after the shared settings (app.SETTING_NAMES, from test_app_server)
     prompt_2="a blue square", negative_prompt_2="green", original_height=48, original_width=40, crop_top=4,
     crop_left=8, target_height=0, target_width=0,
 )
+
+
+def sdxl_args() -> list:
+    import app
+    from tests.test_app_server import txt2img_args
+
+    assert list(SDXL_FORM) == list(app.SDXL_SETTING_NAMES)
+    shared = txt2img_args(sampler="euler", steps=3, guidance_scale=4.0, seed=11)
+    return [*shared, *SDXL_FORM.values()]
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +50,16 @@ def labels(url: str) -> dict[str, dict]:
 
 
 def test_sdxl_form_has_second_prompts_size_conditioning_and_the_model_size(sdxl_server, app_server):
-    import app
 
     shown = labels(sdxl_server.url)
     assert "Prompt 2 (second text encoder; empty = the prompt)" in shown and "Size conditioning (SDXL)" in shown
     assert shown["Width (multiple of 8)"]["value"] == 32 * 2  # unet sample_size 32 x VAE factor 2
-    assert list(FORM) == [*app.SETTING_NAMES, *app.SDXL_SETTING_NAMES]
     sd_form = labels(app_server.url)  # an SD model: none of them
     assert not [label for label in sd_form if "Prompt 2" in label or "SDXL" in label]
 
 
 def test_sdxl_txt2img_over_http_equals_the_python_call(sdxl_server, sdxl_folder):
-    result = Client(sdxl_server.url, verbose=False).predict(*FORM.values(), api_name="/txt2img")
+    result = Client(sdxl_server.url, verbose=False).predict(*sdxl_args(), api_name="/txt2img")
     path = result[0][0]["image"]
     recipe = metadata.read_png(path).recipe
     assert recipe["sdxl"] == {"prompt_2": "a blue square", "negative_prompt_2": "green", "original_size": [48, 40],
