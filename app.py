@@ -27,7 +27,7 @@ from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
 from ldm_pipeline.guidance_methods import METHODS, PARAMETERS, GuidanceMethod
 from ldm_pipeline.hires import UPSCALERS, HiresFix
-from ldm_pipeline.loading import DEFAULT_MODEL_DIR
+from ldm_pipeline.loading import DEFAULT_MODEL_DIR, path_family
 from ldm_pipeline.onnx_backend import long_running_backend
 from ldm_pipeline.options import MAX_SIDE
 from ldm_pipeline.plots import schedule_figures
@@ -73,6 +73,10 @@ SETTING_NAMES = (  # the generation settings every tab shares, in the order the 
     "use_interval", "sigma_lo", "sigma_hi", "guidance_rescale", "width", "height", "seed", "batch_count", "batch_size",
     *METHOD_FIELDS,
 )
+SDXL_SETTING_NAMES = (  # SDXL models only: the second encoder's prompts and the size conditioning (0 = the image's)
+    "prompt_2", "negative_prompt_2", "original_height", "original_width", "crop_top", "crop_left", "target_height",
+    "target_width",
+)
 
 
 def request_from_form(values: dict, image=None, mask_image=None, strength=None) -> ServiceRequest:
@@ -84,6 +88,7 @@ def request_from_form(values: dict, image=None, mask_image=None, strength=None) 
     interval = (float(v.pop("sigma_lo")), float(v.pop("sigma_hi"))) if v.pop("use_interval") else None
     numbers = {k: _whole(k, v.pop(k)) for k in ("steps", "width", "height", "seed", "batch_count", "batch_size")}
     form_problems(numbers)
+    sdxl = sdxl_options({k: v.pop(k) for k in SDXL_SETTING_NAMES if k in v})
     rescale = float(v.pop("guidance_rescale"))
     options = GenerationOptions(
         prompt=v.pop("prompt"), negative_prompt=v.pop("negative_prompt") or None,
@@ -91,11 +96,23 @@ def request_from_form(values: dict, image=None, mask_image=None, strength=None) 
         seed=None if numbers["seed"] == -1 else numbers["seed"], num_images_per_prompt=numbers["batch_size"],
         guidance_interval=interval, guidance_rescale=None if rescale < 0 else rescale,
         image=image, mask_image=mask_image, strength=None if strength is None else float(strength),
-        **{k: v.pop(k) for k in ("guidance_scale", "guidance_schedule", "guidance_min_scale")},
+        **{k: v.pop(k) for k in ("guidance_scale", "guidance_schedule", "guidance_min_scale")}, **sdxl,
         **method_options(v),
     )
     return ServiceRequest(options, sampler=v.pop("sampler"), batch_count=numbers["batch_count"],
                           schedule_type=v.pop("schedule_type") or None)
+
+
+def sdxl_options(fields: dict) -> dict:
+    """The SDXL fields as options: empty prompts = the first encoder's, sizes of 0 = the image's own."""
+    if not fields:
+        return {}
+    n = {k: _whole(k, fields[k]) for k in SDXL_SETTING_NAMES[2:]}
+    size = {name: (n[f"{name}_height"], n[f"{name}_width"]) for name in ("original", "target")}
+    return dict(prompt_2=fields["prompt_2"] or None, negative_prompt_2=fields["negative_prompt_2"] or None,
+                original_size=size["original"] if any(size["original"]) else None,
+                crops_coords_top_left=(n["crop_top"], n["crop_left"]),
+                target_size=size["target"] if any(size["target"]) else None)
 
 
 def form_problems(numbers: dict) -> None:
@@ -118,12 +135,33 @@ def _whole(name: str, value) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def prompt_controls() -> dict:
-    return dict(prompt=gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background"),
-                negative_prompt=gr.Textbox(label="Negative prompt", lines=1))
+def prompt_controls(sdxl: bool) -> dict:
+    c = dict(prompt=gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background"),
+             negative_prompt=gr.Textbox(label="Negative prompt", lines=1))
+    if sdxl:  # SDXL's second text encoder (OpenCLIP bigG); empty = the prompt above
+        c["prompt_2"] = gr.Textbox(label="Prompt 2 (second text encoder; empty = the prompt)", lines=1)
+        c["negative_prompt_2"] = gr.Textbox(label="Negative prompt 2 (empty = the negative prompt)", lines=1)
+    return c
 
 
-def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict, max_steps: int) -> dict:
+def size_conditioning_controls() -> dict:
+    """SDXL's micro-conditioning (original size, crop top-left, target size); 0 = the image's own size."""
+    c = {}
+    with gr.Accordion("Size conditioning (SDXL)", open=False):
+        with gr.Row():
+            c["original_height"] = gr.Number(value=0, precision=0, label="Original height (0 = image height)")
+            c["original_width"] = gr.Number(value=0, precision=0, label="Original width (0 = image width)")
+        with gr.Row():
+            c["crop_top"] = gr.Number(value=0, precision=0, label="Crop top")
+            c["crop_left"] = gr.Number(value=0, precision=0, label="Crop left")
+        with gr.Row():
+            c["target_height"] = gr.Number(value=0, precision=0, label="Target height (0 = image height)")
+            c["target_width"] = gr.Number(value=0, precision=0, label="Target width (0 = image width)")
+    return c
+
+
+def settings_controls(samplers: list[str], native: int, prefix: str, recommended: dict, max_steps: int,
+                      sdxl: bool = False) -> dict:
     """The shared settings widgets below the prompts (sampler, guidance, size, seed, batch).
 
     Counts and sizes are plain numbers, not sliders: out-of-range values then reach
@@ -159,6 +197,8 @@ def settings_controls(samplers: list[str], native: int, prefix: str, recommended
             c["sigma_lo"] = gr.Number(value=0.28, label="sigma low (sigma_t / alpha_t)")
             c["sigma_hi"] = gr.Number(value=5.42, label="sigma high")
     c.update(guidance_method_controls())
+    if sdxl:
+        c.update(size_conditioning_controls())
     return c
 
 
@@ -230,7 +270,7 @@ def generation_tab(service: GenerationService, form: dict, prefix: str, extra_in
     Results are added to the session's `history` (gr.State)."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=420):
-            settings = prompt_controls()
+            settings = prompt_controls(form.get("sdxl", False))
             buttons = action_buttons(prefix)
             adapter_picker(service, settings["prompt"], prefix)
             extra = extra_inputs()
@@ -306,7 +346,7 @@ def wire_outputs(service: GenerationService, settings: dict, outputs: dict, extr
 
     `build(values: dict, *extra) -> ServiceRequest` turns the form into a request.
     """
-    names = list(SETTING_NAMES)
+    names = [*SETTING_NAMES, *(n for n in SDXL_SETTING_NAMES if n in settings)]
     inputs = [settings[n] for n in names] + extra_inputs + [outputs[k] for k in ("preview_every", "preview_mode")]
 
     # Gradio injects gr.Request and gr.Progress only into leading positional parameters.
@@ -440,18 +480,24 @@ PNG_FIELDS = {  # pipeline option -> shared setting it fills
     "guidance_schedule": "guidance_schedule", "guidance_min_scale": "guidance_min_scale",
     "guidance_rescale": "guidance_rescale", "scheduler": "sampler", "schedule_type": "schedule_type",
     **{name: name for name in METHOD_FIELDS},
+    "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2",
 }
+SDXL_PAIR_FIELDS = {"original_size": ("original_height", "original_width"), "target_size": ("target_height", "target_width"),
+                    "crops_coords_top_left": ("crop_top", "crop_left")}
 
 
-def fields_to_settings(fields: dict) -> list:
-    """Updates for the txt2img settings (unchanged where the PNG says nothing), interval included."""
+def fields_to_settings(fields: dict, names=SETTING_NAMES) -> list:
+    """Updates for the txt2img settings `names` (unchanged where the PNG says nothing), interval and SDXL included."""
     values = {PNG_FIELDS[k]: v for k, v in fields.items() if k in PNG_FIELDS and v is not None}
     if isinstance(values.get("pag_layers"), list):
         values["pag_layers"] = ", ".join(values["pag_layers"])
     interval = fields.get("guidance_interval")
     if interval:
         values.update(use_interval=True, sigma_lo=interval.get("sigma_lo", 0.0), sigma_hi=interval.get("sigma_hi"))
-    return [gr.update(value=values[n]) if n in values else gr.update() for n in SETTING_NAMES]
+    for option, (first, second) in SDXL_PAIR_FIELDS.items():
+        if fields.get(option) is not None:
+            values.update({first: fields[option][0], second: fields[option][1]})
+    return [gr.update(value=values[n]) if n in values else gr.update() for n in names]
 
 
 CSS = """
@@ -474,7 +520,7 @@ def model_header(pipe) -> str:
 def build_ui(service: GenerationService):
     native = service.pipe.unet.config.sample_size * service.pipe.vae_scale_factor
     form = dict(samplers=service.sampler_names, native=native, max_steps=service.pipe.limits().max_steps,
-                recommended=getattr(service.pipe, "recommended", {}))  # pipelines not built by load_pipeline have none
+                recommended=getattr(service.pipe, "recommended", {}), sdxl=service.pipe.limits().family == "sdxl")  # pipelines not built by load_pipeline have none
     with gr.Blocks(title="ldm toolkit", css=CSS) as demo:
         gr.Markdown(model_header(service.pipe), elem_id="model-header")
         history = gr.State([])  # this browser session's results, newest first (see `remembered`)
@@ -603,9 +649,10 @@ def png_tab(txt_settings: dict, tabs) -> None:
 def send_to_txt2img(button, fields, txt_settings: dict, tabs, api_name) -> None:
     """`button` fills the txt2img form from the `fields` State (see `form_fields`) and opens that tab."""
     def on_send(found: dict):
-        return [*fields_to_settings(found or {}), gr.Tabs(selected="txt2img")]
+        return [*fields_to_settings(found or {}, names), gr.Tabs(selected="txt2img")]
 
-    button.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in SETTING_NAMES] + [tabs], api_name=api_name)
+    names = [*SETTING_NAMES, *(n for n in SDXL_SETTING_NAMES if n in txt_settings)]  # an SDXL model's fields too
+    button.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in names] + [tabs], api_name=api_name)
 
 
 def history_tab(page, history, txt_settings: dict, tabs) -> None:
@@ -727,6 +774,8 @@ def backend_options(args: argparse.Namespace) -> dict:
         return {"backend": args.backend, "trace": args.trace}
     if args.lora_dir or args.embedding_dir:
         return {"backend": "pytorch"}
+    if args.model and path_family(Path(args.model)) == "sdxl":
+        return {"backend": "pytorch", "trace": args.trace}  # no ONNX export of SDXL
     return long_running_backend(args.device, args.dtype, args.trace)
 
 

@@ -3,7 +3,8 @@
 Public entry points (stable names):
 
 * `load_pipeline(model=None, *, device=None, dtype=None, allow_pickle=False, **kw)`
-  -> `LatentTextToImagePipeline` (no model: the embedded default model); see `loading`.
+  -> `LatentTextToImagePipeline`, or `LatentSDXLPipeline` for SDXL (no model: the embedded default
+  model); see `loading` and `sdxl`.
 * `swap_scheduler(pipe, name, **overrides)` -> `SwapReport`; see `scheduler_swap`.
 * `LatentTextToImagePipeline.__call__(prompt, **options)` -> `LatentPipelineOutput`
   (images, seeds, unet_evaluations, recipes); options are `GenerationOptions` (`options`:
@@ -30,7 +31,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "ModelLoadError": "loading", "load_pipeline": "loading",
     "GenerationOptions": "options", "InvalidOptions": "options",
     "GenerationCancelled": "pipeline", "LatentPipelineOutput": "pipeline", "NonFiniteLatents": "pipeline",
-    "StepInfo": "pipeline", "LatentTextToImagePipeline": "diffusers_pipeline",
+    "StepInfo": "pipeline", "LatentTextToImagePipeline": "diffusers_pipeline", "LatentSDXLPipeline": "sdxl",
     "SchedulerSwapError": "scheduler_swap", "SwapReport": "scheduler_swap",
     "available_schedulers": "scheduler_swap", "swap_scheduler": "scheduler_swap",
 }

@@ -44,12 +44,14 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
     model_cpu_offload_seq = "text_encoder->unet->vae"
     family = "sd"  # which model family this class runs (`loading.model_family`); SDXL: `sdxl`
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+    UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")  # skipped when a folder has them
+    LORA_LOADER = StableDiffusionLoraLoaderMixin  # diffusers' loader of this family's LoRAs (SDXL: both encoders)
     STOCK_CLASS = "StableDiffusionPipeline"  # what saved folders call themselves: stock diffusers opens them
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' `from_pretrained`, skipping a folder's safety checker, feature extractor and image encoder."""
-        for name in cls._optional_components:
+        for name in cls.UNUSED_COMPONENTS:
             kwargs.setdefault(name, None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -90,7 +92,8 @@ class LatentTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixi
         """diffusers' `load_lora_weights`; a `.pt`/`.bin`/`.ckpt` file needs `allow_pickle=True`."""
         kwargs = pickle_free_kwargs(pretrained_model_name_or_path_or_dict, kwargs, allow_pickle)
         before = self._adapter_names()
-        result = super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        result = self.LORA_LOADER.load_lora_weights(self, pretrained_model_name_or_path_or_dict,
+                                                    adapter_name=adapter_name, **kwargs)
         path = named_file(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"),
                           "pytorch_lora_weights.safetensors")
         for name in self._adapter_names() - before:

@@ -51,7 +51,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from accelerate import PartialState
@@ -78,6 +78,9 @@ from ldm_pipeline.served_adapters import ServedAdapters
 from ldm_pipeline.service import GenerationService, ServiceRequest, prepare_schedulers
 from ldm_pipeline.xyz import AXES, AxisError, XYZPlot, run_plot
 
+if TYPE_CHECKING:
+    from ldm_pipeline.sdxl import Refiner
+
 logger = logging.getLogger("ldm_pipeline.generate")
 
 # a prompt line's keys -> the GenerationOptions field each sets ("scheduler" and "n" are the CLI's own)
@@ -87,6 +90,9 @@ LINE_KEYS = {
     "guidance_min_scale": "guidance_min_scale", "guidance_interval": "guidance_interval",
     "guidance_rescale": "guidance_rescale", "width": "width", "height": "height", "clip_skip": "clip_skip",
     "emphasis": "emphasis", "scheduler": None, "n": "num_images_per_prompt", "hires": "hires",
+    # SDXL models only (sizes as [height, width], the crop as [top, left])
+    "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2", "original_size": "original_size",
+    "crops_coords_top_left": "crops_coords_top_left", "target_size": "target_size",
     **{key: key for key in ("guidance_method", "apg_eta", "apg_norm_threshold", "apg_momentum", "cfg_zero_init_steps",
                             "pag_scale", "pag_layers")},
 }
@@ -105,6 +111,7 @@ class Job:
     options: GenerationOptions
     scheduler: str | None = None
     loras: tuple[LoraFile, ...] = ()  # --lora files, then the prompt's <lora:NAME:W> tags
+    refiner: dict | None = None  # --refiner: its name, hash and switch (`sdxl.Refiner.describe`)
 
 
 @dataclass(frozen=True)
@@ -124,8 +131,9 @@ class Unit:
         settings = self.job.options.settings()
         settings.pop("num_images_per_prompt")
         loras = [[lora.name, lora_hash(lora.path), lora.scale] for lora in self.job.loras]  # never the server's paths
+        refiner = {"refiner": self.job.refiner} if self.job.refiner else {}
         return {**settings, "scheduler": self.job.scheduler, "loras": loras, "index": self.job.index, "k": self.k,
-                "seed": self.seed}
+                "seed": self.seed, **refiner}
 
 
 # ---------------------------------------------------------------- reading prompts
@@ -242,13 +250,14 @@ def batches(units: list[Unit], batch_size: int) -> Iterator[list[Unit]]:
         yield current
 
 
-def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_pickle: bool = False) -> None:
+def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_pickle: bool = False,
+                   refiner: "Refiner | None" = None) -> None:
     job = batch[0].job
     activate_loras(pipe, list(job.loras), allow_pickle)
     scheduler = schedulers[job.scheduler]
     pipe.scheduler = type(scheduler).from_config(scheduler.config)  # fresh state for every batch
     options = replace(job.options, seed=[u.seed for u in batch], num_images_per_prompt=len(batch), progress_bar=False)
-    result = pipe(**options.kwargs())
+    result = pipe(**options.kwargs()) if refiner is None else refiner(pipe, options)
     for unit, image, recipe in zip(batch, result.images, result.recipes):
         recipe["batch"] = {"line": job.line, "index": job.index, "k": unit.k, "request": unit.request()}
         try:
@@ -258,7 +267,7 @@ def generate_batch(pipe, schedulers: dict, batch: list[Unit], out: Path, allow_p
 
 
 def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, process: str,
-              allow_pickle: bool = False) -> int:
+              allow_pickle: bool = False, refiner: "Refiner | None" = None) -> int:
     """Make the images of this process' share; returns the number of failed images.
 
     A failing prompt does not stop the rest; an output folder that cannot take a file stops the share."""
@@ -268,7 +277,7 @@ def run_share(pipe, schedulers, units: list[Unit], out: Path, batch_size: int, p
     failed = 0
     for batch in batches(todo, batch_size):
         try:
-            generate_batch(pipe, schedulers, batch, out, allow_pickle)
+            generate_batch(pipe, schedulers, batch, out, allow_pickle, refiner)
         except OutputError as error:
             print(f"error: {error.strerror}; stopping (rerun to make the rest)", file=sys.stderr)
             return len(todo) - sum(is_done(out / u.filename, u) for u in todo)
@@ -321,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     p.add_argument("--prompt-2", default=None, metavar="TEXT",
                    help="SDXL only: the second text encoder's prompt (default: the prompt)")
+    p.add_argument("--negative-2", default=None, metavar="TEXT",
+                   help="SDXL only: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the model's recommendation in its record.json, else 30)")
@@ -356,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="PATH", help="diffusers folder or .safetensors (default: embedded)")
     p.add_argument("--config", default=None, metavar="DIR", help="config folder for a single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt weights (can run code)")
+    p.add_argument("--refiner", default=None, metavar="PATH",
+                   help="SDXL refiner folder taking over from the SDXL base at --refiner-switch-at")
+    p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
+                   help="fraction of the schedule the SDXL base runs before the refiner (default %(default)s)")
     p.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="PATH[:SCALE]",
                    help="a LoRA file (diffusers or kohya/A1111) and its weight (default 1); repeatable")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
@@ -413,6 +428,7 @@ def default_job(args) -> Job:
         guidance_rescale=args.guidance_rescale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.n, clip_skip=args.clip_skip, emphasis=args.emphasis, prompt_2=args.prompt_2,
         hires=HiresFix(args.hires, args.hires_steps, args.hires_strength, args.hires_upscaler) if args.hires else None,
+        negative_prompt_2=args.negative_2,
         **guidance_method_options(args),
     )
     return Job(index=0, line=0, options=options, scheduler=args.scheduler)
@@ -467,6 +483,19 @@ def prepare_output(out: Path) -> None:
         raise OutputError(error.errno, f"cannot write to the output folder {out}: "
                                        f"{error.strerror or error}; choose another --out") from None
     remove_stale_temporaries(out)
+
+
+def load_refiner(args, base, device) -> "Refiner":
+    """--refiner: an SDXL refiner folder for an SDXL base, on the same device and dtype."""
+    if base.family != "sdxl":
+        raise ValueError(f"--refiner needs an SDXL base model; --model is a {base.family} model.")
+    if Path(args.refiner).is_file():
+        raise ValueError(f"--refiner {args.refiner}: give the refiner as a diffusers folder (a single file needs its "
+                         "own config folder: load_pipeline(file, config=...).save_pretrained(folder) once).")
+    from ldm_pipeline.sdxl import Refiner  # diffusers' pipelines: only when a refiner is asked for
+
+    pipe = load_pipeline(args.refiner, device=args.device or device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    return Refiner(pipe, args.refiner_switch_at)
 
 
 def resolve_backend(args, device) -> str:
@@ -555,6 +584,8 @@ def run(argv: list[str] | None = None) -> int:
         load_embeddings(pipe, args.embedding, args.allow_pickle)
         jobs, errors = load_jobs(args, default_job(args))
         jobs, errors = with_loras(jobs, errors, args)
+        refiner = load_refiner(args, pipe, state.device) if args.refiner else None
+        jobs = [replace(job, refiner=refiner.describe()) for job in jobs] if refiner else jobs
         prepare_output(out)  # once the model loads (a refused run leaves no folder); every process, before any writes
     except (ModelLoadError, OutputError, FileNotFoundError, ValueError) as error:
         print(f"error: {error.strerror if isinstance(error, OutputError) else error}", file=sys.stderr)
@@ -571,7 +602,7 @@ def run(argv: list[str] | None = None) -> int:
     units = units_for(jobs)
     with state.split_between_processes(units) as share:
         failed = run_share(pipe, schedulers, share, out, args.batch_size, f"{state.process_index}/{state.num_processes}",
-                           args.allow_pickle)
+                           args.allow_pickle, refiner)
     state.wait_for_everyone()
     if state.is_main_process:
         try:

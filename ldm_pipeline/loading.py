@@ -7,13 +7,15 @@
 * None: the embedded default model in `ldm_pipeline/default_model/`;
 * a diffusers folder (model_index.json + vae/, text_encoder/, tokenizer/, unet/,
   scheduler/), e.g. any Stable Diffusion 1.x/2.x folder or one written by `training/`;
-  an SDXL folder (also text_encoder_2/, tokenizer_2/) loads into `sdxl.LatentSDXLPipeline`;
+  an SDXL folder (also text_encoder_2/, tokenizer_2/) loads into `sdxl.LatentSDXLPipeline`
+  (a refiner, whose index has no text_encoder/tokenizer, too);
   the family found ("sd" or "sdxl") is logged and kept as `pipe.family`. SD3 and Flux
   (transformer/ models) are refused, pointing to the stock pipelines;
 * a single `.safetensors` checkpoint in the original LDM layout, loaded with diffusers'
   `from_single_file` fully offline; such a file carries no configs and no tokenizer,
   so `config=` must name a diffusers folder of the same architecture (its weights are
-  not needed, only its config files and tokenizer).
+  not needed, only its config files and tokenizer); an SDXL config folder reads an SDXL
+  checkpoint (`conditioner.embedders.*` text encoders).
 
 Pickle formats (.ckpt, .bin, .pt, .pth) can run code when loaded: they are refused
 unless `allow_pickle=True`.
@@ -80,6 +82,8 @@ def load_pipeline(
         pipe = load_torch_pipeline(path, device, dtype, allow_pickle, kw.get("config"), accelerations)
     elif backend == "onnx":
         from ldm_pipeline.onnx_backend import load_onnx_pipeline
+
+        check_onnx_family(path, kw.get("config"))
 
         pipe = load_onnx_pipeline(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                   config=kw.get("config"), accelerations=accelerations)
@@ -154,11 +158,11 @@ def check_folder(path: Path, allow_pickle: bool) -> None:
         raise ModelLoadError(f"{path}: an ONNX export; load it with backend='onnx' (--backend onnx).")
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path}: not a diffusers model folder (model_index.json is missing).")
-    extra = FAMILY_EXTRA_COMPONENTS[model_family(path)]
-    missing = [c for c in COMPONENTS + extra if not (path / c).is_dir()]
+    expected = used_components(path, COMPONENTS + FAMILY_EXTRA_COMPONENTS[model_family(path)])
+    missing = [c for c in expected if not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{path}: missing component folder(s) {', '.join(missing)}/.")
-    for component in WEIGHT_COMPONENTS + extra[:1]:
+    for component in [c for c in expected if c in WEIGHT_COMPONENTS + ("text_encoder_2",)]:
         folder = path / component
         safetensors = sorted(folder.glob("*.safetensors"))
         pickles = [f for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES]
@@ -173,12 +177,22 @@ def check_folder(path: Path, allow_pickle: bool) -> None:
             check_safetensors(file)
 
 
-def model_family(path: Path) -> str:
-    """"sd" (1.x / 2.x) or "sdxl" from model_index.json; families we do not run raise `ModelLoadError`."""
+def read_index(path: Path) -> dict:
     try:
-        index = json.loads((path / "model_index.json").read_text())
+        return json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{path}: model_index.json is unreadable: {error}") from error
+
+
+def used_components(path: Path, names: tuple[str, ...]) -> list[str]:
+    """The components the folder has (an SDXL refiner's index says `text_encoder: [null, null]`)."""
+    index = read_index(path)
+    return [c for c in names if index.get(c, [None, "absent"]) != [None, None]]
+
+
+def model_family(path: Path) -> str:
+    """"sd" (1.x / 2.x) or "sdxl" from model_index.json; families we do not run raise `ModelLoadError`."""
+    index = read_index(path)
     name = str(index.get("_class_name", ""))
     if "transformer" in index or "StableDiffusion3" in name or "Flux" in name:
         raise ModelLoadError(
@@ -186,6 +200,22 @@ def model_family(path: Path) -> str:
             "pipeline runs SD 1.x / 2.x and SDXL UNets. Use the stock diffusers pipeline (DiffusionPipeline."
             "from_pretrained) with our rectified-flow samplers (custom_schedulers) as its scheduler.")
     return "sdxl" if "text_encoder_2" in index else "sd"
+
+
+def path_family(path: Path, config=None) -> str:
+    """The family of a model path before loading it: its folder's (or its config folder's) model_index.json;
+    an ONNX export or a single file without a config counts as "sd" (its loader says what is missing)."""
+    folder = path if path.is_dir() else Path(config) if config is not None else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        return "sd"
+    return model_family(folder)
+
+
+def check_onnx_family(path: Path, config=None) -> None:
+    """The ONNX export covers SD 1.x / 2.x (one text encoder, no added conditioning): SDXL is refused by name."""
+    if path_family(path, config) == "sdxl":
+        raise ModelLoadError(f"{path}: an SDXL model; the ONNX backend exports and runs SD 1.x / 2.x models. Use "
+                             "the PyTorch backend (backend='pytorch', --backend pytorch).")
 
 
 def family_pipeline(family: str):
@@ -247,7 +277,8 @@ def load_single_file(
         )
     check_config_folder(Path(config))
     try:
-        return family_pipeline("sd").from_single_file(
+        family = model_family(Path(config))  # an SDXL config folder: an SDXL checkpoint (conditioner.embedders.*)
+        return family_pipeline(family).from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=dtype
         )
     except Exception as error:
@@ -257,7 +288,8 @@ def load_single_file(
 def check_config_folder(config: Path) -> None:
     if not (config / "model_index.json").is_file():
         raise ModelLoadError(f"{config}: config= must be a diffusers folder with model_index.json.")
-    missing = [c for c in COMPONENTS if not (config / c).is_dir()]
+    missing = [c for c in used_components(config, COMPONENTS + FAMILY_EXTRA_COMPONENTS[model_family(config)])
+               if not (config / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{config}: config folder lacks {', '.join(missing)}/.")
 
@@ -268,7 +300,7 @@ def check_config_folder(config: Path) -> None:
 def check_components_fit(pipe: LatentTextToImagePipeline, path: Path) -> None:
     """Components that load one by one but cannot work together."""
     unet, vae = pipe.unet.config, pipe.vae.config
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "family", "sd") == "sdxl" else [])
+    encoders = pipe._text_encoders()  # SDXL: both (a refiner: encoder 2 only)
     width = sum(e.config.hidden_size for e in encoders)
     if unet.cross_attention_dim != width:
         raise ModelLoadError(

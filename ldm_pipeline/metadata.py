@@ -135,6 +135,11 @@ def format_parameters(recipe: dict) -> str:
         "Guidance schedule": guidance.get("schedule") if guidance.get("schedule") not in (None, "constant") else None,
         "Guidance interval": json.dumps(guidance["interval"]) if guidance.get("interval") else None,
         "Backend": recipe.get("backend") if recipe.get("backend") not in (None, "pytorch") else None,
+        # SDXL: A1111 writes nothing model-specific (size conditioning = the image size, crop 0, one prompt for
+        # both encoders); our options beyond that, as JSON, only when set
+        "SDXL options": json.dumps(recipe["sdxl"], ensure_ascii=False) if recipe.get("sdxl") else None,
+        "Refiner": _refiner_name(recipe.get("refiner")),  # A1111: "Refiner: NAME [HASH10], Refiner switch at: 0.8"
+        "Refiner switch at": (recipe.get("refiner") or {}).get("switch_at"),
         **guidance_method_fields(guidance),
         "Lora hashes": _hashes(recipe.get("loras")),
         "TI hashes": _hashes(recipe.get("embeddings")),
@@ -166,6 +171,12 @@ def _xyz_fields(xyz: list[dict] | None) -> dict:
     for letter, axis in zip("XYZ", xyz):
         fields.update({f"{letter} Type": axis["type"], f"{letter} Values": axis["values"]})
     return fields
+
+
+def _refiner_name(refiner: dict | None) -> str | None:
+    if not refiner:
+        return None
+    return f"{refiner['name']} [{refiner['hash'][:10]}]" if refiner.get("hash") else refiner["name"]
 
 
 # A1111-style keys of our guidance methods' parameters (CFG++ is a suffix of the sampler, as in Forge: "Euler a CFG++")
@@ -269,6 +280,8 @@ def parameters_to_options(params: dict) -> dict:
         options["hires"] = {"scale": float(params["Hires upscale"]), "steps": int(params.get("Hires steps", 0)),
                             "strength": float(options.pop("strength", 0.7)),
                             "upscaler": params.get("Hires upscaler", "Latent")}
+    if "SDXL options" in params:
+        options.update(_sdxl_options(json.loads(params["SDXL options"])))
     if "Emphasis" in params:  # absent: A1111's "Original", which is our default too
         options["emphasis"] = {label: mode for mode, label in A1111_EMPHASIS.items()}.get(params["Emphasis"], "original")
     return options
@@ -308,6 +321,7 @@ def recipe_to_options(recipe: dict) -> dict:
         "eta": recipe.get("eta"), "timesteps": recipe.get("timesteps"), "sigmas": recipe.get("sigmas"),
         "cross_attention_kwargs": recipe.get("cross_attention_kwargs"),  # the LoRA scale; the LoRAs: `loras`
     }
+    options.update(_sdxl_options(recipe.get("sdxl") or {}))
     schedule = guidance.get("schedule", "constant")
     if schedule.startswith("callable:"):
         raise ValueError(f"The recipe used a custom guidance function ({schedule}); it cannot be restored from JSON.")
@@ -324,6 +338,11 @@ def guidance_method_options(guidance: dict) -> dict:
     if guidance.get("pag"):
         options.update(pag_scale=guidance["pag"]["scale"], pag_layers=guidance["pag"]["layers"])
     return options
+
+
+def _sdxl_options(settings: dict) -> dict:
+    """A recipe's `sdxl` settings as options: (height, width) / (top, left) pairs back to tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
 
 
 # ---------------------------------------------------------------- PNG files

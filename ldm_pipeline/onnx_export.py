@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_pipeline.loading import ModelLoadError, load_components, resolve_model_path
+from ldm_pipeline.loading import ModelLoadError, check_onnx_family, load_components, resolve_model_path
 from ldm_pipeline.onnx_backend import EXPORT_RECORD, FORMAT_VERSION, import_onnxruntime
 
 OPSET = 17  # LayerNormalization is a single op from 17 on
@@ -299,6 +299,7 @@ def export_onnx(model=None, out=None, *, allow_pickle: bool = False, config=None
     if out is None:
         raise ValueError("export_onnx needs `out`, the folder to write.")
     source = resolve_model_path(model)
+    check_onnx_family(source, config)
     pipe = load_components(source, torch.float32, allow_pickle, config)
     return export_pipeline(pipe, source, Path(out), opset)
 

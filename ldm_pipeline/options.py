@@ -58,7 +58,11 @@ LABELS = {  # option -> the name users see in the app and the CLI help
 
 SDXL_OPTIONS = {"prompt_2": None, "negative_prompt_2": None, "original_size": None, "crops_coords_top_left": (0, 0),
                 "target_size": None, "negative_original_size": None, "negative_crops_coords_top_left": None,
-                "negative_target_size": None}  # name -> default; refused on other models
+                "negative_target_size": None, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5,
+                "denoising_start": None, "denoising_end": None, "pooled_prompt_embeds": None,
+                "negative_pooled_prompt_embeds": None}  # name -> default; refused on other models
+SDXL_SIZES = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+              "negative_crops_coords_top_left", "negative_target_size")  # (height, width) or (top, left) pairs
 
 
 class InvalidOptions(ValueError, TypeError):
@@ -90,7 +94,8 @@ class ModelLimits:
 
     @classmethod
     def of(cls, pipe) -> "ModelLimits":
-        encoder = getattr(pipe.text_encoder, "config", None)
+        first = pipe.text_encoder if pipe.text_encoder is not None else pipe.text_encoder_2  # SDXL refiner: encoder 2
+        encoder = getattr(first, "config", None)
         return cls(size_multiple=max(8, pipe.vae_scale_factor), max_steps=pipe.scheduler.config.num_train_timesteps,
                    clip_layers=getattr(encoder, "num_hidden_layers", None), family=getattr(pipe, "family", "sd"))
 
@@ -155,7 +160,15 @@ class GenerationOptions:
                                (top, left) / (height, width); None = (height, width), (0, 0), (height, width)
     negative_original_size / negative_crops_coords_top_left / negative_target_size   SDXL only: the
                                unconditional pass's size conditioning, used when both sizes are given
-                               (crop None = (0, 0)), else the positive one (as stock diffusers)
+                               (crop None = (0, 0)), else the positive one (as stock diffusers; with an init
+                               image each negative size defaults to the positive one, as stock img2img does)
+    aesthetic_score / negative_aesthetic_score   SDXL refiners only (`requires_aesthetics_score`): the score
+                               conditioning in place of the target size (stock defaults 6.0 / 2.5)
+    denoising_end / denoising_start   SDXL base + refiner hand-off, fractions in (0, 1): the base stops
+                               at `denoising_end` (output_type="latent"), the refiner takes those latents
+                               as `image` and runs the steps below `denoising_start` (strength is ignored)
+    pooled_prompt_embeds / negative_pooled_prompt_embeds   SDXL only, with prompt_embeds: encoder 2's
+                               pooled, projected embedding [B, projection_dim]
     callback                   callable(StepInfo) -> bool | None; True cancels
     progress_bar               show a tqdm bar
 
@@ -214,6 +227,12 @@ class GenerationOptions:
     negative_crops_coords_top_left: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
     hires: Any = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
     generator: Union[torch.Generator, list[torch.Generator], None] = None
     latents: torch.Tensor | None = None
     eta: float | None = None
@@ -408,17 +427,48 @@ class GenerationOptions:
         return hires_problems(self.hires)
 
     def _sdxl_problems(self, limits: ModelLimits) -> list[str]:
-        given = [name for name in SDXL_OPTIONS if getattr(self, name) != SDXL_OPTIONS[name]]
-        if given and limits.family != "sdxl":
+        given = [name for name, default in SDXL_OPTIONS.items() if _differs(getattr(self, name), default)]
+        if limits.family != "sdxl":
             return [f"{', '.join(given)} only apply to SDXL models (two text encoders, size conditioning); "
-                    f"this is a {limits.family} model: leave them out or load an SDXL model."]
+                    f"this is a {limits.family} model: leave them out or load an SDXL model."] if given else []
         problems = [f"{name} must be a string or a list of strings, got {type(getattr(self, name)).__name__}."
                     for name in ("prompt_2", "negative_prompt_2") if not _is_text(getattr(self, name))]
-        for name in [n for n in given if not n.endswith("prompt_2")]:
+        for name in [n for n in given if n in SDXL_SIZES]:
             pair = getattr(self, name)
             if pair is not None and not (isinstance(pair, (tuple, list)) and len(pair) == 2
                                          and all(is_whole(v) and v >= 0 for v in pair)):
                 problems.append(f"{name} must be two whole numbers >= 0 (height, width or top, left), got {pair!r}.")
+        return problems + self._score_problems() + self._hand_off_problems() + self._pooled_problems()
+
+    def _score_problems(self) -> list[str]:
+        return [f"{name} must be a finite number, got {getattr(self, name)!r}."
+                for name in ("aesthetic_score", "negative_aesthetic_score") if not is_finite_number(getattr(self, name))]
+
+    def _hand_off_problems(self) -> list[str]:
+        """denoising_end / denoising_start: fractions of the schedule, as stock SDXL takes them."""
+        problems = [f"{name} must be a fraction strictly between 0 and 1 (e.g. 0.8), got {value!r}."
+                    for name, value in (("denoising_start", self.denoising_start), ("denoising_end", self.denoising_end))
+                    if value is not None and not (is_finite_number(value) and 0.0 < value < 1.0)]
+        if problems:
+            return problems
+        if self.denoising_start is not None and self.image is None:
+            problems.append("denoising_start needs `image`: the latents the base model left at denoising_end "
+                            "(output_type='latent'), or an init image.")
+        if None not in (self.denoising_start, self.denoising_end) and self.denoising_start >= self.denoising_end:
+            problems.append(f"denoising_start ({self.denoising_start}) must be below denoising_end "
+                            f"({self.denoising_end}).")
+        return problems
+
+    def _pooled_problems(self) -> list[str]:
+        """SDXL's precomputed embeddings come in pairs, as stock requires."""
+        pairs = (("prompt_embeds", "pooled_prompt_embeds"), ("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+        problems = [f"{embeds} for an SDXL model needs {pooled} too (encoder 2's pooled embedding)."
+                    for embeds, pooled in pairs
+                    if getattr(self, embeds) is not None and getattr(self, pooled) is None]
+        problems += [f"{pooled} is given without {embeds}." for embeds, pooled in pairs
+                     if getattr(self, pooled) is not None and getattr(self, embeds) is None]
+        if self.prompt_embeds is not None and (self.prompt_2 is not None):
+            problems.append("Give either `prompt_2` or `prompt_embeds`, not both.")
         return problems
 
     def image_count(self) -> int:
@@ -451,13 +501,14 @@ class GenerationOptions:
 
     def settings(self) -> dict:
         """The JSON-ready settings that decide the image (no images, embeddings or callbacks)."""
-        skip = {"prompt_embeds", "negative_prompt_embeds", "image", "mask_image", "callback", "progress_bar",
+        skip = {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                "negative_pooled_prompt_embeds", "image", "mask_image", "callback", "progress_bar",
                 "output_type", "generator", "latents", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
                 "return_dict", "ip_adapter_image", "ip_adapter_image_embeds"}
         values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
         interval = as_interval(self.guidance_interval)
         values["guidance_interval"] = interval.as_dict() if interval else None
-        for name in SDXL_OPTIONS:  # (height, width) pairs as JSON gives them back
+        for name in SDXL_SIZES:  # (height, width) pairs as JSON gives them back
             values[name] = list(values[name]) if isinstance(values[name], tuple) else values[name]
         if isinstance(self.hires, HiresFix):
             values["hires"] = self.hires.as_dict()
@@ -482,6 +533,11 @@ def _attention_kwargs_problems(kwargs) -> list[str]:
     if not is_finite_number(scale):
         return [f"cross_attention_kwargs['scale'] (the LoRA scale) must be a finite number, got {scale!r}."]
     return []
+
+
+def _differs(value, default) -> bool:
+    """An option set away from its default (tensors compare by identity: any given tensor differs from None)."""
+    return value is not None if default is None else value != default
 
 
 def _generator_problems(generator, count: int) -> list[str]:

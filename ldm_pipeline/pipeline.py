@@ -323,12 +323,12 @@ class LatentTextToImageStages:
         """The checked width and height, else the init image's (rounded down to the size multiple), else native."""
         default = self.unet.config.sample_size * self.vae_scale_factor
         width, height = opts.width, opts.height
+        if self._is_latent_image(opts.image) and (width is None or height is None):
+            h0, w0 = (side * self.vae_scale_factor for side in _first(opts.image).shape[-2:])
+            return width or w0, height or h0
         if opts.image is not None and (width is None or height is None):
             m = self.limits().size_multiple
-            if self._is_latents(opts.image):  # latents: their size in pixels
-                h0, w0 = (side * self.vae_scale_factor for side in opts.image.shape[2:])
-            else:
-                h0, w0 = self.image_processor.get_default_height_width(opts.image)
+            h0, w0 = self.image_processor.get_default_height_width(opts.image)
             w0, h0 = w0 - w0 % m, h0 - h0 % m
             width, height = width or w0, height or h0
             GenerationOptions(prompt="-", width=width, height=height).check(self.limits())  # the image's own size
@@ -409,11 +409,17 @@ class LatentTextToImageStages:
         if scale is None:  # scale_lora_layers touches only LoRA layers: a model without any is unchanged
             yield
             return
-        scale_lora_layers(self.text_encoder, scale)
+        for encoder in self._text_encoders():
+            scale_lora_layers(encoder, scale)
         try:
             yield
         finally:
-            unscale_lora_layers(self.text_encoder, scale)
+            for encoder in self._text_encoders():
+                unscale_lora_layers(encoder, scale)
+
+    def _text_encoders(self) -> list:
+        """The text encoders a prompt goes through (SDXL: both)."""
+        return [self.text_encoder]
 
     def _initial_latents(self, opts, batch: tuple[int, int, int], timesteps, generator, dtype):
         """Stock's order: the init image's VAE sample, then the noise, from the same generator(s); noise alone
@@ -430,15 +436,20 @@ class LatentTextToImageStages:
         if opts.mask_image is None:
             return latents, None
         # Stock draws a VAE sample of the masked image (for 9-channel inpainting UNets) from the generators here, one
-        # per init image; drawing the same numbers keeps stochastic samplers' step noise equal to stock's.
-        n = _image_count(opts.image)
-        self._noise((n, *noise.shape[1:]), generator[:n] if isinstance(generator, list) else generator, None, dtype)
+        # per init image; drawing the same numbers keeps stochastic samplers' step noise equal to stock's. (Latents
+        # given as the image have no masked image to encode: stock draws nothing then.)
+        if not self._is_latent_image(opts.image):
+            n = _image_count(opts.image)
+            self._noise((n, *noise.shape[1:]), generator[:n] if isinstance(generator, list) else generator, None, dtype)
         mask = self._latent_mask(opts.mask_image, count, width, height).to(dtype)
         return latents, InpaintBlend(known.to(dtype), mask, noise)
 
-    def _is_latents(self, image) -> bool:
-        """A tensor with the VAE's latent channels is latents already (stock img2img's convention)."""
-        return isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.vae.config.latent_channels
+    def _is_latent_image(self, image) -> bool:
+        """A tensor [B, latent channels, h, w] given as `image`: latents, used as they are (as stock takes them,
+        e.g. a base model's output_type="latent" for a refiner)."""
+        first = _first(image)
+        return (isinstance(first, torch.Tensor) and first.ndim == 4
+                and first.shape[1] == self.vae.config.latent_channels != 3)
 
     def _noise(self, shape: tuple, generator, latents: torch.Tensor | None, dtype) -> torch.Tensor:
         """Standard normal initial noise: drawn from the generator(s), or the caller's `latents` (as stock)."""
@@ -452,21 +463,30 @@ class LatentTextToImageStages:
     def _encode_image(self, image, count: int, width: int, height: int, generator=None) -> torch.Tensor:
         """Init image(s) -> scaled latents, one per output image: a sample of the VAE posterior drawn from the
         generator(s) as stock img2img draws it (a list: image j from generator j), or its mean (generator None);
-        latents (`_is_latents`, e.g. the hires fix's upscaled ones) are used as they are, as stock does."""
-        if self._is_latents(image):
-            return _broadcast(image, count, "image").to(self._device)
+        latents given as the image are used as they are (`_is_latent_image`), as stock."""
+        if self._is_latent_image(image):
+            latents = torch.cat(image) if isinstance(image, (list, tuple)) else image
+            return _broadcast(latents, count, "image").to(self._device)
         pixels = self.image_processor.preprocess(as_rgb(image), height=height, width=width)
-        posterior = self.vae.encode(pixels.to(self._device, self.vae.dtype)).latent_dist
-        if generator is None:
-            latents = posterior.mode()
-        else:
-            if isinstance(generator, list):  # stock repeats the image for each generator before sampling
-                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        stored = self.vae.dtype
+        with self._vae_precision() as dtype:
+            posterior = self.vae.encode(pixels.to(self._device, dtype)).latent_dist
+            if generator is None:
+                latents = posterior.mode()
+            else:
+                if isinstance(generator, list):  # stock repeats the image for each generator before sampling
+                    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-                posterior = DiagonalGaussianDistribution(_broadcast(posterior.parameters, count, "image"))
-            latents = posterior.sample(generator)
+                    posterior = DiagonalGaussianDistribution(_broadcast(posterior.parameters, count, "image"))
+                latents = posterior.sample(generator)
+        latents = latents.to(stored)
         shift = self.vae.config.shift_factor or 0.0
         return _broadcast((latents - shift) * self.vae.config.scaling_factor, count, "image")
+
+    @contextmanager
+    def _vae_precision(self):
+        """The dtype the VAE runs in for one encode or decode (SDXL upcasts a half VAE, see `sdxl`)."""
+        yield self.vae.dtype
 
     def _latent_mask(self, mask_image, count: int, width: int, height: int) -> torch.Tensor:
         mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
@@ -477,7 +497,8 @@ class LatentTextToImageStages:
         if output_type == "latent":
             return latents
         shift = self.vae.config.shift_factor or 0.0
-        image = self.vae.decode(latents / self.vae.config.scaling_factor + shift, return_dict=False)[0]
+        with self._vae_precision() as dtype:
+            image = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor + shift, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 
 
@@ -488,6 +509,10 @@ def check_finite(latents: torch.Tensor) -> None:
             "The sampler produced NaN or infinite latents, so no image was made: lower the guidance scale, "
             "use another sampler, or run in fp32."
         )
+
+
+def _first(image):
+    return image[0] if isinstance(image, (list, tuple)) and image else image
 
 
 def _image_count(image) -> int:

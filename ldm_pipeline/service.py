@@ -153,9 +153,16 @@ class GenerationService:
         """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
         prepared = self.scheduler_for(sampler, schedule_type)
         base = self.pipe
-        pipe = type(base)(vae=base.vae, text_encoder=base.text_encoder, unet=base.unet,
-                          tokenizer=copy.deepcopy(base.tokenizer),  # fast tokenizers are not thread-safe
-                          scheduler=type(prepared).from_config(prepared.config))
+        scheduler = type(prepared).from_config(prepared.config)
+        if base.family == "sdxl":  # every component (two encoders, two tokenizers) and the config (refiners)
+            parts = {name: copy.deepcopy(part) if name.startswith("tokenizer") else part
+                     for name, part in base.components.items()}
+            settings = {k: v for k, v in base.config.items() if not k.startswith("_") and k not in parts}
+            pipe = type(base)(**{**parts, "scheduler": scheduler}, **settings)
+        else:
+            pipe = type(base)(vae=base.vae, text_encoder=base.text_encoder, unet=base.unet,
+                              tokenizer=copy.deepcopy(base.tokenizer),  # fast tokenizers are not thread-safe
+                              scheduler=scheduler)
         pipe.model_id, pipe.model_hash, pipe.recommended = base.model_id, base.model_hash, base.recommended
         return pipe
 

@@ -165,6 +165,19 @@ def test_init_images_of_any_mode_become_8_bit_rgb():
         assert converted.mode == "RGB" and converted.size == (16, 4)
 
 
+def test_png_fields_fill_the_sdxl_settings():
+    fields = {"prompt": "a cat", "prompt_2": "a dog", "original_size": (48, 40), "crops_coords_top_left": (4, 8)}
+    names = [*app.SETTING_NAMES, *app.SDXL_SETTING_NAMES]
+    updates = dict(zip(names, app.fields_to_settings(fields, names)))
+    values = {name: u.get("value") for name, u in updates.items() if "value" in u}
+    assert values == {"prompt": "a cat", "prompt_2": "a dog", "original_height": 48, "original_width": 40,
+                      "crop_top": 4, "crop_left": 8}
+    options = app.sdxl_options({**{n: 0 for n in app.SDXL_SETTING_NAMES}, "prompt_2": "", "negative_prompt_2": "x",
+                                "target_height": 64, "target_width": 32})
+    assert options == {"prompt_2": None, "negative_prompt_2": "x", "original_size": None,
+                       "crops_coords_top_left": (0, 0), "target_size": (64, 32)}
+
+
 def test_form_sends_only_the_chosen_guidance_methods_parameters(service):
     request = app.request_from_form({**FORM, "guidance_method": "apg", "apg_eta": 0.3, "pag_scale": 2.5,
                                      "pag_layers": "mid, up_blocks.0"})

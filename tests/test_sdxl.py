@@ -135,7 +135,77 @@ def test_unsupported_families_are_refused(tmp_path, class_name, component):
 
 def test_cli_generates_with_sdxl(sdxl_folder, tmp_path):
     from ldm_pipeline.generate import main
-    assert main(["red circle", "--prompt-2", "blue square", "--model", str(sdxl_folder), "--out", str(tmp_path),
-                 "--steps", "2", "--width", "32", "--height", "32", "--seed", "1"]) == 0
+    from ldm_pipeline.metadata import read_png
+    assert main(["red circle", "--prompt-2", "blue square", "--negative-2", "green", "--model", str(sdxl_folder),
+                 "--out", str(tmp_path), "--steps", "2", "--width", "32", "--height", "32", "--seed", "1"]) == 0
     pngs = sorted(tmp_path.rglob("*.png"))
     assert len(pngs) == 1 and Image.open(pngs[0]).size == (SIZE, SIZE)
+    assert read_png(pngs[0]).recipe["sdxl"] == {"prompt_2": "blue square", "negative_prompt_2": "green"}
+
+
+def test_cli_prompt_file_takes_sdxl_keys(sdxl_folder, tmp_path):
+    import json
+
+    from ldm_pipeline.generate import main
+    from ldm_pipeline.metadata import read_png
+    lines = [{"prompt": "red circle", "prompt_2": "blue", "original_size": [48, 40], "crops_coords_top_left": [4, 8]},
+             {"prompt": "red circle"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "out"
+    assert main(["--prompts", str(prompts), "--model", str(sdxl_folder), "--out", str(out), "--steps", "2",
+                 "--width", "32", "--height", "32", "--guidance", "1"]) == 0
+    recipes = [read_png(out / f"{i:05d}_000.png").recipe for i in range(2)]
+    assert recipes[0]["sdxl"] == {"prompt_2": "blue", "original_size": [48, 40], "crops_coords_top_left": [4, 8]}
+    assert "sdxl" not in recipes[1]
+    pipe = LatentSDXLPipeline.from_pretrained(sdxl_folder)
+    expected = pipe(seed=recipes[0]["seed"], guidance_scale=1.0, num_inference_steps=2, height=SIZE, width=SIZE,
+                    output_type="np", progress_bar=False,
+                    **{k: tuple(v) if isinstance(v, list) else v for k, v in lines[0].items()}).images
+    got = np.asarray(Image.open(out / "00000_000.png"), dtype=np.float32)[None] / 255
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
+
+
+# ---------------------------------------------------------------- recipes and the A1111 infotext
+
+
+def test_recipe_and_infotext_reproduce_an_sdxl_image(pipes, tmp_path):
+    from ldm_pipeline import metadata
+    from ldm_pipeline.options import GenerationOptions
+
+    _, ours = pipes
+    kwargs = dict(prompt="red circle", prompt_2="blue square", negative_prompt="green", guidance_scale=4.0,
+                  **CONDITIONING)
+    out = ours(seed=7, num_inference_steps=3, height=SIZE, width=SIZE, progress_bar=False, **kwargs)
+    recipe = out.recipes[0]
+    assert recipe["sdxl"] == {"prompt_2": "blue square", "original_size": [48, 40], "crops_coords_top_left": [4, 8],
+                              "target_size": [32, 32], "negative_original_size": [24, 24],
+                              "negative_target_size": [40, 32]}
+    png = metadata.write_png(tmp_path / "x.png", out.images[0], recipe)
+    found = metadata.read_png(png)
+    again = ours(**GenerationOptions.from_recipe(found.recipe, output_type="np", progress_bar=False).kwargs()).images
+    np.testing.assert_allclose(again, np.asarray(out.images[0], dtype=np.float32)[None] / 255, atol=1 / 255 + 1e-6)
+    from_text = metadata.parameters_to_options(found.parameters)
+    assert from_text["prompt_2"] == "blue square" and from_text["crops_coords_top_left"] == (4, 8)
+    # without SDXL options the infotext has A1111's fields only, as A1111 writes them for SDXL images
+    plain = ours(seed=7, num_inference_steps=2, height=SIZE, width=SIZE, progress_bar=False, prompt="red circle")
+    text = metadata.format_parameters(plain.recipes[0])
+    assert "SDXL" not in text and "sdxl" not in plain.recipes[0] and "Size: 32x32" in text
+
+
+def test_a1111_sdxl_infotext_becomes_options():
+    from ldm_pipeline import metadata
+    text = ("a red circle\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, "
+            "Seed: 1, Size: 1024x1024, Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Version: v1.10.1")
+    options = metadata.parameters_to_options(metadata.parse_parameters(text))
+    assert (options["width"], options["height"], options["prompt"]) == (1024, 1024, "a red circle")
+    assert not set(options) & {"prompt_2", "original_size", "target_size"}  # A1111: the image size, one prompt
+
+
+def test_onnx_backend_and_export_refuse_sdxl_by_name(sdxl_folder, tmp_path):
+    from ldm_pipeline.loading import ModelLoadError, load_pipeline
+    from ldm_pipeline.onnx_export import main as export_main
+    with pytest.raises(ModelLoadError, match="an SDXL model; the ONNX backend exports and runs SD 1.x / 2.x"):
+        load_pipeline(sdxl_folder, backend="onnx")
+    assert export_main([str(sdxl_folder), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
