@@ -96,8 +96,15 @@ class ModelLimits:
     def of(cls, pipe) -> "ModelLimits":
         first = pipe.text_encoder if pipe.text_encoder is not None else pipe.text_encoder_2  # SDXL refiner: encoder 2
         encoder = getattr(first, "config", None)
-        return cls(size_multiple=max(8, pipe.vae_scale_factor), max_steps=pipe.scheduler.config.num_train_timesteps,
+        return cls(size_multiple=max(8, pipe.vae_scale_factor), max_steps=most_steps(pipe.scheduler.config),
                    clip_layers=getattr(encoder, "num_hidden_layers", None), family=getattr(pipe, "family", "sd"))
+
+
+def most_steps(config) -> int:
+    """The most sampler steps a scheduler config allows: its training timesteps, less `steps_offset` under
+    "leading" spacing (diffusers' default), whose last timestep N - 1 + offset must still be a training one."""
+    offset = config.get("steps_offset", 0) or 0 if config.get("timestep_spacing", "leading") == "leading" else 0
+    return config["num_train_timesteps"] - offset
 
 
 # ---------------------------------------------------------------- seeds

@@ -77,7 +77,7 @@ def run_in_process(args: list[str], capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("axes, message", [
     (["Width: 32, 64"], "Unknown X/Y/Z axis 'Width'"),
     (["Steps: 2, two"], "X axis (Steps): 'two' is not a whole number"),
-    (["Steps: 2, 5000"], "Cell (Steps: 5000): Steps (num_inference_steps) must be a whole number from 1 to 1000"),
+    (["Steps: 2, 5000"], "Cell (Steps: 5000): Steps (num_inference_steps) must be a whole number from 1 to 999"),
 ])
 def test_a_bad_axis_or_cell_stops_before_any_image(model, tmp_path, capsys, axes, message):
     out = tmp_path / "out"

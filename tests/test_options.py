@@ -76,3 +76,16 @@ def test_16_bit_and_rgba_init_images_run_img2img(default_pipe):
     np.testing.assert_array_equal(with_alpha, reference)
     grey16 = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257, "I;16")
     assert default_pipe("a circle", image=grey16, **common).images.shape == reference.shape
+
+
+@pytest.mark.parametrize("spacing, offset, most", [("leading", 1, 999), ("leading", 0, 1000), ("trailing", 1, 1000)])
+def test_the_step_limit_leaves_room_for_steps_offset_under_leading_spacing(tiny_model_dir, spacing, offset, most):
+    """SD 1.x's own config (leading, steps_offset 1) at 1000 steps would ask for timestep 1000 (stock DDIM
+    indexes past its table); the limit says 999 up front, and 999 steps run."""
+    pipe = load_pipeline(tiny_model_dir)
+    swap_scheduler(pipe, "ddim", timestep_spacing=spacing, steps_offset=offset)
+    assert pipe.limits().max_steps == most
+    with pytest.raises(InvalidOptions, match=rf"must be a whole number from 1 to {most} "):
+        pipe("a red circle", num_inference_steps=most + 1, output_type="latent", progress_bar=False)
+    pipe.scheduler.set_timesteps(most)  # the most steps the check allows are a valid grid
+    assert int(pipe.scheduler.timesteps.max()) <= 999

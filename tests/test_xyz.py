@@ -175,7 +175,7 @@ def test_every_cell_is_checked_before_anything_runs(pipe, tmp_path):
     service = service_in(pipe, tmp_path)
     base = ServiceRequest(GenerationOptions(**SMALL))
     cases = [
-        (["Steps: 2, 5000"], "Cell (Steps: 5000): Steps (num_inference_steps) must be a whole number from 1 to 1000"),
+        (["Steps: 2, 5000"], "Cell (Steps: 5000): Steps (num_inference_steps) must be a whole number from 1 to 999"),
         (["CFG scale: 2, 1000"], "Guidance scale (guidance_scale) must be a finite number from 0 to 100"),
         (["Prompt S/R: purple, green"], "Prompt S/R: 'purple' is not in the prompt"),
         (["LoRA weight: 0, 1"], "LoRA weight axis: no LoRA is loaded"),
