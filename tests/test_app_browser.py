@@ -81,7 +81,9 @@ def test_png_info_sends_parameters_to_txt2img_and_schedules_tab_shows_plots(
     try:
         page.goto(app_server.url, wait_until="domcontentloaded")
         page.get_by_role("tab", name="PNG info").click()
-        page.locator("input[type=file]").first.set_input_files(str(png))
+        upload = page.locator(".block", has_text="PNG written by this toolkit or by AUTOMATIC1111").first
+        upload.wait_for(state="visible", timeout=60_000)
+        upload.locator("input[type=file]").first.set_input_files(str(png))  # this tab's input, not another's
         page.get_by_label("Parameters").first.wait_for()
         page.wait_for_function("() => [...document.querySelectorAll('textarea')]"
                                ".some(t => t.value.startsWith('a purple triangle'))", timeout=30_000)
@@ -145,10 +147,12 @@ def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, a
     try:
         page.goto(app_server.url, wait_until="domcontentloaded")
         page.get_by_role("tab", name="Inpainting").click()
-        page.locator("input[type=file]").first.set_input_files(str(init))
+        # the editor's own file input (the page has others, in tabs rendered or not), once the tab shows it
+        editor = page.locator(".block", has_text="Image: paint over the part to repaint").first
+        editor.wait_for(state="visible", timeout=60_000)
+        editor.locator("input[type=file]").first.set_input_files(str(init))
         # the editor shows the upload (its "Upload an image" placeholder is gone) before any click: a click while
         # the file is still in flight loses the upload for good on a loaded machine
-        editor = page.locator(".block", has_text="Image: paint over the part to repaint").first
         editor.get_by_text("Upload an image").first.wait_for(state="hidden", timeout=120_000)
         # generating before painting is refused with the editor's message (once the upload has reached the
         # editor: a click while it is still uploading is answered "no image" or "wait", as for a user)
