@@ -136,7 +136,7 @@ def test_cancel_stops_a_long_run_and_the_form_works_again(app_server, chromium_c
         page.close()
 
 
-def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, artifacts_dir, tmp_path):
+def test_inpainting_with_a_mask_painted_by_mouse(fresh_app_server, chromium_context, artifacts_dir, tmp_path):
     from PIL import Image
 
     from ldm_pipeline import metadata
@@ -145,7 +145,7 @@ def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, a
     Image.new("RGB", (32, 32), (40, 80, 220)).save(init)
     page = chromium_context.new_page()
     try:
-        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.goto(fresh_app_server.url, wait_until="domcontentloaded")
         page.get_by_role("tab", name="Inpainting").click()
         # the editor's own file input (the page has others, in tabs rendered or not), once the tab shows it
         editor = page.locator(".block", has_text="Image: paint over the part to repaint").first
@@ -171,7 +171,7 @@ def test_inpainting_with_a_mask_painted_by_mouse(app_server, chromium_context, a
         page.locator("#inpaint-generate").click()
         page.locator("#inpaint-info").get_by_text("9191", exact=True).wait_for(timeout=120_000)
         page.screenshot(path=str(artifacts_dir / "inpaint.png"), full_page=True)
-        written = [p for p in app_server.outputs.glob("*.png") if p.name.endswith("seed9191.png")]
+        written = [p for p in fresh_app_server.outputs.glob("*.png") if p.name.endswith("seed9191.png")]
         assert len(written) == 1
         recipe = metadata.read_png(written[0]).recipe
         assert (recipe["inpainting"], recipe["seed"]) == (True, 9191)
