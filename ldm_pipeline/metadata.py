@@ -81,6 +81,13 @@ def backend_of(pipe) -> str:
     return getattr(pipe.unet, "backend", "pytorch")
 
 
+def model_record(pipe) -> dict:
+    """The model's name (its folder or file name, as A1111's "Model:") and content hash, never its path:
+    a shared PNG must not reveal where the model sits on the machine that made it."""
+    model_id = getattr(pipe, "model_id", None)
+    return {"name": Path(model_id).name if model_id else None, "hash": getattr(pipe, "model_hash", None)}
+
+
 def make_recipe(pipe, generation: dict) -> dict:
     """The full recipe of one image: generation settings + scheduler + model + backend + versions."""
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
@@ -93,7 +100,7 @@ def make_recipe(pipe, generation: dict) -> dict:
         **generation,
         **{key: records for key, records in adapters.items() if records},  # set by `adapters`
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": config},
-        "model": {"id": getattr(pipe, "model_id", None), "hash": getattr(pipe, "model_hash", None)},
+        "model": model_record(pipe),
         "backend": backend,
         "versions": versions,
     })
@@ -127,7 +134,7 @@ def format_parameters(recipe: dict) -> str:
         "Seed": recipe.get("seed"),
         "Size": f"{recipe.get('width')}x{recipe.get('height')}",
         "Model hash": (model.get("hash") or "")[:10] or None,
-        "Model": Path(model["id"]).name if model.get("id") else None,
+        "Model": model.get("name") or (Path(model["id"]).name if model.get("id") else None),  # "id": older recipes
         "Denoising strength": recipe.get("strength"),
         "Clip skip": recipe["clip_skip"] + 1 if recipe.get("clip_skip") else None,  # A1111 counts from 1
         "CFG Rescale phi": guidance.get("rescale") or None,

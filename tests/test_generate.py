@@ -82,6 +82,15 @@ def test_outputs_seeds_and_manifest(reference):
     assert params["Guidance schedule"] == "cosine" and params["Seed"] == str(2 * SEED_STRIDE)
 
 
+def test_pngs_name_the_model_but_never_reveal_its_path(model, reference):
+    """A shared PNG says which model made it (name and hash, as A1111's "Model:" and "Model hash:") and not
+    where the model sits on the machine that made it: no chunk holds the folder's path or its parent's."""
+    for png in reference.glob("*.png"):
+        chunks = " ".join(Image.open(png).text.values())
+        assert str(model.parent) not in chunks and str(model.resolve().parent) not in chunks
+        assert metadata.read_png(png).recipe["model"]["name"] == model.name
+
+
 def test_batch_size_does_not_change_images(model, prompts, reference, tmp_path):
     assert main(["--prompts", str(prompts), "--model", str(model), "--out", str(tmp_path), "--steps", "2",
                  "--batch-size", "1", *SIZE]) == 0
