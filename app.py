@@ -26,7 +26,7 @@ from custom_schedulers import names
 from ldm_pipeline import GenerationOptions, ModelLoadError, metadata
 from ldm_pipeline.guidance import SCHEDULE_NAMES
 from ldm_pipeline.guidance_methods import METHODS, PARAMETERS, GuidanceMethod
-from ldm_pipeline.hires import UPSCALERS, HiresFix
+from ldm_pipeline.hires import UPSCALERS, HiresFix, upscaler_name
 from ldm_pipeline.loading import DEFAULT_MODEL_DIR, path_family
 from ldm_pipeline.onnx_backend import long_running_backend
 from ldm_pipeline.options import MAX_SIDE
@@ -278,7 +278,7 @@ def generation_tab(service: GenerationService, form: dict, prefix: str, extra_in
         with gr.Column(scale=6, min_width=420):
             outputs = {**buttons, **result_controls(prefix), "history": history}
     wire_outputs(service, settings, outputs, extra, build, prefix)
-    return settings
+    return {**settings, "extra_inputs": extra}  # the tab's own inputs too: PNG info and X/Y/Z use txt2img's hires fix
 
 
 def run_request(service: GenerationService, request: ServiceRequest, session: str, progress, preview: tuple,
@@ -581,11 +581,13 @@ def xyz_tab(service: GenerationService, txt_settings: dict) -> None:
             files = gr.File(label="Download the grid and the images (PNG, parameters embedded)",
                             file_count="multiple", elem_id="xyz-files")
 
+    hires = txt_settings["extra_inputs"]  # the Text to image tab's hires fix applies to every cell
+
     def on_grid(request: gr.Request, progress=gr.Progress(), *values):
-        names = list(SETTING_NAMES)
+        names, settings_end = list(SETTING_NAMES), len(SETTING_NAMES) + len(hires)
         try:
-            base = request_from_form(dict(zip(names, values[: len(names)])))
-            plot = XYZPlot.parse(axis_specs(values[len(names):]))
+            base = txt2img_request(dict(zip(names, values[: len(names)])), *values[len(names):settings_end])
+            plot = XYZPlot.parse(axis_specs(values[settings_end:]))
         except ValueError as error:  # AxisError included
             raise gr.Error(str(error), title="Invalid request") from None
         return run_grid(service, base, plot, request.session_hash, progress)
@@ -593,7 +595,7 @@ def xyz_tab(service: GenerationService, txt_settings: dict) -> None:
     def on_cancel(request: gr.Request):  # the grid stops within one step and shows the cells already made
         service.stop_session(request.session_hash)
 
-    run.click(on_grid, inputs=[txt_settings[n] for n in SETTING_NAMES] + axes, outputs=[grid, info, cells, files],
+    run.click(on_grid, inputs=[txt_settings[n] for n in SETTING_NAMES] + hires + axes, outputs=[grid, info, cells, files],
               api_name="xyz", concurrency_id=GENERATION_QUEUE)
     cancel.click(on_cancel, inputs=None, outputs=None, api_name="xyz_cancel")
 
@@ -649,10 +651,25 @@ def png_tab(txt_settings: dict, tabs) -> None:
 def send_to_txt2img(button, fields, txt_settings: dict, tabs, api_name) -> None:
     """`button` fills the txt2img form from the `fields` State (see `form_fields`) and opens that tab."""
     def on_send(found: dict):
-        return [*fields_to_settings(found or {}, names), gr.Tabs(selected="txt2img")]
+        return [*fields_to_settings(found or {}, names), *hires_settings(found or {}), gr.Tabs(selected="txt2img")]
 
     names = [*SETTING_NAMES, *(n for n in SDXL_SETTING_NAMES if n in txt_settings)]  # an SDXL model's fields too
-    button.click(on_send, inputs=fields, outputs=[txt_settings[n] for n in names] + [tabs], api_name=api_name)
+    outputs = [txt_settings[n] for n in names] + txt_settings["extra_inputs"] + [tabs]
+    button.click(on_send, inputs=fields, outputs=outputs, api_name=api_name)
+
+
+def hires_settings(fields: dict) -> list:
+    """Updates for the hires fix accordion (`hires_inputs` order): on with the PNG's values when its text or
+    recipe has a hires pass, else off (as A1111 fills "Hires. fix" from the infotext)."""
+    hires = fields.get("hires")
+    if not hires:
+        return [gr.update(value=False), *(gr.update() for _ in range(4))]
+    hires = {**HiresFix().as_dict(), **hires}
+    try:
+        upscaler = gr.update(value=upscaler_name(hires["upscaler"]))
+    except ValueError:  # an A1111 upscaler we do not have (R-ESRGAN, ...): the menu keeps its choice
+        upscaler = gr.update()
+    return [gr.update(value=True), *(gr.update(value=hires[k]) for k in ("scale", "steps", "strength")), upscaler]
 
 
 def history_tab(page, history, txt_settings: dict, tabs) -> None:

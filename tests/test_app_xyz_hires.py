@@ -27,11 +27,11 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
-def grid_args(*axes: str, **form) -> list:
-    """The txt2img settings, then (type, values) for X, Y and Z ("Nothing" for the ones not given)."""
+def grid_args(*axes: str, hires=NO_HIRES, **form) -> list:
+    """The txt2img settings and hires fix, then (type, values) for X, Y and Z ("Nothing" for the ones not given)."""
     pairs = [axes[i : i + 2] for i in range(0, len(axes), 2)]
     pairs += [("Nothing", "")] * (3 - len(pairs))
-    return [*txt2img_args(**{"steps": 2, "seed": 5, **form}), *[v for pair in pairs for v in pair]]
+    return [*txt2img_args(**{"steps": 2, "seed": 5, **form}), *hires, *[v for pair in pairs for v in pair]]
 
 
 def test_xyz_grid_of_two_samplers_by_two_step_counts(client):
@@ -74,6 +74,41 @@ def test_hires_fix_makes_the_upscaled_image_recorded_in_its_png(client):
     assert "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent (nearest)" in found.parameters_text
     plain = client.predict(*txt2img_args(seed=8, steps=3), *NO_HIRES, api_name="/txt2img")
     assert Image.open(plain[0][0]["image"]).size == (32, 32)
+
+
+def test_a_grid_uses_the_text_to_image_hires_fix_in_every_cell(client):
+    hires = [True, 2.0, 2, 0.5, "Latent (nearest)"]
+    grid, info, gallery, _ = client.predict(*grid_args("Seed", "8, 9", hires=hires, steps=3), api_name="/xyz")
+    assert len(gallery) == 2 and Image.open(grid).width >= 128  # two 64 px cells side by side
+    for entry in gallery:
+        assert Image.open(entry["image"]).size == (64, 64)
+        assert metadata.read_png(entry["image"]).recipe["hires"]["upscaler"] == "Latent (nearest)"
+    alone = client.predict(*txt2img_args(seed=8, steps=3), *hires, api_name="/txt2img")
+    assert np.array_equal(pixels(gallery[0]["image"]), pixels(alone[0][0]["image"]))
+
+
+def test_png_info_turns_the_hires_fix_on_with_the_pngs_values_and_off_without(client, tmp_path):
+    from gradio_client import handle_file
+    from PIL.PngImagePlugin import PngInfo
+
+    import app
+
+    def sent_hires(text: str) -> list:
+        png, info = tmp_path / "a1111.png", PngInfo()
+        info.add_text("parameters", text)
+        Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+        client.predict(handle_file(str(png)), api_name="/png_info")
+        updates = client.predict(api_name="/png_info_send")
+        start = len(app.SETTING_NAMES)  # the shared settings, then the hires fix accordion's five
+        return [u.get("value") for u in updates[start : start + 5]]
+
+    common = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 32x32"
+    assert sent_hires(common + ", Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 4, "
+                      "Hires upscaler: Latent (nearest-exact)") == [True, 1.5, 4, 0.45, "Latent (nearest-exact)"]
+    assert sent_hires(common) == [False, None, None, None, None]  # no hires pass: off, the rest untouched
+    # an upscaler we do not have: the fix and its numbers still fill, the menu keeps its choice
+    assert sent_hires(common + ", Denoising strength: 0.3, Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+") == [
+        True, 2.0, 0, 0.3, None]
 
 
 @pytest.mark.parametrize("hires, message", [
