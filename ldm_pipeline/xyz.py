@@ -14,6 +14,9 @@ and `1-10 [3]` (3 values evenly spaced); number axes `0.5-1.5 (+0.5)` and `1-2 [
     Steps, CFG scale, Seed
     Guidance schedule  `constant`, `linear_up`, ... (`guidance.SCHEDULE_NAMES`)
     Guidance interval  `none` or `SIGMA_LO-SIGMA_HI`, e.g. `none, 0.28-5.42`
+    CFG rescale        guidance rescale phi (`guidance_rescale`), e.g. `0, 0.7`
+    Guidance method    `cfg`, `apg`, `cfg++`, `cfg-zero*` (each cell keeps only its own method's parameters)
+    PAG scale          perturbed-attention guidance scale (0 = off)
     LoRA weight        the scale of the LoRAs already requested (`cross_attention_kwargs={"scale": w}`)
     Prompt S/R         the first value is searched for in the prompt (and negative prompt) and replaced
                        by each value in turn
@@ -46,6 +49,7 @@ from PIL import Image
 from custom_schedulers import names, registry
 from ldm_pipeline import metadata
 from ldm_pipeline.guidance import SCHEDULE_ALIASES, SCHEDULE_NAMES
+from ldm_pipeline.guidance_methods import METHODS, PARAMETERS
 from ldm_pipeline.image_grid import GridLayout, draw_grid, side_by_side
 from ldm_pipeline.options import InvalidOptions
 from ldm_pipeline.service import GenerationService, ServiceRequest
@@ -147,6 +151,13 @@ def parse_guidance_schedules(texts: list[str]) -> list[str]:
     return texts
 
 
+def parse_guidance_methods(texts: list[str]) -> list[str]:
+    for text in texts:
+        if text.lower() not in METHODS:
+            raise ValueError(f"unknown guidance method {text!r}: choose from {', '.join(METHODS)}")
+    return [text.lower() for text in texts]
+
+
 def parse_intervals(texts: list[str]) -> list[tuple[float, float] | None]:
     values = []
     for text in texts:
@@ -175,6 +186,13 @@ def _options(**changes) -> Callable[[ServiceRequest, Any], ServiceRequest]:
         return replace(request, options=replace(request.options, **{name: changes[name](value, request.options)}))
 
     return apply
+
+
+def _set_guidance_method(request: ServiceRequest, name: str) -> ServiceRequest:
+    """The method, keeping the parameters given for it and dropping the other methods' (each applies only to its own)."""
+    own = set(PARAMETERS.get(name, ()))
+    dropped = {key: None for keys in PARAMETERS.values() for key in keys if key not in own}
+    return replace(request, options=replace(request.options, guidance_method=name, **dropped))
 
 
 def _set_sampler(request: ServiceRequest, text: str) -> ServiceRequest:
@@ -210,13 +228,17 @@ AXES = {axis.label: axis for axis in (
     AxisType("Guidance schedule", parse_guidance_schedules, _options(guidance_schedule=lambda v, o: v)),
     AxisType("Guidance interval", parse_intervals, _options(guidance_interval=lambda v, o: v),
              show=lambda v: "none" if v is None else f"{v[0]:g}-{v[1]:g}"),
+    AxisType("CFG rescale", parse_numbers, _options(guidance_rescale=lambda v, o: v), show=lambda v: f"{v:g}"),
+    AxisType("Guidance method", parse_guidance_methods, _set_guidance_method),
+    AxisType("PAG scale", parse_numbers, _options(pag_scale=lambda v, o: v), show=lambda v: f"{v:g}"),
     AxisType("LoRA weight", parse_numbers,
              _options(cross_attention_kwargs=lambda v, o: {**(o.cross_attention_kwargs or {}), "scale": v}),
              show=lambda v: f"{v:g}"),
     AxisType("Prompt S/R", parse_replacements, _replace_prompt, show=lambda pair: pair[1]),
 )}
 ALIASES = {"cfg": "CFG scale", "guidance scale": "CFG scale", "sampler name": "Sampler", "scheduler": "Sampler",
-           "schedule": "Schedule type", "lora scale": "LoRA weight", "prompt sr": "Prompt S/R"}
+           "schedule": "Schedule type", "lora scale": "LoRA weight", "prompt sr": "Prompt S/R",
+           "cfg rescale phi": "CFG rescale", "guidance rescale": "CFG rescale"}
 _BY_KEY = {**{label.lower(): label for label in AXES}, **ALIASES}
 
 

@@ -35,6 +35,9 @@ SMALL = dict(prompt="a red circle, blue background", width=32, height=32, seed=1
     ("Guidance schedule: constant, cosine", ("constant", "cosine")),
     ("Guidance interval: none, 0.28-5.42", (None, (0.28, 5.42))),
     ("LoRA weight: 0, 0.5", (0.0, 0.5)),
+    ("CFG Rescale phi: 0, 0.7", (0.0, 0.7)),
+    ("Guidance method: cfg, APG, cfg++, cfg-zero*", ("cfg", "apg", "cfg++", "cfg-zero*")),
+    ("PAG scale: 0-3 [3]", (0.0, 1.5, 3.0)),
     ('Prompt S/R: red, "green, yellow", blue', (("red", "red"), ("red", "green, yellow"), ("red", "blue"))),
 ])
 def test_axis_values_parse_as_a1111_writes_them(spec, values):
@@ -54,6 +57,8 @@ def test_axis_values_parse_as_a1111_writes_them(spec, values):
     (["Schedule type: Wobbly"], "unknown schedule type 'Wobbly'"),
     (["Guidance schedule: zigzag"], "unknown guidance schedule 'zigzag'"),
     (["Guidance interval: 0.3"], "write SIGMA_LO-SIGMA_HI"),
+    (["Guidance method: cfg, smc"], "unknown guidance method 'smc'"),
+    (["PAG scale: lots"], "'lots' is not a number"),
     (["Steps: 1, 2", "Seed: 1", "CFG scale: 1", "Steps: 3"], "1 to 3 axes"),
     (["Steps: 1, 2", "steps: 3"], "Two axes are both Steps"),
     ([], "1 to 3 axes"),
@@ -159,6 +164,27 @@ def test_a_2x2_grid_equals_each_cell_run_alone_and_is_labelled(pipe, tmp_path):
     assert found.parameters["Script"] == "X/Y/Z plot"
     assert (found.parameters["X Type"], found.parameters["X Values"]) == ("Sampler", "euler, ddim")
     assert (found.parameters["Y Type"], found.parameters["Y Values"]) == ("Steps", "2, 3")
+
+
+def test_guidance_method_cells_keep_only_their_own_parameters_and_equal_runs_alone(pipe, tmp_path):
+    service = service_in(pipe, tmp_path / "grid")
+    plot = XYZPlot.parse(["Guidance method: apg, cfg, cfg-zero*", "CFG rescale: 0, 0.5"])
+    base = ServiceRequest(GenerationOptions(**SMALL, guidance_method="apg", apg_momentum=0.0), sampler="euler")
+    assert plot.request(base, (1, 0, 0)).options.apg_momentum is None  # CFG refuses APG's parameters
+    assert plot.request(base, (0, 0, 0)).options.apg_momentum == 0.0  # APG keeps them
+    result = run_plot(service, base, plot)
+    alone = service_in(pipe, tmp_path / "alone")
+    images = {}
+    for (x, y, _), path, recipe in result.cells:
+        method, rescale = ("apg", "cfg", "cfg-zero*")[x], (0.0, 0.5)[y]
+        changes = {"apg_momentum": 0.0} if method == "apg" else {}
+        options = GenerationOptions(**SMALL, guidance_method=method, guidance_rescale=rescale, **changes)
+        (single, _), = alone.generate(ServiceRequest(options, sampler="euler"))
+        assert np.array_equal(pixels(path), pixels(single))
+        written = (recipe["guidance"].get("method") or {"name": "cfg"})["name"]  # plain CFG is written as no method
+        assert (written, recipe["guidance"]["rescale"]) == (method, rescale)
+        images[x, y] = pixels(path)
+    assert not np.array_equal(images[0, 0], images[1, 0]) and not np.array_equal(images[1, 0], images[1, 1])
 
 
 def test_schedule_type_and_a1111_sampler_names_reach_the_scheduler(pipe, tmp_path):
