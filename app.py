@@ -704,19 +704,32 @@ def adapter_picker(service: GenerationService, prompt, prefix: str) -> None:
     """The LoRAs and embeddings of --lora-dir / --embedding-dir by name, each added to the prompt with its
     weight (`<lora:NAME:W>`, `(NAME:W)`) as A1111's extra networks do; shown when the folders offer any."""
     offered = {"lora": service.adapters.lora_names(), "embedding": service.adapters.embedding_names()}
-    if not any(offered.values()):
+    shown = {kind: choices for kind, choices in offered.items()
+             if choices or (kind == "lora" and service.adapters.lora_dir is not None)}  # LoRAs may come later
+    if not shown:
         return
     with gr.Accordion("LoRA and embeddings", open=True):
-        for kind, choices in [(k, c) for k, c in offered.items() if c]:
+        for kind, choices in shown.items():
             with gr.Row(equal_height=False):
-                name = gr.Dropdown(choices, value=choices[0], label=f"{ADAPTER_KINDS[kind]} (--{kind}-dir)",
-                                   elem_id=f"{prefix}-{kind}-name", scale=3, min_width=140)
+                name = gr.Dropdown(choices, value=choices[0] if choices else None, label=f"{ADAPTER_KINDS[kind]} (--{kind}-dir)",
+                                   elem_id=f"{prefix}-{kind}-name", scale=3, min_width=140,
+                                   allow_custom_value=kind == "lora")  # refreshed choices: add_to_prompt checks names
                 weight = gr.Number(value=1.0, label=f"{ADAPTER_KINDS[kind]} weight", elem_id=f"{prefix}-{kind}-weight",
                                    scale=2, min_width=90)
                 add = gr.Button(f"Add {ADAPTER_KINDS[kind]} to the prompt", elem_id=f"{prefix}-add-{kind}", size="sm",
                                 scale=2, min_width=120)
             add.click(functools.partial(add_to_prompt, service, kind), inputs=[prompt, name, weight], outputs=prompt,
                       api_name=f"{prefix}_add_{kind}")
+            if kind == "lora":  # the folder is read again: LoRAs copied in while the server runs (A1111's Refresh)
+                refresh = gr.Button("Refresh the LoRA list", elem_id=f"{prefix}-refresh-lora", size="sm")
+                refresh.click(functools.partial(refreshed_loras, service), inputs=name, outputs=name,
+                              api_name=f"{prefix}_refresh_lora")
+
+
+def refreshed_loras(service: GenerationService, current: str | None):
+    """The LoRA menu with the names --lora-dir holds now (the current choice kept while it is still there)."""
+    names = service.adapters.lora_names()
+    return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 
 
 def add_to_prompt(service: GenerationService, kind: str, prompt: str, name: str, weight: float) -> str:

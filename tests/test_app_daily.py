@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import re
+import shutil
 import time
 
 import numpy as np
@@ -96,8 +97,21 @@ def test_lora_names_that_are_paths_or_not_in_the_folder_are_refused_unread(clien
     assert str(adapter_folders.loras) not in str(refused.value)  # no server path in the message
     with pytest.raises(AppError) as picked:
         client.predict("a red circle", name, 1.0, api_name="/txt2img_add_lora")
-    assert f"unknown choice {name!r}: choose one of style" in str(picked.value)
+    assert f"LoRA {name!r} is not in --lora-dir; choose one of style." in str(picked.value)  # names only, as listed
     assert set(adapter_app_server.outputs.glob("*.png")) == written
+
+
+def test_refresh_offers_a_lora_copied_into_the_folder_while_the_server_runs(client, adapter_folders):
+    added = adapter_folders.loras / "later.safetensors"
+    shutil.copy(adapter_folders.loras / "style.safetensors", added)
+    try:
+        menu = client.predict("style", api_name="/txt2img_refresh_lora")
+        assert menu["value"] == "style" and [c[0] for c in menu["choices"]] == ["later", "style"]  # no pickle file
+        assert client.predict("a cat", "later", 0.5, api_name="/txt2img_add_lora") == "a cat <lora:later:0.5>"
+    finally:
+        added.unlink()
+    menu = client.predict("style", api_name="/txt2img_refresh_lora")
+    assert [c[0] for c in menu["choices"]] == ["style"]
 
 
 def test_an_embedding_picked_by_name_changes_the_image_and_is_recorded(client, adapter_folders):
@@ -157,6 +171,7 @@ NEW_ENDPOINTS = {  # api name -> inputs with `fd` in every slot a client control
     "history_select": lambda fd: [fd],
     "history_send": lambda fd: [fd],
     "png_info_send": lambda fd: [fd],
+    "txt2img_refresh_lora": lambda fd: [fd],
 }
 
 
@@ -170,7 +185,7 @@ def test_the_file_read_attack_on_the_new_endpoints_reads_nothing(adapter_app_ser
         assert SECRET not in raw and open("/etc/hostname").read().strip() not in raw and "Traceback" not in raw
         if api_name.startswith("txt2img_add"):  # text and choice inputs refuse a file
             assert "must be text" in error_of(message)
-        else:  # a file in a State's slot is refused too (the server reads only the session's own State)
+        else:  # a file in a State's or the LoRA menu's slot is refused unread (only this session's uploads are read)
             assert "only reads files uploaded in this session" in error_of(message) and path not in raw
     assert {str(p) for p in adapter_app_server.cache.rglob("*")} == before
     assert endpoints_taking_files(adapter_app_server.url) == set(FILE_ENDPOINTS)  # no new endpoint takes files
