@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 SAFE_SUFFIX = ".safetensors"
 
 
@@ -187,3 +189,34 @@ def activate_loras(pipe, loras: list[LoraFile], allow_pickle: bool = False) -> l
 
 def _has_adapters(pipe) -> bool:
     return bool(getattr(pipe.unet, "peft_config", None))
+
+
+# ---------------------------------------------------------------- IP-Adapter inputs, as recipes record them
+
+
+def ip_adapter_record(unet, image, image_embeds) -> dict | None:
+    """What a recipe keeps of an IP-Adapter run: a sha256 of the image(s) (RGB pixels and size) or of the
+    embeddings given, and the adapter's scale (`set_ip_adapter_scale`; per layer when the layers differ).
+    The image itself is not stored: replaying needs it (`metadata.recipe_to_options` says so)."""
+    if image is None and image_embeds is None:
+        return None
+    given = image if image is not None else image_embeds
+    digest = hashlib.sha256()
+    for item in given if isinstance(given, (list, tuple)) else [given]:
+        digest.update(_input_bytes(item))
+    scales = {name: list(p.scale) for name, p in unet.attn_processors.items() if isinstance(getattr(p, "scale", None), list)}
+    distinct = {tuple(s) for s in scales.values()}
+    scale = list(distinct.pop()) if len(distinct) == 1 else scales
+    return {"image_sha256" if image is not None else "embeds_sha256": digest.hexdigest(), "scale": scale}
+
+
+def _input_bytes(item) -> bytes:
+    """The bytes an IP-Adapter input is hashed by: a PIL image's RGB pixels and size, an array's or tensor's values."""
+    if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
+        return f"{item.size}".encode() + np.asarray(item.convert("RGB")).tobytes()
+    if isinstance(item, (list, tuple)):
+        return b"".join(map(_input_bytes, item))
+    if hasattr(item, "detach"):  # a torch tensor
+        item = item.detach().float().cpu().numpy()
+    array = np.ascontiguousarray(np.asarray(item))
+    return f"{array.shape}{array.dtype}".encode() + array.tobytes()

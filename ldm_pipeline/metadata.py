@@ -310,11 +310,24 @@ def sampler_options(params: dict) -> dict:
     return {"scheduler": found[0], "scheduler_options": overrides}
 
 
+def explain_ip_adapter(record) -> str:
+    """An IP-Adapter record in words (recipes before the record held `true`)."""
+    if not isinstance(record, dict):
+        return "image not recorded"
+    kind = "image" if "image_sha256" in record else "image embeddings"
+    digest = record.get("image_sha256") or record.get("embeds_sha256") or "?"
+    return f"{kind} sha256 {digest[:12]}, scale {record.get('scale')}"
+
+
 def recipe_to_options(recipe: dict) -> dict:
     """Pipeline keyword arguments that regenerate a recipe's image (scheduler: swap separately)."""
     guidance = recipe.get("guidance") or {}
     if recipe.get("noise"):
         raise ValueError(f"This recipe's image cannot be regenerated from its seed: {explain_noise(recipe['noise'])}.")
+    if recipe.get("ip_adapter"):
+        raise ValueError(f"This image was made with an IP-Adapter ({explain_ip_adapter(recipe['ip_adapter'])}); "
+                         "the recipe does not hold its image: load the same IP-Adapter and scale and pass that "
+                         "image as ip_adapter_image.")
     if recipe.get("altered_by"):
         raise ValueError(f"A callback_on_step_end ({recipe['altered_by']}) changed this image's tensors during "
                          "sampling; the recipe cannot replay it.")

@@ -527,8 +527,7 @@ class GenerationOptions:
         return {"steps": self.num_inference_steps, "width": size[0], "height": size[1], "clip_skip": self.clip_skip,
                 "emphasis": self.emphasis, "strength": strength, "inpainting": self.mask_image is not None,
                 "guidance": guidance, "eta": self.eta, "timesteps": grid_list(self.timesteps),
-                "sigmas": grid_list(self.sigmas), "cross_attention_kwargs": self.cross_attention_kwargs,
-                "ip_adapter": self.ip_adapter_image is not None or self.ip_adapter_image_embeds is not None}
+                "sigmas": grid_list(self.sigmas), "cross_attention_kwargs": self.cross_attention_kwargs}
 
 
 def _attention_kwargs_problems(kwargs) -> list[str]:

@@ -53,6 +53,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ldm_pipeline import hires, metadata
+from ldm_pipeline.adapters import ip_adapter_record
 from ldm_pipeline.guidance import Guidance, Guider, as_interval, recommended_guidance_rescale
 from ldm_pipeline.guidance_methods import GuidanceMethod
 from ldm_pipeline.noise_source import NoiseSource
@@ -301,6 +302,7 @@ class LatentTextToImageStages:
         n, count = opts.num_images_per_prompt, len(noise.seeds)
         strength = self._strength(opts) if opts.image is not None else None
         settings = opts.recipe_settings(size, strength, guidance.describe())
+        settings["ip_adapter"] = ip_adapter_record(self.unet, opts.ip_adapter_image, opts.ip_adapter_image_embeds)
         if step_end is not None and (step_end.altered or step_end.interrupted_after):  # the recipe cannot replay it
             settings["altered_by"] = step_end.describe()
         return [

@@ -346,9 +346,19 @@ def test_ip_adapter_image_equals_stock(ip_adapted, guidance_scale):
     expected = stock(PROMPT, ip_adapter_image=init_image(3), generator=generators(1, 2), **args).images
     got = ours(PROMPT, ip_adapter_image=init_image(3), generator=generators(1, 2), progress_bar=False, **args)
     assert_same(got.images, expected)
-    assert got.recipes[0]["ip_adapter"] is True
+    record = got.recipes[0]["ip_adapter"]  # what the image was made with, without the image itself
+    assert record["scale"] == [1.0] and len(record["image_sha256"]) == 64
+    with pytest.raises(ValueError, match=f"IP-Adapter \\(image sha256 {record['image_sha256'][:12]}, scale"):
+        recipe_to_options(got.recipes[0])
     other = ours(PROMPT, ip_adapter_image=init_image(4), generator=generators(1, 2), progress_bar=False, **args)
     assert np.abs(other.images - got.images).max() > 1e-3  # the adapter's image reaches the UNet
+    assert other.recipes[0]["ip_adapter"]["image_sha256"] != record["image_sha256"]
+    ours.set_ip_adapter_scale(0.5)
+    try:
+        halved = ours(PROMPT, ip_adapter_image=init_image(3), generator=generators(1, 2), progress_bar=False, **args)
+    finally:
+        ours.set_ip_adapter_scale(1.0)
+    assert halved.recipes[0]["ip_adapter"] == {**record, "scale": [0.5]}
     with pytest.raises(InvalidOptions, match="An IP-Adapter is loaded: give ip_adapter_image"):
         ours(PROMPT, **args)
 
