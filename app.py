@@ -387,15 +387,34 @@ def preview_steps(value) -> int | None:
     return int(value)
 
 
-def txt2img_request(values: dict, hires_on=False, scale=2.0, steps=0, strength=0.7, upscaler="Latent") -> ServiceRequest:
-    """The shared settings, with the hires fix when its box is ticked (its values checked by GenerationOptions)."""
+def txt2img_request(values: dict, hires_on=False, scale=2.0, steps=0, strength=0.7, upscaler="Latent",
+                    refiner_on=False, switch_at=0.8) -> ServiceRequest:
+    """The shared settings, with the hires fix and the refiner when their boxes are ticked (their values checked
+    by GenerationOptions and the service)."""
     request = request_from_form(values)
-    if not isinstance(hires_on, bool):
-        raise ValueError(f"Hires fix must be on or off (true or false), got {hires_on!r}.")
+    for label, ticked in (("Hires fix", hires_on), ("Refiner", refiner_on)):
+        if not isinstance(ticked, bool):
+            raise ValueError(f"{label} must be on or off (true or false), got {ticked!r}.")
+    if refiner_on:
+        request = replace(request, refiner_switch_at=switch_at)
     if not hires_on:
         return request
     hires = HiresFix(scale=scale, steps=_whole("hires_steps", steps), strength=strength, upscaler=upscaler)
     return replace(request, options=replace(request.options, hires=hires))
+
+
+def txt2img_inputs(refiner: bool) -> list:
+    """The Text to image tab's own inputs: the hires fix, and the refiner when the app has one (--refiner)."""
+    return hires_inputs() + (refiner_inputs() if refiner else [])
+
+
+def refiner_inputs() -> list:
+    """The Refiner accordion (SDXL, --refiner): on/off and A1111's "Switch at" (the fraction the base runs)."""
+    with gr.Accordion("Refiner", open=False, elem_id="txt2img-refiner"):
+        on = gr.Checkbox(value=False, label="Refiner: the SDXL refiner finishes the image", elem_id="txt2img-refiner-on")
+        switch_at = gr.Slider(0.05, 0.95, value=0.8, step=0.05, label="Switch at (fraction of the steps the base runs)",
+                              elem_id="txt2img-refiner-switch")
+    return [on, switch_at]
 
 
 def hires_inputs() -> list:
@@ -461,6 +480,8 @@ def form_fields(parameters: dict | None, recipe: dict | None) -> dict:
     if recipe:
         fields.update({k: v for k, v in metadata.recipe_to_options(recipe).items() if v is not None})
         fields["prompt"] = metadata.prompt_with_lora_tags(recipe)
+    if parameters and "Refiner switch at" in parameters:  # the app's refiner, not a pipeline option
+        fields["refiner_switch_at"] = float(parameters["Refiner switch at"])
     return fields
 
 
@@ -526,7 +547,8 @@ def build_ui(service: GenerationService):
         history = gr.State([])  # this browser session's results, newest first (see `remembered`)
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
-                txt = generation_tab(service, form, "txt2img", hires_inputs, txt2img_request, history)
+                txt = generation_tab(service, form, "txt2img", functools.partial(txt2img_inputs, service.refiner is not None),
+                                     txt2img_request, history)
             with gr.Tab("Image to image", id="img2img"):
                 generation_tab(service, form, "img2img", img2img_inputs, img2img_request, history)
             with gr.Tab("Inpainting", id="inpaint"):
@@ -651,11 +673,18 @@ def png_tab(txt_settings: dict, tabs) -> None:
 def send_to_txt2img(button, fields, txt_settings: dict, tabs, api_name) -> None:
     """`button` fills the txt2img form from the `fields` State (see `form_fields`) and opens that tab."""
     def on_send(found: dict):
-        return [*fields_to_settings(found or {}, names), *hires_settings(found or {}), gr.Tabs(selected="txt2img")]
+        extra = [*hires_settings(found or {}), *refiner_settings(found or {})][: len(txt_settings["extra_inputs"])]
+        return [*fields_to_settings(found or {}, names), *extra, gr.Tabs(selected="txt2img")]
 
     names = [*SETTING_NAMES, *(n for n in SDXL_SETTING_NAMES if n in txt_settings)]  # an SDXL model's fields too
     outputs = [txt_settings[n] for n in names] + txt_settings["extra_inputs"] + [tabs]
     button.click(on_send, inputs=fields, outputs=outputs, api_name=api_name)
+
+
+def refiner_settings(fields: dict) -> list:
+    """Updates for the Refiner accordion: on at the PNG's "Refiner switch at", else off."""
+    switch_at = fields.get("refiner_switch_at")
+    return [gr.update(value=True), gr.update(value=switch_at)] if switch_at else [gr.update(value=False), gr.update()]
 
 
 def hires_settings(fields: dict) -> list:
@@ -784,6 +813,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="LoRAs offered by name in the form and in <lora:NAME:W> prompt tags (only this folder)")
     parser.add_argument("--embedding-dir", type=Path, default=None, metavar="DIR",
                         help="textual-inversion embeddings loaded at start-up; the file name is the prompt token")
+    parser.add_argument("--refiner", type=Path, default=None, metavar="FOLDER",
+                        help="an SDXL refiner (diffusers folder) for an SDXL --model: Text to image offers it, "
+                             "taking over at 'Switch at'")
     parser.add_argument("--trace", action="store_true",
                         help="torch.jit.trace the UNet once per image shape (faster steps on CPU; a few s per new shape)")
     parser.add_argument("--backend", default="auto", choices=["auto", "pytorch", "onnx"],
@@ -814,7 +846,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         service = GenerationService.load(args.model, args.outputs.resolve(), device=args.device, dtype=args.dtype,
                                          allow_pickle=args.allow_pickle, lora_dir=args.lora_dir,
-                                         embedding_dir=args.embedding_dir, **backend_options(args))
+                                         embedding_dir=args.embedding_dir, refiner=args.refiner,
+                                         **backend_options(args))
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     demo = build_ui(service)

@@ -487,15 +487,10 @@ def prepare_output(out: Path) -> None:
 
 def load_refiner(args, base, device) -> "Refiner":
     """--refiner: an SDXL refiner folder for an SDXL base, on the same device and dtype."""
-    if base.family != "sdxl":
-        raise ValueError(f"--refiner needs an SDXL base model; --model is a {base.family} model.")
-    if Path(args.refiner).is_file():
-        raise ValueError(f"--refiner {args.refiner}: give the refiner as a diffusers folder (a single file needs its "
-                         "own config folder: load_pipeline(file, config=...).save_pretrained(folder) once).")
     from ldm_pipeline.sdxl import Refiner  # diffusers' pipelines: only when a refiner is asked for
 
-    pipe = load_pipeline(args.refiner, device=args.device or device, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    return Refiner(pipe, args.refiner_switch_at)
+    return Refiner.load(args.refiner, base, args.refiner_switch_at, device=args.device or device, dtype=args.dtype,
+                        allow_pickle=args.allow_pickle)
 
 
 def resolve_backend(args, device) -> str:

@@ -313,6 +313,26 @@ class Refiner:
         if not (isinstance(self.switch_at, float) and 0.0 < self.switch_at < 1.0):
             raise ValueError(f"The refiner switch must be a fraction strictly between 0 and 1, got {self.switch_at!r}.")
 
+    @classmethod
+    def load(cls, folder, base, switch_at: float = 0.8, **load_options) -> "Refiner":
+        """The refiner folder (`load_pipeline(folder, **load_options)`) for an SDXL `base`; ValueError names a
+        mismatch (a non-SDXL base or refiner, a single file)."""
+        from ldm_pipeline.loading import load_pipeline
+
+        if getattr(base, "family", None) != "sdxl":
+            raise ValueError(f"--refiner needs an SDXL base model; --model is a {base.family} model.")
+        if Path(folder).is_file():
+            raise ValueError(f"--refiner {folder}: give the refiner as a diffusers folder (a single file needs its "
+                             "own config folder: load_pipeline(file, config=...).save_pretrained(folder) once).")
+        return cls(load_pipeline(folder, **load_options), switch_at)
+
+    def at(self, switch_at: float) -> "Refiner":
+        """This refiner on its own pipeline copy (its networks shared) switching at `switch_at`: one per request of
+        a server, since a hand-off sets the refiner's scheduler."""
+        from ldm_pipeline.service import pipe_copy
+
+        return Refiner(pipe_copy(self.pipe, self.pipe.scheduler), float(switch_at))
+
     def __call__(self, base, options: GenerationOptions) -> LatentPipelineOutput:
         if base.family != "sdxl" or options.denoising_end is not None or options.image is not None:
             raise ValueError("A refiner takes over text-to-image generation of an SDXL base model (no init image, no "

@@ -61,6 +61,28 @@ def scheduler_with_schedule(base, name: str | None, schedule_type: str):
     return scratch.scheduler
 
 
+def pipe_copy(base, scheduler):
+    """A pipeline sharing `base`'s networks, with `scheduler` and its own tokenizers (fast tokenizers are not
+    thread-safe): every component and the config for SDXL (refiners too), the SD 1.x parts otherwise."""
+    if base.family == "sdxl":
+        parts = {name: copy.deepcopy(part) if name.startswith("tokenizer") else part
+                 for name, part in base.components.items()}
+        settings = {k: v for k, v in base.config.items() if not k.startswith("_") and k not in parts}
+        pipe = type(base)(**{**parts, "scheduler": scheduler}, **settings)
+    else:
+        pipe = type(base)(vae=base.vae, text_encoder=base.text_encoder, unet=base.unet,
+                          tokenizer=copy.deepcopy(base.tokenizer), scheduler=scheduler)
+    pipe.model_id, pipe.model_hash = base.model_id, base.model_hash
+    pipe.recommended = getattr(base, "recommended", {})
+    return pipe
+
+
+def load_sdxl_refiner(folder, base, load_options: dict):
+    from ldm_pipeline.sdxl import Refiner  # diffusers' SDXL parts: only when a refiner is asked for
+
+    return Refiner.load(folder, base, **load_options)
+
+
 @dataclass
 class ServiceRequest:
     """One request: the settings, the sampler, and how many batches of `num_images_per_prompt` to make."""
@@ -69,6 +91,7 @@ class ServiceRequest:
     sampler: str | None = None  # None = the model's own scheduler
     batch_count: int = 1
     schedule_type: str | None = None  # an A1111 schedule type ("Karras", ...); None or "Automatic" = the sampler's
+    refiner_switch_at: float | None = None  # the service's SDXL refiner takes over at this fraction; None = not used
 
     def seeds(self) -> list[list[int]]:
         """Seeds per batch: image j of the whole request gets seed + j (a random seed when it is None)."""
@@ -90,17 +113,20 @@ class GenerationService:
     adapters: ServedAdapters | None = None  # LoRA / embedding folders; None = none (set in __post_init__)
     scheduled: dict = field(default_factory=dict)  # (sampler, schedule type) -> scheduler or error, on first use
     scheduled_lock: threading.Lock = field(default_factory=threading.Lock)
+    refiner: object | None = None  # an `sdxl.Refiner` (`load(refiner=FOLDER)`), on a copy per request
 
     def __post_init__(self):
         self.adapters = self.adapters or ServedAdapters(self.pipe)  # no folders: no LoRA, no embedding
 
     @classmethod
     def load(cls, model, outputs: Path, lora_dir: Path | None = None, embedding_dir: Path | None = None,
-             **load_options) -> "GenerationService":
-        """The model (`load_pipeline(model, **load_options)`), its samplers, and the LoRA / embedding folders."""
+             refiner=None, **load_options) -> "GenerationService":
+        """The model (`load_pipeline(model, **load_options)`), its samplers, the LoRA / embedding folders and an
+        SDXL refiner folder (for an SDXL model; ValueError names a mismatch)."""
         pipe = load_pipeline(model, **load_options)
         adapters = ServedAdapters.load(pipe, lora_dir, embedding_dir, load_options.get("allow_pickle", False))
-        return cls(pipe, outputs, prepare_schedulers(pipe, set(available_schedulers())), adapters=adapters)
+        return cls(pipe, outputs, prepare_schedulers(pipe, set(available_schedulers())), adapters=adapters,
+                   refiner=None if refiner is None else load_sdxl_refiner(refiner, pipe, load_options))
 
     @property
     def sampler_names(self) -> list[str]:
@@ -131,9 +157,21 @@ class GenerationService:
                 problems.append(f"Schedule type {request.schedule_type!r} with this sampler: {scheduler}")
             elif sampler_problem(options.guidance_method, scheduler):  # CFG++ takes single-step samplers
                 problems.append(sampler_problem(options.guidance_method, scheduler))
+        problems += self._refiner_problems(request.refiner_switch_at, options)
         if problems:
             raise InvalidOptions(" ".join(problems))
         return options, loras
+
+    def _refiner_problems(self, switch_at, options: GenerationOptions) -> list[str]:
+        if switch_at is None:
+            return []
+        if self.refiner is None:
+            return ["No refiner is loaded: start the app with --refiner FOLDER (an SDXL refiner) to use one."]
+        if isinstance(switch_at, bool) or not isinstance(switch_at, (int, float)) or not 0 < switch_at < 1:
+            return [f"Refiner switch at must be a fraction strictly between 0 and 1 (e.g. 0.8), got {switch_at!r}."]
+        if options.image is not None or options.hires is not None:
+            return ["The refiner takes over text to image only: turn off the hires fix (or the refiner)."]
+        return []
 
     def scheduler_for(self, sampler: str | None, schedule_type: str | None):
         """The prepared scheduler of `sampler` with `schedule_type` (None / "Automatic" = its own), or the
@@ -152,19 +190,8 @@ class GenerationService:
     def request_pipe(self, sampler: str | None, schedule_type: str | None = None):
         """A pipeline sharing the loaded networks, with a fresh scheduler of the chosen kind."""
         prepared = self.scheduler_for(sampler, schedule_type)
-        base = self.pipe
-        scheduler = type(prepared).from_config(prepared.config)
-        if base.family == "sdxl":  # every component (two encoders, two tokenizers) and the config (refiners)
-            parts = {name: copy.deepcopy(part) if name.startswith("tokenizer") else part
-                     for name, part in base.components.items()}
-            settings = {k: v for k, v in base.config.items() if not k.startswith("_") and k not in parts}
-            pipe = type(base)(**{**parts, "scheduler": scheduler}, **settings)
-        else:
-            pipe = type(base)(vae=base.vae, text_encoder=base.text_encoder, unet=base.unet,
-                              tokenizer=copy.deepcopy(base.tokenizer),  # fast tokenizers are not thread-safe
-                              scheduler=scheduler)
-        pipe.model_id, pipe.model_hash, pipe.recommended = base.model_id, base.model_hash, base.recommended
-        return pipe
+        return pipe_copy(self.pipe, type(prepared).from_config(prepared.config))
+
 
     def previewer(self, mode: str = "cheap") -> LatentPreviewer | VaePreviewer:
         """"cheap": the latent -> RGB map, fitted to this model's VAE on first use (a few decodes);
@@ -189,12 +216,14 @@ class GenerationService:
         """
         options, loras = self.prepare(request)
         pipe = self.request_pipe(request.sampler, request.schedule_type)
+        refiner = None if request.refiner_switch_at is None else self.refiner.at(request.refiner_switch_at)
         pipe.embedding_records = self.adapters.used_embeddings(
             [t for t in (options.prompt, options.negative_prompt) if isinstance(t, str)])
         self.outputs.mkdir(parents=True, exist_ok=True)
         batches = request.seeds()
         results, done = [], 0
         per_batch = hires.steps_run(options) if options.hires is not None else None  # both passes
+        per_batch = options.num_inference_steps if refiner is not None else per_batch  # base + refiner: the grid
 
         def callback(info) -> bool:
             nonlocal done
@@ -210,7 +239,8 @@ class GenerationService:
             with self.adapters.using(loras, stop) as records:
                 pipe.lora_records = records
                 for seeds in batches:
-                    out = pipe(**replace(options, seed=seeds, callback=callback, progress_bar=False).kwargs())
+                    batch = replace(options, seed=seeds, callback=callback, progress_bar=False)
+                    out = refiner(pipe, batch) if refiner is not None else pipe(**batch.kwargs())
                     results += [(self.write(image, recipe), recipe) for image, recipe in zip(out.images, out.recipes)]
         except GenerationCancelled:
             pass  # the batches finished before the stop are kept
