@@ -470,8 +470,7 @@ class LatentTextToImageStages:
             latents = torch.cat(image) if isinstance(image, (list, tuple)) else image
             return _broadcast(latents, count, "image").to(self._device)
         pixels = self.image_processor.preprocess(as_rgb(image), height=height, width=width)
-        stored = self.vae.dtype
-        with self._vae_precision() as dtype:
+        with self._vae_precision() as (dtype, stored):
             posterior = self.vae.encode(pixels.to(self._device, dtype)).latent_dist
             if generator is None:
                 latents = posterior.mode()
@@ -487,8 +486,9 @@ class LatentTextToImageStages:
 
     @contextmanager
     def _vae_precision(self):
-        """The dtype the VAE runs in for one encode or decode (SDXL upcasts a half VAE, see `sdxl`)."""
-        yield self.vae.dtype
+        """(dtype the VAE runs one encode or decode in, dtype it is stored in): SDXL upcasts a half VAE (`sdxl`).
+        Anything else decoding with this pipeline's VAE (previews) goes through it too."""
+        yield self.vae.dtype, self.vae.dtype
 
     def _latent_mask(self, mask_image, count: int, width: int, height: int) -> torch.Tensor:
         mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
@@ -499,7 +499,7 @@ class LatentTextToImageStages:
         if output_type == "latent":
             return latents
         shift = self.vae.config.shift_factor or 0.0
-        with self._vae_precision() as dtype:
+        with self._vae_precision() as (dtype, _):
             image = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor + shift, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 

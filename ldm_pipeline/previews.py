@@ -14,7 +14,9 @@ steps `on_preview(step, total, images)` receives the current latents as PIL imag
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,10 +36,11 @@ class LatentPreviewer:
     bias: torch.Tensor
 
     @classmethod
-    def fit(cls, vae, device="cpu", seed: int = 0) -> "LatentPreviewer":
-        """Fitted to `vae.decode` (a diffusers AutoencoderKL or the ONNX backend's decoder)."""
+    def fit(cls, vae, device="cpu", seed: int = 0, precision: Callable | None = None) -> "LatentPreviewer":
+        """Fitted to `vae.decode` (a diffusers AutoencoderKL or the ONNX backend's decoder); `precision`: see
+        `decoded`."""
         latents = fit_latents(vae.config.latent_channels, seed)
-        return cls.from_pairs(latents, decoded_blocks(vae, latents, device))
+        return cls.from_pairs(latents, decoded_blocks(vae, latents, device, precision))
 
     @classmethod
     def from_pairs(cls, latents: torch.Tensor, rgb: torch.Tensor) -> "LatentPreviewer":
@@ -65,10 +68,11 @@ class VaePreviewer:
 
     vae: object
     device: object = "cpu"
+    precision: Callable | None = None  # the pipeline's `_vae_precision` (see `decoded`)
 
     def images(self, latents: torch.Tensor, scale: int = 8) -> list[Image.Image]:
         """PIL images of the decoded latents (already at the output size; `scale` is not needed)."""
-        pixels_ = (decoded(self.vae, latents, self.device) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        pixels_ = (decoded(self.vae, latents, self.device, self.precision) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels_.numpy()]
 
 
@@ -85,16 +89,20 @@ def fit_latents(channels: int, seed: int, count: int = FIT_LATENTS, side: int = 
 
 
 @torch.no_grad()
-def decoded(vae, latents: torch.Tensor, device="cpu") -> torch.Tensor:
-    """The VAE decode of `latents` (pipeline scale) as [N, 3, H, W] pixels in [0, 1], on the CPU."""
+def decoded(vae, latents: torch.Tensor, device="cpu", precision: Callable | None = None) -> torch.Tensor:
+    """The VAE decode of `latents` (pipeline scale) as [N, 3, H, W] pixels in [0, 1], on the CPU. `precision`:
+    the pipeline's `_vae_precision` (a VAE shared with running requests is decoded as they decode it: SDXL
+    switches a half VAE to float32 under a lock); None = the VAE's own dtype."""
+    dtype = getattr(vae, "dtype", torch.float32)
     shift = vae.config.shift_factor or 0.0
-    z = (latents.detach() / vae.config.scaling_factor + shift).to(device, getattr(vae, "dtype", torch.float32))
-    return (vae.decode(z, return_dict=False)[0].float().cpu() / 2 + 0.5).clamp(0, 1)
+    with (precision or (lambda: nullcontext((dtype, dtype))))() as (run, _):
+        z = (latents.detach() / vae.config.scaling_factor + shift).to(device, run)
+        return (vae.decode(z, return_dict=False)[0].float().cpu() / 2 + 0.5).clamp(0, 1)
 
 
-def decoded_blocks(vae, latents: torch.Tensor, device="cpu") -> torch.Tensor:
+def decoded_blocks(vae, latents: torch.Tensor, device="cpu", precision: Callable | None = None) -> torch.Tensor:
     """The VAE decode of `latents` averaged over each latent pixel's block, in [0, 1]."""
-    return F.adaptive_avg_pool2d(decoded(vae, latents, device), latents.shape[-2:])
+    return F.adaptive_avg_pool2d(decoded(vae, latents, device, precision), latents.shape[-2:])
 
 
 def preview_callback(previewer: LatentPreviewer, every: int | None, on_preview, callback=None, scale: int = 8):

@@ -285,14 +285,18 @@ class LatentSDXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentTextToImagePipe
 
     @contextmanager
     def _vae_precision(self):
-        """float32 for a float16 VAE whose config says `force_upcast` (stock SDXL), else the VAE's dtype."""
-        if not (self.vae.dtype == torch.float16 and self.vae.config.force_upcast):
-            yield self.vae.dtype
+        """float32 for a float16 VAE whose config says `force_upcast` (stock SDXL), else the VAE's dtype. Such a
+        VAE may be switched by another request sharing it: its dtype is read, and switched, under the lock only."""
+        if not self.vae.config.force_upcast:
+            yield self.vae.dtype, self.vae.dtype
             return
         with _UPCAST_LOCK:
+            if self.vae.dtype != torch.float16:
+                yield self.vae.dtype, self.vae.dtype
+                return
             self.vae.to(dtype=torch.float32)
             try:
-                yield torch.float32
+                yield torch.float32, torch.float16
             finally:
                 self.vae.to(dtype=torch.float16)
 

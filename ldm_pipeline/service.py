@@ -199,10 +199,11 @@ class GenerationService:
         if mode not in PREVIEW_MODES:
             raise ValueError(f"Unknown preview mode {mode!r}: choose one of {', '.join(PREVIEW_MODES)}.")
         if mode == "full":
-            return VaePreviewer(self.pipe.vae, self.pipe._device)
+            return VaePreviewer(self.pipe.vae, self.pipe._device, self.pipe._vae_precision)  # shared: as requests decode
         with self.preview_lock:
             if self.preview_map is None:
-                self.preview_map = LatentPreviewer.fit(self.pipe.vae, self.pipe._device)
+                self.preview_map = LatentPreviewer.fit(self.pipe.vae, self.pipe._device,
+                                                       precision=self.pipe._vae_precision)
             return self.preview_map
 
     def generate(self, request: ServiceRequest, on_step=None, stop: threading.Event | None = None,

@@ -133,6 +133,36 @@ def test_half_vae_decodes_in_float32_when_its_config_says_force_upcast(force_upc
         assert pipe._encode_image(image, 1, SIZE, SIZE).dtype == torch.float16  # encode works in either case
 
 
+def test_a_shared_half_vae_decodes_right_while_other_threads_upcast_it():
+    """Requests and previews share one half VAE that SDXL switches to float32 for each decode: each caller reads
+    and switches its dtype under one lock (`_vae_precision`), so no decode meets the VAE mid-switch."""
+    import concurrent.futures
+
+    from ldm_pipeline.previews import VaePreviewer
+
+    pipe = _ours()
+    pipe.vae.register_to_config(force_upcast=True)
+    pipe.vae.to(torch.float16)
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)).half()
+    preview = VaePreviewer(pipe.vae, "cpu", pipe._vae_precision)
+    image = Image.fromarray(np.full((SIZE, SIZE, 3), 90, dtype=np.uint8))
+    with torch.no_grad():
+        decoded, previewed = pipe._decode(latents, "np"), preview.images(latents)
+        encoded = pipe._encode_image(image, 1, SIZE, SIZE)
+        jobs = [lambda: pipe._decode(latents, "np"), lambda: preview.images(latents),
+                lambda: pipe._encode_image(image, 1, SIZE, SIZE)] * 40
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda job: torch.no_grad()(job)(), jobs))  # grad mode is per thread
+    for i, result in enumerate(results):
+        if i % 3 == 0:
+            np.testing.assert_array_equal(result, decoded)
+        elif i % 3 == 1:
+            assert [np.asarray(p).tolist() for p in result] == [np.asarray(p).tolist() for p in previewed]
+        else:
+            assert result.dtype == torch.float16 and torch.equal(result, encoded)
+    assert pipe.vae.dtype == torch.float16
+
+
 # ---------------------------------------------------------------- the CLI
 
 
