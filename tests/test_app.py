@@ -7,10 +7,13 @@ import re
 import pytest
 
 import app
-from ldm_pipeline.options import MAX_SIDE
+from ldm_pipeline.options import MAX_SIDE, GenerationOptions
 from ldm_pipeline.service import GenerationService
+from webui.form import MAX_BATCH_SIZE, SDXL_SETTING_NAMES, SETTING_NAMES, request_from_form, sdxl_options
+from webui.parameters import fields_to_settings, png_info
+from webui.schedules_tab import REPO_DIR, accuracy_table_markdown
 
-FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
+FORM = dict(  # the txt2img fields in the order SETTING_NAMES lists them
     prompt="a red circle", negative_prompt="", sampler="ddim", schedule_type="Automatic", steps=4, guidance_scale=7.5,
     guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
     guidance_rescale=-1.0, width=32.0, height=32.0, seed=-1.0, batch_count=1.0, batch_size=1.0,
@@ -26,7 +29,7 @@ def service(tiny_model_dir, tmp_path_factory):
 
 def check_form(service, **changes) -> None:
     """What a Generate click checks before the model runs: the form's own limits, then the record's check."""
-    service.check(app.request_from_form({**FORM, **changes}))
+    service.check(request_from_form({**FORM, **changes}))
 
 
 def test_cli_binds_localhost_by_default_and_share_is_opt_in():
@@ -46,7 +49,7 @@ def test_cli_rejects_zero_concurrency(capsys):
 
 def test_valid_request_passes(service):
     check_form(service)
-    check_form(service, seed=0, width=64, height=2048, batch_size=app.MAX_BATCH_SIZE)
+    check_form(service, seed=0, width=64, height=2048, batch_size=MAX_BATCH_SIZE)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +59,7 @@ def test_valid_request_passes(service):
         ({"height": MAX_SIDE + 8}, "Height must be a multiple of 8"),
         ({"steps": 0}, "Steps (num_inference_steps) must be a whole number from 1"),
         ({"steps": 2.5}, "Steps (num_inference_steps) must be a whole number from 1"),
-        ({"batch_size": app.MAX_BATCH_SIZE + 1}, "Batch size must be from 1"),
+        ({"batch_size": MAX_BATCH_SIZE + 1}, "Batch size must be from 1"),
         ({"batch_count": 0}, "Batch count must be from 1"),
         ({"sampler": "nope"}, "Unknown sampler 'nope': choose one of ddim, ddpm"),
         ({"prompt": "   "}, "The prompt is empty"),
@@ -77,8 +80,8 @@ def test_all_problems_reported_at_once(service):
 def test_accuracy_table_shown_when_present_and_explained_when_missing(tmp_path):
     table = tmp_path / "sampler_accuracy.md"
     table.write_text("| sampler | error |\n|---|---|\n| ddim | 0.1 |\n")
-    assert app.accuracy_table_markdown(table) == table.read_text()
-    note = app.accuracy_table_markdown(app.REPO_DIR / "docs" / "no_such_table.md")
+    assert accuracy_table_markdown(table) == table.read_text()
+    note = accuracy_table_markdown(REPO_DIR / "docs" / "no_such_table.md")
     assert "missing" in note and "benchmarks/sampler_accuracy.py" in note
 
 
@@ -91,8 +94,8 @@ def settings_from_png(tmp_path, parameters: str) -> tuple[str, dict]:
     info.add_text("parameters", parameters)
     path = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
-    text, fields = app.png_info(str(path))
-    updates = dict(zip(app.SETTING_NAMES, app.fields_to_settings(fields)))
+    text, fields = png_info(str(path))
+    updates = dict(zip(SETTING_NAMES, fields_to_settings(fields)))
     return text, {name: u.get("value") for name, u in updates.items() if "value" in u}
 
 
@@ -115,7 +118,7 @@ def test_png_info_of_a_recipe_that_cannot_replay_says_why(tmp_path):
     recipe = {"prompt": "a red circle", "steps": 4, "seed": 72, "width": 32, "height": 32,
               "guidance": {"scale": 6.0}, "noise": {"source": "shared_generator", "images": 2, "index": 1}}
     path = metadata.write_png(tmp_path / "shared.png", Image.new("RGB", (8, 8)), recipe)
-    text, fields = app.png_info(str(path))
+    text, fields = png_info(str(path))
     assert "one torch.Generator drew the noise of all 2 images" in text
     assert fields["prompt"] == "a red circle" and fields["seed"] == 72  # from the parameters text
 
@@ -125,15 +128,15 @@ def test_png_info_explains_a_png_without_parameters(tmp_path):
 
     path = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(path)
-    assert app.png_info(str(path)) == ("This PNG carries no generation parameters.", {})
+    assert png_info(str(path)) == ("This PNG carries no generation parameters.", {})
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    assert app.png_info(str(tmp_path / "broken.png"))[0].startswith("Cannot read this file as a PNG")
+    assert png_info(str(tmp_path / "broken.png"))[0].startswith("Cannot read this file as a PNG")
 
 
 def test_form_values_become_a_request():
-    form = dict(zip(app.SETTING_NAMES, ["a cat", "", "ddim", "Automatic", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
+    form = dict(zip(SETTING_NAMES, ["a cat", "", "ddim", "Automatic", 3.0, 7.5, "cosine", 2.0, True, 0.5, 9.0, -1.0,
                                         32.0, 48.0, -1.0, 2.0, 3.0]))
-    request = app.request_from_form(form)
+    request = request_from_form(form)
     options = request.options
     assert (options.num_inference_steps, options.width, options.height, request.batch_count,
             options.num_images_per_prompt) == (3, 32, 48, 2, 3)
@@ -141,7 +144,7 @@ def test_form_values_become_a_request():
     seeds = request.seeds()
     assert len(seeds) == 2 and seeds[1] == [seeds[0][0] + 3 + j for j in range(3)]
     form.update(use_interval=False, guidance_rescale=0.7, seed=5.0)
-    request = app.request_from_form(form)
+    request = request_from_form(form)
     assert request.options.guidance_interval is None and request.options.guidance_rescale == 0.7
     assert request.seeds() == [[5, 6, 7], [8, 9, 10]]
 
@@ -167,29 +170,29 @@ def test_init_images_of_any_mode_become_8_bit_rgb():
 
 def test_png_fields_fill_the_sdxl_settings():
     fields = {"prompt": "a cat", "prompt_2": "a dog", "original_size": (48, 40), "crops_coords_top_left": (4, 8)}
-    names = [*app.SETTING_NAMES, *app.SDXL_SETTING_NAMES]
-    updates = dict(zip(names, app.fields_to_settings(fields, names)))
+    names = [*SETTING_NAMES, *SDXL_SETTING_NAMES]
+    updates = dict(zip(names, fields_to_settings(fields, names)))
     values = {name: u.get("value") for name, u in updates.items() if "value" in u}
     assert values == {"prompt": "a cat", "prompt_2": "a dog", "original_height": 48, "original_width": 40,
                       "crop_top": 4, "crop_left": 8}
-    options = app.sdxl_options({**{n: 0 for n in app.SDXL_SETTING_NAMES}, "prompt_2": "", "negative_prompt_2": "x",
+    options = sdxl_options({**{n: 0 for n in SDXL_SETTING_NAMES}, "prompt_2": "", "negative_prompt_2": "x",
                                 "target_height": 64, "target_width": 32})
     assert options == {"prompt_2": None, "negative_prompt_2": "x", "original_size": None,
                        "crops_coords_top_left": (0, 0), "target_size": (64, 32)}
 
 
 def test_form_sends_only_the_chosen_guidance_methods_parameters(service):
-    request = app.request_from_form({**FORM, "guidance_method": "apg", "apg_eta": 0.3, "pag_scale": 2.5,
+    request = request_from_form({**FORM, "guidance_method": "apg", "apg_eta": 0.3, "pag_scale": 2.5,
                                      "pag_layers": "mid, up_blocks.0"})
     options = service.check(request)
     assert (options.guidance_method, options.apg_eta, options.apg_norm_threshold, options.apg_momentum) == (
         "apg", 0.3, 15.0, -0.5)
     assert options.cfg_zero_init_steps is None and options.pag_scale == 2.5
     assert options.pag_layers == ["mid", "up_blocks.0"]
-    zero = service.check(app.request_from_form({**FORM, "guidance_method": "cfg-zero*", "cfg_zero_init_steps": 2.0}))
+    zero = service.check(request_from_form({**FORM, "guidance_method": "cfg-zero*", "cfg_zero_init_steps": 2.0}))
     assert zero.cfg_zero_init_steps == 2 and zero.apg_eta is None
     with pytest.raises(ValueError, match=r"CFG\+\+ .* Choose one of: ddim"):
-        service.check(app.request_from_form({**FORM, "guidance_method": "cfg++", "sampler": "dpmpp-2m"}))
+        service.check(request_from_form({**FORM, "guidance_method": "cfg++", "sampler": "dpmpp-2m"}))
 
 
 def test_png_info_fills_the_guidance_method_fields(tmp_path):
@@ -213,4 +216,4 @@ def test_the_form_is_built_from_the_registry_and_the_settings_record(service):
     assert menus["Schedule type"] == names.schedule_types() and "Karras" in menus["Schedule type"]
     assert menus["Dynamic guidance"] == list(SCHEDULE_NAMES)
     numbers = {c.label: c.value for c in demo.blocks.values() if isinstance(c, gr.Number)}
-    assert numbers["Minimum scale of the ramps"] == app.GenerationOptions().guidance_min_scale
+    assert numbers["Minimum scale of the ramps"] == GenerationOptions().guidance_min_scale

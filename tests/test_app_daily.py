@@ -21,8 +21,8 @@ from PIL.PngImagePlugin import PngInfo
 from test_app_security import FILE_ENDPOINTS, SECRET, secret_png
 from test_app_server import gallery_paths, txt2img_args
 
-import app
 from ldm_pipeline import load_pipeline, metadata, swap_scheduler
+from webui.form import SETTING_NAMES
 
 pytestmark = pytest.mark.slow
 HIRES_OFF = [False, 2.0, 0, 0.7, "Latent"]  # the txt2img hires fix inputs (before the preview interval), off
@@ -42,7 +42,7 @@ def generate(client: Client, **form) -> tuple[np.ndarray, metadata.PngMetadata, 
 
 def sent_values(updates) -> dict:
     """The form fields a "Send to text to image" sets (setting name -> value)."""
-    return {name: u["value"] for name, u in zip(app.SETTING_NAMES, updates) if "value" in u}
+    return {name: u["value"] for name, u in zip(SETTING_NAMES, updates) if "value" in u}
 
 
 def kohya_hash(path) -> str:

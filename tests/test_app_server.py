@@ -16,7 +16,7 @@ from ldm_pipeline import load_pipeline, metadata, swap_scheduler
 
 pytestmark = pytest.mark.slow
 
-FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
+FORM = dict(  # the txt2img fields in the order SETTING_NAMES lists them
     prompt="a red circle", negative_prompt="", sampler="ddim", schedule_type="Automatic", steps=2, guidance_scale=7.5,
     guidance_schedule="constant", guidance_min_scale=1.0, use_interval=False, sigma_lo=0.28, sigma_hi=5.42,
     guidance_rescale=-1, width=32, height=32, seed=-1, batch_count=1, batch_size=1,
@@ -26,10 +26,10 @@ FORM = dict(  # the txt2img fields in the order app.SETTING_NAMES lists them
 
 
 def txt2img_args(**changes) -> list:
-    import app
+    from webui.form import SETTING_NAMES
 
     form = {**FORM, **changes}
-    assert list(form) == list(app.SETTING_NAMES)
+    assert list(form) == list(SETTING_NAMES)
     return list(form.values())
 
 

@@ -91,7 +91,7 @@ def test_png_info_turns_the_hires_fix_on_with_the_pngs_values_and_off_without(cl
     from gradio_client import handle_file
     from PIL.PngImagePlugin import PngInfo
 
-    import app
+    from webui.form import SETTING_NAMES
 
     def sent_hires(text: str) -> list:
         png, info = tmp_path / "a1111.png", PngInfo()
@@ -99,7 +99,7 @@ def test_png_info_turns_the_hires_fix_on_with_the_pngs_values_and_off_without(cl
         Image.new("RGB", (8, 8)).save(png, pnginfo=info)
         client.predict(handle_file(str(png)), api_name="/png_info")
         updates = client.predict(api_name="/png_info_send")
-        start = len(app.SETTING_NAMES)  # the shared settings, then the hires fix accordion's five
+        start = len(SETTING_NAMES)  # the shared settings, then the hires fix accordion's five
         return [u.get("value") for u in updates[start : start + 5]]
 
     common = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 32x32"

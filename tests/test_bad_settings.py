@@ -16,12 +16,12 @@ import re
 import pytest
 from diffusers import StableDiffusionPipeline
 
-import app
 from ldm_pipeline import InvalidOptions, load_pipeline
 from ldm_pipeline.generate import LINE_KEYS, main
 from ldm_pipeline.options import MAX_SIDE, GenerationOptions
 from ldm_pipeline.service import GenerationService, ServiceRequest
 from training.tiny_models import tiny_sd_components
+from webui.form import SETTING_NAMES, request_from_form
 
 BASE = dict(prompt="a red circle", num_inference_steps=2, width=32, height=32, seed=1)
 NAN, INF = math.nan, math.inf
@@ -148,10 +148,10 @@ def app_request(settings: dict) -> ServiceRequest:
     if not set(settings) <= {*FORM_NUMBERS, "prompt", "negative_prompt", "guidance_schedule"} or not numbers_only \
             or not isinstance(values["prompt"], str) or not isinstance(values.get("negative_prompt", ""), str):
         return ServiceRequest(GenerationOptions(**values), sampler=None)
-    form = dict(zip(app.SETTING_NAMES, ["", "", "ddim", "Automatic", 2, 7.5, "constant", 1.0, False, 0.28, 5.42, -1.0, 32, 32,
+    form = dict(zip(SETTING_NAMES, ["", "", "ddim", "Automatic", 2, 7.5, "constant", 1.0, False, 0.28, 5.42, -1.0, 32, 32,
                                         values["seed"], 1, 1]))
-    form.update({FORM_NUMBERS.get(k, k): v for k, v in values.items() if FORM_NUMBERS.get(k, k) in app.SETTING_NAMES})
-    return app.request_from_form(form)
+    form.update({FORM_NUMBERS.get(k, k): v for k, v in values.items() if FORM_NUMBERS.get(k, k) in SETTING_NAMES})
+    return request_from_form(form)
 
 
 def app_message(service, settings) -> str:

@@ -16,17 +16,17 @@ from training.tiny_models import tiny_sdxl_components
 
 pytestmark = pytest.mark.slow
 
-SDXL_FORM = dict(  # app.SDXL_SETTING_NAMES, after the shared settings (app.SETTING_NAMES, from test_app_server)
+SDXL_FORM = dict(  # SDXL_SETTING_NAMES, after the shared settings (SETTING_NAMES, from test_app_server)
     prompt_2="a blue square", negative_prompt_2="green", original_height=48, original_width=40, crop_top=4,
     crop_left=8, target_height=0, target_width=0,
 )
 
 
 def sdxl_args() -> list:
-    import app
     from tests.test_app_server import txt2img_args
+    from webui.form import SDXL_SETTING_NAMES
 
-    assert list(SDXL_FORM) == list(app.SDXL_SETTING_NAMES)
+    assert list(SDXL_FORM) == list(SDXL_SETTING_NAMES)
     shared = txt2img_args(sampler="euler", steps=3, guidance_scale=4.0, seed=11)
     return [*shared, *SDXL_FORM.values()]
 

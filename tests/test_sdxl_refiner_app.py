@@ -25,6 +25,7 @@ from ldm_pipeline.service import GenerationService, ServiceRequest
 from tests.conftest import REPO_DIR, serve_app
 from tests.test_sdxl_img2img import _scheduler, tiny_refiner_components
 from training.tiny_models import tiny_sdxl_components
+from webui.form import SDXL_SETTING_NAMES, SETTING_NAMES
 
 pytestmark = pytest.mark.slow
 HIRES_OFF = [False, 2.0, 0, 0.7, "Latent"]
@@ -92,7 +93,6 @@ def test_a_service_without_a_refiner_refuses_a_switch(folders, tmp_path):
 def test_app_refiner_over_http_and_its_png_sends_the_switch_back(folders, tmp_path_factory):
     from gradio_client import handle_file
 
-    import app
     from tests.test_app_server import txt2img_args
 
     base, refiner = folders
@@ -101,7 +101,7 @@ def test_app_refiner_over_http_and_its_png_sends_the_switch_back(folders, tmp_pa
         assert any(c["props"].get("label", "").startswith("Switch at") for c in config["components"])
         client = Client(server.url, verbose=False)
         form = txt2img_args(steps=6, seed=4, guidance_scale=3.0, width=32, height=32)
-        sdxl_defaults = ["", "", 0, 0, 0, 0, 0, 0]  # app.SDXL_SETTING_NAMES: empty / 0 = the defaults
+        sdxl_defaults = ["", "", 0, 0, 0, 0, 0, 0]  # SDXL_SETTING_NAMES: empty / 0 = the defaults
         result = client.predict(*form, *sdxl_defaults, *HIRES_OFF, True, 0.7, api_name="/txt2img")
         path = result[0][0]["image"]
         assert metadata.read_png(path).recipe["refiner"]["switch_at"] == 0.7
@@ -111,7 +111,7 @@ def test_app_refiner_over_http_and_its_png_sends_the_switch_back(folders, tmp_pa
             client.predict(*form, *sdxl_defaults, True, 2.0, 0, 0.7, "Latent", True, 0.7, api_name="/txt2img")
         client.predict(handle_file(path), api_name="/png_info")
         updates = client.predict(api_name="/png_info_send")
-        start = len(app.SETTING_NAMES) + len(app.SDXL_SETTING_NAMES) + 5  # then the hires fix's five
+        start = len(SETTING_NAMES) + len(SDXL_SETTING_NAMES) + 5  # then the hires fix's five
         assert [u.get("value") for u in updates[start : start + 2]] == [True, 0.7]
 
 
