@@ -59,6 +59,7 @@ from ldm_pipeline.guidance_methods import GuidanceMethod
 from ldm_pipeline.noise_source import NoiseSource
 from ldm_pipeline.options import GenerationOptions, InvalidOptions, ModelLimits, as_rgb, grid_list, label
 from ldm_pipeline.perturbed_attention import PerturbedAttention, perturbed_attention
+from ldm_pipeline.prompt_schedule import is_scheduled, prompt_schedules, text_at_step
 from ldm_pipeline.prompts import PromptEmbeddings, as_prompt_list, encode_pair, pad_to_windows
 from ldm_pipeline.step_callbacks import StepEndCallback
 
@@ -175,14 +176,14 @@ class LatentTextToImageStages:
         opts = replace(opts, num_inference_steps=steps)  # a custom grid's step count, for the recipe
         guider = Guider(guidance, self.scheduler, timesteps)  # per step: w and the UNet passes; the method's state
         # 3. Encode prompts (the unconditional ones only if some step runs that pass)
-        embeds = self._embeddings(opts, prompts, guider.needs_uncond).repeat_each(opts.num_images_per_prompt)
-        embeds = self._with_ip_adapter(opts, embeds, count, guider.needs_uncond)
+        per_step = self._step_embeddings(opts, prompts, guider.needs_uncond, count, len(timesteps))
+        embeds = per_step[0]
         # 4. Initial latents: noise, or the init image noised to the first timestep
         latents, blend = self._initial_latents(opts, (count, width, height), timesteps, noise.generator,
                                                embeds.cond.dtype)
         # 5. Denoising loop
         step_end = StepEndCallback.of(opts)
-        latents, evaluations = self._denoise(latents, timesteps, guider, embeds, blend, noise.generator, opts, step_end)
+        latents, evaluations = self._denoise(latents, timesteps, guider, per_step, blend, noise.generator, opts, step_end)
         check_finite(latents)
         # 6. Decode
         images = self._decode(latents, opts.output_type)
@@ -191,14 +192,17 @@ class LatentTextToImageStages:
             return images, None  # stock's (images, nsfw_content_detected): no safety checker here
         return LatentPipelineOutput(images=images, seeds=noise.seeds, unet_evaluations=evaluations, recipes=recipes)
 
-    def _denoise(self, latents, timesteps, guider: Guider, embeds: PromptEmbeddings, blend, generator, opts,
+    def _denoise(self, latents, timesteps, guider: Guider, per_step: list[PromptEmbeddings], blend, generator, opts,
                  step_end: StepEndCallback | None = None):
-        """x_t -> x_0: scale_model_input, one batched UNet call for the step's passes, guidance, step."""
+        """x_t -> x_0: scale_model_input, one batched UNet call for the step's passes, guidance, step.
+        `per_step[i]` conditions step i (prompt editing) until a step-end callback replaces the embeddings."""
+        embeds, scheduled = per_step[0], True
         step_kwargs = self._step_kwargs(generator, opts.eta)
         self._num_timesteps, self._interrupt = len(timesteps), False
         evaluations = 0
         with perturbed_attention(self.unet, guider.guidance.pag) as pag:
             for i, t in enumerate(tqdm(timesteps, **self._bar_config(opts))):
+                embeds = per_step[i] if scheduled else embeds
                 x_in = self.scheduler.scale_model_input(latents, t)
                 preds = self._predict_passes(x_in, t, embeds, guider.passes[i], opts, pag)
                 pred, sample = guider.guide(i, preds, t, x_in, latents)
@@ -207,7 +211,8 @@ class LatentTextToImageStages:
                 if blend is not None:
                     latents = blend(self.scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
                 if step_end is not None:
-                    latents, embeds = step_end(self, i, t, latents, embeds)
+                    latents, changed = step_end(self, i, t, latents, embeds)
+                    scheduled, embeds = scheduled and changed is embeds, changed
                 self._report_step(opts.callback, StepInfo(i + 1, len(timesteps), float(t), latents, guider.scales[i]))
                 if self._interrupt:  # stock's way to stop from callback_on_step_end: the latents so far are decoded
                     break
@@ -385,6 +390,29 @@ class LatentTextToImageStages:
         if opts.strength is not None:
             return opts.strength
         return 1.0 if opts.mask_image is not None else 0.8
+
+    def _step_embeddings(self, opts: GenerationOptions, prompts: list[str], with_uncond: bool, count: int,
+                         run_steps: int) -> list[PromptEmbeddings]:
+        """The embeddings of each of the run's steps, one per image: A1111's prompt editing schedules
+        (`prompt_schedule`) over the call's steps, each distinct set of texts encoded once; steps are counted
+        from the run's first step, as A1111's sampler does for img2img. A prompt without edits is encoded once."""
+        negative = as_prompt_list(opts.negative_prompt, "negative_prompt") if opts.prompt_embeds is None else []
+        steps = opts.num_inference_steps
+        schedules = prompt_schedules(prompts, steps), prompt_schedules(negative, steps)
+        if not (is_scheduled(schedules[0], prompts) or is_scheduled(schedules[1], negative)):
+            return [self._embeddings_per_image(opts, prompts, with_uncond, count)] * run_steps
+        encoded, per_step = {}, []
+        for i in range(run_steps):
+            texts = tuple(tuple(text_at_step(s, i) for s in side) for side in schedules)
+            if texts not in encoded:
+                step_opts = replace(opts, prompt=list(texts[0]), negative_prompt=list(texts[1]) or None)
+                encoded[texts] = self._embeddings_per_image(step_opts, list(texts[0]), with_uncond, count)
+            per_step.append(encoded[texts])
+        return per_step
+
+    def _embeddings_per_image(self, opts, prompts: list[str], with_uncond: bool, count: int) -> PromptEmbeddings:
+        embeds = self._embeddings(opts, prompts, with_uncond).repeat_each(opts.num_images_per_prompt)
+        return self._with_ip_adapter(opts, embeds, count, with_uncond)
 
     def _embeddings(self, opts: GenerationOptions, prompts: list[str], with_uncond: bool) -> PromptEmbeddings:
         if opts.prompt_embeds is None:
