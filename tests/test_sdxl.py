@@ -42,7 +42,7 @@ def test_txt2img_matches_stock(pipes, guidance):
     kwargs = dict(prompt="red circle", prompt_2="blue square", guidance_scale=guidance, **CONDITIONING)
     expected, got = _stock(stock, 3, **kwargs), _ours(ours, 3, **kwargs)
     assert got.shape == expected.shape == (1, SIZE, SIZE, 3)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert abs(got - expected).max() < 1e-6, abs(got - expected).max()
 
 
 def test_negative_prompt_pair_matches_stock(pipes):
@@ -209,3 +209,21 @@ def test_onnx_backend_and_export_refuse_sdxl_by_name(sdxl_folder, tmp_path):
         load_pipeline(sdxl_folder, backend="onnx")
     assert export_main([str(sdxl_folder), str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_prompt_editing_equals_stock_with_embeddings_swapped_at_a1111_step(pipes):
+    # [red:blue:0.25] at 4 steps: A1111's schedule [(1, red), (4, blue)] conditions steps 0-1 on red, 2-3 on blue
+    stock, ours = pipes
+    blue, _, blue_pooled, _ = stock.encode_prompt("blue", device="cpu", do_classifier_free_guidance=False)
+
+    def swap(_pipe, i, _t, kwargs):
+        return {"prompt_embeds": blue, "add_text_embeds": blue_pooled} if i == 1 else {}
+    expected = stock("red", generator=torch.Generator("cpu").manual_seed(2), num_inference_steps=4, height=SIZE,
+                     width=SIZE, output_type="np", guidance_scale=1.0, callback_on_step_end=swap,
+                     callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds"]).images
+    got = ours("[red:blue:0.25]", seed=2, num_inference_steps=4, height=SIZE, width=SIZE, output_type="np",
+               guidance_scale=1.0, progress_bar=False).images
+    assert abs(got - expected).max() < 1e-6, abs(got - expected).max()
+    plain = ours("red", seed=2, num_inference_steps=4, height=SIZE, width=SIZE, output_type="np",
+                 guidance_scale=1.0, progress_bar=False).images
+    assert abs(got - plain).max() > 1e-4  # the tiny model's text sensitivity is small but far above 1e-6
