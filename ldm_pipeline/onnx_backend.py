@@ -44,7 +44,7 @@ from ldm_pipeline.pipeline import LatentTextToImageStages
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the exported graphs' inputs or outputs change: old cache entries are then ignored
+FORMAT_VERSION = 2  # bump when the exported graphs change (2: attention as MultiHeadAttention): old cache entries are then ignored
 EXPORT_RECORD = "onnx_export.json"
 INSTALL_HINT = "pip install 'ldm-toolkit[onnx]'"
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ldm_pipeline.loading import ModelLoadError, check_onnx_family, load_components, resolve_model_path
+from ldm_pipeline.onnx_attention import CUSTOM_OPSETS, multi_head_attention_export
 from ldm_pipeline.onnx_backend import EXPORT_RECORD, FORMAT_VERSION, import_onnxruntime
 
 OPSET = 17  # LayerNormalization is a single op from 17 on
@@ -190,12 +191,13 @@ def graphs_of(pipe, seed: int = 0) -> list[Graph]:
 def export_graph(graph: Graph, folder: Path, opset: int = OPSET) -> Path:
     path = folder / graph.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), multi_head_attention_export():
         # the tracer warns about diffusers' Python-side shape checks; the checks below verify the result
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph.module.eval(), tuple(graph.inputs.values()), str(path), dynamo=False, opset_version=opset,
             input_names=list(graph.inputs), output_names=list(graph.outputs), dynamic_axes=graph.dynamic_axes,
+            custom_opsets=CUSTOM_OPSETS,
         )
     return path
 
