@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,19 @@ def test_tiny_export_writes_a_self_contained_folder_whose_graphs_match_pytorch(t
     assert all(c["max_abs_error"] <= c["tolerance"] for c in record["checks"])
     assert not list(tiny_onnx.rglob("*.safetensors"))  # the folder loads on its own, without the torch weights
     check_components(load_pipeline(tiny_model_dir), load_pipeline(tiny_onnx, backend="onnx"))
+
+
+def test_unet_and_vae_attention_is_one_onnxruntime_multi_head_attention_node(tiny_onnx):
+    """No score matrix left for onnxruntime to materialise (`ldm_pipeline.onnx_attention`); CLIP's causal attention
+    keeps torch's decomposition. The graphs' numbers are checked against PyTorch by the export and the test above."""
+    onnx = pytest.importorskip("onnx")
+
+    def ops(graph: str) -> Counter:
+        return Counter(node.op_type for node in onnx.load(str(tiny_onnx / graph)).graph.node)
+
+    for graph in ("unet/model.onnx", "vae_decoder/model.onnx", "vae_encoder/model.onnx"):
+        assert ops(graph)["MultiHeadAttention"] > 0 and ops(graph)["Softmax"] == 0, graph
+    assert ops("text_encoder/model.onnx")["MultiHeadAttention"] == 0
 
 
 def test_embedded_model_export_matches_pytorch_per_component(embedded_onnx):
