@@ -2,10 +2,10 @@
 
 torch.onnx's TorchScript exporter writes `scaled_dot_product_attention` as separate MatMul, Softmax and
 MatMul nodes, so onnxruntime materialises every [batch, heads, queries, keys] score matrix; at 256x256
-(1,024 latent tokens) the UNet's self-attention is then three quarters of its time on the CPU and the
+(1,024 latent tokens) MatMul and Softmax were about three quarters of the UNet's time on the CPU and the
 scores of a batch of 16 rows are hundreds of MB. onnxruntime's contrib op `com.microsoft.MultiHeadAttention`
 (https://github.com/microsoft/onnxruntime/blob/main/docs/ContribOperators.md#com.microsoft.MultiHeadAttention)
-computes softmax(Q K^T * scale) V in one kernel (tiled on the CPU). `multi_head_attention_export()`
+computes softmax(Q K^T * scale) V in one kernel. `multi_head_attention_export()`
 routes, for the duration of an export and only while tracing, every unmasked, non-causal
 `torch.nn.functional.scaled_dot_product_attention` call (the UNet's and the VAE's, through diffusers'
 `AttnProcessor2_0`) through an autograd Function whose ONNX symbolic is that node (the head count, a
@@ -14,9 +14,9 @@ shapes there); masked or causal ones (CLIP's text encoder) and every call outsid
 
 onnxruntime's offline optimizer (`onnxruntime.transformers.optimizer`, model_type "unet") fuses the same
 pattern, but on the CPU it needs most of its UNet fusions switched off (NhwcConv, GroupNorm, BiasSplitGelu and
-packed QKV are GPU kernels), takes ~20 s on a tiny UNet (minutes on SD 1.5), and fails on numpy 2
-(`int()` of a 1-element array in `FusionAttentionUnet.get_num_heads`, onnxruntime 1.32); writing the node at
-export costs nothing. Measured in docs/backend_speed.md.
+packed QKV are GPU kernels), takes ~15 s of CPU on a tiny UNet, fails on numpy 2
+(`int()` of a 1-element array in `FusionAttentionUnet.get_num_heads`, onnxruntime 1.32), and with that patched
+was no faster than this node; writing the node at export costs nothing. Measured in docs/backend_speed.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 CONTRIB_DOMAIN = "com.microsoft"
-CUSTOM_OPSETS = {CONTRIB_DOMAIN: 1}  # torch.onnx.export(custom_opsets=...) for graphs with the node
 
 
 class MultiHeadAttentionNode(torch.autograd.Function):
@@ -63,7 +62,7 @@ def sdpa_for_export(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 @contextmanager
 def multi_head_attention_export():
-    """Within: torch.onnx.export(..., custom_opsets=CUSTOM_OPSETS) writes attention as MultiHeadAttention nodes."""
+    """Within: torch.onnx.export writes attention as MultiHeadAttention nodes (and imports their domain, v1)."""
     F.scaled_dot_product_attention = sdpa_for_export
     try:
         yield

@@ -13,7 +13,8 @@ size that is not a multiple of its total down-sampling factor, so diffusers' UNe
 `upsample_size` branch and the graph resizes to the skip connections' sizes: one graph serves
 every size the PyTorch UNet accepts. Each graph is then run by onnxruntime on seeded random inputs
 at two shapes (batch 1 at the native size, batch 3 at another size) and compared with PyTorch:
-max |onnx - torch| <= ATOL + RTOL * max |torch|, else the export fails.
+max |onnx - torch| <= ATOL + RTOL * max |torch|, else the export fails. Attention is written as
+onnxruntime's `MultiHeadAttention` node (`onnx_attention`), so the graphs need onnxruntime to run.
 
 Exported with `torch.onnx.export(dynamo=False)` (the TorchScript exporter: no onnxscript needed,
 and it keeps the traced shape arithmetic dynamic). optimum's exporters are not used: they are not
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ldm_pipeline.loading import ModelLoadError, check_onnx_family, load_components, resolve_model_path
-from ldm_pipeline.onnx_attention import CUSTOM_OPSETS, multi_head_attention_export
+from ldm_pipeline.onnx_attention import multi_head_attention_export
 from ldm_pipeline.onnx_backend import EXPORT_RECORD, FORMAT_VERSION, import_onnxruntime
 
 OPSET = 17  # LayerNormalization is a single op from 17 on
@@ -197,7 +198,6 @@ def export_graph(graph: Graph, folder: Path, opset: int = OPSET) -> Path:
         torch.onnx.export(
             graph.module.eval(), tuple(graph.inputs.values()), str(path), dynamo=False, opset_version=opset,
             input_names=list(graph.inputs), output_names=list(graph.outputs), dynamic_axes=graph.dynamic_axes,
-            custom_opsets=CUSTOM_OPSETS,
         )
     return path
 

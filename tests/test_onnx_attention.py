@@ -12,7 +12,7 @@ import torch.nn.functional as F
 ort = pytest.importorskip("onnxruntime", reason="the `onnx` extra is not installed")
 onnx = pytest.importorskip("onnx", reason="the `onnx` extra is not installed")
 
-from ldm_pipeline.onnx_attention import CUSTOM_OPSETS, STOCK_SDPA, multi_head_attention_export  # noqa: E402
+from ldm_pipeline.onnx_attention import STOCK_SDPA, multi_head_attention_export  # noqa: E402
 
 
 class SelfAndCrossAttention(torch.nn.Module):
@@ -41,7 +41,7 @@ class SelfAndCrossAttention(torch.nn.Module):
 def export(module, inputs, path, names, axes):
     with torch.no_grad(), multi_head_attention_export():
         torch.onnx.export(module.eval(), inputs, str(path), dynamo=False, opset_version=17, input_names=names,
-                          dynamic_axes=axes, custom_opsets=CUSTOM_OPSETS)
+                          dynamic_axes=axes)
     return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
 
 
