@@ -7,6 +7,7 @@ The folder written has diffusers' ONNX layout, so it loads on its own (our
     unet/model.onnx + config.json          vae_decoder/model.onnx + config.json
     vae_encoder/model.onnx + config.json   text_encoder/model.onnx + final_layer_norm.onnx + config.json
     tokenizer/   scheduler/
+    beside each model.onnx: model.onnxruntime-<version>.onnx, its optimized copy (`onnx_backend.save_optimized`)
 
 Every graph has dynamic batch and spatial (or sequence) axes. The UNet is traced at a latent
 size that is not a multiple of its total down-sampling factor, so diffusers' UNet takes its
@@ -36,7 +37,7 @@ import torch
 
 from ldm_pipeline.loading import ModelLoadError, check_onnx_family, load_components, resolve_model_path
 from ldm_pipeline.onnx_attention import multi_head_attention_export
-from ldm_pipeline.onnx_backend import EXPORT_RECORD, FORMAT_VERSION, import_onnxruntime
+from ldm_pipeline.onnx_backend import EXPORT_RECORD, FORMAT_VERSION, import_onnxruntime, save_optimized
 
 OPSET = 17  # LayerNormalization is a single op from 17 on
 ATOL, RTOL = 1e-4, 1e-4  # measured: ~1e-6 relative on the embedded model and the tiny test models
@@ -275,7 +276,9 @@ def export_pipeline(pipe, source: Path, out: Path, opset: int = OPSET) -> list[G
     try:
         checks = []
         for graph in graphs_of(pipe):
-            checks.append(check_graph(graph, export_graph(graph, work, opset)))
+            path = export_graph(graph, work, opset)
+            save_optimized(path)
+            checks.append(check_graph(graph, path))  # the session the backend opens: the optimized copy
         bad = [c for c in checks if not c.ok]
         if bad:
             raise ExportError("onnxruntime does not reproduce PyTorch: " + "; ".join(
