@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from quality_study import HEADER, floor_row, row  # this folder (the script's own) is on sys.path
+from quality_study import HEADER, floor_row, row, separator  # this folder (the script's own) is on sys.path
 
 from custom_schedulers.optimised_levels import optimise_levels
 from evaluation.features import load_feature_net
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(row(results[-1][0], quality), f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
     print(f"{args.per_split} prompts per split, guidance {args.guidance}, the pipeline's default rescale\n")
     print(HEADER)
-    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    print(separator(HEADER))
     print(floor_row(net, ref))
     for label, quality in results:
         print(row(label, quality))

@@ -38,10 +38,16 @@ def row(label: tuple, q: Quality) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def floor_row(net, ref) -> str:
+def separator(header: str) -> str:
+    """The Markdown line under `header`."""
+    return "|" + "---|" * (header.count(" | ") + 1)
+
+
+def floor_row(net, ref, label_columns: int = 4) -> str:
+    """The noise floor's row: the label in the first of `label_columns` cells, the judge's five cells empty."""
     d = ref.noise_floor(net)
-    return (f"| real (noise floor) | | | | {d.fid:.3f} | {d.inception_score:.1f} | {d.precision:.3f} | "
-            f"{d.recall:.3f} | | | | | |")
+    return (f"| real (noise floor) |{' |' * (label_columns - 1)} {d.fid:.3f} | {d.inception_score:.1f} | "
+            f"{d.precision:.3f} | {d.recall:.3f} | | | | | |")
 
 
 def run_cells(pipe, net, ref, cells, batch_size: int, options: dict) -> list[tuple[tuple, Quality]]:
@@ -65,6 +71,13 @@ def plot(results, x_index: int, series_index: int, path: Path, xlabel: str, seri
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    draw_quality(results, x_index, series_index, (left, right), xlabel, series_name, log_x)
+    save_figure(figure, path)
+
+
+def draw_quality(results, x_index: int, series_index: int, axes, xlabel: str, series_name: str, log_x: bool) -> None:
+    """On two axes: FID, and the judge's all-correct (both splits, strict size), one line per series."""
+    left, right = axes
     for series in dict.fromkeys(label[series_index] for label, _ in results):
         points = [(label[x_index], q) for label, q in results if label[series_index] == series]
         xs = [x for x, _ in points]
@@ -79,6 +92,9 @@ def plot(results, x_index: int, series_index: int, path: Path, xlabel: str, seri
             axis.set_xscale("log")
     left.set_yscale("log")
     right.legend()
+
+
+def save_figure(figure, path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.per_split} prompts per split; {', '.join(f'{k} {v}' for k, v in options.items()) or 'no interval'}; "
           "rescale None = the pipeline's default (0.7 for zero-terminal-SNR models)\n")
     print(HEADER)
-    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    print(separator(HEADER))
     print(floor_row(net, ref))
     for label, quality in results:
         print(row(label, quality))

@@ -7,13 +7,15 @@ The folder written has diffusers' ONNX layout, so it loads on its own (our
     unet/model.onnx + config.json          vae_decoder/model.onnx + config.json
     vae_encoder/model.onnx + config.json   text_encoder/model.onnx + final_layer_norm.onnx + config.json
     tokenizer/   scheduler/
+    beside each model.onnx: model.onnxruntime-<version>.onnx, its optimized copy (`onnx_backend.save_optimized`)
 
 Every graph has dynamic batch and spatial (or sequence) axes. The UNet is traced at a latent
 size that is not a multiple of its total down-sampling factor, so diffusers' UNet takes its
 `upsample_size` branch and the graph resizes to the skip connections' sizes: one graph serves
 every size the PyTorch UNet accepts. Each graph is then run by onnxruntime on seeded random inputs
 at two shapes (batch 1 at the native size, batch 3 at another size) and compared with PyTorch:
-max |onnx - torch| <= ATOL + RTOL * max |torch|, else the export fails.
+max |onnx - torch| <= ATOL + RTOL * max |torch|, else the export fails. Attention is written as
+onnxruntime's `MultiHeadAttention` node (`onnx_attention`), so the graphs need onnxruntime to run.
 
 Exported with `torch.onnx.export(dynamo=False)` (the TorchScript exporter: no onnxscript needed,
 and it keeps the traced shape arithmetic dynamic). optimum's exporters are not used: they are not
@@ -34,7 +36,8 @@ from pathlib import Path
 import torch
 
 from ldm_pipeline.loading import ModelLoadError, check_onnx_family, load_components, resolve_model_path
-from ldm_pipeline.onnx_backend import EXPORT_RECORD, FORMAT_VERSION, import_onnxruntime
+from ldm_pipeline.onnx_attention import multi_head_attention_export
+from ldm_pipeline.onnx_backend import EXPORT_RECORD, FORMAT_VERSION, import_onnxruntime, save_optimized
 
 OPSET = 17  # LayerNormalization is a single op from 17 on
 ATOL, RTOL = 1e-4, 1e-4  # measured: ~1e-6 relative on the embedded model and the tiny test models
@@ -190,7 +193,7 @@ def graphs_of(pipe, seed: int = 0) -> list[Graph]:
 def export_graph(graph: Graph, folder: Path, opset: int = OPSET) -> Path:
     path = folder / graph.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), multi_head_attention_export():
         # the tracer warns about diffusers' Python-side shape checks; the checks below verify the result
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -273,7 +276,9 @@ def export_pipeline(pipe, source: Path, out: Path, opset: int = OPSET) -> list[G
     try:
         checks = []
         for graph in graphs_of(pipe):
-            checks.append(check_graph(graph, export_graph(graph, work, opset)))
+            path = export_graph(graph, work, opset)
+            save_optimized(path)
+            checks.append(check_graph(graph, path))  # the session the backend opens: the optimized copy
         bad = [c for c in checks if not c.ok]
         if bad:
             raise ExportError("onnxruntime does not reproduce PyTorch: " + "; ".join(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextModel
 
 from evaluation import judge
-from evaluation.adherence import roundtrip_scores
+from evaluation.adherence import evaluation_combinations, generate, roundtrip_scores
 from ldm_pipeline import load_pipeline
 from ldm_pipeline.loading import DEFAULT_MODEL_DIR
 from training import shapes
@@ -120,3 +121,19 @@ def test_shipped_vae_reconstructs_generator_images():
     fresh.encoder.load_state_dict(vae.encoder.state_dict())
     fresh.quant_conv.load_state_dict(vae.quant_conv.state_dict())
     assert roundtrip_scores(fresh, samples).all_correct < 0.5
+
+
+@pytest.mark.parametrize("guidance, strict_at_least", [(3.0, 13), (7.5, 10)])
+def test_strict_size_quality_at_the_recommended_and_a_high_guidance(guidance, strict_at_least):
+    """Issue 18's strict reading of the spec (small = 14-18 px, large = 28-34 px wide) at 10 steps, 16 seen and 16
+    held-out prompts. The issue's target (98% at every guidance from 1 to 7.5) is NOT reached: the shipped model
+    reads 15/16 and 15/16 here at guidance 3, 13/16 and 12/16 at 7.5 (seen, held out) (docs/quality_study.md: the decoder's round
+    trip alone caps strict size at 92%). The thresholds keep a margin of two to three prompts below that; the
+    thresholded reading stays at 15/16 or better."""
+    combos = evaluation_combinations(16)
+    pipe = load_pipeline()
+    for split, expected in combos.items():
+        images = generate(pipe, [a.caption() for a in expected], 10, guidance, 32)
+        scores = judge.score(zip(images, expected))
+        assert scores.all_correct >= 15 / 16, (split, scores)
+        assert scores.all_correct_strict >= strict_at_least / 16, (split, scores)

@@ -4,9 +4,12 @@ through `ldm-generate --backend onnx`, the export cache, and the errors (missing
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ pytest.importorskip("onnxruntime", reason="the `onnx` extra is not installed")
 
 from ldm_pipeline import ModelLoadError, load_pipeline, metadata  # noqa: E402
 from ldm_pipeline.generate import main as generate  # noqa: E402
-from ldm_pipeline.onnx_backend import EXPORT_RECORD  # noqa: E402
+from ldm_pipeline.onnx_backend import EXPORT_RECORD, OnnxGraph, optimized_path, save_optimized  # noqa: E402
 from ldm_pipeline.onnx_export import ATOL, RTOL, export_onnx  # noqa: E402
 from ldm_pipeline.onnx_export import main as export_cli  # noqa: E402
 
@@ -77,6 +80,40 @@ def test_tiny_export_writes_a_self_contained_folder_whose_graphs_match_pytorch(t
     assert all(c["max_abs_error"] <= c["tolerance"] for c in record["checks"])
     assert not list(tiny_onnx.rglob("*.safetensors"))  # the folder loads on its own, without the torch weights
     check_components(load_pipeline(tiny_model_dir), load_pipeline(tiny_onnx, backend="onnx"))
+
+
+def test_unet_and_vae_attention_is_one_onnxruntime_multi_head_attention_node(tiny_onnx):
+    """No score matrix left for onnxruntime to materialise (`ldm_pipeline.onnx_attention`); CLIP's causal attention
+    keeps torch's decomposition. The graphs' numbers are checked against PyTorch by the export and the test above."""
+    onnx = pytest.importorskip("onnx")
+
+    def ops(graph: str) -> Counter:
+        return Counter(node.op_type for node in onnx.load(str(tiny_onnx / graph)).graph.node)
+
+    for graph in ("unet/model.onnx", "vae_decoder/model.onnx", "vae_encoder/model.onnx"):
+        assert ops(graph)["MultiHeadAttention"] > 0 and ops(graph)["Softmax"] == 0, graph
+    assert ops("text_encoder/model.onnx")["MultiHeadAttention"] == 0
+
+
+def test_sessions_open_the_optimized_copy_the_export_saved(tiny_onnx, tmp_path, caplog):
+    """Optimized once at export (onnxruntime's EXTENDED level, saved beside each graph), with the same numbers; a copy
+    that cannot be written is skipped with the reason logged, and sessions then open the exported graph."""
+    record = json.loads((tiny_onnx / EXPORT_RECORD).read_text())
+    assert all(optimized_path(tiny_onnx / c["graph"]).is_file() for c in record["checks"])
+    unet = tiny_onnx / "unet" / "model.onnx"
+    plain = tmp_path / "model.onnx"
+    shutil.copy(unet, plain)
+    assert OnnxGraph(unet).source == optimized_path(unet) and OnnxGraph(plain).source == plain
+    config = json.loads((tiny_onnx / "unet" / "config.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(2, config["in_channels"], 6, 10, generator=g), "timestep": torch.tensor([3.0, 700.0]),
+              "encoder_hidden_states": torch.randn(2, 9, config["cross_attention_dim"], generator=g)}
+    assert_close(OnnxGraph(unet)(**inputs)[0], OnnxGraph(plain)(**inputs)[0])
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    with caplog.at_level(logging.WARNING, logger="ldm_pipeline.onnx_backend"):
+        assert save_optimized(broken) is None
+    assert f"No optimized copy of {broken}" in caplog.text and not optimized_path(broken).exists()
 
 
 def test_embedded_model_export_matches_pytorch_per_component(embedded_onnx):
