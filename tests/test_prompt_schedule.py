@@ -111,6 +111,15 @@ def test_each_prompt_of_a_batch_and_the_negative_follow_their_schedules(pipe):
     np.testing.assert_allclose(batch, by_hand, atol=1e-5)
 
 
+def test_img2img_counts_the_full_steps_from_the_first_step_run(pipe):
+    # A1111 img2img: schedules over p.steps, the sampler's step counter starts at 0 at the first step run.
+    # 8 steps at strength 0.5 run 4 steps: [red:blue:0.5] = [(4, red), (8, blue)] keeps red for steps 0-3.
+    init = np.random.default_rng(0).uniform(0, 1, (1, 32, 32, 3)).astype(np.float32)
+    options = {**SMALL, "num_inference_steps": 8, "strength": 0.5, "image": init}
+    assert (pipe("[red:blue:0.5]", **options).images == pipe("red", **options).images).all()
+    assert abs(pipe("[red:blue:0.25]", **options).images - pipe("red", **options).images).max() > 1e-4
+
+
 def test_recipe_keeps_the_typed_prompt_and_replays(pipe):
     out = pipe("a [(red:1.3):blue:2] circle", negative_prompt="[ugly|blurry]", **SMALL)
     recipe = out.recipes[0]
