@@ -161,6 +161,7 @@ def generate(pipe, opts):
             "the hires strength / lower the hires steps.")
     init = upscale(pipe, base.images, (width, height), hires.upscaler)
     second = pipe(**replace(opts, hires=None, image=init, strength=hires.strength, num_inference_steps=steps,
+                            prompt_edit_steps=hires.steps or opts.num_inference_steps,  # A1111's hires conds
                             width=width, height=height, seed=base.seeds, return_dict=True).kwargs())
     if not opts.return_dict:
         return second.images, None  # stock's (images, nsfw_content_detected)

@@ -157,6 +157,8 @@ class GenerationOptions:
     clip_skip                  diffusers convention: 1 = penultimate CLIP layer
     emphasis                   A1111 prompt emphasis `(word:1.2)`, `[word]`, `BREAK`: "original" (scale, then
                                restore the mean), "no_norm", or "off" (plain text); see `prompt_weights`
+    prompt_edit_steps          the steps A1111's prompt editing `[a:b:when]` counts over (None = the steps); the
+                               hires fix sets its pass's steps, as A1111 does (not in recipes: `hires` is)
     cross_attention_kwargs     dict passed to the UNet's attention, as stock diffusers: {"scale": s} scales the
                                loaded LoRAs (UNet and text encoder; 0 = the base model)
     hires                      hires fix: `hires.HiresFix(scale, steps, strength, upscaler)` or its dict; text to
@@ -221,6 +223,7 @@ class GenerationOptions:
     mask_image: Any = None
     clip_skip: int | None = None
     emphasis: str = "original"
+    prompt_edit_steps: int | None = None
     cross_attention_kwargs: dict | None = None
     output_type: str = "pil"
     callback: Callable[..., Any] | None = None
@@ -321,6 +324,9 @@ class GenerationOptions:
         if not (is_whole(self.num_images_per_prompt) and self.num_images_per_prompt >= 1):
             problems.append(f"{label('num_images_per_prompt')} must be a whole number >= 1, "
                             f"got {self.num_images_per_prompt!r}.")
+        edit_steps = self.prompt_edit_steps
+        if edit_steps is not None and not (is_whole(edit_steps) and edit_steps >= 1):
+            problems.append(f"prompt_edit_steps must be a whole number >= 1 (or None = the steps), got {edit_steps!r}.")
         layers = limits.clip_layers
         if self.clip_skip is not None and not (is_whole(self.clip_skip) and 0 <= self.clip_skip < (layers or 2**31)):
             top = f" to {layers - 1}" if layers else " or more"
@@ -511,7 +517,7 @@ class GenerationOptions:
         skip = {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                 "negative_pooled_prompt_embeds", "image", "mask_image", "callback", "progress_bar",
                 "output_type", "generator", "latents", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
-                "return_dict", "ip_adapter_image", "ip_adapter_image_embeds"}
+                "return_dict", "ip_adapter_image", "ip_adapter_image_embeds", "prompt_edit_steps"}
         values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
         interval = as_interval(self.guidance_interval)
         values["guidance_interval"] = interval.as_dict() if interval else None

@@ -397,7 +397,7 @@ class LatentTextToImageStages:
         (`prompt_schedule`) over the call's steps, each distinct set of texts encoded once; steps are counted
         from the run's first step, as A1111's sampler does for img2img. A prompt without edits is encoded once."""
         negative = as_prompt_list(opts.negative_prompt, "negative_prompt") if opts.prompt_embeds is None else []
-        steps = opts.num_inference_steps
+        steps = opts.prompt_edit_steps or opts.num_inference_steps
         schedules = prompt_schedules(prompts, steps), prompt_schedules(negative, steps)
         if not (is_scheduled(schedules[0], prompts) or is_scheduled(schedules[1], negative)):
             return [self._embeddings_per_image(opts, prompts, with_uncond, count)] * run_steps

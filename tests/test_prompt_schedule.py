@@ -120,6 +120,16 @@ def test_img2img_counts_the_full_steps_from_the_first_step_run(pipe):
     assert abs(pipe("[red:blue:0.25]", **options).images - pipe("red", **options).images).max() > 1e-4
 
 
+def test_prompt_edit_steps_counts_the_edit_over_the_pass_steps_as_a1111_hires_does(pipe):
+    # A1111's hires pass schedules over its own steps: 4 run of 8, [red:blue:0.5] = [(2, red), (4, blue)]
+    init = np.random.default_rng(0).uniform(0, 1, (1, 32, 32, 3)).astype(np.float32)
+    options = {"num_inference_steps": 8, "strength": 0.5, "image": init}
+    got = pipe("[red:blue:0.5]", prompt_edit_steps=4, **{**SMALL, **options}).images
+    np.testing.assert_allclose(got, swapped_by_hand(pipe, ["red"] * 3 + ["blue"], **options), atol=1e-6)
+    with pytest.raises(ValueError, match="prompt_edit_steps must be a whole number"):
+        pipe("[red:blue:0.5]", prompt_edit_steps=0, **SMALL)
+
+
 def test_recipe_keeps_the_typed_prompt_and_replays(pipe):
     out = pipe("a [(red:1.3):blue:2] circle", negative_prompt="[ugly|blurry]", **SMALL)
     recipe = out.recipes[0]
