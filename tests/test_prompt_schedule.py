@@ -130,6 +130,22 @@ def test_prompt_edit_steps_counts_the_edit_over_the_pass_steps_as_a1111_hires_do
         pipe("[red:blue:0.5]", prompt_edit_steps=0, **SMALL)
 
 
+def test_hires_pass_conditions_its_steps_as_a1111(pipe):
+    # base: 6 steps [(3, red), (6, blue)]; hires pass: 4 steps run, scheduled over 4: [(2, red), (4, blue)]
+    from ldm_pipeline.hires import HiresFix
+    seen = []
+
+    def record(_pipe, i, _t, kwargs):
+        seen.append(kwargs["prompt_embeds"])
+        return {}
+    pipe("[red:blue:0.5]", hires=HiresFix(scale=2, steps=4, strength=0.5, upscaler="Latent"), callback_on_step_end=record,
+         callback_on_step_end_tensor_inputs=["prompt_embeds"], **SMALL)
+    red, blue = (encode_prompts(pipe.text_encoder, pipe.tokenizer, [t]) for t in ("red", "blue"))
+    assert len(seen) == STEPS + 4
+    assert [("red" if (e == red).all() else "blue" if (e == blue).all() else "?") for e in seen] == \
+        ["red"] * 4 + ["blue"] * 2 + ["red"] * 3 + ["blue"]
+
+
 def test_recipe_keeps_the_typed_prompt_and_replays(pipe):
     out = pipe("a [(red:1.3):blue:2] circle", negative_prompt="[ugly|blurry]", **SMALL)
     recipe = out.recipes[0]
