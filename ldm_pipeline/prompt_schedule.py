@@ -70,6 +70,8 @@ def _text_at(node, step: int, steps: int) -> Iterator[str]:
 
 def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """[(end_step, text), ...] for `steps` sampler steps; [(steps, prompt)] when nothing is scheduled."""
+    if "[" not in prompt:  # no edit or alternation can start: the parse would give the text back (~30 ms saved)
+        return [(steps, prompt)]
     try:
         tree = _parser().parse(prompt)
     except lark.exceptions.LarkError:  # unbalanced or malformed: literal text, as A1111

@@ -46,6 +46,17 @@ def test_a1111_doctest_with_a_pipe_inside_an_edit_is_literal_under_its_current_g
     assert prompt_schedule("a [{b|d{:.5] c", 10) == [(10, "a [{b|d{:.5] c")]
 
 
+@pytest.mark.parametrize("prompt", ["a (red:1.2) circle, ((sharp)) BREAK b", "a (b", "x: y) | z", "\\(lit\\)", ""])
+def test_prompts_without_a_square_bracket_skip_the_parse_and_read_as_parsed(prompt):
+    from ldm_pipeline.prompt_schedule import _boundaries, _parser, _text_at
+    assert prompt_schedule(prompt, 10) == [(10, prompt)]
+    try:
+        tree = _parser().parse(prompt)
+    except Exception:  # literal either way
+        return
+    assert [(end, "".join(_text_at(tree, end, 10))) for end in _boundaries(tree, 10)] == [(10, prompt)]
+
+
 def test_step_lookup_follows_a1111_reconstruct_cond_batch():
     schedule = prompt_schedule("[red:blue:0.5]", 6)  # [(3, red), (6, blue)]: steps 0-3 red, 4-5 blue
     assert [text_at_step(schedule, i) for i in range(6)] == ["red"] * 4 + ["blue"] * 2
